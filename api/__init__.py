@@ -1,0 +1,1 @@
+"""Every way in: DICOMweb, curator/admin routes, the DIMSE listener, authentication."""

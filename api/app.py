@@ -1,0 +1,38 @@
+"""The FastAPI application: DICOMweb at /dicomweb, plus health."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from carina import __version__
+from carina.runtime import Runtime
+from carina.settings import Settings
+
+from . import dicomweb, errors
+
+
+def create_app(settings: Settings) -> FastAPI:
+    """An app that starts its Runtime (database, store, intake workers) on start-up."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        runtime = await run_in_threadpool(Runtime.start, settings)
+        app.state.runtime = runtime
+        try:
+            yield
+        finally:
+            await run_in_threadpool(runtime.close)
+
+    app = FastAPI(title="Carina", version=__version__, lifespan=lifespan)
+    errors.install(app)
+    app.include_router(dicomweb.router("/dicomweb"))
+
+    @app.get("/healthz")
+    def health() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    return app

@@ -1,0 +1,283 @@
+"""DICOMweb routes (PS3.18): STOW-RS, QIDO-RS and WADO-RS under one root."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+
+from carina.archive import index, qido
+from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
+from carina.runtime import Runtime
+
+from .errors import http_error
+from .multipart import MultipartError, PartReader, new_boundary, parse_media_type, write_parts
+
+log = logging.getLogger(__name__)
+
+DICOM = "application/dicom"
+DICOM_JSON = "application/dicom+json"
+# Private block used to say, in words, why a part was refused (next to the FailureReason code).
+_CREATOR = {"vr": "LO", "Value": ["CARINA"]}
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+def _base_url(request: Request, prefix: str) -> str:
+    root = request.scope.get("root_path", "")
+    return f"{request.url.scheme}://{request.url.netloc}{root}{prefix}"
+
+
+def _accepts(request: Request, *types: str) -> bool:
+    """Whether the Accept header admits one of types (a missing header admits anything)."""
+    header = request.headers.get("accept")
+    if not header:
+        return True
+    for item in header.split(","):
+        mtype, _ = parse_media_type(item.strip())
+        if mtype in ("*/*", "application/*") or mtype in types:
+            return True
+    return False
+
+
+def _dicom_accept(request: Request, stored_syntaxes: set[str]) -> str | None:
+    """Negotiate multipart/related; type=application/dicom (PS3.18 8.7.3): the transfer syntax
+    to answer with, or None when nothing acceptable can be produced (no transcoding yet)."""
+    header = request.headers.get("accept") or "*/*"
+    for item in header.split(","):
+        mtype, params = parse_media_type(item.strip())
+        if mtype in ("*/*", "multipart/*"):
+            return "*"
+        if mtype != "multipart/related":
+            continue
+        if params.get("type", DICOM).lower() != DICOM:
+            continue
+        ts = params.get("transfer-syntax", "*")
+        if ts == "*" or {ts} == stored_syntaxes:
+            return ts
+    return None
+
+
+def router(prefix: str) -> APIRouter:
+    """The DICOMweb routes of one root (e.g. /dicomweb)."""
+    r = APIRouter(prefix=prefix)
+
+    # ---------------------------------------------------------------------- STOW-RS (10.5)
+    @r.post("/studies")
+    async def store_instances(request: Request) -> Response:
+        return await _stow(request, prefix, None)
+
+    @r.post("/studies/{study}")
+    async def store_study_instances(request: Request, study: str) -> Response:
+        return await _stow(request, prefix, study)
+
+    # ---------------------------------------------------------------------- QIDO-RS (10.6)
+    @r.get("/studies")
+    def search_studies(request: Request) -> Response:
+        return _search(request, prefix, "study")
+
+    @r.get("/series")
+    def search_series(request: Request) -> Response:
+        return _search(request, prefix, "series")
+
+    @r.get("/instances")
+    def search_instances(request: Request) -> Response:
+        return _search(request, prefix, "instance")
+
+    @r.get("/studies/{study}/series")
+    def search_study_series(request: Request, study: str) -> Response:
+        return _search(request, prefix, "series", study=study)
+
+    @r.get("/studies/{study}/instances")
+    def search_study_instances(request: Request, study: str) -> Response:
+        return _search(request, prefix, "instance", study=study)
+
+    @r.get("/studies/{study}/series/{series}/instances")
+    def search_series_instances(request: Request, study: str, series: str) -> Response:
+        return _search(request, prefix, "instance", study=study, series=series)
+
+    # ---------------------------------------------------------------------- WADO-RS (10.4)
+    @r.get("/studies/{study}")
+    def retrieve_study(request: Request, study: str) -> Response:
+        return _retrieve(request, study)
+
+    @r.get("/studies/{study}/series/{series}")
+    def retrieve_series(request: Request, study: str, series: str) -> Response:
+        return _retrieve(request, study, series)
+
+    @r.get("/studies/{study}/series/{series}/instances/{sop}")
+    def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
+        return _retrieve(request, study, series, sop)
+
+    @r.get("/studies/{study}/metadata")
+    def study_metadata(request: Request, study: str) -> Response:
+        return _metadata(request, study)
+
+    @r.get("/studies/{study}/series/{series}/metadata")
+    def series_metadata(request: Request, study: str, series: str) -> Response:
+        return _metadata(request, study, series)
+
+    @r.get("/studies/{study}/series/{series}/instances/{sop}/metadata")
+    def instance_metadata(request: Request, study: str, series: str, sop: str) -> Response:
+        return _metadata(request, study, series, sop)
+
+    return r
+
+
+# ------------------------------------------------------------------------------- STOW-RS
+
+
+async def _stow(request: Request, prefix: str, study: str | None) -> Response:
+    mtype, params = parse_media_type(request.headers.get("content-type"))
+    if mtype != "multipart/related":
+        return http_error(415, 'STOW-RS takes multipart/related; type="application/dicom"')
+    part_type = params.get("type", DICOM).lower()
+    if part_type != DICOM:
+        return http_error(415, f"parts of type {part_type} are not supported; use {DICOM}")
+    boundary = params.get("boundary")
+    if not boundary:
+        return http_error(400, "multipart/related without a boundary parameter")
+
+    intake = _runtime(request).intake
+    ctx = intake.context(expected_study=study)
+    reader = PartReader(
+        boundary,
+        intake.sink,
+        accept=lambda ctype: parse_media_type(ctype)[0] in ("", DICOM),
+    )
+    seen = 0
+    malformed: str | None = None
+
+    async def payloads() -> AsyncIterator[bytes | str | Refusal]:
+        nonlocal seen, malformed
+        try:
+            async for ctype, sink in reader.parts(request.stream()):
+                seen += 1
+                if sink is None:
+                    yield Refusal(CANNOT_UNDERSTAND, f"part of type {ctype!r} is not {DICOM}")
+                else:
+                    yield sink.finish()  # type: ignore[attr-defined]
+        except MultipartError as e:
+            malformed = f"malformed multipart body after part {seen}: {e}"
+        if malformed is None and (not reader.ended or reader.open_part):
+            malformed = f"multipart body ended without its closing boundary after part {seen}"
+        if malformed is not None and seen:
+            yield Refusal(CANNOT_UNDERSTAND, malformed)
+
+    result = await intake.ingest(payloads(), ctx)
+    if not seen:
+        return http_error(400, malformed or "multipart body has no parts")
+    return _stow_response(result, _base_url(request, prefix))
+
+
+def _stow_response(result: BatchResult, base: str) -> Response:
+    """PS3.18 Annex I Store Instances Response; 200 all stored, 202 some, 409 none."""
+    body: dict[str, dict] = {}
+    stored = result.stored
+    studies = {r.study_uid for r in stored}
+    body["00081190"] = (
+        {"vr": "UR", "Value": [f"{base}/studies/{studies.pop()}"]}
+        if len(studies) == 1
+        else {"vr": "UR"}
+    )
+    refused = result.refused
+    if refused:
+        body["00081198"] = {"vr": "SQ", "Value": [_failed_item(f) for f in refused]}
+    if stored:
+        body["00081199"] = {"vr": "SQ", "Value": [_stored_item(r, base) for r in stored]}
+    status = 200 if not refused else (409 if not stored else 202)
+    return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
+
+
+def _uid(value: str) -> dict:
+    return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
+
+
+def _stored_item(r: InstanceRecord, base: str) -> dict:
+    url = f"{base}/studies/{r.study_uid}/series/{r.series_uid}/instances/{r.sop_uid}"
+    return {
+        "00081150": _uid(r.sop_class_uid),
+        "00081155": _uid(r.sop_uid),
+        "00081190": {"vr": "UR", "Value": [url]},
+    }
+
+
+def _failed_item(f: Refusal) -> dict:
+    return {
+        "00081150": _uid(f.sop_class_uid),
+        "00081155": _uid(f.sop_uid),
+        "00081197": {"vr": "US", "Value": [f.code]},
+        "00090010": _CREATOR,
+        "00091001": {"vr": "LT", "Value": [f.reason]},
+    }
+
+
+# ------------------------------------------------------------------------------- QIDO-RS
+
+
+def _search(
+    request: Request,
+    prefix: str,
+    level: qido.Level,
+    study: str | None = None,
+    series: str | None = None,
+) -> Response:
+    if not _accepts(request, DICOM_JSON, "application/json"):
+        return http_error(406, f"QIDO-RS answers in {DICOM_JSON}")
+    query = qido.parse_query(level, request.query_params.multi_items(), study=study, series=series)
+    result = qido.search(_runtime(request).pool, query, _base_url(request, prefix))
+    warnings = list(result.warnings)
+    if result.more:
+        warnings.append("There are additional results that can be requested")
+    headers = {"Warning": ", ".join(f'299 carina: "{w}"' for w in warnings)} if warnings else {}
+    if not result.items:
+        return Response(status_code=204, headers=headers)
+    return JSONResponse(result.items, media_type=DICOM_JSON, headers=headers)
+
+
+# ------------------------------------------------------------------------------- WADO-RS
+
+
+def _retrieve(
+    request: Request, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
+    rt = _runtime(request)
+    objects = index.instance_objects(rt.pool, study, series, sop)
+    ts = _dicom_accept(request, {o[1] for o in objects})
+    if ts is None:
+        return http_error(
+            406, "requested transfer syntax or media type is not available (no transcoding yet)"
+        )
+    boundary = new_boundary()
+    store = rt.store
+
+    def parts() -> Iterator[tuple[str, int | None, Iterator[bytes]]]:
+        for key, syntax, size in objects:
+            yield f"{DICOM}; transfer-syntax={syntax}", size, store.iter_chunks(key)
+
+    return StreamingResponse(
+        write_parts(boundary, parts()),
+        media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+    )
+
+
+def _metadata(
+    request: Request, study: str, series: str | None = None, sop: str | None = None
+) -> Response:
+    if not _accepts(request, DICOM_JSON, "application/json"):
+        return http_error(406, f"metadata is served as {DICOM_JSON}")
+    rows = index.iter_metadata(_runtime(request).pool, study, series, sop)
+
+    def body() -> Iterator[bytes]:
+        first = True
+        yield b"["
+        for text in rows:
+            yield (text if first else "," + text).encode()
+            first = False
+        yield b"]"
+
+    return StreamingResponse(body(), media_type=DICOM_JSON)

@@ -1,0 +1,38 @@
+"""Domain errors mapped to HTTP statuses: the only place that knows both."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from carina.archive.errors import InvalidQuery, NotFound, OutOfResources, StorageError
+
+log = logging.getLogger(__name__)
+
+
+def http_error(status: int, message: str) -> JSONResponse:
+    """A JSON error body with a sentence saying what was wrong."""
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def install(app: FastAPI) -> None:
+    """Register the mapping of domain errors to responses."""
+
+    @app.exception_handler(NotFound)
+    async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
+        return http_error(404, "not found")
+
+    @app.exception_handler(InvalidQuery)
+    async def _invalid_query(request: Request, exc: InvalidQuery) -> JSONResponse:
+        return http_error(400, str(exc))
+
+    @app.exception_handler(OutOfResources)
+    async def _full(request: Request, exc: OutOfResources) -> JSONResponse:
+        return http_error(503, "storage is out of resources")
+
+    @app.exception_handler(StorageError)
+    async def _storage(request: Request, exc: StorageError) -> JSONResponse:
+        log.error("storage error: %s", type(exc).__name__)
+        return http_error(503, "storage is unavailable")

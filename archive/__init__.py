@@ -1,0 +1,1 @@
+"""The store: object storage, the PostgreSQL index, QIDO matching and retrieval."""

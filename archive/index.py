@@ -1,0 +1,216 @@
+"""The PostgreSQL index: patients, studies, series and instances, written in batches."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator, Sequence
+from importlib import resources
+from typing import Protocol
+
+from psycopg_pool import ConnectionPool
+
+from .errors import NotFound
+
+_ATTRS = json.loads(resources.files("carina.archive").joinpath("qido_attributes.json").read_text())
+#: DICOM JSON keys (8 hex digits) kept at each level of the index.
+PATIENT_TAGS = frozenset(_ATTRS["patient"])
+STUDY_TAGS = frozenset(_ATTRS["study"])
+SERIES_TAGS = frozenset(_ATTRS["series"])
+INSTANCE_TAGS = frozenset(_ATTRS["instance"])
+
+PUBLISHED = "published"
+
+
+class IndexRecord(Protocol):
+    """What the index needs of a stored instance (curation's InstanceRecord has it)."""
+
+    collection: str
+    sop_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax_uid: str
+    size: int
+    sha256: str
+    instance_number: int | None
+    patient: dict[str, str | None]
+    study: dict[str, str | None]
+    series: dict[str, str | int | None]
+    patient_attrs: str
+    study_attrs: str
+    series_attrs: str
+    metadata: str
+
+    @property
+    def object_key(self) -> str: ...
+
+
+def write_batch(pool: ConnectionPool, records: Sequence[IndexRecord]) -> None:
+    """Upsert the patients, studies, series and instances of records in one transaction."""
+    # Last one wins when a request carries the same object twice.
+    by_sop = {r.sop_uid: r for r in records}
+    studies = {r.study_uid: r for r in by_sop.values()}
+    series = {r.series_uid: r for r in by_sop.values()}
+    patients = {(r.collection, r.patient["patient_id"]): r for r in studies.values()}
+    with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        patient_pk: dict[tuple[str, str | None], int] = {}
+        for key, r in sorted(patients.items()):
+            p = r.patient
+            cur.execute(
+                "INSERT INTO patients"
+                " (collection, patient_id, patient_name, birth_date, sex, attrs)"
+                " VALUES (%s, %s, %s, %s, %s, %s::jsonb)"
+                " ON CONFLICT (collection, patient_id) DO UPDATE SET"
+                " patient_name = EXCLUDED.patient_name, birth_date = EXCLUDED.birth_date,"
+                " sex = EXCLUDED.sex, attrs = EXCLUDED.attrs RETURNING pk",
+                (
+                    r.collection,
+                    p["patient_id"],
+                    p["patient_name"],
+                    p["birth_date"],
+                    p["sex"],
+                    r.patient_attrs,
+                ),
+            )
+            patient_pk[key] = cur.fetchone()[0]  # type: ignore[index]
+        for uid, r in sorted(studies.items()):
+            s = r.study
+            cur.execute(
+                "INSERT INTO studies (study_uid, patient_pk, collection, study_date, study_time,"
+                " accession_number, study_id, referring_physician_name, study_description, attrs)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+                " ON CONFLICT (study_uid) DO UPDATE SET patient_pk = EXCLUDED.patient_pk,"
+                " study_date = EXCLUDED.study_date, study_time = EXCLUDED.study_time,"
+                " accession_number = EXCLUDED.accession_number, study_id = EXCLUDED.study_id,"
+                " referring_physician_name = EXCLUDED.referring_physician_name,"
+                " study_description = EXCLUDED.study_description, attrs = EXCLUDED.attrs,"
+                " updated_at = now()",
+                (
+                    uid,
+                    patient_pk[(r.collection, r.patient["patient_id"])],
+                    r.collection,
+                    s["study_date"],
+                    s["study_time"],
+                    s["accession_number"],
+                    s["study_id"],
+                    s["referring_physician_name"],
+                    s["study_description"],
+                    r.study_attrs,
+                ),
+            )
+        for uid, r in sorted(series.items()):
+            se = r.series
+            cur.execute(
+                "INSERT INTO series (series_uid, study_uid, modality, series_number,"
+                " series_description, pps_start_date, pps_start_time, state, attrs)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+                " ON CONFLICT (series_uid) DO UPDATE SET modality = EXCLUDED.modality,"
+                " series_number = EXCLUDED.series_number,"
+                " series_description = EXCLUDED.series_description,"
+                " pps_start_date = EXCLUDED.pps_start_date,"
+                " pps_start_time = EXCLUDED.pps_start_time, attrs = EXCLUDED.attrs,"
+                " updated_at = now()",
+                (
+                    uid,
+                    r.study_uid,
+                    se["modality"],
+                    se["series_number"],
+                    se["series_description"],
+                    se["pps_start_date"],
+                    se["pps_start_time"],
+                    PUBLISHED,
+                    r.series_attrs,
+                ),
+            )
+        cur.executemany(
+            "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid,"
+            " instance_number, transfer_syntax_uid, object_key, size, sha256, metadata)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+            " ON CONFLICT (sop_uid) DO UPDATE SET series_uid = EXCLUDED.series_uid,"
+            " study_uid = EXCLUDED.study_uid, sop_class_uid = EXCLUDED.sop_class_uid,"
+            " instance_number = EXCLUDED.instance_number,"
+            " transfer_syntax_uid = EXCLUDED.transfer_syntax_uid,"
+            " object_key = EXCLUDED.object_key, size = EXCLUDED.size, sha256 = EXCLUDED.sha256,"
+            " metadata = EXCLUDED.metadata, updated_at = now()",
+            [
+                (
+                    r.sop_uid,
+                    r.series_uid,
+                    r.study_uid,
+                    r.sop_class_uid,
+                    r.instance_number,
+                    r.transfer_syntax_uid,
+                    r.object_key,
+                    r.size,
+                    r.sha256,
+                    r.metadata,
+                )
+                for r in by_sop.values()
+            ],
+        )
+
+
+def _scope(study: str, series: str | None, sop: str | None) -> tuple[str, list[str]]:
+    where = ["i.study_uid = %s", "se.state = %s"]
+    params = [study, PUBLISHED]
+    if series is not None:
+        where.append("i.series_uid = %s")
+        params.append(series)
+    if sop is not None:
+        where.append("i.sop_uid = %s")
+        params.append(sop)
+    return " AND ".join(where), params
+
+
+def instance_objects(
+    pool: ConnectionPool, study: str, series: str | None = None, sop: str | None = None
+) -> list[tuple[str, str, int]]:
+    """(object key, transfer syntax, size) of the published instances in scope, in order."""
+    where, params = _scope(study, series, sop)
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT i.object_key, i.transfer_syntax_uid, i.size FROM instances i"
+            " JOIN series se ON se.series_uid = i.series_uid"
+            f" WHERE {where} ORDER BY se.series_number NULLS LAST, i.series_uid,"
+            " i.instance_number NULLS LAST, i.sop_uid",
+            params,
+        ).fetchall()
+    if not rows:
+        raise NotFound("no published instance matches")
+    return [(r[0], r[1], r[2]) for r in rows]
+
+
+def iter_metadata(
+    pool: ConnectionPool,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    batch: int = 500,
+) -> Iterator[str]:
+    """Each published instance's DICOM JSON metadata as text, streamed from PostgreSQL."""
+    where, params = _scope(study, series, sop)
+    with pool.connection() as conn:
+        exists = conn.execute(
+            "SELECT 1 FROM instances i JOIN series se ON se.series_uid = i.series_uid"
+            f" WHERE {where} LIMIT 1",
+            params,
+        ).fetchone()
+    if exists is None:
+        raise NotFound("no published instance matches")
+    return _stream_metadata(pool, where, params, batch)
+
+
+def _stream_metadata(
+    pool: ConnectionPool, where: str, params: list[str], batch: int
+) -> Iterator[str]:
+    with pool.connection() as conn, conn.transaction(), conn.cursor(name="metadata") as cur:
+        cur.itersize = batch
+        cur.execute(
+            "SELECT i.metadata::text FROM instances i"
+            " JOIN series se ON se.series_uid = i.series_uid"
+            f" WHERE {where} ORDER BY se.series_number NULLS LAST, i.series_uid,"
+            " i.instance_number NULLS LAST, i.sop_uid",
+            params,
+        )
+        for (text,) in cur:
+            yield text

@@ -1,0 +1,75 @@
+"""The composition root: builds the database pool, object store and intake from Settings."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from psycopg_pool import ConnectionPool
+
+from carina.archive import db
+from carina.archive.storage import FilesystemStore, ObjectStore
+from carina.curation.intake import Intake
+from carina.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def database_url(settings: Settings) -> str:
+    """DATABASE_URL, or the URL of the embedded PostgreSQL started in the data directory."""
+    if settings.database_url:
+        return settings.database_url
+    return db.start_embedded(settings.pg_dir)
+
+
+def open_store(settings: Settings) -> ObjectStore:
+    """The configured object store."""
+    if settings.storage == "s3":
+        from carina.archive.storage import S3Store  # type: ignore[attr-defined]
+
+        return S3Store(  # type: ignore[no-any-return]
+            endpoint=settings.s3_endpoint,
+            access_key=settings.s3_access_key,
+            secret_key=settings.s3_secret_key,
+            bucket=settings.s3_bucket,
+            secure=settings.s3_secure,
+            region=settings.s3_region,
+        )
+    return FilesystemStore(settings.objects_dir)
+
+
+@dataclass
+class Runtime:
+    """Everything a Carina process works with, started once."""
+
+    settings: Settings
+    pool: ConnectionPool
+    store: ObjectStore
+    intake: Intake
+
+    @classmethod
+    def start(cls, settings: Settings, *, options: tuple[str, ...] | None = None) -> Runtime:
+        """Prepare directories, start/connect PostgreSQL, migrate, open the store and intake."""
+        settings.prepare_dirs()
+        url = database_url(settings)
+        applied = db.migrate(url)
+        if applied:
+            log.info("migrations applied: %s", ", ".join(applied))
+        pool = db.open_pool(url, max_size=max(4, settings.workers * 2))
+        store = open_store(settings)
+        intake = Intake(
+            pool=pool,
+            store=store,
+            master_key=settings.master_key,
+            staging_dir=settings.staging_dir,
+            intake_dir=settings.intake_dir,
+            workers=settings.workers,
+            profile=settings.deid_profile,
+            options=tuple(settings.deid_options) if options is None else options,
+        )
+        return cls(settings=settings, pool=pool, store=store, intake=intake)
+
+    def close(self) -> None:
+        """Stop workers and close connections."""
+        self.intake.close()
+        self.pool.close()

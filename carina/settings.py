@@ -1,0 +1,95 @@
+"""The one settings object: environment variables with prefix CARINA_, plus DATABASE_URL."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from functools import cached_property
+from pathlib import Path
+from typing import Literal
+
+from pydantic import AliasChoices, Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Carina's configuration, read once at start-up and passed down."""
+
+    model_config = SettingsConfigDict(env_prefix="CARINA_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("carina-data"), description="Everything local lives here")
+    host: str = Field(default="127.0.0.1", description="HTTP bind address")
+    port: int = Field(default=8080, description="HTTP port")
+    database_url: str | None = Field(
+        default=None,
+        validation_alias=AliasChoices("DATABASE_URL", "CARINA_DATABASE_URL"),
+        description="PostgreSQL URL; unset starts an embedded PostgreSQL in data_dir/pg",
+    )
+    storage: Literal["fs", "s3"] = Field(default="fs", description="Object store backend")
+    s3_endpoint: str = Field(default="127.0.0.1:9000", description="S3 host:port")
+    s3_access_key: str = Field(default="", description="S3 access key")
+    s3_secret_key: str = Field(default="", description="S3 secret key")
+    s3_bucket: str = Field(default="carina", description="S3 bucket (created when missing)")
+    s3_secure: bool = Field(default=False, description="Use TLS to reach S3")
+    s3_region: str | None = Field(default=None, description="S3 region, if the server needs one")
+    secret_key: str | None = Field(
+        default=None,
+        description="Master key for pseudonyms and UID remapping; unset: generated once "
+        "into data_dir/secret.key",
+    )
+    deid_profile: str = Field(default="basic", description="Default de-identification profile")
+    deid_options: list[str] = Field(
+        default=["retain_long_modified_dates"],
+        description="PS3.15 options layered over the profile (JSON list), e.g. "
+        '["retain_long_modified_dates"]: dates are shifted per patient, not removed',
+    )
+    workers: int = Field(
+        default_factory=lambda: os.cpu_count() or 1,
+        description="Processes that parse and de-identify instances",
+    )
+    log_level: str = Field(default="info", description="Log level")
+
+    @field_validator("data_dir")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        return v.expanduser().resolve()
+
+    @property
+    def intake_dir(self) -> Path:
+        """Restricted area where identified bytes may exist while an instance is processed."""
+        return self.data_dir / "intake"
+
+    @property
+    def staging_dir(self) -> Path:
+        """De-identified objects waiting to be moved into the store."""
+        return self.data_dir / "staging"
+
+    @property
+    def objects_dir(self) -> Path:
+        """Root of the filesystem object store."""
+        return self.data_dir / "objects"
+
+    @property
+    def pg_dir(self) -> Path:
+        """Data directory of the embedded PostgreSQL."""
+        return self.data_dir / "pg"
+
+    @cached_property
+    def master_key(self) -> bytes:
+        """The key every pseudonym, date offset and remapped UID is derived from."""
+        if self.secret_key:
+            return self.secret_key.encode()
+        path = self.data_dir / "secret.key"
+        if not path.exists():
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_hex(32))
+        return path.read_text().strip().encode()
+
+    def prepare_dirs(self) -> None:
+        """Create the local directories, the intake area readable by this user only."""
+        for d in (self.data_dir, self.staging_dir, self.objects_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.intake_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.intake_dir, 0o700)

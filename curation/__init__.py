@@ -1,0 +1,1 @@
+"""Curation: intake, de-identification, pseudonyms, quarantine rules, audit."""

@@ -1,0 +1,429 @@
+"""De-identification engine: deid recipes compiled once into a per-tag action table, applied in
+one pass over each dataset (PS3.15 Annex E). Pixel data bytes are never touched."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+
+from pydicom import DataElement, Dataset, Sequence
+from pydicom.datadict import dictionary_VR, tag_for_keyword
+from pydicom.tag import BaseTag, Tag
+
+from .errors import ProfileError
+from .pseudonyms import Pseudonymizer
+
+log = logging.getLogger(__name__)
+
+# The PS3.15 E.1-1 option columns, in the order they are layered over the Basic Profile.
+OPTIONS = (
+    "retain_safe_private",
+    "retain_uids",
+    "retain_device_identity",
+    "retain_institution_identity",
+    "retain_patient_characteristics",
+    "retain_long_full_dates",
+    "retain_long_modified_dates",
+    "clean_descriptors",
+    "clean_structured_content",
+    "clean_graphics",
+)
+
+# PS3.16 CID 7050 De-identification Method: the profile and each option (scheme DCM).
+CID_7050 = {
+    "basic": ("113100", "Basic Application Confidentiality Profile"),
+    "clean_graphics": ("113103", "Clean Graphics Option"),
+    "clean_structured_content": ("113104", "Clean Structured Content Option"),
+    "clean_descriptors": ("113105", "Clean Descriptors Option"),
+    "retain_long_full_dates": (
+        "113106",
+        "Retain Longitudinal Temporal Information Full Dates Option",
+    ),
+    "retain_long_modified_dates": (
+        "113107",
+        "Retain Longitudinal Temporal Information Modified Dates Option",
+    ),
+    "retain_patient_characteristics": ("113108", "Retain Patient Characteristics Option"),
+    "retain_device_identity": ("113109", "Retain Device Identity Option"),
+    "retain_uids": ("113110", "Retain UIDs Option"),
+    "retain_safe_private": ("113111", "Retain Safe Private Option"),
+    "retain_institution_identity": ("113112", "Retain Institution Identity Option"),
+}
+
+_TAG = re.compile(r"^\(([0-9A-Fa-fXx]{4}),([0-9A-Fa-fXx]{4})\)$")
+_TEXT_VRS = {
+    "AE",
+    "AS",
+    "CS",
+    "DA",
+    "DS",
+    "DT",
+    "IS",
+    "LO",
+    "LT",
+    "PN",
+    "SH",
+    "ST",
+    "TM",
+    "UC",
+    "UR",
+    "UT",
+}
+_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+_NUMBER_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT"}
+_DUMMY_TEXT = {
+    "DA": "19000101",
+    "TM": "000000",
+    "DT": "19000101000000",
+    "AS": "000Y",
+    "DS": "0",
+    "IS": "0",
+    "PN": "ANONYMIZED",
+}
+
+# Operations a compiled rule can carry.
+KEEP, REMOVE, BLANK, DUMMY, CLEAN, UID, VALUE, PSEUDO_ID, PSEUDO_NAME, SHIFT = (
+    "keep",
+    "remove",
+    "blank",
+    "dummy",
+    "clean",
+    "uid",
+    "value",
+    "pseudonym_id",
+    "pseudonym_name",
+    "shift",
+)
+# PS3.15 compound codes, resolved to the most protective choice that keeps references working:
+# X/Z, X/D, X/Z/D remove; Z/D blanks; X/Z/U* replaces the UID so references still resolve.
+_FUNCS = {
+    "dummy": DUMMY,
+    "clean": CLEAN,
+    "uid": UID,
+    "z_d": BLANK,
+    "x_z": REMOVE,
+    "x_d": REMOVE,
+    "x_z_d": REMOVE,
+    "x_z_u": UID,
+    "pseudonym_id": PSEUDO_ID,
+    "pseudonym_name": PSEUDO_NAME,
+    "shift": SHIFT,
+}
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One compiled action: an operation and, for VALUE, the literal to write."""
+
+    op: str
+    value: str | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A compiled de-identification profile: exact tags, masked tags, attributes to add."""
+
+    name: str
+    options: tuple[str, ...]
+    exact: dict[int, Rule]
+    masks: tuple[tuple[int, int, Rule], ...]
+    additions: tuple[tuple[int, str], ...]
+    keep_private: bool = False
+    shift_dates: bool = field(default=False)
+
+    def rule_for(self, tag: int) -> Rule | None:
+        """The rule for a tag: exact match first, then the first matching mask."""
+        rule = self.exact.get(tag)
+        if rule is not None:
+            return rule
+        for mask, value, r in self.masks:
+            if tag & mask == value:
+                return r
+        return None
+
+
+def _parse_field(text: str) -> tuple[int, int]:
+    """A recipe field as (mask, value): `(GGGG,EEEE)` with x digits, or a keyword."""
+    m = _TAG.match(text.strip())
+    if m:
+        digits = m.group(1) + m.group(2)
+        mask = int("".join("0" if c in "xX" else "F" for c in digits), 16)
+        value = int("".join("0" if c in "xX" else c for c in digits), 16)
+        return mask, value
+    tag = tag_for_keyword(text.strip())
+    if tag is None:
+        raise ProfileError(f"recipe field {text!r} is neither a tag nor a DICOM keyword")
+    return 0xFFFFFFFF, tag
+
+
+def _rule(action: str, value: str | None) -> Rule:
+    action = action.upper()
+    if action == "KEEP":
+        return Rule(KEEP)
+    if action == "REMOVE":
+        return Rule(REMOVE)
+    if action == "BLANK":
+        return Rule(BLANK)
+    if action == "JITTER":
+        return Rule(SHIFT)
+    if action in ("REPLACE", "ADD"):
+        if value and value.startswith("func:"):
+            op = _FUNCS.get(value[5:])
+            if op is None:
+                raise ProfileError(f"unknown recipe function {value!r}")
+            return Rule(op)
+        return Rule(VALUE, value or "")
+    raise ProfileError(f"unsupported recipe action {action!r}")
+
+
+def recipe_paths(profile: str, options: Iterable[str]) -> list[Path]:
+    """The recipe files composing a profile: basic, then options in table order, then Carina's."""
+    root = resources.files("carina.deid_profiles")
+    opts = set(options)
+    unknown = opts - set(OPTIONS)
+    if unknown:
+        raise ProfileError(f"unknown de-identification options: {', '.join(sorted(unknown))}")
+    names = [f"recipes/{profile}.dicom"] + [f"recipes/{o}.dicom" for o in OPTIONS if o in opts]
+    paths = [Path(str(root / n)) for n in names] + [Path(str(root / "carina.dicom"))]
+    for p in paths:
+        if not p.is_file():
+            raise ProfileError(f"recipe {p.name} is missing from deid_profiles/")
+    return paths
+
+
+def compile_recipes(name: str, options: Iterable[str], paths: Iterable[Path]) -> Profile:
+    """Compile deid recipe files (later files override earlier ones) into a Profile."""
+    from deid.config import DeidRecipe
+
+    logging.getLogger("deid").setLevel(logging.WARNING)
+    exact: dict[int, Rule] = {}
+    masks: dict[tuple[int, int], Rule] = {}
+    additions: dict[int, str] = {}
+    for path in paths:
+        for act in DeidRecipe(str(path), base=False).get_actions() or []:
+            mask, value = _parse_field(act["field"])
+            if act["action"].upper() == "ADD":
+                if mask != 0xFFFFFFFF:
+                    raise ProfileError(f"ADD needs a single tag, not {act['field']}")
+                additions[value] = act.get("value", "")
+                continue
+            rule = _rule(act["action"], act.get("value"))
+            if mask == 0xFFFFFFFF:
+                exact[value] = rule
+            else:
+                masks[(mask, value)] = rule
+    opts = tuple(o for o in OPTIONS if o in set(options))
+    # More specific masks (more fixed bits) first.
+    ordered = sorted(masks.items(), key=lambda kv: -bin(kv[0][0]).count("1"))
+    return Profile(
+        name=name,
+        options=opts,
+        exact=exact,
+        masks=tuple((m, v, r) for (m, v), r in ordered),
+        additions=tuple(additions.items()),
+        keep_private="retain_safe_private" in opts,
+        shift_dates="retain_long_modified_dates" in opts,
+    )
+
+
+@lru_cache(maxsize=16)
+def load_profile(name: str, options: tuple[str, ...]) -> Profile:
+    """The compiled profile for a name and options (compiled once per process)."""
+    return compile_recipes(name, options, recipe_paths(name, options))
+
+
+def _shift_da(value: str, days: int) -> str:
+    try:
+        d = dt.date(int(value[0:4]), int(value[4:6]), int(value[6:8]))
+    except (ValueError, IndexError):
+        return ""
+    return (d - dt.timedelta(days=days)).strftime("%Y%m%d")
+
+
+def _shift_dt(value: str, days: int) -> str:
+    if len(value) < 8:
+        return ""  # a year or year-month alone cannot be shifted by days: remove it
+    shifted = _shift_da(value[:8], days)
+    return shifted + value[8:] if shifted else ""
+
+
+class Deidentifier:
+    """Applies one compiled Profile to datasets, with one patient's pseudonyms."""
+
+    def __init__(self, profile: Profile, pseudonyms: Pseudonymizer) -> None:
+        self.profile = profile
+        self.pseudo = pseudonyms
+
+    def apply(self, ds: Dataset) -> None:
+        """De-identify ds in place (file meta included) and record what was done."""
+        original_pid = str(ds.get("PatientID", "") or "")
+        if not original_pid:
+            # No ID to key on: each study is its own subject rather than pooling strangers.
+            original_pid = "no-patient-id:" + str(ds.get("StudyInstanceUID", ""))
+        ctx = _Context(self.pseudo, original_pid)
+        self._walk(ds, ctx)
+        self._record(ds)
+        meta = getattr(ds, "file_meta", None)
+        if meta is not None:
+            if "MediaStorageSOPInstanceUID" in meta:
+                meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            for kw in (
+                "SourceApplicationEntityTitle",
+                "SendingApplicationEntityTitle",
+                "ReceivingApplicationEntityTitle",
+                "PrivateInformationCreatorUID",
+                "PrivateInformation",
+            ):
+                if kw in meta:
+                    del meta[kw]
+
+    def _walk(self, ds: Dataset, ctx: _Context) -> None:
+        profile = self.profile
+        for tag in list(ds.keys()):
+            tag = BaseTag(tag)
+            if tag.is_private:
+                if not profile.keep_private:
+                    del ds[tag]
+                continue
+            if tag.group == 0x0002:
+                continue
+            rule = profile.rule_for(tag)
+            raw = ds.get_item(tag)
+            vr = getattr(raw, "VR", None) or _vr_of(tag)
+            if rule is None or rule.op == KEEP:
+                if vr == "SQ":
+                    # PS3.15 E.1: K keeps a sequence but its items are still cleaned.
+                    for item in ds[tag].value or []:
+                        self._walk(item, ctx)
+                continue
+            self._apply_rule(ds, tag, vr, rule, ctx)
+
+    def _apply_rule(self, ds: Dataset, tag: BaseTag, vr: str, rule: Rule, ctx: _Context) -> None:
+        op = rule.op
+        if op == REMOVE:
+            del ds[tag]
+            return
+        if vr == "SQ":
+            if op in (CLEAN, DUMMY):
+                for item in ds[tag].value or []:
+                    self._walk(item, ctx)
+            else:
+                ds[tag] = DataElement(tag, "SQ", Sequence())
+            return
+        if op == BLANK:
+            ds[tag] = DataElement(tag, vr, _empty(vr))
+        elif op == UID:
+            ds[tag] = DataElement(tag, vr, _map_values(ds[tag].value, ctx.pseudo.uid))
+        elif op == DUMMY:
+            ds[tag] = DataElement(tag, vr, self._dummy(ds, tag, vr, ctx))
+        elif op == CLEAN:
+            ds[tag] = DataElement(tag, vr, self._clean(ds, tag, vr, ctx))
+        elif op == SHIFT:
+            ds[tag] = DataElement(tag, vr, self._shifted(ds[tag].value, vr, ctx))
+        elif op == PSEUDO_ID:
+            ds[tag] = DataElement(tag, vr, ctx.pseudo.patient_id(ctx.original_pid))
+        elif op == PSEUDO_NAME:
+            ds[tag] = DataElement(tag, vr, ctx.pseudo.patient_name(ctx.original_pid))
+        elif op == VALUE:
+            ds[tag] = DataElement(tag, vr, rule.value)
+
+    def _dummy(self, ds: Dataset, tag: BaseTag, vr: str, ctx: _Context) -> object:
+        if vr == "UI":
+            return _map_values(ds[tag].value, ctx.pseudo.uid)
+        if vr in ("DA", "DT") and self.profile.shift_dates:
+            return self._shifted(ds[tag].value, vr, ctx)
+        if vr in _TEXT_VRS:
+            return _DUMMY_TEXT.get(vr, "ANONYMIZED")
+        if vr in _NUMBER_VRS:
+            return 0
+        return _empty(vr)
+
+    def _clean(self, ds: Dataset, tag: BaseTag, vr: str, ctx: _Context) -> object:
+        if vr in ("DA", "DT"):
+            return self._shifted(ds[tag].value, vr, ctx) if self.profile.shift_dates else ""
+        if vr == "TM":
+            # Whole-day shifts leave times as they were.
+            return ds[tag].value if self.profile.shift_dates else ""
+        if vr == "UI":
+            return _map_values(ds[tag].value, ctx.pseudo.uid)
+        # Free text cannot be proven clean here: blank it (conservative until text cleaning).
+        return _empty(vr)
+
+    def _shifted(self, value: object, vr: str, ctx: _Context) -> object:
+        days = ctx.date_offset
+        fn: Callable[[str, int], str]
+        if vr == "DA":
+            fn = _shift_da
+        elif vr == "DT":
+            fn = _shift_dt
+        else:
+            return value
+        return _map_values(value, lambda v: fn(v, days))
+
+    def _record(self, ds: Dataset) -> None:
+        """PS3.15 E.1.1: say that and how the object was de-identified."""
+        prof = self.profile
+        ds.PatientIdentityRemoved = "YES"
+        ds.DeidentificationMethod = "Carina PS3.15 " + "+".join((prof.name, *prof.options))[:56]
+        items = []
+        for key in ("basic", *prof.options):
+            code, meaning = CID_7050[key]
+            item = Dataset()
+            item.CodeValue = code
+            item.CodingSchemeDesignator = "DCM"
+            item.CodeMeaning = meaning
+            items.append(item)
+        ds.DeidentificationMethodCodeSequence = Sequence(items)
+        if "retain_long_full_dates" in prof.options:
+            ds.LongitudinalTemporalInformationModified = "UNMODIFIED"
+        elif prof.shift_dates:
+            ds.LongitudinalTemporalInformationModified = "MODIFIED"
+        else:
+            ds.LongitudinalTemporalInformationModified = "REMOVED"
+        for tag, value in prof.additions:
+            ds[tag] = DataElement(tag, _vr_of(Tag(tag)), value)
+
+
+@dataclass
+class _Context:
+    pseudo: Pseudonymizer
+    original_pid: str
+    _offset: int | None = None
+
+    @property
+    def date_offset(self) -> int:
+        if self._offset is None:
+            self._offset = self.pseudo.date_offset(self.original_pid)
+        return self._offset
+
+
+def _vr_of(tag: BaseTag) -> str:
+    try:
+        return dictionary_VR(tag).split(" or ")[0]
+    except KeyError:
+        return "UN"
+
+
+def _empty(vr: str) -> object:
+    if vr in _BINARY_VRS:
+        return b""
+    if vr in _NUMBER_VRS:
+        return None
+    return ""
+
+
+def _map_values(value: object, fn: Callable[[str], str]) -> object:
+    """Apply fn to each value of a (possibly multi-valued) string element."""
+    if value is None or value == "":
+        return value
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, Iterable) and not isinstance(value, bytes | bytearray):
+        return [fn(str(v)) for v in value]
+    return fn(str(value))

@@ -1,0 +1,18 @@
+"""Domain errors of curation; `api` maps them to STOW failure reasons and DIMSE statuses."""
+
+
+class CurationError(Exception):
+    """Base of every curation error."""
+
+
+class ProfileError(CurationError):
+    """A de-identification profile or recipe is invalid or missing."""
+
+
+class InstanceRefused(CurationError):
+    """An instance cannot be accepted; carries a DICOM failure code and a reason for humans."""
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(reason)
+        self.code = code
+        self.reason = reason

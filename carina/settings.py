@@ -15,7 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     """Carina's configuration, read once at start-up and passed down."""
 
-    model_config = SettingsConfigDict(env_prefix="CARINA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="CARINA_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(default=Path("carina-data"), description="Everything local lives here")
     host: str = Field(default="127.0.0.1", description="HTTP bind address")

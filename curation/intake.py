@@ -21,6 +21,7 @@ from io import BytesIO
 from pathlib import Path
 
 from pydicom import dcmread
+from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
@@ -145,8 +146,16 @@ def _bulk_uri(elem: object) -> str:
     return f"bulkdata/{elem.tag:08X}"  # type: ignore[attr-defined]
 
 
+_PIXELS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+
+
 def _check_complete(ds: Dataset) -> None:
-    """Refuse native pixel data shorter than Rows x Columns x samples x frames says."""
+    """Refuse images without pixel data, and native pixel data shorter than Rows x Columns x
+    samples x frames says (both what a truncated file looks like once parsed)."""
+    sop_class = ds.get("SOPClassUID")
+    is_image = sop_class is not None and sop_class.name.endswith("Image Storage")
+    if is_image and not any(k in ds for k in _PIXELS):
+        raise InstanceRefused(CANNOT_UNDERSTAND, "image without pixel data (file truncated?)")
     if "PixelData" not in ds or ds.file_meta.TransferSyntaxUID.is_compressed:
         return
     try:
@@ -174,20 +183,47 @@ def _has_meta_without_preamble(head: bytes) -> bool:
     return head[128:132] != b"DICM" and head[:2] == b"\x02\x00" and head[4:6].isalpha()
 
 
+def _check_lengths(ds: Dataset, size: int) -> None:
+    """pydicom reads a value cut short by the end of the file without complaint, and stops
+    quietly on a partial element header; the raw elements' declared lengths and positions say
+    whether everything arrived."""
+    last = next(reversed(ds._dict.values()), None)
+    if isinstance(last, RawDataElement) and last.length != 0xFFFFFFFF:
+        end = last.value_tell + last.length
+        if end < size:
+            raise InstanceRefused(
+                CANNOT_UNDERSTAND, f"file truncated or has {size - end} stray bytes at its end"
+            )
+    for raw in ds._dict.values():
+        if isinstance(raw, RawDataElement) and raw.length != 0xFFFFFFFF:
+            value = raw.value
+            if value is not None and len(value) != raw.length:
+                raise InstanceRefused(
+                    CANNOT_UNDERSTAND,
+                    f"file truncated: element ({raw.tag.group:04X},{raw.tag.element:04X}) has "
+                    f"{len(value)} of {raw.length} bytes",
+                )
+
+
 def _parse(payload: bytes | str) -> Dataset:
     try:
         if isinstance(payload, bytes):
+            size = len(payload)
             ds = dcmread(BytesIO(payload), force=_has_meta_without_preamble(payload[:132]))
         else:
+            size = os.path.getsize(payload)
             with open(payload, "rb") as f:
                 head = f.read(132)
             ds = dcmread(payload, force=_has_meta_without_preamble(head))
-        # Values are read lazily: touch every top-level element so a truncated file fails here.
+        _check_lengths(ds, size)
+        # Values are converted lazily: convert every top-level element so bad ones fail here.
         for _ in ds:
             pass
     except InvalidDicomError as e:
         raise InstanceRefused(CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM prefix)") from e
-    except (EOFError, OSError, ValueError, KeyError, TypeError, NotImplementedError) as e:
+    except InstanceRefused:
+        raise
+    except Exception as e:  # pydicom raises many kinds; all mean the bytes are not readable
         raise InstanceRefused(CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(e).__name__}") from e
     if "TransferSyntaxUID" not in ds.file_meta:
         raise InstanceRefused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")

@@ -1,0 +1,68 @@
+"""The intake worker function on its own: what it refuses, and what it produces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from carina.curation.intake import (
+    CANNOT_UNDERSTAND,
+    InstanceRecord,
+    IntakeContext,
+    Refusal,
+    process_part,
+)
+from tests.factory import Phi, ct_instance, to_bytes
+
+
+@pytest.fixture
+def ctx(tmp_path: Path) -> IntakeContext:
+    return IntakeContext(
+        "default", b"k" * 32, "basic", ("retain_long_modified_dates",), str(tmp_path)
+    )
+
+
+def test_file_cut_at_any_point_is_never_stored(ctx: IntakeContext) -> None:
+    data = to_bytes(ct_instance(Phi(), 1, rows=16, columns=16))
+    stored = []
+    for cut in range(0, len(data), 5):
+        outcome = process_part(data[:cut], ctx)
+        if isinstance(outcome, InstanceRecord):
+            stored.append(cut)
+        else:
+            assert outcome.reason
+    assert stored == []
+    assert isinstance(process_part(data, ctx), InstanceRecord)
+
+
+def test_trailing_garbage_after_dataset_is_refused(ctx: IntakeContext) -> None:
+    data = to_bytes(ct_instance(Phi(), 1, rows=16, columns=16))
+    outcome = process_part(data + b"\x00\x01\x02", ctx)
+    assert isinstance(outcome, Refusal)
+    assert outcome.code == CANNOT_UNDERSTAND
+
+
+def test_refused_part_leaves_no_staged_file(ctx: IntakeContext) -> None:
+    process_part(b"not dicom", ctx)
+    assert not any(Path(ctx.staging_dir).iterdir())
+
+
+def test_spooled_payload_file_is_removed_after_processing(
+    ctx: IntakeContext, tmp_path: Path
+) -> None:
+    spool = tmp_path / "part.dcm"
+    spool.write_bytes(to_bytes(ct_instance(Phi(), 1, rows=16, columns=16)))
+    outcome = process_part(str(spool), ctx)
+    assert isinstance(outcome, InstanceRecord)
+    assert not spool.exists()
+    assert Path(outcome.staging_path).is_file()
+
+
+def test_record_carries_only_deidentified_values(ctx: IntakeContext) -> None:
+    phi = Phi()
+    outcome = process_part(to_bytes(ct_instance(phi, 1, rows=16, columns=16)), ctx)
+    assert isinstance(outcome, InstanceRecord)
+    text = repr(outcome) + Path(outcome.staging_path).read_bytes().decode("latin-1")
+    for s in phi.strings():
+        assert s not in text

@@ -310,7 +310,9 @@ class Deidentifier:
             del ds[tag]
             return
         if vr == "SQ":
-            if op in (CLEAN, DUMMY):
+            # C, D and U on a sequence (X/Z/U* on reference sequences) keep it and clean its
+            # items, so the references inside are remapped rather than lost.
+            if op in (CLEAN, DUMMY, UID):
                 for item in ds[tag].value or []:
                     self._walk(item, ctx)
             else:

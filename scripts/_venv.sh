@@ -8,4 +8,6 @@ fi
 if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
-.venv/bin/python -m pip install -q --disable-pip-version-check -e ".[${CARINA_EXTRAS:-}]"
+target="."
+[ -n "${CARINA_EXTRAS:-}" ] && target=".[${CARINA_EXTRAS}]"
+.venv/bin/python -m pip install -q --disable-pip-version-check -e "$target"

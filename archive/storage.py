@@ -2,23 +2,33 @@
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import re
 import shutil
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
-from .errors import NotFound, OutOfResources, StorageError
+import certifi
+import urllib3
+from minio import Minio
+from minio.error import MinioException, S3Error, ServerError
+
+from .errors import ArchiveError, NotFound, OutOfResources, StorageError
+
+log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
 # Keys are made by Carina from UIDs; anything else is refused before touching a path.
-_SAFE_KEY = re.compile(r"^[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*$")
+_SAFE_KEY = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 
 def check_key(key: str) -> str:
     """Refuse keys that could escape the store (``..``, absolute paths, odd characters)."""
-    if not _SAFE_KEY.match(key) or any(part in (".", "..") for part in key.split("/")):
+    if not _SAFE_KEY.fullmatch(key) or any(part in (".", "..") for part in key.split("/")):
         raise StorageError(f"invalid object key {key!r}")
     return key
 
@@ -55,45 +65,215 @@ class FilesystemStore:
     def put_file(self, key: str, path: Path) -> None:
         """Rename the (already fsynced) staged file into place, then sync its directory."""
         dest = self._path(key)
-        try:
+        with _os_errors():
             dest.parent.mkdir(parents=True, exist_ok=True)
             try:
                 os.replace(path, dest)
             except OSError as e:
-                if e.errno != 18:  # EXDEV: staging on another filesystem
+                if e.errno != errno.EXDEV:
                     raise
-                shutil.move(path, dest)
-            fd = os.open(dest.parent, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        except OSError as e:
-            if e.errno in (28, 122):  # ENOSPC, EDQUOT
-                raise OutOfResources(f"object store full: {e.strerror}") from e
-            raise StorageError(f"cannot store object: {e.strerror}") from e
+                _copy_synced(path, dest)  # staging on another filesystem
+                path.unlink()
+            _fsync_dir(dest.parent)
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """Stream the file in chunks."""
-        try:
-            f = open(self._path(key), "rb")  # noqa: SIM115 - closed by the generator
-        except FileNotFoundError as e:
-            raise NotFound(key) from e
-        with f:
+        path = self._path(key)
+        with _os_errors():
+            f = open(path, "rb")  # noqa: SIM115 - closed by the generator
+        return self._chunks(f, chunk_size)
+
+    @staticmethod
+    def _chunks(f: BinaryIO, chunk_size: int) -> Iterator[bytes]:
+        with f, _os_errors():
             while chunk := f.read(chunk_size):
                 yield chunk
 
     def read(self, key: str) -> bytes:
         """The whole file."""
-        try:
-            return self._path(key).read_bytes()
-        except FileNotFoundError as e:
-            raise NotFound(key) from e
+        path = self._path(key)
+        with _os_errors():
+            return path.read_bytes()
 
     def delete(self, key: str) -> None:
         """Unlink the file if present."""
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        with _os_errors():
+            path.unlink(missing_ok=True)
 
     def exists(self, key: str) -> bool:
         """Whether the file exists."""
-        return self._path(key).is_file()
+        path = self._path(key)
+        with _os_errors():
+            return path.is_file()
+
+
+@contextmanager
+def _os_errors() -> Iterator[None]:
+    """OS errors as the archive's errors: a missing object is NotFound, a full disk is
+    OutOfResources, anything else StorageError (never a raw OSError to the caller)."""
+    try:
+        yield
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as e:
+        raise NotFound("no such object") from e
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutOfResources(f"object store full: {e.strerror}") from e
+        raise StorageError(f"object store failed: {e.strerror}") from e
+
+
+def _copy_synced(src: Path, dest: Path) -> None:
+    tmp = dest.with_name(dest.name + ".part")
+    with open(src, "rb") as fin, open(tmp, "wb") as fout:
+        shutil.copyfileobj(fin, fout, CHUNK)
+        fout.flush()
+        os.fsync(fout.fileno())
+    os.replace(tmp, dest)
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# Connect fails fast when the S3 server is down; reads may take long on big objects.
+_CONNECT_TIMEOUT = 10.0
+_READ_TIMEOUT = 300.0
+_POOL_SIZE = 32
+# S3 error codes meaning "no space": MinIO's full disk and bucket quota, Ceph RGW's quota.
+_FULL_CODES = frozenset({"XMinioStorageFull", "XMinioAdminBucketQuotaExceeded", "QuotaExceeded"})
+
+
+@contextmanager
+def _s3_errors(operation: str, key: str | None = None) -> Iterator[None]:
+    """minio, urllib3 and OS errors as the archive's errors; ours pass through unchanged."""
+    what = f"S3 {operation}" + (f" of {key}" if key else "")
+    try:
+        yield
+    except ArchiveError:
+        raise
+    except S3Error as e:
+        if e.code == "NoSuchKey":
+            raise NotFound(key or operation) from e
+        if e.code in _FULL_CODES or (e.response is not None and e.response.status == 507):
+            raise OutOfResources(f"{what}: storage full ({e.code})") from e
+        raise StorageError(f"{what} failed: {e.code}") from e
+    except ServerError as e:
+        if e.status_code == 507:
+            raise OutOfResources(f"{what}: storage full (HTTP 507)") from e
+        raise StorageError(f"{what} failed: HTTP {e.status_code}") from e
+    except (MinioException, urllib3.exceptions.HTTPError, OSError) as e:
+        raise StorageError(f"{what} failed: {type(e).__name__}") from e
+
+
+class S3Store:
+    """Objects in one bucket of an S3 API (AWS S3, MinIO, SeaweedFS) through the minio client."""
+
+    def __init__(
+        self,
+        *,
+        endpoint: str,
+        access_key: str,
+        secret_key: str,
+        bucket: str,
+        secure: bool = False,
+        region: str | None = None,
+    ) -> None:
+        """Connect to endpoint (``host:port``) and create the bucket when it is missing."""
+        self.endpoint = endpoint
+        self.bucket = bucket
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=_CONNECT_TIMEOUT, read=_READ_TIMEOUT),
+            maxsize=_POOL_SIZE,
+            cert_reqs="CERT_REQUIRED",
+            ca_certs=os.environ.get("SSL_CERT_FILE") or certifi.where(),
+            retries=urllib3.Retry(
+                total=5, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]
+            ),
+        )
+        try:
+            self._client = Minio(
+                endpoint,
+                access_key=access_key or None,
+                secret_key=secret_key or None,
+                secure=secure,
+                region=region,
+                http_client=http,
+            )
+        except ValueError as e:  # minio validates the endpoint and credentials up front
+            raise StorageError(f"invalid S3 settings for {endpoint!r}: {e}") from e
+        self._ensure_bucket()
+
+    def __repr__(self) -> str:
+        return f"S3Store(endpoint={self.endpoint!r}, bucket={self.bucket!r})"
+
+    def _ensure_bucket(self) -> None:
+        """Create the bucket unless it exists (tolerating a concurrent creator)."""
+        try:
+            with _s3_errors("bucket check"):
+                if self._client.bucket_exists(self.bucket):
+                    return
+            with _s3_errors("bucket creation"):
+                try:
+                    self._client.make_bucket(self.bucket)
+                except S3Error as e:
+                    # Another Carina process may have created it between the check and here.
+                    if e.code not in ("BucketAlreadyOwnedByYou", "BucketAlreadyExists"):
+                        raise
+                    if not self._client.bucket_exists(self.bucket):
+                        raise
+        except ValueError as e:  # minio checks bucket names (and region) before any request
+            raise StorageError(f"S3 bucket {self.bucket!r} refused: {e}") from e
+
+    def put_file(self, key: str, path: Path) -> None:
+        """Upload the finished staged file (multipart when large), then remove the local copy."""
+        key = check_key(key)
+        with _s3_errors("upload", key):
+            self._client.fput_object(self.bucket, key, str(path))
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as e:
+            # The object is safely stored; a leftover staging file is not worth failing for.
+            log.warning("stored %s but could not remove staging file: %s", key, e.strerror)
+
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+        """Stream the object; the GET starts on first iteration and its connection is always
+        released, also when the caller stops early."""
+        return self._stream(check_key(key), chunk_size)
+
+    def _stream(self, key: str, chunk_size: int) -> Iterator[bytes]:
+        """GET the object and yield its body; close and release the connection however it ends."""
+        with _s3_errors("download", key):
+            response = self._client.get_object(self.bucket, key)
+        try:
+            with _s3_errors("download", key):
+                yield from response.stream(chunk_size)
+        finally:
+            response.close()
+            response.release_conn()
+
+    def read(self, key: str) -> bytes:
+        """The whole object."""
+        return b"".join(self.iter_chunks(key))
+
+    def delete(self, key: str) -> None:
+        """Remove the object; S3 answers a missing key with success too."""
+        key = check_key(key)
+        try:
+            with _s3_errors("delete", key):
+                self._client.remove_object(self.bucket, key)
+        except NotFound:
+            pass
+
+    def exists(self, key: str) -> bool:
+        """Whether the object is there (a HEAD request)."""
+        key = check_key(key)
+        try:
+            with _s3_errors("stat", key):
+                self._client.stat_object(self.bucket, key)
+        except NotFound:
+            return False
+        return True

@@ -25,9 +25,9 @@ def database_url(settings: Settings) -> str:
 def open_store(settings: Settings) -> ObjectStore:
     """The configured object store."""
     if settings.storage == "s3":
-        from carina.archive.storage import S3Store  # type: ignore[attr-defined]
+        from carina.archive.storage import S3Store
 
-        return S3Store(  # type: ignore[no-any-return]
+        return S3Store(
             endpoint=settings.s3_endpoint,
             access_key=settings.s3_access_key,
             secret_key=settings.s3_secret_key,

@@ -200,8 +200,10 @@ def recipe_paths(profile: str, options: Iterable[str]) -> list[Path]:
 def compile_recipes(name: str, options: Iterable[str], paths: Iterable[Path]) -> Profile:
     """Compile deid recipe files (later files override earlier ones) into a Profile."""
     from deid.config import DeidRecipe
+    from deid.logger import bot
 
-    logging.getLogger("deid").setLevel(logging.WARNING)
+    # deid prints every recipe line at DEBUG through its own logger unless told otherwise.
+    bot.level = min(bot.level, 1)
     exact: dict[int, Rule] = {}
     masks: dict[tuple[int, int], Rule] = {}
     additions: dict[int, str] = {}

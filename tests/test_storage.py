@@ -1,0 +1,323 @@
+"""The object store backends behave the same: FilesystemStore in tmp_path and S3Store against a
+real SeaweedFS S3 server on loopback; and Carina serves STOW/WADO-RS with its objects in S3."""
+
+from __future__ import annotations
+
+import copy
+import secrets
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from dicomweb_client.api import DICOMwebClient
+from minio import Minio
+from minio.error import S3Error
+
+from carina.archive.errors import NotFound, StorageError
+from carina.archive.storage import CHUNK, FilesystemStore, ObjectStore, S3Store
+from tests.conftest import Server, free_port
+from tests.factory import Phi, ct_series
+from tests.s3server import S3Server, start_weed
+
+# More than one multipart part for the minio client (5 MiB parts) and many read chunks;
+# not a multiple of either, so the last part and the last chunk are short.
+BIG = 12 * 1024 * 1024 + 12345
+
+BAD_KEYS = [
+    "..",
+    ".",
+    "../escape.dcm",
+    "a/../../escape.dcm",
+    "a/./b.dcm",
+    "/etc/passwd",
+    "/abs/key.dcm",
+    "a//b.dcm",
+    "a/",
+    "",
+    "a b.dcm",
+    "a\\b.dcm",
+    "a?b.dcm",
+    "a%2F..%2Fb",
+    "é.dcm",
+    "a\x00b",
+    "C:x.dcm",
+    "a/b.dcm\n",
+]
+
+
+@pytest.fixture(scope="module")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """SeaweedFS (`weed mini`) on loopback for this module. Not starting is an error, not a skip."""
+    server = start_weed(tmp_path_factory.mktemp("weed"))
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_s3_store(s3_server: S3Server) -> S3Store:
+    """One bucket for the behaviour tests (each test uses its own key prefix)."""
+    return S3Store(
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        bucket="carina-behaviour",
+    )
+
+
+@pytest.fixture(params=["filesystem", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> ObjectStore:
+    """Each backend in turn."""
+    if request.param == "filesystem":
+        return FilesystemStore(tmp_path / "objects")
+    return request.getfixturevalue("shared_s3_store")  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A key prefix of this test's own (the S3 bucket is shared within the module)."""
+    return f"1.2.826.0.1.{secrets.randbelow(10**9)}"
+
+
+@pytest.fixture
+def stage(tmp_path: Path) -> Callable[[bytes], Path]:
+    """Write bytes to a staging file as intake would, on the store's filesystem."""
+    staging = tmp_path / "staging"
+    staging.mkdir()
+
+    def write(data: bytes) -> Path:
+        path = staging / f"{secrets.token_hex(8)}.dcm"
+        path.write_bytes(data)
+        return path
+
+    return write
+
+
+def random_bytes(n: int) -> bytes:
+    """n bytes that no other test writes."""
+    return secrets.token_bytes(n)
+
+
+def test_put_file_then_read_returns_same_bytes(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    data = random_bytes(BIG)
+    store.put_file(f"{prefix}/1.2.3/4.5.6.dcm", stage(data))
+    assert store.read(f"{prefix}/1.2.3/4.5.6.dcm") == data
+
+
+def test_put_file_then_iter_chunks_streams_same_bytes_in_bounded_chunks(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    data = random_bytes(BIG)
+    key = f"{prefix}/1.2.3/4.5.6.dcm"
+    store.put_file(key, stage(data))
+
+    chunks = list(store.iter_chunks(key))
+    assert b"".join(chunks) == data
+    assert len(chunks) >= BIG // CHUNK
+    assert all(0 < len(c) <= CHUNK for c in chunks)
+
+    odd = 64 * 1024 + 1
+    small = list(store.iter_chunks(key, chunk_size=odd))
+    assert b"".join(small) == data
+    assert all(0 < len(c) <= odd for c in small)
+
+
+def test_iter_chunks_stopped_early_leaves_store_usable(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    data = random_bytes(BIG)
+    key = f"{prefix}/1.2.3/4.5.6.dcm"
+    store.put_file(key, stage(data))
+    for _ in range(20):  # more than the S3 connection pool holds, if connections leaked
+        stream = store.iter_chunks(key)
+        assert next(stream) == data[:CHUNK]
+        stream.close()  # type: ignore[attr-defined]
+    assert store.read(key) == data
+
+
+def test_put_file_removes_staged_file(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    staged = stage(b"DICM" * 100)
+    store.put_file(f"{prefix}/a.dcm", staged)
+    assert not staged.exists()
+    assert store.exists(f"{prefix}/a.dcm")
+
+
+def test_put_file_overwrite_replaces_object(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    key = f"{prefix}/1.2.3/4.5.6.dcm"
+    store.put_file(key, stage(random_bytes(BIG)))
+    newer = random_bytes(1000)
+    store.put_file(key, stage(newer))
+    assert store.read(key) == newer
+    assert b"".join(store.iter_chunks(key)) == newer
+
+
+def test_delete_then_exists_is_false_and_read_raises_not_found(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    key = f"{prefix}/1.2.3/4.5.6.dcm"
+    store.put_file(key, stage(b"x" * 10))
+    assert store.exists(key)
+    store.delete(key)
+    assert not store.exists(key)
+    with pytest.raises(NotFound):
+        store.read(key)
+    with pytest.raises(NotFound):
+        list(store.iter_chunks(key))
+
+
+def test_delete_of_missing_key_is_fine(store: ObjectStore, prefix: str) -> None:
+    store.delete(f"{prefix}/never/stored.dcm")
+    assert not store.exists(f"{prefix}/never/stored.dcm")
+
+
+def test_read_of_missing_key_raises_not_found(store: ObjectStore, prefix: str) -> None:
+    with pytest.raises(NotFound):
+        store.read(f"{prefix}/never/stored.dcm")
+    with pytest.raises(NotFound):
+        list(store.iter_chunks(f"{prefix}/never/stored.dcm"))
+
+
+def test_read_of_key_prefix_raises_not_found(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str, request: pytest.FixtureRequest
+) -> None:
+    """A study or series prefix is not an object (SeaweedFS keeps it as a directory)."""
+    store.put_file(f"{prefix}/1.2.3/4.5.6.dcm", stage(b"x"))
+    assert not store.exists(f"{prefix}/1.2.3")
+    with pytest.raises(NotFound):
+        store.read(f"{prefix}/1.2.3")
+
+
+class _Tripwire:
+    """Stands in for a backend's way to the outside (root path, S3 client): any use fails."""
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"object store I/O attempted ({name})")
+
+    def __truediv__(self, other: object) -> object:
+        raise AssertionError("object store path built")
+
+
+@pytest.mark.parametrize("key", BAD_KEYS)
+def test_bad_key_raises_storage_error_before_any_io(
+    store: ObjectStore, stage: Callable[[bytes], Path], key: str
+) -> None:
+    armed = copy.copy(store)
+    if isinstance(armed, FilesystemStore):
+        armed.root = _Tripwire()  # type: ignore[assignment]
+    else:
+        armed._client = _Tripwire()  # type: ignore[attr-defined]
+    staged = stage(b"x")
+    with pytest.raises(StorageError):
+        armed.put_file(key, staged)
+    assert staged.exists()
+    with pytest.raises(StorageError):
+        armed.read(key)
+    with pytest.raises(StorageError):
+        list(armed.iter_chunks(key))
+    with pytest.raises(StorageError):
+        armed.delete(key)
+    with pytest.raises(StorageError):
+        armed.exists(key)
+
+
+def test_weed_refuses_anonymous_and_wrongly_signed_requests(s3_server: S3Server) -> None:
+    """The fixture's S3 really checks credentials, so S3Store's signing is exercised."""
+    s3_server.client().make_bucket("carina-auth-check")
+    for client in (
+        Minio(s3_server.endpoint, secure=False),
+        Minio(
+            s3_server.endpoint, access_key=s3_server.access_key, secret_key="wrong", secure=False
+        ),
+    ):
+        with pytest.raises(S3Error) as e:
+            next(iter(client.list_objects("carina-auth-check")))
+        assert e.value.code in ("AccessDenied", "SignatureDoesNotMatch")
+
+
+def test_s3store_creates_missing_bucket_and_refuses_bad_credentials(
+    s3_server: S3Server,
+) -> None:
+    bucket = "carina-created-" + secrets.token_hex(3)
+    assert not s3_server.client().bucket_exists(bucket)
+    S3Store(
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        bucket=bucket,
+    )
+    assert s3_server.client().bucket_exists(bucket)
+    # Opening it again (another Carina process) is fine.
+    S3Store(
+        endpoint=s3_server.endpoint,
+        access_key=s3_server.access_key,
+        secret_key=s3_server.secret_key,
+        bucket=bucket,
+    )
+    with pytest.raises(StorageError):
+        S3Store(
+            endpoint=s3_server.endpoint,
+            access_key=s3_server.access_key,
+            secret_key="wrong",
+            bucket=bucket,
+        )
+
+
+def test_s3store_reports_unreachable_endpoint_as_storage_error() -> None:
+    """After minio's retries (about 6 s of backoff) a refused connection is a StorageError."""
+    with pytest.raises(StorageError):
+        S3Store(
+            endpoint=f"127.0.0.1:{free_port()}", access_key="a", secret_key="b", bucket="carina"
+        )
+
+
+@pytest.mark.parametrize("endpoint", ["http://127.0.0.1:9000", "127.0.0.1:9000/path"])
+def test_s3store_refuses_malformed_endpoint_as_storage_error(endpoint: str) -> None:
+    with pytest.raises(StorageError):
+        S3Store(endpoint=endpoint, access_key="a", secret_key="b", bucket="carina")
+
+
+def test_s3store_refuses_invalid_bucket_name_as_storage_error(s3_server: S3Server) -> None:
+    with pytest.raises(StorageError):
+        S3Store(
+            endpoint=s3_server.endpoint,
+            access_key=s3_server.access_key,
+            secret_key=s3_server.secret_key,
+            bucket="No_Such..Bucket",
+        )
+
+
+@pytest.mark.slow
+def test_stow_and_wado_through_carina_keep_objects_in_s3_not_on_disk(
+    s3_server: S3Server, server_factory: Callable[..., Server]
+) -> None:
+    bucket = "carina-e2e"
+    server = server_factory(
+        CARINA_STORAGE="s3",
+        CARINA_S3_ENDPOINT=s3_server.endpoint,
+        CARINA_S3_ACCESS_KEY=s3_server.access_key,
+        CARINA_S3_SECRET_KEY=s3_server.secret_key,
+        CARINA_S3_BUCKET=bucket,
+    )
+    client = DICOMwebClient(server.dicomweb)
+    sent = ct_series(Phi(), 3)
+    client.store_instances(sent)
+
+    series = client.search_for_series()
+    assert len(series) == 1
+    study_uid = series[0]["0020000D"]["Value"][0]
+    series_uid = series[0]["0020000E"]["Value"][0]
+    got = client.retrieve_series(study_uid, series_uid)
+    assert len(got) == len(sent)
+    by_number = {int(ds.InstanceNumber): ds for ds in got}
+    for original in sent:
+        assert by_number[int(original.InstanceNumber)].PixelData == original.PixelData
+
+    in_bucket = {o.object_name for o in s3_server.client().list_objects(bucket, recursive=True)}
+    assert in_bucket == {f"{study_uid}/{series_uid}/{ds.SOPInstanceUID}.dcm" for ds in got}
+    on_disk = [p for p in (server.data_dir / "objects").rglob("*") if p.is_file()]
+    assert on_disk == []

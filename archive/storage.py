@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -39,6 +40,10 @@ class ObjectStore(Protocol):
     def put_file(self, key: str, path: Path) -> None:
         """Move the finished file at path into the store under key (replacing any old one)."""
 
+    def put_files(self, items: Sequence[tuple[str, Path]]) -> list[ArchiveError | None]:
+        """Move many staged files in; when it returns, every item whose entry is None is
+        durable. One error per failed item, in order (a failure never stops the others)."""
+
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """Stream the object's bytes."""
 
@@ -63,18 +68,37 @@ class FilesystemStore:
         return self.root / check_key(key)
 
     def put_file(self, key: str, path: Path) -> None:
-        """Rename the (already fsynced) staged file into place, then sync its directory."""
-        dest = self._path(key)
-        with _os_errors():
-            dest.parent.mkdir(parents=True, exist_ok=True)
+        """Move one staged file into place, durably."""
+        error = self.put_files([(key, path)])[0]
+        if error is not None:
+            raise error
+
+    def put_files(self, items: Sequence[tuple[str, Path]]) -> list[ArchiveError | None]:
+        """Rename each staged file into place, then make them all durable with one filesystem
+        sync (group commit) instead of one fsync per file."""
+        errors: list[ArchiveError | None] = []
+        for key, path in items:
             try:
-                os.replace(path, dest)
-            except OSError as e:
-                if e.errno != errno.EXDEV:
-                    raise
-                _copy_synced(path, dest)  # staging on another filesystem
-                path.unlink()
-            _fsync_dir(dest.parent)
+                dest = self._path(key)
+                with _os_errors():
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    try:
+                        os.replace(path, dest)
+                    except OSError as e:
+                        if e.errno != errno.EXDEV:
+                            raise
+                        _copy_synced(path, dest)  # staging on another filesystem
+                        path.unlink()
+                errors.append(None)
+            except ArchiveError as e:
+                errors.append(e)
+        if any(e is None for e in errors):
+            try:
+                with _os_errors():
+                    _sync_filesystem(self.root)
+            except ArchiveError as e:
+                errors = [e if err is None else err for err in errors]
+        return errors
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """Stream the file in chunks."""
@@ -131,10 +155,21 @@ def _copy_synced(src: Path, dest: Path) -> None:
     os.replace(tmp, dest)
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _sync_filesystem(path: Path) -> None:
+    """Flush every file and directory of the filesystem holding path to disk: Linux syncfs(2)
+    where the C library has it, else sync(2)."""
+    syncfs = getattr(_LIBC, "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    fd = os.open(path, os.O_RDONLY)
     try:
-        os.fsync(fd)
+        if syncfs(fd) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
     finally:
         os.close(fd)
 
@@ -238,6 +273,17 @@ class S3Store:
         except OSError as e:
             # The object is safely stored; a leftover staging file is not worth failing for.
             log.warning("stored %s but could not remove staging file: %s", key, e.strerror)
+
+    def put_files(self, items: Sequence[tuple[str, Path]]) -> list[ArchiveError | None]:
+        """Upload each staged file; an upload that returned is durable on the S3 side."""
+        errors: list[ArchiveError | None] = []
+        for key, path in items:
+            try:
+                self.put_file(key, path)
+                errors.append(None)
+            except ArchiveError as e:
+                errors.append(e)
+        return errors
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """Stream the object; the GET starts on first iteration and its connection is always

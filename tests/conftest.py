@@ -83,15 +83,20 @@ class Server:
                 self.process.wait(5)
 
 
-def start_server(data_dir: Path, database_url: str, **env: str) -> Server:
-    """Start `python -m carina serve` with its own data directory; wait until it answers."""
+def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server:
+    """Start `python -m carina serve` with its own data directory; wait until it answers.
+    Without database_url it starts its own embedded PostgreSQL in the data directory."""
     port = free_port()
     data_dir.mkdir(parents=True, exist_ok=True)
     log = data_dir.parent / f"{data_dir.name}-serve.log"
     full_env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("CARINA_")},
+        **{
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("CARINA_") and k != "DATABASE_URL"
+        },
         "CARINA_DATA_DIR": str(data_dir),
-        "DATABASE_URL": database_url,
+        **({"DATABASE_URL": database_url} if database_url else {}),
         "CARINA_PORT": str(port),
         "CARINA_WORKERS": "2",
         "CARINA_SECRET_KEY": "test-key-" + data_dir.name,

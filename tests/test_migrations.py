@@ -40,3 +40,10 @@ def test_cli_migrate_reports_up_to_date(
     monkeypatch.setenv("DATABASE_URL", database_url)  # type: ignore[attr-defined]
     assert main(["migrate"]) == 0
     assert "up to date" in capsys.readouterr().out  # type: ignore[attr-defined]
+
+
+def test_two_migrations_with_one_number_are_refused() -> None:
+    import pytest
+
+    with pytest.raises(RuntimeError, match="share number 002"):
+        db.check_versions([("001", "001_a.sql"), ("002", "002_b.sql"), ("002", "002_c.sql")])

@@ -5,9 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from typing import TYPE_CHECKING
 
 from carina import __version__
 from carina.settings import Settings
+
+if TYPE_CHECKING:
+    from psycopg_pool import ConnectionPool
 
 
 def _serve(settings: Settings, args: argparse.Namespace) -> int:
@@ -36,6 +40,63 @@ def _migrate(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _dimse(settings: Settings, args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from carina.api.dimse import DimseListener
+    from carina.runtime import Runtime
+
+    runtime = Runtime.start(settings)
+    listener = DimseListener(runtime)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        listener.start()
+        stop.wait()
+    finally:
+        listener.stop()
+        runtime.close()
+    return 0
+
+
+def _ae_pool(settings: Settings) -> ConnectionPool:
+    from carina.archive import db
+    from carina.runtime import database_url
+
+    settings.prepare_dirs()
+    url = database_url(settings)
+    db.migrate(url)
+    return db.open_pool(url, max_size=1)
+
+
+def _ae_add(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import peers
+
+    with _ae_pool(settings) as pool:
+        try:
+            ae = peers.add_ae_title(
+                pool, args.title, args.collection, host=args.host, port=args.port
+            )
+        except (peers.InvalidAeTitle, peers.AeTitleExists) as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+    print(f"registered {ae.title} -> collection {ae.collection}")
+    return 0
+
+
+def _ae_list(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import peers
+
+    with _ae_pool(settings) as pool:
+        titles = peers.list_ae_titles(pool)
+    for ae in titles:
+        where = f"{ae.host or '*'}:{ae.port}" if ae.port else (ae.host or "*")
+        print(f"{ae.title}\t{ae.collection}\t{where}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
@@ -44,12 +105,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"carina {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    serve = sub.add_parser("serve", help="run the HTTP server (DICOMweb at /dicomweb)")
+    serve = sub.add_parser(
+        "serve", help="run the HTTP server (DICOMweb at /dicomweb) and the DICOM listener"
+    )
     serve.add_argument("--host", help="bind address (default CARINA_HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default CARINA_PORT or 8080)")
     serve.set_defaults(func=_serve)
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.set_defaults(func=_migrate)
+    dimse = sub.add_parser("dimse", help="run the DICOM listener (C-ECHO, C-STORE) alone")
+    dimse.set_defaults(func=_dimse)
+    ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
+    ae_sub = ae.add_subparsers(dest="ae_command", required=True)
+    ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")
+    ae_add.add_argument("title", help="the calling AE title of the site")
+    ae_add.add_argument("--collection", required=True, help="collection its instances go to")
+    ae_add.add_argument("--host", help="only accept it from this host (address or name)")
+    ae_add.add_argument("--port", type=int, help="port the AE listens on")
+    ae_add.set_defaults(func=_ae_add)
+    ae_list = ae_sub.add_parser("list", help="list the registered AE titles")
+    ae_list.set_defaults(func=_ae_list)
     return parser
 
 

@@ -18,8 +18,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CARINA_", extra="ignore", env_ignore_empty=True)
 
     data_dir: Path = Field(default=Path("carina-data"), description="Everything local lives here")
-    host: str = Field(default="127.0.0.1", description="HTTP bind address")
+    host: str = Field(default="127.0.0.1", description="HTTP and DIMSE bind address")
     port: int = Field(default=8080, description="HTTP port")
+    dimse_port: int = Field(default=11112, description="DICOM (DIMSE) port of the listener")
+    ae_title: str = Field(default="CARINA", description="AE title of the DICOM listener")
+    dimse_enabled: bool = Field(
+        default=True, description="`carina serve` also runs the DICOM listener"
+    )
     database_url: str | None = Field(
         default=None,
         validation_alias=AliasChoices("DATABASE_URL", "CARINA_DATABASE_URL"),

@@ -471,6 +471,15 @@ class Intake:
             await asyncio.to_thread(self._commit, result)
         return result
 
+    def ingest_one(self, payload: bytes, ctx: IntakeContext) -> Outcome:
+        """Process, store and index one instance (a C-STORE); return once it is durable or
+        refused. Blocking and thread-safe: each caller waits for its own worker and commit."""
+        outcome = self.executor.submit(process_part, payload, ctx).result()
+        result = BatchResult([outcome])
+        if result.stored:
+            self._commit(result)
+        return result.outcomes[0]
+
     def _commit(self, result: BatchResult) -> None:
         """Move staged files into the store (durable as a batch), then index them in one
         transaction; only what is both stored and indexed is acknowledged."""

@@ -99,6 +99,8 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
         **({"DATABASE_URL": database_url} if database_url else {}),
         "CARINA_PORT": str(port),
         "CARINA_WORKERS": "2",
+        # Only tests that ask for the DICOM listener get one (and pass their own free port).
+        "CARINA_DIMSE_ENABLED": "true" if "CARINA_DIMSE_PORT" in env else "false",
         "CARINA_SECRET_KEY": "test-key-" + data_dir.name,
         **env,
     }

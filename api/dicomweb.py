@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -19,6 +19,8 @@ log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
+# Objects up to this size are read whole and sent in one write; larger ones are streamed.
+WHOLE_OBJECT_MAX = 16 << 20
 # Private block used to say, in words, why a part was refused (next to the FailureReason code).
 _CREATOR = {"vr": "LO", "Value": ["CARINA"]}
 
@@ -152,7 +154,7 @@ async def _stow(request: Request, prefix: str, study: str | None) -> Response:
     seen = 0
     malformed: str | None = None
 
-    async def payloads() -> AsyncIterator[bytes | str | Refusal]:
+    async def payloads() -> AsyncIterator[bytearray | str | Refusal]:
         nonlocal seen, malformed
         try:
             async for ctype, sink in reader.parts(request.stream()):
@@ -255,12 +257,17 @@ def _retrieve(
     boundary = new_boundary()
     store = rt.store
 
-    def parts() -> Iterator[tuple[str, int | None, Iterator[bytes]]]:
-        for key, syntax, size in objects:
-            yield f"{DICOM}; transfer-syntax={syntax}", size, store.iter_chunks(key)
+    def loader(key: str, size: int) -> Callable[[], bytes | Iterator[bytes]]:
+        if size <= WHOLE_OBJECT_MAX:
+            return lambda: store.read(key)
+        return lambda: store.iter_chunks(key)
 
+    parts = [
+        (f"{DICOM}; transfer-syntax={syntax}", size, loader(key, size))
+        for key, syntax, size in objects
+    ]
     return StreamingResponse(
-        write_parts(boundary, parts()),
+        write_parts(boundary, parts),
         media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
     )
 

@@ -3,12 +3,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import secrets
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from email.message import Message
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 
 class MultipartError(ValueError):
@@ -122,16 +124,55 @@ def new_boundary() -> str:
     return secrets.token_hex(16)
 
 
-def write_parts(
-    boundary: str, parts: Iterable[tuple[str, int | None, Iterable[bytes]]]
-) -> Iterator[bytes]:
-    """The body of a multipart/related response: (content type, length, chunks) per part."""
+# One part of a response: content type, length if known, and a loader that returns the whole
+# body (small objects) or an iterator of chunks (large ones). Loaders run in worker threads.
+PartSource = tuple[str, int | None, Callable[[], "bytes | Iterator[bytes]"]]
+
+
+async def write_parts(boundary: str, parts: Sequence[PartSource]) -> AsyncIterator[bytes]:
+    """The body of a multipart/related response, streamed. Consecutive small parts are read
+    together in one worker-thread call (up to GROUP_BYTES), and the next group is read while
+    the current one is being sent; large parts are streamed in chunks."""
     delimiter = f"--{boundary}\r\n".encode()
-    for ctype, length, chunks in parts:
-        head = f"Content-Type: {ctype}\r\n"
-        if length is not None:
-            head += f"Content-Length: {length}\r\n"
-        yield delimiter + head.encode() + b"\r\n"
-        yield from chunks
-        yield b"\r\n"
-    yield f"--{boundary}--\r\n".encode()
+    groups = _groups(parts)
+    pending = _load(groups[0]) if groups else None
+    try:
+        for i, group in enumerate(groups):
+            assert pending is not None
+            bodies = await pending
+            pending = _load(groups[i + 1]) if i + 1 < len(groups) else None
+            for (ctype, length, _), body in zip(group, bodies, strict=True):
+                head = f"Content-Type: {ctype}\r\n"
+                if length is not None:
+                    head += f"Content-Length: {length}\r\n"
+                yield delimiter + head.encode() + b"\r\n"
+                if isinstance(body, bytes):
+                    yield body
+                else:
+                    async for chunk in iterate_in_threadpool(body):
+                        yield chunk
+                yield b"\r\n"
+        yield f"--{boundary}--\r\n".encode()
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+GROUP_BYTES = 8 << 20
+
+
+def _groups(parts: Sequence[PartSource]) -> list[list[PartSource]]:
+    groups: list[list[PartSource]] = []
+    size = GROUP_BYTES
+    for part in parts:
+        length = part[1] or GROUP_BYTES
+        if size + length > GROUP_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1].append(part)
+        size += length
+    return groups
+
+
+def _load(group: list[PartSource]) -> asyncio.Future[list[bytes | Iterator[bytes]]]:
+    return asyncio.ensure_future(run_in_threadpool(lambda: [part[2]() for part in group]))

@@ -20,13 +20,16 @@ from collections.abc import AsyncIterator
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
+from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filewriter import dcmwrite
 
+from carina import __version__
 from carina.archive import index
 from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
@@ -45,8 +48,13 @@ CANNOT_UNDERSTAND = 0xC000
 
 # Parts larger than this are spooled to the (restricted) intake area instead of memory.
 SPOOL_THRESHOLD = 32 << 20
+# Parts up to this size travel to a worker through a shared-memory slot.
+SLOT_SIZE = 8 << 20
 # Binary elements above this size are bulk data: left out of the metadata (PS3.18 F.2.7).
 BULK_THRESHOLD = 1024
+# PS3.7 D.3.3.2: identifies the software that wrote a file (a 2.25 UUID-derived UID).
+IMPLEMENTATION_CLASS_UID = "2.25.238593742924346191678535099119690636885"
+IMPLEMENTATION_VERSION = f"CARINA_{__version__}"[:16]
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 
 
@@ -207,9 +215,9 @@ def _check_lengths(ds: Dataset, size: int) -> None:
                 )
 
 
-def _parse(payload: bytes | str) -> Dataset:
+def _parse(payload: bytes | bytearray | str) -> Dataset:
     try:
-        if isinstance(payload, bytes):
+        if not isinstance(payload, str):
             size = len(payload)
             ds = dcmread(BytesIO(payload), force=_has_meta_without_preamble(payload[:132]))
         else:
@@ -232,9 +240,25 @@ def _parse(payload: bytes | str) -> Dataset:
     return ds
 
 
-def process_part(payload: bytes | str, ctx: IntakeContext) -> Outcome:
-    """Parse, check, de-identify and stage one instance (bytes, or a spooled file's path)."""
+@dataclass(frozen=True)
+class SlotRef:
+    """A part's bytes waiting in shared-memory slot `index` (its first `length` bytes)."""
+
+    index: int
+    length: int
+
+
+Payload = bytes | bytearray | str | SlotRef
+# Worker side: the intake's shared-memory slots, attached once per worker process.
+_SLOTS: list[shared_memory.SharedMemory] = []
+
+
+def process_part(payload: Payload, ctx: IntakeContext) -> Outcome:
+    """Parse, check, de-identify and stage one instance: bytes, a shared-memory slot, or the
+    path of a spooled file (removed afterwards)."""
     try:
+        if isinstance(payload, SlotRef):
+            payload = bytes(_SLOTS[payload.index].buf[: payload.length])
         return _process(payload, ctx)
     except InstanceRefused as r:
         return Refusal(r.code, r.reason)
@@ -247,7 +271,7 @@ def process_part(payload: bytes | str, ctx: IntakeContext) -> Outcome:
             Path(payload).unlink(missing_ok=True)
 
 
-def _process(payload: bytes | str, ctx: IntakeContext) -> Outcome:
+def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     ds = _parse(payload)
     missing = [k for k in _REQUIRED_UIDS if not _str(ds, k)]
     sop_class = _str(ds, "SOPClassUID") or ""
@@ -275,8 +299,9 @@ def _process(payload: bytes | str, ctx: IntakeContext) -> Outcome:
     profile = load_profile(ctx.profile, ctx.options)
     Deidentifier(profile, pseudo).apply(ds)
 
+    _prepare_file_meta(ds)
     buf = BytesIO()
-    ds.save_as(buf, enforce_file_format=True)
+    dcmwrite(buf, ds)  # file meta made complete above: no second validation pass
     data = buf.getbuffer()
     staging = Path(ctx.staging_dir) / f"{uuid.uuid4().hex}.dcm"
     # Not fsynced here: the store makes a whole batch durable at once before it is indexed.
@@ -287,6 +312,20 @@ def _process(payload: bytes | str, ctx: IntakeContext) -> Outcome:
     except Exception:
         staging.unlink(missing_ok=True)
         raise
+
+
+def _prepare_file_meta(ds: Dataset) -> None:
+    """PS3.10 7.1 file meta of the object Carina writes: its own implementation, the remapped
+    SOP Instance UID, and a zeroed preamble (a sender's preamble may hold anything, TIFF
+    headers included)."""
+    meta = ds.file_meta
+    meta.FileMetaInformationGroupLength = 0  # recomputed when written
+    meta.FileMetaInformationVersion = b"\x00\x01"
+    meta.MediaStorageSOPClassUID = ds.SOPClassUID
+    meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+    meta.ImplementationClassUID = IMPLEMENTATION_CLASS_UID
+    meta.ImplementationVersionName = IMPLEMENTATION_VERSION
+    ds.preamble = bytes(128)
 
 
 def _record(ds: Dataset, ctx: IntakeContext, staging: Path, data: memoryview) -> InstanceRecord:
@@ -330,8 +369,19 @@ def _record(ds: Dataset, ctx: IntakeContext, staging: Path, data: memoryview) ->
     )
 
 
-def _warm_up(profile: str, options: tuple[str, ...]) -> None:
+def _warm_up(profile: str, options: tuple[str, ...], slot_names: tuple[str, ...]) -> None:
     load_profile(profile, options)
+    _SLOTS[:] = [_attach(name) for name in slot_names]
+
+
+def _attach(name: str) -> shared_memory.SharedMemory:
+    """Attach a slot the main process owns (and will unlink) without tracking it here."""
+    try:
+        return shared_memory.SharedMemory(name=name, track=False)  # type: ignore[call-arg]
+    except TypeError:  # Python < 3.13 tracks every attachment: undo that
+        shm = shared_memory.SharedMemory(name=name)
+        resource_tracker.unregister(shm._name, "shared_memory")  # type: ignore[attr-defined]
+        return shm
 
 
 def _ready(hold: float) -> None:
@@ -364,12 +414,12 @@ class PartSink:
             self._file.write(self._buf)
             self._buf = bytearray()
 
-    def finish(self) -> bytes | str:
-        """The payload for a worker: bytes, or the path of the spooled file."""
+    def finish(self) -> bytearray | str:
+        """The part: its bytes, or the path of the spooled file."""
         if self._file is not None:
             self._file.close()
             return self._file.name
-        return bytes(self._buf)
+        return self._buf
 
     def discard(self) -> None:
         """Forget the part (and remove its spool file)."""
@@ -405,11 +455,20 @@ class Intake:
         self._lock = threading.Lock()
         self._since_analyze = 0
         load_profile(profile, options)  # fail at start-up, not on the first instance
+        # Parts reach the workers through shared memory (one copy, no pickling through a
+        # pipe); each in-flight part holds one slot, so the slots also bound the parts in
+        # flight. Small slots: containers often give /dev/shm only 64 MB.
+        self._slots = [
+            shared_memory.SharedMemory(create=True, size=SLOT_SIZE) for _ in range(self.workers * 2)
+        ]
+        self._free_slots: asyncio.Queue[int] = asyncio.Queue()
+        for i in range(len(self._slots)):
+            self._free_slots.put_nowait(i)
         self.executor = ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=_warm_up,
-            initargs=(profile, options),
+            initargs=(profile, options, tuple(slot.name for slot in self._slots)),
         )
         # Start every worker now (the pool starts them lazily), so the first request is not
         # the one that pays for process start-up and profile compilation.
@@ -417,8 +476,11 @@ class Intake:
             f.result()
 
     def close(self) -> None:
-        """Stop the worker processes."""
+        """Stop the worker processes and free the shared memory."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        for slot in self._slots:
+            slot.close()
+            slot.unlink()
 
     def sink(self) -> PartSink:
         """A new sink for one incoming part."""
@@ -440,20 +502,19 @@ class Intake:
         )
 
     async def ingest(
-        self, payloads: AsyncIterator[bytes | str | Refusal], ctx: IntakeContext
+        self, payloads: AsyncIterator[bytearray | str | Refusal], ctx: IntakeContext
     ) -> BatchResult:
         """Process every payload; store and index the good ones in one batch; keep the order.
 
         A payload may already be a Refusal (e.g. a part of the wrong media type)."""
         loop = asyncio.get_running_loop()
-        in_flight = asyncio.Semaphore(self.workers * 2)
         tasks: list[asyncio.Future[Outcome]] = []
 
-        async def run(payload: bytes | str) -> Outcome:
+        async def run(payload: Payload, slot: int) -> Outcome:
             try:
                 return await loop.run_in_executor(self.executor, process_part, payload, ctx)
             finally:
-                in_flight.release()
+                self._free_slots.put_nowait(slot)
 
         try:
             async for payload in payloads:
@@ -462,8 +523,12 @@ class Intake:
                     done.set_result(payload)
                     tasks.append(done)
                     continue
-                await in_flight.acquire()
-                tasks.append(asyncio.ensure_future(run(payload)))
+                slot = await self._free_slots.get()
+                work: Payload = payload
+                if not isinstance(payload, str) and len(payload) <= SLOT_SIZE:
+                    self._slots[slot].buf[: len(payload)] = payload
+                    work = SlotRef(slot, len(payload))
+                tasks.append(asyncio.ensure_future(run(work, slot)))
         finally:
             outcomes = list(await asyncio.gather(*tasks))
         result = BatchResult(outcomes)

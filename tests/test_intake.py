@@ -66,3 +66,25 @@ def test_record_carries_only_deidentified_values(ctx: IntakeContext) -> None:
     text = repr(outcome) + Path(outcome.staging_path).read_bytes().decode("latin-1")
     for s in phi.strings():
         assert s not in text
+
+
+def test_written_file_has_carina_meta_and_a_zeroed_preamble(ctx: IntakeContext) -> None:
+    ds = ct_instance(Phi(), 1, rows=16, columns=16)
+    ds.preamble = b"II*\x00" + b"PATIENT SMITH" + bytes(111)  # a TIFF-style preamble
+    outcome = process_part(to_bytes(ds), ctx)
+    assert isinstance(outcome, InstanceRecord)
+    written = Path(outcome.staging_path).read_bytes()
+    assert written[:128] == bytes(128)
+    assert written[128:132] == b"DICM"
+    from pydicom import dcmread
+
+    meta = dcmread(outcome.staging_path).file_meta
+    assert meta.MediaStorageSOPInstanceUID == outcome.sop_uid
+    assert meta.ImplementationClassUID == "2.25.238593742924346191678535099119690636885"
+    # (0002,0000) UL is 12 bytes; its value must end the meta group exactly where the
+    # dataset's first element (group 0008) starts.
+    assert written[132:136] == b"\x02\x00\x00\x00"
+    group_length = int.from_bytes(written[140:144], "little")
+    assert group_length == meta.FileMetaInformationGroupLength
+    first_dataset_group = int.from_bytes(written[144 + group_length : 146 + group_length], "little")
+    assert first_dataset_group == 0x0008

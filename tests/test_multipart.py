@@ -1,0 +1,98 @@
+"""multipart/related reading and writing on their own."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from email.parser import BytesParser
+from email.policy import HTTP
+
+import pytest
+
+from carina.api.multipart import GROUP_BYTES, MultipartError, PartReader, write_parts
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def write(self, b: bytes | memoryview) -> None:
+        self.data += b
+
+    def finish(self) -> bytes:
+        return bytes(self.data)
+
+    def discard(self) -> None:
+        self.data.clear()
+
+
+def read_all(body: bytes, chunk: int) -> list[tuple[str, bytes | None]]:
+    reader = PartReader("XyZ", Sink, accept=lambda ctype: ctype == "application/dicom")
+    out = []
+    for i in range(0, len(body), chunk):
+        for ctype, sink in reader.feed(body[i : i + chunk]):
+            out.append((ctype, sink.finish() if sink else None))
+    assert reader.ended
+    return out
+
+
+BODY = (
+    b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n" + b"A" * 5000 + b"\r\n"
+    b"--XyZ\r\nContent-Type: text/plain\r\n\r\nskip me\r\n"
+    b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n" + b"\r\n--Xy" * 50 + b"\r\n"
+    b"--XyZ--\r\n"
+)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4096, len(BODY)])
+def test_parts_are_the_same_whatever_the_chunking(chunk: int) -> None:
+    parts = read_all(BODY, chunk)
+    assert [c for c, _ in parts] == ["application/dicom", "text/plain", "application/dicom"]
+    assert parts[0][1] == b"A" * 5000
+    assert parts[1][1] is None  # not accepted: drained, not kept
+    assert parts[2][1] == b"\r\n--Xy" * 50  # boundary look-alikes inside a part survive
+
+
+def test_boundary_without_line_end_is_data_and_leaves_the_body_unfinished() -> None:
+    # RFC 2046 5.1.1: a delimiter is the boundary followed by CRLF or "--"; anything else
+    # is part of the data, so this body never closes (STOW reports the missing boundary).
+    reader = PartReader("XyZ", Sink, accept=lambda ctype: True)
+    done = reader.feed(b"--XyZ\r\nContent-Type: a/b\r\n\r\nx\r\n--XyZgarbage")
+    assert done == []
+    assert reader.open_part and not reader.ended
+
+
+def test_body_that_is_not_multipart_is_refused() -> None:
+    reader = PartReader("XyZ", Sink, accept=lambda ctype: True)
+    with pytest.raises(MultipartError):
+        reader.feed(b"this is no multipart body at all, not even close to one")
+
+
+def collect(parts: list) -> bytes:
+    async def run() -> bytes:
+        return b"".join([chunk async for chunk in write_parts("BND", parts)])
+
+    return asyncio.run(run())
+
+
+def test_written_parts_parse_back_in_order_small_and_large() -> None:
+    small = [bytes([65 + i]) * (GROUP_BYTES // 3) for i in range(5)]
+    large = b"L" * (GROUP_BYTES + 5)
+
+    def chunks() -> Iterator[bytes]:
+        for i in range(0, len(large), 1 << 20):
+            yield large[i : i + (1 << 20)]
+
+    parts = [("application/dicom", len(b), (lambda b=b: b)) for b in small[:2]]
+    parts.append(("application/dicom", len(large), chunks))
+    parts += [("application/dicom", len(b), (lambda b=b: b)) for b in small[2:]]
+    body = collect(parts)
+    msg = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: multipart/related; boundary=BND\r\n\r\n" + body
+    )
+    got = [p.get_payload(decode=True) for p in msg.iter_parts()]
+    assert got == [*small[:2], large, *small[2:]]
+
+
+def test_no_parts_is_just_the_closing_delimiter() -> None:
+    assert collect([]) == b"--BND--\r\n"

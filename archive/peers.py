@@ -8,9 +8,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
+import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
+from . import collections
 from .errors import ArchiveError
 
 # PS3.5 6.2: an AE title is 1 to 16 characters of the default repertoire, no backslash or control
@@ -81,14 +83,19 @@ def add_ae_title(
 ) -> AeTitle:
     """Register an AE title for a collection; raise AeTitleExists if it is registered already."""
     title = normalize_title(title)
-    with pool.connection() as conn, conn.cursor(row_factory=class_row(AeTitle)) as cur:
-        cur.execute(
-            "INSERT INTO ae_titles (title, collection, host, port) VALUES (%s, %s, %s, %s)"
-            " ON CONFLICT (title) DO NOTHING"
-            " RETURNING title, collection, host, port, created_at",
-            (title, collection, host or None, port),
-        )
-        row = cur.fetchone()
+    try:
+        with pool.connection() as conn, conn.cursor(row_factory=class_row(AeTitle)) as cur:
+            cur.execute(
+                "INSERT INTO ae_titles (title, collection, host, port) VALUES (%s, %s, %s, %s)"
+                " ON CONFLICT (title) DO NOTHING"
+                " RETURNING title, collection, host, port, created_at",
+                (title, collection, host or None, port),
+            )
+            row = cur.fetchone()
+    except psycopg.Error as e:
+        if collections.is_unknown_collection(e):
+            raise collections.InvalidCollection(f"no collection {collection}") from e
+        raise
     if row is None:
         raise AeTitleExists(f"AE title {title} is already registered")
     return row

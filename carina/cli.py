@@ -72,14 +72,14 @@ def _ae_pool(settings: Settings) -> ConnectionPool:
 
 
 def _ae_add(settings: Settings, args: argparse.Namespace) -> int:
-    from carina.archive import peers
+    from carina.archive import collections, peers
 
     with _ae_pool(settings) as pool:
         try:
             ae = peers.add_ae_title(
                 pool, args.title, args.collection, host=args.host, port=args.port
             )
-        except (peers.InvalidAeTitle, peers.AeTitleExists) as e:
+        except (peers.InvalidAeTitle, peers.AeTitleExists, collections.InvalidCollection) as e:
             print(f"carina: {e}", file=sys.stderr)
             return 1
     print(f"registered {ae.title} -> collection {ae.collection}")
@@ -94,6 +94,50 @@ def _ae_list(settings: Settings, args: argparse.Namespace) -> int:
     for ae in titles:
         where = f"{ae.host or '*'}:{ae.port}" if ae.port else (ae.host or "*")
         print(f"{ae.title}\t{ae.collection}\t{where}")
+    return 0
+
+
+def _collection_create(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import collections
+    from carina.curation.deid import load_profile
+    from carina.curation.errors import ProfileError
+
+    options = tuple(args.option or ())
+    try:
+        collections.check_name(args.name)
+        load_profile(args.profile, options)  # refuse a profile that does not compile
+    except (collections.InvalidCollection, ProfileError) as e:
+        print(f"carina: {e}", file=sys.stderr)
+        return 1
+    with _ae_pool(settings) as pool:
+        try:
+            c = collections.create(
+                pool,
+                args.name,
+                visibility=args.visibility,
+                deid_profile=args.profile,
+                deid_options=options,
+                description=args.description,
+                license=args.license,
+                citation=args.citation,
+            )
+        except (collections.InvalidCollection, collections.CollectionExists) as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+    print(
+        f"created {c.visibility} collection {c.name}: {c.deid_profile}"
+        + "".join(f"+{o}" for o in c.deid_options)
+    )
+    return 0
+
+
+def _collection_list(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import collections
+
+    with _ae_pool(settings) as pool:
+        for c in collections.list_all(pool):
+            profile = c.deid_profile + "".join(f"+{o}" for o in c.deid_options)
+            print(f"{c.name}\t{c.visibility}\t{profile}\t{c.description}")
     return 0
 
 
@@ -115,6 +159,24 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=_migrate)
     dimse = sub.add_parser("dimse", help="run the DICOM listener (C-ECHO, C-STORE) alone")
     dimse.set_defaults(func=_dimse)
+    coll = sub.add_parser("collection", help="collections: visibility and de-identification")
+    coll_sub = coll.add_subparsers(dest="collection_command", required=True)
+    create = coll_sub.add_parser("create", help="create a collection")
+    create.add_argument("name", help="letters, digits, '.', '_', '-' (in URLs)")
+    create.add_argument("--visibility", choices=["public", "restricted"], default="restricted")
+    create.add_argument("--profile", default="basic", help="PS3.15 profile (default basic)")
+    create.add_argument(
+        "--option",
+        action="append",
+        metavar="OPTION",
+        help="a PS3.15 option, repeatable: retain_long_modified_dates, retain_uids, ...",
+    )
+    create.add_argument("--description", default="")
+    create.add_argument("--license", default="")
+    create.add_argument("--citation", default="")
+    create.set_defaults(func=_collection_create)
+    coll_list = coll_sub.add_parser("list", help="list collections")
+    coll_list.set_defaults(func=_collection_list)
     ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
     ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from psycopg_pool import ConnectionPool
 
-from carina.archive import db
+from carina.archive import collections, db
 from carina.archive.storage import FilesystemStore, ObjectStore
 from carina.curation.intake import Intake
 from carina.settings import Settings
@@ -53,7 +53,7 @@ class Runtime:
     embedded: PostgresServer | None = None
 
     @classmethod
-    def start(cls, settings: Settings, *, options: tuple[str, ...] | None = None) -> Runtime:
+    def start(cls, settings: Settings) -> Runtime:
         """Prepare directories, start/connect PostgreSQL, migrate, open the store and intake."""
         settings.prepare_dirs()
         embedded = None
@@ -66,6 +66,9 @@ class Runtime:
         if applied:
             log.info("migrations applied: %s", ", ".join(applied))
         pool = db.open_pool(url, max_size=max(4, settings.workers * 2))
+        default = collections.ensure_default(
+            pool, settings.deid_profile, tuple(settings.deid_options)
+        )
         store = open_store(settings)
         intake = Intake(
             pool=pool,
@@ -74,8 +77,8 @@ class Runtime:
             staging_dir=settings.staging_dir,
             intake_dir=settings.intake_dir,
             workers=settings.workers,
-            profile=settings.deid_profile,
-            options=tuple(settings.deid_options) if options is None else options,
+            profile=default.deid_profile,
+            options=default.options,
         )
         return cls(settings=settings, pool=pool, store=store, intake=intake, embedded=embedded)
 

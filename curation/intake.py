@@ -30,13 +30,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from carina import __version__
-from carina.archive import index
+from carina.archive import collections, index
 from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
 from .deid import Deidentifier, load_profile
 from .errors import CurationError, InstanceRefused
-from .pseudonyms import Pseudonymizer
+from .pseudonyms import Pseudonymizer, collection_key
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,8 @@ CANNOT_UNDERSTAND = 0xC000
 
 # Parts larger than this are spooled to the (restricted) intake area instead of memory.
 SPOOL_THRESHOLD = 32 << 20
+# A collection's profile is re-read from the database after this many seconds.
+PROFILE_TTL = 10.0
 # Parts up to this size travel to a worker through a shared-memory slot.
 SLOT_SIZE = 8 << 20
 # Binary elements above this size are bulk data: left out of the metadata (PS3.18 F.2.7).
@@ -454,6 +456,7 @@ class Intake:
         self.workers = max(1, workers)
         self._lock = threading.Lock()
         self._since_analyze = 0
+        self._profiles: dict[str, tuple[float, str, tuple[str, ...]]] = {}
         load_profile(profile, options)  # fail at start-up, not on the first instance
         # Parts reach the workers through shared memory (one copy, no pickling through a
         # pipe); each in-flight part holds one slot, so the slots also bound the parts in
@@ -487,19 +490,32 @@ class Intake:
         return PartSink(self.intake_dir)
 
     def context(
-        self, collection: str = "default", expected_study: str | None = None
+        self, collection: str = collections.DEFAULT, expected_study: str | None = None
     ) -> IntakeContext:
-        """The worker context for a collection (its own key)."""
-        from .pseudonyms import collection_key
-
+        """The worker context for a collection: its own key and its own de-identification
+        profile and options (NotFound for an unknown collection)."""
+        profile, options = self._profile_of(collection)
         return IntakeContext(
             collection=collection,
             key=collection_key(self.master_key, collection),
-            profile=self.profile,
-            options=self.options,
+            profile=profile,
+            options=options,
             staging_dir=str(self.staging_dir),
             expected_study=expected_study,
         )
+
+    def _profile_of(self, collection: str) -> tuple[str, tuple[str, ...]]:
+        """A collection's profile and options, read at most every PROFILE_TTL seconds."""
+        now = time.monotonic()
+        with self._lock:
+            cached = self._profiles.get(collection)
+        if cached is not None and now - cached[0] < PROFILE_TTL:
+            return cached[1], cached[2]
+        found = collections.get(self.db_pool, collection)  # type: ignore[arg-type]
+        load_profile(found.deid_profile, found.options)  # a broken profile fails here, early
+        with self._lock:
+            self._profiles[collection] = (now, found.deid_profile, found.options)
+        return found.deid_profile, found.options
 
     async def ingest(
         self, payloads: AsyncIterator[bytearray | str | Refusal], ctx: IntakeContext

@@ -80,6 +80,8 @@ def listener(
         CARINA_DIMSE_PORT=str(port), CARINA_SECRET_KEY=SECRET
     )
     cli_dir = tmp_path_factory.mktemp("cli")
+    done = carina_cli(database_url, cli_dir, "collection", "create", COLLECTION)
+    assert done.returncode == 0, done.stderr
     for args in (
         ("SITEA", "--collection", COLLECTION),
         ("WRONGHOST", "--collection", COLLECTION, "--host", "10.9.9.9"),

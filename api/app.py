@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
+from starlette.middleware.cors import CORSMiddleware
+from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from carina import __version__
 from carina.runtime import Runtime
@@ -16,6 +18,18 @@ from carina.settings import Settings
 from . import dicomweb, errors
 
 log = logging.getLogger(__name__)
+
+# JSON answers (QIDO, metadata) shorter than this are sent as they are.
+GZIP_MINIMUM_SIZE = 1024
+# DICOM objects and pixel data are dense already; compressing them costs CPU for nothing.
+GZIP_EXCLUDED = (
+    *DEFAULT_EXCLUDED_CONTENT_TYPES,
+    "multipart/*",
+    "application/dicom",
+    "application/octet-stream",
+)
+# Response headers a browser viewer must be allowed to read (QIDO paging warnings, sizes).
+CORS_EXPOSED = ["Warning", "Content-Type", "Content-Length", "Content-Location", "Location"]
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -47,6 +61,21 @@ def create_app(settings: Settings) -> FastAPI:
 
     app = FastAPI(title="Carina", version=__version__, lifespan=lifespan)
     errors.install(app)
+    app.add_middleware(
+        GZipMiddleware,
+        minimum_size=GZIP_MINIMUM_SIZE,
+        compresslevel=6,
+        exclude_content_types=GZIP_EXCLUDED,
+    )
+    if settings.cors_origins:
+        # Added last, so outermost: preflights are answered before anything else runs.
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=CORS_EXPOSED,
+        )
     app.include_router(dicomweb.router("/dicomweb"))
 
     @app.get("/healthz")

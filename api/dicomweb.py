@@ -2,23 +2,35 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from collections.abc import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from carina.archive import index, qido
+from carina.archive import index, qido, retrieve
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 from carina.runtime import Runtime
 
 from .errors import http_error
-from .multipart import MultipartError, PartReader, new_boundary, parse_media_type, write_parts
+from .multipart import (
+    MultipartError,
+    PartReader,
+    closing,
+    new_boundary,
+    parse_media_type,
+    part_head,
+    write_parts,
+)
 
 log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
+OCTET = "application/octet-stream"
+EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # Objects up to this size are read whole and sent in one write; larger ones are streamed.
 WHOLE_OBJECT_MAX = 16 << 20
 # Private block used to say, in words, why a part was refused (next to the FailureReason code).
@@ -115,17 +127,29 @@ def router(prefix: str) -> APIRouter:
     def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
         return _retrieve(request, study, series, sop)
 
+    @r.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+    def retrieve_frames(
+        request: Request, study: str, series: str, sop: str, frames: str
+    ) -> Response:
+        return _frames(request, study, series, sop, frames)
+
+    @r.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
+    def retrieve_bulk_data(
+        request: Request, study: str, series: str, sop: str, tag: str
+    ) -> Response:
+        return _bulk_data(request, prefix, study, series, sop, tag)
+
     @r.get("/studies/{study}/metadata")
     def study_metadata(request: Request, study: str) -> Response:
-        return _metadata(request, study)
+        return _metadata(request, prefix, study)
 
     @r.get("/studies/{study}/series/{series}/metadata")
     def series_metadata(request: Request, study: str, series: str) -> Response:
-        return _metadata(request, study, series)
+        return _metadata(request, prefix, study, series)
 
     @r.get("/studies/{study}/series/{series}/instances/{sop}/metadata")
     def instance_metadata(request: Request, study: str, series: str, sop: str) -> Response:
-        return _metadata(request, study, series, sop)
+        return _metadata(request, prefix, study, series, sop)
 
     return r
 
@@ -272,19 +296,167 @@ def _retrieve(
     )
 
 
+# Metadata rows are sent to the client in pieces of about this size (fewer, larger writes;
+# and gzip flushes once per piece, not once per instance).
+METADATA_PIECE = 64 << 10
+_BULK_URI = re.compile(r'("BulkDataURI":\s*")bulkdata/')
+_SERIES_UID = re.compile(r'"0020000E":\s*\{[^}]*"Value":\s*\["([^"]+)"')
+_SOP_UID = re.compile(r'"00080018":\s*\{[^}]*"Value":\s*\["([^"]+)"')
+
+
 def _metadata(
-    request: Request, study: str, series: str | None = None, sop: str | None = None
+    request: Request, prefix: str, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     if not _accepts(request, DICOM_JSON, "application/json"):
         return http_error(406, f"metadata is served as {DICOM_JSON}")
     rows = index.iter_metadata(_runtime(request).pool, study, series, sop)
+    base = f"{_base_url(request, prefix)}/studies/{study}"
 
     def body() -> Iterator[bytes]:
-        first = True
-        yield b"["
-        for text in rows:
-            yield (text if first else "," + text).encode()
-            first = False
-        yield b"]"
+        piece: list[str] = ["["]
+        size = 0
+        for n, text in enumerate(rows):
+            text = _absolute_bulk_uris(text, base, series, sop)
+            piece.append(text if n == 0 else "," + text)
+            size += len(text)
+            if size >= METADATA_PIECE:
+                yield "".join(piece).encode()
+                piece, size = [], 0
+        piece.append("]")
+        yield "".join(piece).encode()
 
     return StreamingResponse(body(), media_type=DICOM_JSON)
+
+
+def _absolute_bulk_uris(text: str, study_url: str, series: str | None, sop: str | None) -> str:
+    """Make the index's instance-relative BulkDataURIs ("bulkdata/7FE00010") absolute: the
+    standard's own examples (PS3.18 B.10) and clients (dicomweb-client, OHIF) expect a URI that
+    resolves on its own, and a metadata document has no single instance URL to resolve against."""
+    if "bulkdata/" not in text:
+        return text
+    series = series or _top_level_uid(text, "0020000E", _SERIES_UID)
+    sop = sop or _top_level_uid(text, "00080018", _SOP_UID)
+    if not series or not sop:
+        return text
+    instance = f"{study_url}/series/{series}/instances/{sop}/"
+    return _BULK_URI.sub(lambda m: m.group(1) + instance + "bulkdata/", text)
+
+
+def _top_level_uid(text: str, tag: str, pattern: re.Pattern[str]) -> str | None:
+    """The UID of a top-level attribute of a DICOM JSON text: by regex when the tag occurs
+    once, else (it also occurs in a sequence item, e.g. ReferencedSeriesSequence) by parsing."""
+    if text.count(f'"{tag}"') == 1:
+        m = pattern.search(text)
+        return m.group(1) if m else None
+    value = json.loads(text).get(tag, {}).get("Value") or [None]
+    return value[0]  # type: ignore[no-any-return]
+
+
+# ------------------------------------------------------------------ WADO-RS frames, bulk data
+
+
+def _octet_accept(request: Request) -> str | None:
+    """Negotiate uncompressed bulk data (PS3.18 8.7.3.3.1, Table 8.7.3-4): "multipart" for
+    multipart/related; type="application/octet-stream" (also */*, multipart/*, or a type of
+    */*), "single" for a bare application/octet-stream, None when neither is acceptable."""
+    header = request.headers.get("accept") or "*/*"
+    single = False
+    for item in header.split(","):
+        mtype, params = parse_media_type(item.strip())
+        if mtype in ("*/*", "multipart/*"):
+            return "multipart"
+        if mtype == "multipart/related":
+            ptype = params.get("type", OCTET).lower()
+            ts = params.get("transfer-syntax", "*")
+            if ptype in (OCTET, "application/*", "*/*") and ts in ("*", EXPLICIT_LE):
+                return "multipart"
+        elif mtype in (OCTET, "application/*"):
+            single = True
+    return "single" if single else None
+
+
+def _frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
+    """Retrieve Frames (PS3.18 10.4, Frames resource): native frames as octet-streams."""
+    mode = _octet_accept(request)
+    if mode is None:
+        return http_error(
+            406, f'frames are served as multipart/related; type="{OCTET}" (no transcoding yet)'
+        )
+    try:
+        numbers = retrieve.parse_frame_list(frame_list)
+    except retrieve.InvalidRequest as e:
+        return http_error(400, str(e))
+    if mode == "single" and len(numbers) > 1:
+        return http_error(406, f"several frames need a multipart/related response, not {OCTET}")
+    rt = _runtime(request)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop)
+    obj = retrieve.StoredObject(rt.store, key)
+    try:
+        ranges = retrieve.frame_ranges(obj, syntax, numbers)
+    except BaseException as e:
+        obj.close()
+        return _retrieve_error(e)
+    return _octet_response(obj, [({}, r) for r in ranges], mode)
+
+
+def _bulk_data(
+    request: Request, prefix: str, study: str, series: str, sop: str, tag: str
+) -> Response:
+    """Retrieve Bulkdata (PS3.18 10.4, Bulkdata resource): one top-level element's value."""
+    if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
+        return http_error(404, "bulk data is addressed by an 8-digit hexadecimal tag")
+    mode = _octet_accept(request)
+    if mode is None:
+        return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
+    rt = _runtime(request)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop)
+    obj = retrieve.StoredObject(rt.store, key)
+    try:
+        r = retrieve.bulk_data_range(obj, syntax, int(tag, 16))
+    except BaseException as e:
+        obj.close()
+        return _retrieve_error(e)
+    url = f"{_base_url(request, prefix)}/studies/{study}/series/{series}/instances/{sop}"
+    # PS3.18 10.4.3.3.5: each part carries the Content-Location of its BulkDataURI.
+    return _octet_response(obj, [({"Content-Location": f"{url}/bulkdata/{tag}"}, r)], mode)
+
+
+def _retrieve_error(e: BaseException) -> Response:
+    """The HTTP answer to a frame or bulk data request the stored object cannot satisfy."""
+    # The Retrieve transaction's statuses (PS3.2 Table N.7-92 lists 400, 404, 406): 400 for a
+    # request in error, 406 when the resource cannot be given in an acceptable media type.
+    if isinstance(e, retrieve.InvalidRequest):
+        return http_error(400, str(e))
+    if isinstance(e, retrieve.NotRetrievable):
+        return http_error(406, str(e))
+    raise e
+
+
+def _octet_response(
+    obj: retrieve.StoredObject, parts: list[tuple[dict[str, str], retrieve.ByteRange]], mode: str
+) -> Response:
+    """Stream byte ranges of obj as one multipart/related part each (or one bare body)."""
+    if mode == "single":
+        headers, r = parts[0]
+
+        def single() -> Iterator[bytes]:
+            with obj:
+                yield from obj.read(r)
+
+        return StreamingResponse(
+            single(), media_type=OCTET, headers={**headers, "Content-Length": str(r.length)}
+        )
+    boundary = new_boundary()
+
+    def body() -> Iterator[bytes]:
+        with obj:
+            for headers, r in parts:
+                ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
+                yield part_head(boundary, ctype, r.length, headers)
+                yield from obj.read(r)
+                yield b"\r\n"
+            yield closing(boundary)
+
+    return StreamingResponse(
+        body(), media_type=f'multipart/related; type="{OCTET}"; boundary={boundary}'
+    )

@@ -129,11 +129,27 @@ def new_boundary() -> str:
 PartSource = tuple[str, int | None, Callable[[], "bytes | Iterator[bytes]"]]
 
 
+def part_head(
+    boundary: str, ctype: str, length: int | None, extra: dict[str, str] | None = None
+) -> bytes:
+    """The delimiter and headers that open one part of a multipart/related body."""
+    head = f"--{boundary}\r\nContent-Type: {ctype}\r\n"
+    if length is not None:
+        head += f"Content-Length: {length}\r\n"
+    for name, value in (extra or {}).items():
+        head += f"{name}: {value}\r\n"
+    return (head + "\r\n").encode()
+
+
+def closing(boundary: str) -> bytes:
+    """The delimiter that ends a multipart/related body."""
+    return f"--{boundary}--\r\n".encode()
+
+
 async def write_parts(boundary: str, parts: Sequence[PartSource]) -> AsyncIterator[bytes]:
     """The body of a multipart/related response, streamed. Consecutive small parts are read
     together in one worker-thread call (up to GROUP_BYTES), and the next group is read while
     the current one is being sent; large parts are streamed in chunks."""
-    delimiter = f"--{boundary}\r\n".encode()
     groups = _groups(parts)
     pending = _load(groups[0]) if groups else None
     try:
@@ -142,17 +158,14 @@ async def write_parts(boundary: str, parts: Sequence[PartSource]) -> AsyncIterat
             bodies = await pending
             pending = _load(groups[i + 1]) if i + 1 < len(groups) else None
             for (ctype, length, _), body in zip(group, bodies, strict=True):
-                head = f"Content-Type: {ctype}\r\n"
-                if length is not None:
-                    head += f"Content-Length: {length}\r\n"
-                yield delimiter + head.encode() + b"\r\n"
+                yield part_head(boundary, ctype, length)
                 if isinstance(body, bytes):
                     yield body
                 else:
                     async for chunk in iterate_in_threadpool(body):
                         yield chunk
                 yield b"\r\n"
-        yield f"--{boundary}--\r\n".encode()
+        yield closing(boundary)
     finally:
         if pending is not None:
             pending.cancel()

@@ -53,6 +53,11 @@ class Settings(BaseSettings):
         description="Processes that parse and de-identify instances",
     )
     log_level: str = Field(default="info", description="Log level")
+    cors_origins: list[str] = Field(
+        default=[],
+        description="Origins (JSON list) whose browser viewers, e.g. OHIF, may call the API "
+        'across origins, e.g. ["https://viewer.example.org"]; empty: no CORS headers',
+    )
 
     @field_validator("data_dir")
     @classmethod

@@ -16,7 +16,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from io import BytesIO
@@ -24,7 +24,7 @@ from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
 
 from pydicom import dcmread
-from pydicom.dataelem import RawDataElement
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
@@ -52,7 +52,7 @@ SPOOL_THRESHOLD = 32 << 20
 PROFILE_TTL = 10.0
 # Parts up to this size travel to a worker through a shared-memory slot.
 SLOT_SIZE = 8 << 20
-# Binary elements above this size are bulk data: left out of the metadata (PS3.18 F.2.7).
+# Binary elements above this size are bulk data: left out of the metadata (PS3.18 F.2.6).
 BULK_THRESHOLD = 1024
 # PS3.7 D.3.3.2: identifies the software that wrote a file (a 2.25 UUID-derived UID).
 IMPLEMENTATION_CLASS_UID = "2.25.238593742924346191678535099119690636885"
@@ -153,9 +153,18 @@ def _int(ds: Dataset, keyword: str) -> int | None:
         return None
 
 
-def _bulk_uri(elem: object) -> str:
-    # Relative to the instance's URL (PS3.18 F.2.7 allows relative BulkDataURIs).
-    return f"bulkdata/{elem.tag:08X}"  # type: ignore[attr-defined]
+def _bulk_uri_handler(ds: Dataset) -> Callable[[DataElement], str]:
+    """BulkDataURIs relative to the instance's URL (made absolute when served, PS3.18 F.2.6).
+    Only top-level elements are addressable as bulkdata/{tag}; a nested one (an icon's pixel
+    data, say) gets a URI that answers 404 rather than one that serves another element."""
+    top = {id(elem) for elem in ds}
+
+    def uri(elem: DataElement) -> str:
+        if id(elem) in top:
+            return f"bulkdata/{elem.tag:08X}"
+        return f"bulkdata/nested/{elem.tag:08X}"
+
+    return uri
 
 
 _PIXELS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -331,7 +340,7 @@ def _prepare_file_meta(ds: Dataset) -> None:
 
 
 def _record(ds: Dataset, ctx: IntakeContext, staging: Path, data: memoryview) -> InstanceRecord:
-    full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri, suppress_invalid_tags=True)
+    full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
     return InstanceRecord(
         collection=ctx.collection,
         sop_uid=str(ds.SOPInstanceUID),

@@ -88,3 +88,24 @@ def test_written_file_has_carina_meta_and_a_zeroed_preamble(ctx: IntakeContext) 
     assert group_length == meta.FileMetaInformationGroupLength
     first_dataset_group = int.from_bytes(written[144 + group_length : 146 + group_length], "little")
     assert first_dataset_group == 0x0008
+
+
+def test_only_top_level_bulk_data_is_addressable(ctx: IntakeContext) -> None:
+    """A nested binary value must not get the URI of the top-level PixelData."""
+    import json
+
+    from pydicom import Dataset, Sequence
+
+    ds = ct_instance(Phi(), 1, rows=64, columns=64)
+    lut = Dataset()  # a Modality LUT: kept by the profile, its LUTData big enough to be bulk
+    lut.LUTDescriptor = [4096, 0, 16]
+    lut.ModalityLUTType = "HU"
+    lut.add_new(0x00283006, "OW", bytes(8192))  # LUTData
+    ds.ModalityLUTSequence = Sequence([lut])
+    outcome = process_part(to_bytes(ds), ctx)
+    assert isinstance(outcome, InstanceRecord)
+    meta = json.loads(outcome.metadata)
+    assert meta["7FE00010"]["BulkDataURI"] == "bulkdata/7FE00010"
+    nested = meta["00283000"]["Value"][0]["00283006"]["BulkDataURI"]
+    assert nested != "bulkdata/00283006"
+    assert not nested.startswith("bulkdata/7FE00010")

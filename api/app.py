@@ -16,6 +16,7 @@ from carina.runtime import Runtime
 from carina.settings import Settings
 
 from . import dicomweb, errors
+from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
 
@@ -82,4 +83,6 @@ def create_app(settings: Settings) -> FastAPI:
     def health() -> dict[str, str]:
         return {"status": "ok", "version": __version__}
 
+    # Outermost (added last): every request is logged once, by route, never by its path.
+    app.add_middleware(AccessLog)
     return app

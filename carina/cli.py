@@ -24,8 +24,9 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         host=args.host or settings.host,
         port=args.port or settings.port,
         log_level=settings.log_level,
-        # Logs name requests by path; DICOMweb paths carry de-identified UIDs only.
-        access_log=True,
+        # uvicorn's access log prints paths and query strings, which can carry identifying
+        # values; api/access_log.py logs each request by its route instead.
+        access_log=False,
     )
     return 0
 

@@ -1,0 +1,36 @@
+"""The server log names events, never identifying values a client sent (PS3.15 spirit: nothing
+identified is logged), not even the original UIDs in a study-level STOW path."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+
+from tests.conftest import Server
+from tests.factory import Phi, ct_instance, to_bytes
+
+pytestmark = pytest.mark.slow
+
+
+def test_requests_are_logged_by_route_without_uids_or_query_values(server: Server) -> None:
+    phi = Phi()
+    body = (
+        b"--B\r\nContent-Type: application/dicom\r\n\r\n"
+        + to_bytes(ct_instance(phi, 1, rows=16, columns=16))
+        + b"\r\n--B--\r\n"
+    )
+    r = requests.post(
+        f"{server.dicomweb}/studies/{phi.study_uid}",
+        data=body,
+        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'},
+    )
+    assert r.status_code == 200, r.text
+    requests.get(f"{server.dicomweb}/studies", params={"PatientName": phi.patient_name})
+    requests.get(f"{server.dicomweb}/studies/{phi.study_uid}/metadata")
+    time.sleep(0.5)  # let the log lines reach the file
+    log = server.log.read_text(errors="replace")
+    assert "/dicomweb/studies/{study}" in log  # the request is still logged, by its route
+    for value in (phi.study_uid, phi.patient_name, phi.patient_name.split("^")[0]):
+        assert value not in log

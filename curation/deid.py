@@ -76,6 +76,11 @@ _TEXT_VRS = {
     "UT",
 }
 _BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+# PS3.15 E.1-1 D is "a non-zero length value ... consistent with the VR": 8 zero bytes are a whole
+# number of OB/OW/OF/OL/OD/OV words.
+_DUMMY_BINARY = bytes(8)
+# PS3.5 Table 6.2-1 TM: HH, HHMM, HHMMSS or HHMMSS.FFFFFF (60 allows a leap second).
+_TM = re.compile(r"^([01]\d|2[0-3])([0-5]\d(([0-5]\d|60)(\.\d{1,6})?)?)?$")
 _NUMBER_VRS = {"US", "SS", "UL", "SL", "FL", "FD", "SV", "UV", "AT"}
 _DUMMY_TEXT = {
     "DA": "19000101",
@@ -100,16 +105,20 @@ KEEP, REMOVE, BLANK, DUMMY, CLEAN, UID, VALUE, PSEUDO_ID, PSEUDO_NAME, SHIFT = (
     "pseudonym_name",
     "shift",
 )
-# PS3.15 compound codes, resolved to the most protective choice that keeps references working:
-# X/Z, X/D, X/Z/D remove; Z/D blanks; X/Z/U* replaces the UID so references still resolve.
+# PS3.15 E.1.1 compound codes: "X unless Z (or D) is needed for the IOD to stay conformant".
+# Without per-IOD attribute types at hand, take the choice that is conformant for every type
+# and still keeps nothing of the original: X/Z -> Z (an X/Z attribute is never Type 1),
+# X/D, Z/D, X/Z/D -> D (a dummy; on a sequence, its items kept and cleaned), X/Z/U* -> U (so
+# references still resolve). Removing instead broke Type 1/2 attributes (dciodvfy: a SEG's
+# DeviceSerialNumber, an SR's ReferencedPerformedProcedureStepSequence).
 _FUNCS = {
     "dummy": DUMMY,
     "clean": CLEAN,
     "uid": UID,
-    "z_d": BLANK,
-    "x_z": REMOVE,
-    "x_d": REMOVE,
-    "x_z_d": REMOVE,
+    "z_d": DUMMY,
+    "x_z": BLANK,
+    "x_d": DUMMY,
+    "x_z_d": DUMMY,
     "x_z_u": UID,
     "pseudonym_id": PSEUDO_ID,
     "pseudonym_name": PSEUDO_NAME,
@@ -229,7 +238,10 @@ def compile_recipes(name: str, options: Iterable[str], paths: Iterable[Path]) ->
         exact=exact,
         masks=tuple((m, v, r) for (m, v), r in ordered),
         additions=tuple(additions.items()),
-        keep_private="retain_safe_private" in opts,
+        # PS3.15 E.3.10: Retain Safe Private keeps only the private attributes known to be safe
+        # (Table E.3.10-1 and the like). Carina holds no such list, so every private attribute
+        # is still removed under the option (the Basic Profile's X for private attributes).
+        keep_private=False,
         shift_dates="retain_long_modified_dates" in opts,
     )
 
@@ -293,8 +305,8 @@ class Deidentifier:
                 if not profile.keep_private:
                     del ds[tag]
                 continue
-            if tag.group == 0x0002:
-                continue
+            # Group 0002 here is not the file meta (pydicom keeps that in ds.file_meta), so the
+            # table applies to it too: (0002,0003) is U, also inside a sequence item.
             rule = profile.rule_for(tag)
             raw = ds.get_item(tag)
             vr = getattr(raw, "VR", None) or _vr_of(tag)
@@ -346,14 +358,19 @@ class Deidentifier:
             return _DUMMY_TEXT.get(vr, "ANONYMIZED")
         if vr in _NUMBER_VRS:
             return 0
-        return _empty(vr)
+        return _DUMMY_BINARY if vr in _BINARY_VRS else _empty(vr)
 
     def _clean(self, ds: Dataset, tag: BaseTag, vr: str, ctx: _Context) -> object:
         if vr in ("DA", "DT"):
             return self._shifted(ds[tag].value, vr, ctx) if self.profile.shift_dates else ""
         if vr == "TM":
-            # Whole-day shifts leave times as they were.
-            return ds[tag].value if self.profile.shift_dates else ""
+            # Whole-day shifts leave times as they were; a value that is not a time (PS3.5 6.2
+            # TM) could hold anything, so it is blanked rather than kept.
+            if not self.profile.shift_dates:
+                return ""
+            value = ds[tag].value
+            values = [value] if isinstance(value, str) else list(value or [])
+            return value if all(_TM.match(str(v).strip()) for v in values) else ""
         if vr == "UI":
             return _map_values(ds[tag].value, ctx.pseudo.uid)
         # Free text cannot be proven clean here: blank it (conservative until text cleaning).
@@ -374,7 +391,8 @@ class Deidentifier:
         """PS3.15 E.1.1: say that and how the object was de-identified."""
         prof = self.profile
         ds.PatientIdentityRemoved = "YES"
-        ds.DeidentificationMethod = "Carina PS3.15 " + "+".join((prof.name, *prof.options))[:56]
+        # PS3.5 6.2: LO is at most 64 characters; the code sequence below names every option.
+        ds.DeidentificationMethod = ("Carina PS3.15 " + "+".join((prof.name, *prof.options)))[:64]
         items = []
         for key in ("basic", *prof.options):
             code, meaning = CID_7050[key]

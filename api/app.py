@@ -77,7 +77,9 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["*"],
             expose_headers=CORS_EXPOSED,
         )
+    # PS3.18 roots a viewer can be pointed at: everything, or one collection.
     app.include_router(dicomweb.router("/dicomweb"))
+    app.include_router(dicomweb.router("/collections/{collection}/dicomweb"))
 
     @app.get("/healthz")
     def health() -> dict[str, str]:

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from carina.archive import index, qido, retrieve
+from carina.archive import collections, index, qido, retrieve
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 from carina.runtime import Runtime
 
@@ -27,6 +27,7 @@ from .multipart import (
 
 log = logging.getLogger(__name__)
 
+ROOT = "/dicomweb"
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 OCTET = "application/octet-stream"
@@ -41,9 +42,20 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-def _base_url(request: Request, prefix: str) -> str:
-    root = request.scope.get("root_path", "")
-    return f"{request.url.scheme}://{request.url.netloc}{root}{prefix}"
+def _base_url(request: Request) -> str:
+    """The DICOMweb root the request came through: /dicomweb or /collections/{name}/dicomweb."""
+    path = request.url.path
+    root = path[: path.index(ROOT) + len(ROOT)]
+    return f"{request.url.scheme}://{request.url.netloc}{root}"
+
+
+def _collection(request: Request) -> str | None:
+    """The collection a /collections/{name}/dicomweb root is scoped to (NotFound if there is
+    no such collection); None on /dicomweb."""
+    name = request.path_params.get("collection")
+    if name is None:
+        return None
+    return collections.get(_runtime(request).pool, name).name
 
 
 def _accepts(request: Request, *types: str) -> bool:
@@ -83,36 +95,36 @@ def router(prefix: str) -> APIRouter:
     # ---------------------------------------------------------------------- STOW-RS (10.5)
     @r.post("/studies")
     async def store_instances(request: Request) -> Response:
-        return await _stow(request, prefix, None)
+        return await _stow(request, None)
 
     @r.post("/studies/{study}")
     async def store_study_instances(request: Request, study: str) -> Response:
-        return await _stow(request, prefix, study)
+        return await _stow(request, study)
 
     # ---------------------------------------------------------------------- QIDO-RS (10.6)
     @r.get("/studies")
     def search_studies(request: Request) -> Response:
-        return _search(request, prefix, "study")
+        return _search(request, "study")
 
     @r.get("/series")
     def search_series(request: Request) -> Response:
-        return _search(request, prefix, "series")
+        return _search(request, "series")
 
     @r.get("/instances")
     def search_instances(request: Request) -> Response:
-        return _search(request, prefix, "instance")
+        return _search(request, "instance")
 
     @r.get("/studies/{study}/series")
     def search_study_series(request: Request, study: str) -> Response:
-        return _search(request, prefix, "series", study=study)
+        return _search(request, "series", study=study)
 
     @r.get("/studies/{study}/instances")
     def search_study_instances(request: Request, study: str) -> Response:
-        return _search(request, prefix, "instance", study=study)
+        return _search(request, "instance", study=study)
 
     @r.get("/studies/{study}/series/{series}/instances")
     def search_series_instances(request: Request, study: str, series: str) -> Response:
-        return _search(request, prefix, "instance", study=study, series=series)
+        return _search(request, "instance", study=study, series=series)
 
     # ---------------------------------------------------------------------- WADO-RS (10.4)
     @r.get("/studies/{study}")
@@ -137,19 +149,19 @@ def router(prefix: str) -> APIRouter:
     def retrieve_bulk_data(
         request: Request, study: str, series: str, sop: str, tag: str
     ) -> Response:
-        return _bulk_data(request, prefix, study, series, sop, tag)
+        return _bulk_data(request, study, series, sop, tag)
 
     @r.get("/studies/{study}/metadata")
     def study_metadata(request: Request, study: str) -> Response:
-        return _metadata(request, prefix, study)
+        return _metadata(request, study)
 
     @r.get("/studies/{study}/series/{series}/metadata")
     def series_metadata(request: Request, study: str, series: str) -> Response:
-        return _metadata(request, prefix, study, series)
+        return _metadata(request, study, series)
 
     @r.get("/studies/{study}/series/{series}/instances/{sop}/metadata")
     def instance_metadata(request: Request, study: str, series: str, sop: str) -> Response:
-        return _metadata(request, prefix, study, series, sop)
+        return _metadata(request, study, series, sop)
 
     return r
 
@@ -157,7 +169,7 @@ def router(prefix: str) -> APIRouter:
 # ------------------------------------------------------------------------------- STOW-RS
 
 
-async def _stow(request: Request, prefix: str, study: str | None) -> Response:
+async def _stow(request: Request, study: str | None) -> Response:
     mtype, params = parse_media_type(request.headers.get("content-type"))
     if mtype != "multipart/related":
         return http_error(415, 'STOW-RS takes multipart/related; type="application/dicom"')
@@ -169,7 +181,7 @@ async def _stow(request: Request, prefix: str, study: str | None) -> Response:
         return http_error(400, "multipart/related without a boundary parameter")
 
     intake = _runtime(request).intake
-    ctx = intake.context(expected_study=study)
+    ctx = intake.context(_collection(request) or collections.DEFAULT, expected_study=study)
     reader = PartReader(
         boundary,
         intake.sink,
@@ -197,7 +209,7 @@ async def _stow(request: Request, prefix: str, study: str | None) -> Response:
     result = await intake.ingest(payloads(), ctx)
     if not seen:
         return http_error(400, malformed or "multipart body has no parts")
-    return _stow_response(result, _base_url(request, prefix))
+    return _stow_response(result, _base_url(request))
 
 
 def _stow_response(result: BatchResult, base: str) -> Response:
@@ -247,15 +259,20 @@ def _failed_item(f: Refusal) -> dict:
 
 def _search(
     request: Request,
-    prefix: str,
     level: qido.Level,
     study: str | None = None,
     series: str | None = None,
 ) -> Response:
     if not _accepts(request, DICOM_JSON, "application/json"):
         return http_error(406, f"QIDO-RS answers in {DICOM_JSON}")
-    query = qido.parse_query(level, request.query_params.multi_items(), study=study, series=series)
-    result = qido.search(_runtime(request).pool, query, _base_url(request, prefix))
+    query = qido.parse_query(
+        level,
+        request.query_params.multi_items(),
+        study=study,
+        series=series,
+        collection=_collection(request),
+    )
+    result = qido.search(_runtime(request).pool, query, _base_url(request))
     warnings = list(result.warnings)
     if result.more:
         warnings.append("There are additional results that can be requested")
@@ -272,7 +289,7 @@ def _retrieve(
     request: Request, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     rt = _runtime(request)
-    objects = index.instance_objects(rt.pool, study, series, sop)
+    objects = index.instance_objects(rt.pool, study, series, sop, _collection(request))
     ts = _dicom_accept(request, {o[1] for o in objects})
     if ts is None:
         return http_error(
@@ -305,12 +322,14 @@ _SOP_UID = re.compile(r'"00080018":\s*\{[^}]*"Value":\s*\["([^"]+)"')
 
 
 def _metadata(
-    request: Request, prefix: str, study: str, series: str | None = None, sop: str | None = None
+    request: Request, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     if not _accepts(request, DICOM_JSON, "application/json"):
         return http_error(406, f"metadata is served as {DICOM_JSON}")
-    rows = index.iter_metadata(_runtime(request).pool, study, series, sop)
-    base = f"{_base_url(request, prefix)}/studies/{study}"
+    rows = index.iter_metadata(
+        _runtime(request).pool, study, series, sop, collection=_collection(request)
+    )
+    base = f"{_base_url(request)}/studies/{study}"
 
     def body() -> Iterator[bytes]:
         piece: list[str] = ["["]
@@ -389,7 +408,7 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     if mode == "single" and len(numbers) > 1:
         return http_error(406, f"several frames need a multipart/related response, not {OCTET}")
     rt = _runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
     obj = retrieve.StoredObject(rt.store, key)
     try:
         ranges = retrieve.frame_ranges(obj, syntax, numbers)
@@ -399,9 +418,7 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     return _octet_response(obj, [({}, r) for r in ranges], mode)
 
 
-def _bulk_data(
-    request: Request, prefix: str, study: str, series: str, sop: str, tag: str
-) -> Response:
+def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) -> Response:
     """Retrieve Bulkdata (PS3.18 10.4, Bulkdata resource): one top-level element's value."""
     if not re.fullmatch(r"[0-9A-Fa-f]{8}", tag):
         return http_error(404, "bulk data is addressed by an 8-digit hexadecimal tag")
@@ -409,14 +426,14 @@ def _bulk_data(
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
     rt = _runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
     obj = retrieve.StoredObject(rt.store, key)
     try:
         r = retrieve.bulk_data_range(obj, syntax, int(tag, 16))
     except BaseException as e:
         obj.close()
         return _retrieve_error(e)
-    url = f"{_base_url(request, prefix)}/studies/{study}/series/{series}/instances/{sop}"
+    url = f"{_base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
     # PS3.18 10.4.3.3.5: each part carries the Content-Location of its BulkDataURI.
     return _octet_response(obj, [({"Content-Location": f"{url}/bulkdata/{tag}"}, r)], mode)
 

@@ -152,9 +152,17 @@ def write_batch(pool: ConnectionPool, records: Sequence[IndexRecord]) -> None:
         )
 
 
-def _scope(study: str, series: str | None, sop: str | None) -> tuple[str, list[str]]:
+def _scope(
+    study: str, series: str | None, sop: str | None, collection: str | None = None
+) -> tuple[str, list[str]]:
     where = ["i.study_uid = %s", "se.state = %s"]
     params = [study, PUBLISHED]
+    if collection is not None:
+        where.append(
+            "EXISTS (SELECT 1 FROM studies st WHERE st.study_uid = i.study_uid"
+            " AND st.collection = %s)"
+        )
+        params.append(collection)
     if series is not None:
         where.append("i.series_uid = %s")
         params.append(series)
@@ -165,10 +173,15 @@ def _scope(study: str, series: str | None, sop: str | None) -> tuple[str, list[s
 
 
 def instance_objects(
-    pool: ConnectionPool, study: str, series: str | None = None, sop: str | None = None
+    pool: ConnectionPool,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    collection: str | None = None,
 ) -> list[tuple[str, str, int]]:
-    """(object key, transfer syntax, size) of the published instances in scope, in order."""
-    where, params = _scope(study, series, sop)
+    """(object key, transfer syntax, size) of the published instances in scope (of one
+    collection when given), in order."""
+    where, params = _scope(study, series, sop, collection)
     with pool.connection() as conn:
         rows = conn.execute(
             "SELECT i.object_key, i.transfer_syntax_uid, i.size FROM instances i"
@@ -188,9 +201,10 @@ def iter_metadata(
     series: str | None = None,
     sop: str | None = None,
     batch: int = 500,
+    collection: str | None = None,
 ) -> Iterator[str]:
     """Each published instance's DICOM JSON metadata as text, streamed from PostgreSQL."""
-    where, params = _scope(study, series, sop)
+    where, params = _scope(study, series, sop, collection)
     with pool.connection() as conn:
         exists = conn.execute(
             "SELECT 1 FROM instances i JOIN series se ON se.series_uid = i.series_uid"

@@ -64,6 +64,7 @@ class Query:
     level: Level
     study: str | None = None
     series: str | None = None
+    collection: str | None = None
     matches: list[tuple[str, list[str]]] = field(default_factory=list)
     include: set[str] = field(default_factory=set)
     include_all: bool = False
@@ -108,9 +109,10 @@ def parse_query(
     *,
     study: str | None = None,
     series: str | None = None,
+    collection: str | None = None,
 ) -> Query:
     """Parse query parameters; unknown attributes and malformed values raise InvalidQuery."""
-    q = Query(level=level, study=study, series=series)
+    q = Query(level=level, study=study, series=series, collection=collection)
     grouped: dict[str, list[str]] = {}
     for name, value in params:
         if name in _CONTROL:
@@ -225,6 +227,9 @@ def _where(q: Query) -> tuple[list[str], list[object]]:
     if q.series is not None:
         conds.append("se.series_uid = %s")
         args.append(q.series)
+    if q.collection is not None:
+        conds.append("s.collection = %s")
+        args.append(q.collection)
     for keyword, values in q.matches:
         for value in values:
             c = _condition(keyword, value)

@@ -366,17 +366,7 @@ _UNIQUE_KEYS = {
 }
 _LEVEL_ORDER = ("STUDY", "SERIES", "IMAGE")
 # Keys matched at SERIES and IMAGE level only (as archive/qido refuses them above).
-_LOWER_KEYS = {
-    "SERIES": {
-        "SeriesInstanceUID",
-        "Modality",
-        "SeriesNumber",
-        "SeriesDescription",
-        "PerformedProcedureStepStartDate",
-        "PerformedProcedureStepStartTime",
-    },
-    "IMAGE": {"SOPClassUID", "SOPInstanceUID", "InstanceNumber"},
-}
+_LOWER_KEYS = {"SERIES": qido.SERIES_KEYS, "IMAGE": qido.INSTANCE_KEYS}
 # Elements of an identifier that are not matching keys (PS3.4 C.4.1.1.3.1, C.4.1.2.1).
 _NOT_KEYS = {
     Tag(0x0008, 0x0005),  # SpecificCharacterSet

@@ -43,7 +43,8 @@ _KEYS: dict[str, tuple[str, str]] = {
     "SOPInstanceUID": ("i.sop_uid", "uid"),
     "InstanceNumber": ("i.instance_number", "int"),
 }
-_SERIES_KEYS = {
+#: Matching keys of the series and instance levels (refused in queries above their level).
+SERIES_KEYS = {
     "SeriesInstanceUID",
     "Modality",
     "SeriesNumber",
@@ -51,7 +52,7 @@ _SERIES_KEYS = {
     "PerformedProcedureStepStartDate",
     "PerformedProcedureStepStartTime",
 }
-_INSTANCE_KEYS = {"SOPClassUID", "SOPInstanceUID", "InstanceNumber"}
+INSTANCE_KEYS = {"SOPClassUID", "SOPInstanceUID", "InstanceNumber"}
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
 _CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
@@ -146,9 +147,9 @@ def parse_query(
         if keyword not in _KEYS:
             q.warnings.append(f"matching on {keyword} is not supported; ignored")
             continue
-        if level == "study" and keyword in _SERIES_KEYS | _INSTANCE_KEYS:
+        if level == "study" and keyword in SERIES_KEYS | INSTANCE_KEYS:
             raise InvalidQuery(f"{keyword} is not a study-level attribute")
-        if level == "series" and keyword in _INSTANCE_KEYS:
+        if level == "series" and keyword in INSTANCE_KEYS:
             raise InvalidQuery(f"{keyword} is not a series-level attribute")
         q.matches.append((keyword, values))
     return q

@@ -9,9 +9,8 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from tests.conftest import Server
+from tests.conftest import Server, run_cli
 from tests.factory import Phi, ct_series
-from tests.test_collections import cli
 
 pytestmark = pytest.mark.slow
 
@@ -25,7 +24,7 @@ def roots(
         ("collection", "create", "TRIAL-A", "--option", "retain_long_full_dates"),
         ("collection", "create", "TRIAL-B", "--option", "retain_long_modified_dates"),
     ):
-        done = cli(database_url, cwd, *args)
+        done = run_cli(database_url, cwd, *args)
         assert done.returncode == 0, done.stderr
     made: dict[str, object] = {}
     for name in ("TRIAL-A", "TRIAL-B"):

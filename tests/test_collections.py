@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import psycopg
@@ -14,23 +11,10 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from carina.archive import db
-from tests.conftest import Server, free_port
+from tests.conftest import Server, free_port, run_cli
 from tests.factory import Phi, ct_instance
 
 pytestmark = pytest.mark.slow
-
-
-def cli(database_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARINA_")}
-    env.update(DATABASE_URL=database_url, CARINA_DATA_DIR=str(cwd / "data"))
-    return subprocess.run(
-        [sys.executable, "-m", "carina", *args],
-        env=env,
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +39,7 @@ def dimse(
         ("ae", "add", "SITEF", "--collection", "FULLDATES"),
         ("ae", "add", "SITES", "--collection", "SHIFTED"),
     ):
-        done = cli(database_url, cwd, *args)
+        done = run_cli(database_url, cwd, *args)
         assert done.returncode == 0, done.stderr
     return server, port
 
@@ -96,7 +80,7 @@ def test_each_collection_is_deidentified_with_its_own_options(dimse: tuple) -> N
 
 
 def test_collection_list_shows_profiles(dimse: tuple, database_url: str, tmp_path: Path) -> None:
-    done = cli(database_url, tmp_path, "collection", "list")
+    done = run_cli(database_url, tmp_path, "collection", "list")
     assert done.returncode == 0, done.stderr
     rows = {line.split("\t")[0]: line.split("\t") for line in done.stdout.splitlines()}
     assert rows["FULLDATES"][1:3] == ["restricted", "basic+retain_long_full_dates"]
@@ -117,7 +101,7 @@ def test_collection_list_shows_profiles(dimse: tuple, database_url: str, tmp_pat
 def test_cli_refuses_bad_collections_with_a_reason(
     dimse: tuple, database_url: str, tmp_path: Path, args: tuple[str, ...], message: str
 ) -> None:
-    done = cli(database_url, tmp_path, *args)
+    done = run_cli(database_url, tmp_path, *args)
     assert done.returncode == 1
     assert message in done.stderr
 

@@ -34,7 +34,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from carina.archive import db, peers
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
-from tests.conftest import Server, free_port
+from tests.conftest import Server, free_port, run_cli
 from tests.factory import Phi, ct_instance, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -57,19 +57,6 @@ class Listener:
     database_url: str
 
 
-def carina_cli(database_url: str, data_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m carina ARGS` against the module's database."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARINA_")}
-    env.update(DATABASE_URL=database_url, CARINA_DATA_DIR=str(data_dir))
-    return subprocess.run(
-        [sys.executable, "-m", "carina", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-
-
 @pytest.fixture(scope="module")
 def listener(
     server_factory: object, database_url: str, tmp_path_factory: pytest.TempPathFactory
@@ -80,13 +67,13 @@ def listener(
         CARINA_DIMSE_PORT=str(port), CARINA_SECRET_KEY=SECRET
     )
     cli_dir = tmp_path_factory.mktemp("cli")
-    done = carina_cli(database_url, cli_dir, "collection", "create", COLLECTION)
+    done = run_cli(database_url, cli_dir, "collection", "create", COLLECTION)
     assert done.returncode == 0, done.stderr
     for args in (
         ("SITEA", "--collection", COLLECTION),
         ("WRONGHOST", "--collection", COLLECTION, "--host", "10.9.9.9"),
     ):
-        done = carina_cli(database_url, cli_dir, "ae", "add", *args)
+        done = run_cli(database_url, cli_dir, "ae", "add", *args)
         assert done.returncode == 0, done.stderr
     return Listener(server, port, database_url)
 
@@ -173,11 +160,11 @@ def test_c_echo_succeeds_for_registered_ae_from_pynetdicom_and_echoscu(
 def test_cli_lists_registered_ae_titles_and_refuses_a_duplicate(
     listener: Listener, tmp_path: Path
 ) -> None:
-    listed = carina_cli(listener.database_url, tmp_path, "ae", "list")
+    listed = run_cli(listener.database_url, tmp_path, "ae", "list")
     assert listed.returncode == 0, listed.stderr
     assert any(line.split("\t")[:2] == ["SITEA", COLLECTION] for line in listed.stdout.splitlines())
     assert "10.9.9.9" in listed.stdout
-    again = carina_cli(listener.database_url, tmp_path, "ae", "add", "SITEA", "--collection", "x")
+    again = run_cli(listener.database_url, tmp_path, "ae", "add", "SITEA", "--collection", "x")
     assert again.returncode == 1
     assert "already registered" in again.stderr
 

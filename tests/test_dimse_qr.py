@@ -28,9 +28,8 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from bench.servers import OrthancServer, find_orthanc
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
-from tests.conftest import Server, free_port
+from tests.conftest import Server, free_port, run_cli
 from tests.factory import Phi, ct_series, to_bytes
-from tests.test_dimse import carina_cli
 
 pytestmark = pytest.mark.slow
 
@@ -101,7 +100,7 @@ def archive(
     cli_dir = tmp_path_factory.mktemp("cli")
     for name in (COLLECTION, OTHER_COLLECTION):
         # Dates kept (shifted per patient), so that date range matching has something to match.
-        done = carina_cli(
+        done = run_cli(
             database_url,
             cli_dir,
             "collection",
@@ -117,7 +116,7 @@ def archive(
         ("DEST", "--collection", COLLECTION, "--host", "127.0.0.1", "--port", str(receiver.port)),
         ("DESTB", "--collection", OTHER_COLLECTION, "--host", "127.0.0.1", "--port", "104"),
     ):
-        done = carina_cli(database_url, cli_dir, "ae", "add", *args)
+        done = run_cli(database_url, cli_dir, "ae", "add", *args)
         assert done.returncode == 0, done.stderr
 
     phi = Phi()
@@ -557,7 +556,7 @@ def orthanc(archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> Itera
         DicomModalities={"carina": ["CARINA", "127.0.0.1", archive.port]},
     )
     cli_dir = tmp_path_factory.mktemp("cli-orthanc")
-    done = carina_cli(
+    done = run_cli(
         archive.database_url, cli_dir, "ae", "add", "ORTHANC", "--collection", COLLECTION,
         "--host", "127.0.0.1", "--port", str(server.config["DicomPort"]),
     )  # fmt: skip

@@ -15,7 +15,7 @@ from carina import __version__
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import dicomweb, errors
+from . import derived, dicomweb, errors
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ def create_app(settings: Settings) -> FastAPI:
         )
     # PS3.18 roots a viewer can be pointed at: everything, or one collection.
     app.include_router(dicomweb.router("/dicomweb"))
+    app.include_router(derived.router("/api"))
     app.include_router(dicomweb.router("/collections/{collection}/dicomweb"))
 
     @app.get("/healthz")

@@ -30,7 +30,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from carina import __version__
-from carina.archive import collections, index
+from carina.archive import collections, derived, index
 from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
@@ -599,6 +599,10 @@ class Intake:
                         f"index unavailable: {type(e).__name__}",
                     )
             return
+        try:
+            derived.index_batch(self.db_pool, self.store, stored)  # type: ignore[arg-type]
+        except Exception as e:  # derived indexes serve search only: never fail the ingest
+            log.warning("derived-object indexing failed: %s", type(e).__name__)
         log.info("stored %d instances", len(stored))
         self._refresh_statistics(len(stored))
 

@@ -56,6 +56,9 @@ class ObjectStore(Protocol):
     def exists(self, key: str) -> bool:
         """Whether the object is there."""
 
+    def inventory(self) -> Iterator[tuple[str, int]]:
+        """Every object's key and size (for consistency checks)."""
+
 
 class FilesystemStore:
     """Objects as files under a root directory; staging files must be on the same filesystem."""
@@ -137,6 +140,12 @@ class FilesystemStore:
         path = self._path(key)
         with _os_errors():
             return path.is_file()
+
+    def inventory(self) -> Iterator[tuple[str, int]]:
+        """Every file below the root, as (key, size); unfinished copies (.part) left out."""
+        for path in sorted(self.root.rglob("*")):
+            if path.is_file() and not path.name.endswith(".part"):
+                yield path.relative_to(self.root).as_posix(), path.stat().st_size
 
 
 @contextmanager
@@ -341,3 +350,9 @@ class S3Store:
         except NotFound:
             return False
         return True
+
+    def inventory(self) -> Iterator[tuple[str, int]]:
+        """Every object in the bucket, as (key, size)."""
+        with _s3_errors("listing"):
+            for obj in self._client.list_objects(self.bucket, recursive=True):
+                yield str(obj.object_name), int(obj.size or 0)

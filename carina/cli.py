@@ -142,6 +142,35 @@ def _collection_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _fsck(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import fsck
+    from carina.runtime import open_store
+
+    with _ae_pool(settings) as pool:
+        report = fsck.check(
+            pool,
+            open_store(settings),
+            settings.staging_dir,
+            checksums=args.checksums,
+            repair=args.repair,
+        )
+    print(f"checked {report.checked} indexed instances")
+    for label, keys in (
+        ("missing object", report.missing),
+        ("wrong size", report.wrong_size),
+        ("wrong checksum", report.wrong_checksum),
+        ("orphan object (no index row)", report.orphans),
+        ("stale staging file", report.stale_staging),
+    ):
+        for key in keys:
+            print(f"{label}: {key}")
+    if args.repair:
+        print(f"removed {report.repaired} orphan or stale files")
+    # Orphans and stale files are gone after a repair; missing or damaged objects are not.
+    unrepaired = report.problems - (report.repaired if args.repair else 0)
+    return 1 if unrepaired else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
@@ -160,6 +189,14 @@ def build_parser() -> argparse.ArgumentParser:
     migrate.set_defaults(func=_migrate)
     dimse = sub.add_parser("dimse", help="run the DICOM listener (C-ECHO, C-STORE) alone")
     dimse.set_defaults(func=_dimse)
+    fsck_p = sub.add_parser("fsck", help="check that the index and the object store agree")
+    fsck_p.add_argument("--checksums", action="store_true", help="also re-hash every object")
+    fsck_p.add_argument(
+        "--repair",
+        action="store_true",
+        help="remove objects no index row owns and stale staged files",
+    )
+    fsck_p.set_defaults(func=_fsck)
     coll = sub.add_parser("collection", help="collections: visibility and de-identification")
     coll_sub = coll.add_subparsers(dest="collection_command", required=True)
     create = coll_sub.add_parser("create", help="create a collection")

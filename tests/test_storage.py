@@ -321,3 +321,12 @@ def test_stow_and_wado_through_carina_keep_objects_in_s3_not_on_disk(
     assert in_bucket == {f"{study_uid}/{series_uid}/{ds.SOPInstanceUID}.dcm" for ds in got}
     on_disk = [p for p in (server.data_dir / "objects").rglob("*") if p.is_file()]
     assert on_disk == []
+
+
+def test_inventory_lists_every_object_with_its_size(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    store.put_file(f"{prefix}/a/1.dcm", stage(b"x" * 10))
+    store.put_file(f"{prefix}/b/2.dcm", stage(b"y" * 20))
+    listed = {k: n for k, n in store.inventory() if k.startswith(prefix + "/")}
+    assert listed == {f"{prefix}/a/1.dcm": 10, f"{prefix}/b/2.dcm": 20}

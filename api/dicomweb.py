@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import re
@@ -9,8 +10,11 @@ from collections.abc import AsyncIterator, Callable, Iterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydicom.uid import UID
+from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
-from carina.archive import collections, index, qido, retrieve
+from carina.archive import collections, index, qido, retrieve, transcode
+from carina.archive.storage import ObjectStore
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 from carina.runtime import Runtime
 
@@ -70,22 +74,29 @@ def _accepts(request: Request, *types: str) -> bool:
     return False
 
 
-def _dicom_accept(request: Request, stored_syntaxes: set[str]) -> str | None:
-    """Negotiate multipart/related; type=application/dicom (PS3.18 8.7.3): the transfer syntax
-    to answer with, or None when nothing acceptable can be produced (no transcoding yet)."""
+def _dicom_accept(request: Request) -> list[str]:
+    """Negotiate multipart/related; type=application/dicom (PS3.18 8.7.3.5): the acceptable
+    transfer syntaxes ("*" for as stored), highest q-value first, in header order among equals;
+    empty when no Accept item admits DICOM instances."""
     header = request.headers.get("accept") or "*/*"
-    for item in header.split(","):
+    ranked: list[tuple[float, int, str]] = []
+    for n, item in enumerate(header.split(",")):
         mtype, params = parse_media_type(item.strip())
+        try:
+            q = float(params.get("q", "1"))
+        except ValueError:
+            q = 1.0
+        if q <= 0:  # RFC 9110 12.4.2: q=0 means "not acceptable"
+            continue
         if mtype in ("*/*", "multipart/*"):
-            return "*"
-        if mtype != "multipart/related":
+            ts = transcode.AS_STORED
+        elif mtype == "multipart/related" and params.get("type", DICOM).lower() == DICOM:
+            # No transfer-syntax parameter is taken as "*": the stored form, never decoded.
+            ts = params.get("transfer-syntax", transcode.AS_STORED).strip()
+        else:
             continue
-        if params.get("type", DICOM).lower() != DICOM:
-            continue
-        ts = params.get("transfer-syntax", "*")
-        if ts == "*" or {ts} == stored_syntaxes:
-            return ts
-    return None
+        ranked.append((-q, n, ts))
+    return [ts for _, _, ts in sorted(ranked)]
 
 
 def router(prefix: str) -> APIRouter:
@@ -290,13 +301,22 @@ def _retrieve(
 ) -> Response:
     rt = _runtime(request)
     objects = index.instance_objects(rt.pool, study, series, sop, _collection(request))
-    ts = _dicom_accept(request, {o[1] for o in objects})
-    if ts is None:
-        return http_error(
-            406, "requested transfer syntax or media type is not available (no transcoding yet)"
-        )
+    acceptable = _dicom_accept(request)
+    if not acceptable:
+        return http_error(406, f'instances are served as multipart/related; type="{DICOM}"')
+    # Each instance's syntaxes to try, in the client's order; checked for every instance before
+    # the response starts, from the stored syntax alone (no object is read for it).
+    plans: list[_Plan] = []
+    for key, stored, size in objects:
+        choices = transcode.producible(stored, acceptable)
+        if not choices:
+            return http_error(406, _unavailable(stored, acceptable))
+        plans.append((key, stored, size, choices))
     boundary = new_boundary()
+    media_type = f'multipart/related; type="{DICOM}"; boundary={boundary}'
     store = rt.store
+    if any(choices[0] != stored for _, stored, _, choices in plans):
+        return StreamingResponse(_transcoded_parts(boundary, store, plans), media_type=media_type)
 
     def loader(key: str, size: int) -> Callable[[], bytes | Iterator[bytes]]:
         if size <= WHOLE_OBJECT_MAX:
@@ -307,10 +327,77 @@ def _retrieve(
         (f"{DICOM}; transfer-syntax={syntax}", size, loader(key, size))
         for key, syntax, size in objects
     ]
-    return StreamingResponse(
-        write_parts(boundary, parts),
-        media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+    return StreamingResponse(write_parts(boundary, parts), media_type=media_type)
+
+
+# (object key, stored transfer syntax, size, transfer syntaxes to try in order)
+_Plan = tuple[str, str, int, list[str]]
+
+
+def _unavailable(stored: str, acceptable: list[str]) -> str:
+    """Why an instance stored in stored cannot be sent in any of acceptable, in one sentence."""
+    asked = ", ".join(acceptable)
+    if not transcode.can_decode(stored):
+        return (
+            f"an instance is stored as {_ts_name(stored)}, which cannot be decoded here, so it "
+            f"can only be sent as stored; asked for: {asked}"
+        )
+    offered = ", ".join(_ts_name(ts) for ts in transcode.targets())
+    return (
+        f"an instance is stored as {_ts_name(stored)}; it can be sent as stored or transcoded "
+        f"to {offered} (lossless only); asked for: {asked}"
     )
+
+
+def _ts_name(ts: str) -> str:
+    name = UID(ts).name
+    return f"{name} ({ts})" if name and name != ts else ts
+
+
+async def _transcoded_parts(
+    boundary: str, store: ObjectStore, plans: list[_Plan]
+) -> AsyncIterator[bytes]:
+    """A multipart/related body in which some instances are transcoded: one instance at a time
+    in a worker thread (the next one while the current one is sent), each part labelled with
+    the transfer syntax it was actually encoded in."""
+
+    def load(key: str, stored: str, size: int, choices: list[str]) -> _Loaded:
+        if choices[0] == stored:
+            if size <= WHOLE_OBJECT_MAX:
+                return stored, store.read(key), size
+            return stored, store.iter_chunks(key), size
+        data, ts = transcode.transcode(store.read(key), stored, choices)
+        return ts, data, len(data)
+
+    def start(i: int) -> asyncio.Future[_Loaded] | None:
+        return asyncio.ensure_future(run_in_threadpool(load, *plans[i])) if i < len(plans) else None
+
+    pending = start(0)
+    try:
+        for i in range(len(plans)):
+            assert pending is not None
+            try:
+                ts, body, length = await pending
+            except Exception:
+                pending = None
+                log.warning("transcoding failed at part %d of %d; response cut", i + 1, len(plans))
+                raise
+            pending = start(i + 1)
+            yield part_head(boundary, f"{DICOM}; transfer-syntax={ts}", length)
+            if isinstance(body, bytes):
+                yield body
+            else:
+                async for chunk in iterate_in_threadpool(body):
+                    yield chunk
+            yield b"\r\n"
+        yield closing(boundary)
+    finally:
+        if pending is not None:
+            pending.cancel()
+
+
+# (transfer syntax sent, body, length)
+_Loaded = tuple[str, bytes | Iterator[bytes], int]
 
 
 # Metadata rows are sent to the client in pieces of about this size (fewer, larger writes;

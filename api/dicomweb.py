@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import re
@@ -11,15 +10,14 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydicom.uid import UID
-from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
 
 from carina.archive import collections, index, qido, retrieve, transcode
-from carina.archive.storage import ObjectStore
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 from carina.runtime import Runtime
 
 from .errors import http_error
 from .multipart import (
+    Loaded,
     MultipartError,
     PartReader,
     closing,
@@ -313,21 +311,35 @@ def _retrieve(
             return http_error(406, _unavailable(stored, acceptable))
         plans.append((key, stored, size, choices))
     boundary = new_boundary()
-    media_type = f'multipart/related; type="{DICOM}"; boundary={boundary}'
     store = rt.store
-    if any(choices[0] != stored for _, stored, _, choices in plans):
-        return StreamingResponse(_transcoded_parts(boundary, store, plans), media_type=media_type)
 
-    def loader(key: str, size: int) -> Callable[[], bytes | Iterator[bytes]]:
-        if size <= WHOLE_OBJECT_MAX:
-            return lambda: store.read(key)
-        return lambda: store.iter_chunks(key)
+    def loader(key: str, stored: str, size: int, choices: list[str]) -> PartLoader:
+        if choices[0] == stored:  # as stored: no decoding
+            if size <= WHOLE_OBJECT_MAX:
+                return lambda: store.read(key)
+            return lambda: store.iter_chunks(key)
+
+        def transcoded() -> Loaded:
+            try:
+                data, ts = transcode.transcode(store.read(key), stored, choices)
+            except Exception as e:  # after the 200: the response is cut (documented)
+                log.warning("transcoding failed (%s); response cut", type(e).__name__)
+                raise
+            return Loaded(f"{DICOM}; transfer-syntax={ts}", data, len(data))
+
+        return transcoded
 
     parts = [
-        (f"{DICOM}; transfer-syntax={syntax}", size, loader(key, size))
-        for key, syntax, size in objects
+        (f"{DICOM}; transfer-syntax={stored}", size, loader(key, stored, size, choices))
+        for key, stored, size, choices in plans
     ]
-    return StreamingResponse(write_parts(boundary, parts), media_type=media_type)
+    return StreamingResponse(
+        write_parts(boundary, parts),
+        media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+    )
+
+
+PartLoader = Callable[[], "bytes | Iterator[bytes] | Loaded"]
 
 
 # (object key, stored transfer syntax, size, transfer syntaxes to try in order)
@@ -352,52 +364,6 @@ def _unavailable(stored: str, acceptable: list[str]) -> str:
 def _ts_name(ts: str) -> str:
     name = UID(ts).name
     return f"{name} ({ts})" if name and name != ts else ts
-
-
-async def _transcoded_parts(
-    boundary: str, store: ObjectStore, plans: list[_Plan]
-) -> AsyncIterator[bytes]:
-    """A multipart/related body in which some instances are transcoded: one instance at a time
-    in a worker thread (the next one while the current one is sent), each part labelled with
-    the transfer syntax it was actually encoded in."""
-
-    def load(key: str, stored: str, size: int, choices: list[str]) -> _Loaded:
-        if choices[0] == stored:
-            if size <= WHOLE_OBJECT_MAX:
-                return stored, store.read(key), size
-            return stored, store.iter_chunks(key), size
-        data, ts = transcode.transcode(store.read(key), stored, choices)
-        return ts, data, len(data)
-
-    def start(i: int) -> asyncio.Future[_Loaded] | None:
-        return asyncio.ensure_future(run_in_threadpool(load, *plans[i])) if i < len(plans) else None
-
-    pending = start(0)
-    try:
-        for i in range(len(plans)):
-            assert pending is not None
-            try:
-                ts, body, length = await pending
-            except Exception:
-                pending = None
-                log.warning("transcoding failed at part %d of %d; response cut", i + 1, len(plans))
-                raise
-            pending = start(i + 1)
-            yield part_head(boundary, f"{DICOM}; transfer-syntax={ts}", length)
-            if isinstance(body, bytes):
-                yield body
-            else:
-                async for chunk in iterate_in_threadpool(body):
-                    yield chunk
-            yield b"\r\n"
-        yield closing(boundary)
-    finally:
-        if pending is not None:
-            pending.cancel()
-
-
-# (transfer syntax sent, body, length)
-_Loaded = tuple[str, bytes | Iterator[bytes], int]
 
 
 # Metadata rows are sent to the client in pieces of about this size (fewer, larger writes;

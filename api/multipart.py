@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from dataclasses import dataclass
 from email.message import Message
 
 from python_multipart.exceptions import MultipartParseError
@@ -124,9 +125,20 @@ def new_boundary() -> str:
     return secrets.token_hex(16)
 
 
+@dataclass(frozen=True)
+class Loaded:
+    """A part whose content type and length are known only once it is loaded (a transcoded
+    instance): a loader returns this instead of the bare body."""
+
+    ctype: str
+    body: bytes | Iterator[bytes]
+    length: int | None
+
+
 # One part of a response: content type, length if known, and a loader that returns the whole
-# body (small objects) or an iterator of chunks (large ones). Loaders run in worker threads.
-PartSource = tuple[str, int | None, Callable[[], "bytes | Iterator[bytes]"]]
+# body (small objects), an iterator of chunks (large ones) or a Loaded. Loaders run in worker
+# threads.
+PartSource = tuple[str, int | None, Callable[[], "bytes | Iterator[bytes] | Loaded"]]
 
 
 def part_head(
@@ -158,6 +170,8 @@ async def write_parts(boundary: str, parts: Sequence[PartSource]) -> AsyncIterat
             bodies = await pending
             pending = _load(groups[i + 1]) if i + 1 < len(groups) else None
             for (ctype, length, _), body in zip(group, bodies, strict=True):
+                if isinstance(body, Loaded):
+                    ctype, length, body = body.ctype, body.length, body.body
                 yield part_head(boundary, ctype, length)
                 if isinstance(body, bytes):
                     yield body
@@ -187,5 +201,5 @@ def _groups(parts: Sequence[PartSource]) -> list[list[PartSource]]:
     return groups
 
 
-def _load(group: list[PartSource]) -> asyncio.Future[list[bytes | Iterator[bytes]]]:
+def _load(group: list[PartSource]) -> asyncio.Future[list[bytes | Iterator[bytes] | Loaded]]:
     return asyncio.ensure_future(run_in_threadpool(lambda: [part[2]() for part in group]))

@@ -87,10 +87,11 @@ def _dicom_accept(request: Request) -> list[str]:
         if q <= 0:  # RFC 9110 12.4.2: q=0 means "not acceptable"
             continue
         if mtype in ("*/*", "multipart/*"):
-            ts = transcode.AS_STORED
+            ts = transcode.DEFAULT
         elif mtype == "multipart/related" and params.get("type", DICOM).lower() == DICOM:
-            # No transfer-syntax parameter is taken as "*": the stored form, never decoded.
-            ts = params.get("transfer-syntax", transcode.AS_STORED).strip()
+            # PS3.18 8.7.8.2: no transfer-syntax parameter selects the default syntax, Explicit
+            # VR Little Endian (8.7.3.4); "*" asks for the stored form, never decoded.
+            ts = params.get("transfer-syntax", transcode.DEFAULT).strip()
         else:
             continue
         ranked.append((-q, n, ts))

@@ -29,6 +29,20 @@ from .retrieve import NotRetrievable
 
 # Any transfer syntax, as stored (PS3.18 8.7.3.5.2).
 AS_STORED = "*"
+# No transfer syntax asked for: PS3.18 8.7.3.4 / 8.7.8.2 make Explicit VR Little Endian the
+# default, "unless the origin server has only access to the pixel data in lossy compressed
+# form" (then it is sent as stored, as it is when it cannot be decoded here).
+DEFAULT = "default"
+# Lossy (or possibly lossy) stored forms, sent as stored when the default is asked for.
+LOSSY = frozenset(
+    {
+        "1.2.840.10008.1.2.4.50",  # JPEG Baseline
+        "1.2.840.10008.1.2.4.51",  # JPEG Extended
+        "1.2.840.10008.1.2.4.81",  # JPEG-LS Near-Lossless
+        "1.2.840.10008.1.2.4.91",  # JPEG 2000 (lossy allowed)
+        "1.2.840.10008.1.2.4.203",  # HTJ2K (lossy allowed)
+    }
+)
 # Native syntaxes pydicom writes from any little-endian data set without touching pixel data.
 NATIVE_TARGETS = (ExplicitVRLittleEndian, ImplicitVRLittleEndian, DeflatedExplicitVRLittleEndian)
 # Lossless compressed syntaxes, most widely supported first; offered when an encoder is installed
@@ -71,6 +85,9 @@ def producible(stored: str, acceptable: Sequence[str]) -> list[str]:
     in: stored itself where "*" or stored is listed, else what it can be transcoded to."""
     out: list[str] = []
     for ts in acceptable:
+        if ts == DEFAULT:
+            lossless_decodable = stored not in LOSSY and can_decode(stored)
+            ts = ExplicitVRLittleEndian if lossless_decodable else stored
         if ts in (AS_STORED, stored):
             choice = stored
         elif ts in targets() and can_decode(stored):

@@ -219,3 +219,31 @@ def test_big_endian_and_unknown_syntaxes_are_not_decodable() -> None:
     assert not transcode.can_decode("1.2.3.4")
     assert transcode.producible(ExplicitVRBigEndian, [ExplicitVRLittleEndian]) == []
     assert transcode.producible(ExplicitVRBigEndian, ["*"]) == [ExplicitVRBigEndian]
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"Accept": DICOM_MULTIPART}, {"Accept": "*/*"}, {}],
+    ids=["no-transfer-syntax", "any-media-type", "no-accept"],
+)
+def test_no_transfer_syntax_asked_means_explicit_le(
+    server: Server, study: tuple, headers: dict[str, str]
+) -> None:
+    """PS3.18 8.7.3.4 / 8.7.8.2: without a transfer-syntax the default, Explicit VR Little
+    Endian, is sent: the RLE instance is decoded (only '*' asks for the stored form)."""
+    study_uid, sent = study
+    r = retrieve(server, study_uid, headers)
+    assert r.status_code == 200
+    got = parts(r)
+    assert [ts for ts, _ in got] == [ExplicitVRLittleEndian] * 2
+    assert_same_pixels(got, sent)
+
+
+def test_lossy_stored_instance_is_sent_as_stored_by_default() -> None:
+    """The exception of PS3.18 8.7.3.4: pixel data held only in lossy form goes as stored."""
+    from carina.archive import transcode
+
+    jpeg_baseline = "1.2.840.10008.1.2.4.50"
+    assert transcode.producible(jpeg_baseline, [transcode.DEFAULT]) == [jpeg_baseline]
+    assert transcode.producible(RLELossless, [transcode.DEFAULT]) == [ExplicitVRLittleEndian]
+    assert transcode.producible(RLELossless, [transcode.AS_STORED]) == [RLELossless]

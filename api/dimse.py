@@ -61,7 +61,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from carina.archive import peers, qido
+from carina.archive import index, peers, qido
 from carina.archive.errors import InvalidQuery
 from carina.curation.intake import (
     CANNOT_UNDERSTAND,
@@ -494,7 +494,7 @@ def _visible_studies(runtime: Runtime, collection: str, identifier: Dataset) -> 
     """The studies of the query that the calling AE may see: those of its collection, among
     the identifier's StudyInstanceUID values if it has any."""
     wanted = _uid_list(identifier, "StudyInstanceUID")
-    return peers.collection_studies(runtime.pool, collection, wanted or None)
+    return index.collection_studies(runtime.pool, collection, wanted or None)
 
 
 def find_matches(runtime: Runtime, collection: str, identifier: Dataset) -> Iterator[Dataset]:
@@ -580,7 +580,7 @@ def handle_find(event: Event, runtime: Runtime, associations: Associations) -> I
 
 def retrieve_set(
     runtime: Runtime, collection: str, identifier: Dataset
-) -> list[peers.RetrievableInstance]:
+) -> list[index.RetrievableInstance]:
     """The instances a C-MOVE or C-GET identifier names, within the caller's collection.
     Baseline retrieve (PS3.4 C.4.2.2.1, C.4.3.2.1): one value for each unique key above the
     level, List of UID matching at the level."""
@@ -593,10 +593,10 @@ def retrieve_set(
     studies = upper[:1] if upper else at_level
     series = (upper[1:2] or None) if level == "IMAGE" else (at_level if level == "SERIES" else None)
     sops = at_level if level == "IMAGE" else None
-    return peers.retrievable_instances(runtime.pool, collection, studies, series, sops)
+    return index.retrievable_instances(runtime.pool, collection, studies, series, sops)
 
 
-def _failed_stub(instance: peers.RetrievableInstance) -> Dataset:
+def _failed_stub(instance: index.RetrievableInstance) -> Dataset:
     """A dataset pynetdicom cannot send (no transfer syntax): its sub-operation is counted as
     failed, with the instance's UID in the Failed SOP Instance UID List."""
     ds = Dataset()
@@ -606,7 +606,7 @@ def _failed_stub(instance: peers.RetrievableInstance) -> Dataset:
 
 
 def _sub_operations(
-    event: Event, runtime: Runtime, peer: _Peer, instances: list[peers.RetrievableInstance]
+    event: Event, runtime: Runtime, peer: _Peer, instances: list[index.RetrievableInstance]
 ) -> Iterator[tuple[int, Dataset | None]]:
     """(Pending, dataset as stored) per instance; Cancel and stop on C-CANCEL."""
     for n, instance in enumerate(instances):
@@ -622,7 +622,7 @@ def _sub_operations(
         yield PENDING, ds
 
 
-def storage_contexts(instances: list[peers.RetrievableInstance]) -> list[PresentationContext]:
+def storage_contexts(instances: list[index.RetrievableInstance]) -> list[PresentationContext]:
     """One presentation context per (SOP Class, stored transfer syntax): the destination accepts
     or refuses exactly the encoding that will be sent (nothing is transcoded)."""
     pairs = sorted({(i.sop_class_uid, i.transfer_syntax_uid) for i in instances})

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Protocol
 
+from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
 from .errors import NotFound
@@ -236,3 +238,64 @@ def analyze(pool: ConnectionPool) -> None:
     """Refresh the planner's statistics of the index tables."""
     with pool.connection() as conn:
         conn.execute("ANALYZE patients, studies, series, instances")
+
+
+@dataclass(frozen=True)
+class RetrievableInstance:
+    """A published instance a peer may retrieve: what a C-STORE sub-operation needs of it."""
+
+    sop_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    object_key: str
+    size: int
+
+
+def collection_studies(
+    pool: ConnectionPool, collection: str, within: Sequence[str] | None = None
+) -> list[str]:
+    """Study Instance UIDs of a collection's published studies; only those in within, if given."""
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT s.study_uid FROM studies s WHERE s.collection = %(c)s"
+            " AND (%(within)s::text[] IS NULL OR s.study_uid = ANY(%(within)s))"
+            " AND EXISTS (SELECT 1 FROM series x WHERE x.study_uid = s.study_uid"
+            " AND x.state = %(published)s) ORDER BY s.study_uid",
+            {
+                "c": collection,
+                "within": list(within) if within is not None else None,
+                "published": PUBLISHED,
+            },
+        ).fetchall()
+    return [r[0] for r in rows]
+
+
+def retrievable_instances(
+    pool: ConnectionPool,
+    collection: str,
+    studies: Sequence[str],
+    series: Sequence[str] | None = None,
+    sops: Sequence[str] | None = None,
+) -> list[RetrievableInstance]:
+    """The published instances of a collection in the given studies (and series, and SOP
+    Instance UIDs, when given), in study, series and instance order."""
+    with pool.connection() as conn, conn.cursor(row_factory=class_row(RetrievableInstance)) as cur:
+        cur.execute(
+            "SELECT i.sop_uid, i.sop_class_uid, i.transfer_syntax_uid, i.object_key, i.size"
+            " FROM instances i JOIN series se ON se.series_uid = i.series_uid"
+            " JOIN studies s ON s.study_uid = i.study_uid"
+            " WHERE s.collection = %(c)s AND se.state = %(published)s"
+            " AND i.study_uid = ANY(%(studies)s)"
+            " AND (%(series)s::text[] IS NULL OR i.series_uid = ANY(%(series)s))"
+            " AND (%(sops)s::text[] IS NULL OR i.sop_uid = ANY(%(sops)s))"
+            " ORDER BY i.study_uid, se.series_number NULLS LAST, i.series_uid,"
+            " i.instance_number NULLS LAST, i.sop_uid",
+            {
+                "c": collection,
+                "published": PUBLISHED,
+                "studies": list(studies),
+                "series": list(series) if series is not None else None,
+                "sops": list(sops) if sops is not None else None,
+            },
+        )
+        return cur.fetchall()

@@ -12,6 +12,7 @@ import json
 import logging
 import multiprocessing
 import os
+import queue
 import tempfile
 import threading
 import time
@@ -484,12 +485,19 @@ class Intake:
         # Parts reach the workers through shared memory (one copy, no pickling through a
         # pipe); each in-flight part holds one slot, so the slots also bound the parts in
         # flight. Small slots: containers often give /dev/shm only 64 MB.
+        # STOW requests wait for a slot on the event loop, C-STORE associations in their own
+        # threads: each side has its own free list (2 and 1 slots per worker).
+        stow_slots, dimse_slots = self.workers * 2, self.workers
         self._slots = [
-            shared_memory.SharedMemory(create=True, size=SLOT_SIZE) for _ in range(self.workers * 2)
+            shared_memory.SharedMemory(create=True, size=SLOT_SIZE)
+            for _ in range(stow_slots + dimse_slots)
         ]
         self._free_slots: asyncio.Queue[int] = asyncio.Queue()
-        for i in range(len(self._slots)):
+        self._free_thread_slots: queue.Queue[int] = queue.Queue()
+        for i in range(stow_slots):
             self._free_slots.put_nowait(i)
+        for i in range(stow_slots, stow_slots + dimse_slots):
+            self._free_thread_slots.put_nowait(i)
         self.executor = ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("forkserver"),
@@ -563,10 +571,7 @@ class Intake:
                     tasks.append(done)
                     continue
                 slot = await self._free_slots.get()
-                work: Payload = payload
-                if not isinstance(payload, str) and len(payload) <= SLOT_SIZE:
-                    self._slots[slot].buf[: len(payload)] = payload
-                    work = SlotRef(slot, len(payload))
+                work = self._into_slot(payload, slot)
                 tasks.append(asyncio.ensure_future(run(work, slot)))
         finally:
             outcomes = list(await asyncio.gather(*tasks))
@@ -575,10 +580,24 @@ class Intake:
             await asyncio.to_thread(self._commit, result)
         return result
 
+    def _into_slot(self, payload: bytearray | bytes | str, slot: int) -> Payload:
+        """The payload a worker gets: the part copied into slot when it fits, else as it is
+        (a spooled file's path, or bytes pickled through the pool's pipe)."""
+        if isinstance(payload, str) or len(payload) > SLOT_SIZE:
+            return payload
+        self._slots[slot].buf[: len(payload)] = payload
+        return SlotRef(slot, len(payload))
+
     def ingest_one(self, payload: bytes, ctx: IntakeContext) -> Outcome:
         """Process, store and index one instance (a C-STORE); return once it is durable or
-        refused. Blocking and thread-safe: each caller waits for its own worker and commit."""
-        outcome = self.executor.submit(process_part, payload, ctx).result()
+        refused. Blocking and thread-safe: each caller waits for its own worker and commit.
+        The instance reaches the worker through a shared-memory slot, as a STOW part does."""
+        slot = self._free_thread_slots.get()
+        try:
+            work = self._into_slot(payload, slot)
+            outcome = self.executor.submit(process_part, work, ctx).result()
+        finally:
+            self._free_thread_slots.put(slot)
         result = BatchResult([outcome])
         if result.stored:
             self._commit(result)

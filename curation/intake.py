@@ -21,6 +21,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
+from functools import lru_cache
 from io import BytesIO
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -266,6 +267,12 @@ Payload = bytes | bytearray | str | SlotRef
 _SLOTS: list[shared_memory.SharedMemory] = []
 
 
+@lru_cache(maxsize=64)
+def _pseudonymizer(key: bytes) -> Pseudonymizer:
+    """One per collection key in each worker, so its UID cache outlives a single instance."""
+    return Pseudonymizer(key)
+
+
 def process_part(payload: Payload, ctx: IntakeContext) -> Outcome:
     """Parse, check, de-identify and stage one instance: bytes, a shared-memory slot, or the
     path of a spooled file (removed afterwards)."""
@@ -298,7 +305,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     except InstanceRefused as r:
         return Refusal(r.code, r.reason, sop_class, original_sop)
 
-    pseudo = Pseudonymizer(ctx.key)
+    pseudo = _pseudonymizer(ctx.key)
     if ctx.expected_study is not None:
         original_study = str(ds.StudyInstanceUID)
         if ctx.expected_study not in (original_study, pseudo.uid(original_study)):

@@ -6,7 +6,7 @@ package, on the same N identified 512x512 CT instances.
 
 Figures (median and p95 ms per instance, nearest rank):
   (a) pydicom read + write, bytes to bytes (the floor every figure below includes);
-  (b) Carina: intake._parse + Deidentifier.apply + dcmwrite, bytes to bytes;
+  (b) Carina: intake._read + Deidentifier.apply + part10.encode (its writer), bytes to bytes;
   (c) Carina's intake worker, intake.process_part: (b) plus the staged file, its SHA-256 and the
       DICOM JSON of the index;
   (d) deid's DicomParser with its default recipe: dcmread + parse() + dcmwrite, bytes to bytes;
@@ -37,7 +37,7 @@ sys.path.insert(0, str(REPO))
 from pydicom import dcmread  # noqa: E402
 from pydicom.filewriter import dcmwrite  # noqa: E402
 
-from carina.curation import intake  # noqa: E402
+from carina.curation import intake, part10  # noqa: E402
 from carina.curation.deid import Deidentifier, load_profile  # noqa: E402
 from carina.curation.pseudonyms import Pseudonymizer  # noqa: E402
 from tests.factory import Phi, ct_instance, to_bytes  # noqa: E402
@@ -57,9 +57,10 @@ def pydicom_roundtrip(data: bytes, path: Path) -> None:
 
 def carina_deid(data: bytes, path: Path) -> None:
     """(b) Carina's parse, de-identification and write, bytes to bytes."""
-    ds = intake._parse(data)
+    ds, snapshot = intake._read(data)
     Deidentifier(load_profile(PROFILE, OPTIONS), Pseudonymizer(KEY)).apply(ds)
-    dcmwrite(BytesIO(), ds)
+    intake._prepare_file_meta(ds)
+    b"".join(part10.encode(ds, intake._unchanged(ds, snapshot)))
 
 
 def make_intake(staging: Path) -> Callable[[bytes, Path], None]:

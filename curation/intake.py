@@ -30,13 +30,13 @@ from pydicom import config, dcmread
 from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filewriter import dcmwrite
 
 from carina import __version__
 from carina.archive import collections, derived, index
 from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
+from . import part10
 from .deid import Deidentifier, load_profile
 from .errors import CurationError, InstanceRefused
 from .pseudonyms import Pseudonymizer, collection_key
@@ -229,7 +229,14 @@ def _check_lengths(ds: Dataset, size: int) -> None:
                 )
 
 
-def _parse(payload: bytes | bytearray | str) -> Dataset:
+# Each element as read, with the DataElement its conversion put in the dataset and that
+# element's value: an element still holding both after de-identification is unchanged.
+Snapshot = dict[int, tuple[RawDataElement, DataElement, object]]
+
+
+def _read(payload: bytes | bytearray | str) -> tuple[Dataset, Snapshot]:
+    """Parse a part and convert every top-level value (so a bad one is refused here), keeping a
+    snapshot of the elements as read for the writer (curation/part10)."""
     try:
         if not isinstance(payload, str):
             size = len(payload)
@@ -240,9 +247,11 @@ def _parse(payload: bytes | bytearray | str) -> Dataset:
                 head = f.read(132)
             ds = dcmread(payload, force=_has_meta_without_preamble(head))
         _check_lengths(ds, size)
-        # Values are converted lazily: convert every top-level element so bad ones fail here.
-        for _ in ds:
-            pass
+        raw = {t: e for t, e in ds._dict.items() if isinstance(e, RawDataElement)}
+        snapshot: Snapshot = {}
+        for elem in ds:  # values are converted lazily: convert them all now
+            if elem.tag in raw:
+                snapshot[elem.tag] = (raw[elem.tag], elem, elem.value)
     except InvalidDicomError as e:
         raise InstanceRefused(CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM prefix)") from e
     except InstanceRefused:
@@ -251,7 +260,23 @@ def _parse(payload: bytes | bytearray | str) -> Dataset:
         raise InstanceRefused(CANNOT_UNDERSTAND, f"cannot parse DICOM: {type(e).__name__}") from e
     if "TransferSyntaxUID" not in ds.file_meta:
         raise InstanceRefused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
-    return ds
+    return ds, snapshot
+
+
+def _unchanged(ds: Dataset, snapshot: Snapshot) -> dict[int, RawDataElement]:
+    """The elements of ds that de-identification left as they were read: the same element
+    object holding the same value object (it replaces elements, or assigns new values), with
+    the VR it was read with (a known attribute sent as UN is written with its own VR). Never
+    a sequence: de-identification cleans the items of a sequence in place."""
+    current = ds._dict
+    return {
+        tag: raw
+        for tag, (raw, elem, value) in snapshot.items()
+        if current.get(tag) is elem
+        and elem.value is value
+        and elem.VR != "SQ"
+        and raw.VR in (None, elem.VR)
+    }
 
 
 @dataclass(frozen=True)
@@ -292,7 +317,7 @@ def process_part(payload: Payload, ctx: IntakeContext) -> Outcome:
 
 
 def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
-    ds = _parse(payload)
+    ds, snapshot = _read(payload)
     missing = [k for k in _REQUIRED_UIDS if not _str(ds, k)]
     sop_class = _str(ds, "SOPClassUID") or ""
     original_sop = _str(ds, "SOPInstanceUID") or ""
@@ -320,15 +345,18 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     Deidentifier(profile, pseudo).apply(ds)
 
     _prepare_file_meta(ds)
-    buf = BytesIO()
-    dcmwrite(buf, ds)  # file meta made complete above: no second validation pass
-    data = buf.getbuffer()
+    chunks = part10.encode(ds, _unchanged(ds, snapshot))
+    digest = hashlib.sha256()
+    size = 0
+    for chunk in chunks:
+        digest.update(chunk)
+        size += len(chunk)
     staging = Path(ctx.staging_dir) / f"{uuid.uuid4().hex}.dcm"
     # Not fsynced here: the store makes a whole batch durable at once before it is indexed.
     with open(staging, "wb") as f:
-        f.write(data)
+        f.writelines(chunks)
     try:
-        return _record(ds, ctx, staging, data)
+        return _record(ds, ctx, staging, size, digest.hexdigest())
     except Exception:
         staging.unlink(missing_ok=True)
         raise
@@ -348,7 +376,9 @@ def _prepare_file_meta(ds: Dataset) -> None:
     ds.preamble = bytes(128)
 
 
-def _record(ds: Dataset, ctx: IntakeContext, staging: Path, data: memoryview) -> InstanceRecord:
+def _record(
+    ds: Dataset, ctx: IntakeContext, staging: Path, size: int, sha256: str
+) -> InstanceRecord:
     full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
     return InstanceRecord(
         collection=ctx.collection,
@@ -358,8 +388,8 @@ def _record(ds: Dataset, ctx: IntakeContext, staging: Path, data: memoryview) ->
         study_uid=str(ds.StudyInstanceUID),
         transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID),
         staging_path=str(staging),
-        size=len(data),
-        sha256=hashlib.sha256(data).hexdigest(),
+        size=size,
+        sha256=sha256,
         instance_number=_int(ds, "InstanceNumber"),
         patient={
             "patient_id": _str(ds, "PatientID") or "",

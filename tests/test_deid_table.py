@@ -455,7 +455,7 @@ def test_known_attributes_sent_as_un_are_deidentified_as_their_dictionary_vr() -
     ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"
     ds[0x0020000E] = DataElement(0x0020000E, "UN", PLANTED_UID.encode())
     ds[0x00080020] = DataElement(0x00080020, "UN", b"20240117")
-    parsed = intake._parse(to_bytes(ds))
+    parsed, _ = intake._read(to_bytes(ds))
     _deidentify(parsed, load_profile("basic", MODIFIED))
     assert parsed.SeriesInstanceUID == Pseudonymizer(KEY).uid(PLANTED_UID)
     assert parsed.StudyDate == _shift("20240117", Pseudonymizer(KEY).date_offset(PATIENT_ID))

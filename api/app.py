@@ -15,7 +15,7 @@ from carina import __version__
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import derived, dicomweb, errors
+from . import derived, dicomweb, errors, rendered
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -78,9 +78,10 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=CORS_EXPOSED,
         )
     # PS3.18 roots a viewer can be pointed at: everything, or one collection.
-    app.include_router(dicomweb.router("/dicomweb"))
+    for root in ("/dicomweb", "/collections/{collection}/dicomweb"):
+        app.include_router(dicomweb.router(root))
+        app.include_router(rendered.router(root))
     app.include_router(derived.router("/api"))
-    app.include_router(dicomweb.router("/collections/{collection}/dicomweb"))
 
     @app.get("/healthz")
     def health() -> dict[str, str]:

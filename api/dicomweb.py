@@ -13,8 +13,8 @@ from pydicom.uid import UID
 
 from carina.archive import collections, index, qido, retrieve, transcode
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
-from carina.runtime import Runtime
 
+from .context import base_url, collection, runtime
 from .errors import http_error
 from .multipart import (
     Loaded,
@@ -29,7 +29,6 @@ from .multipart import (
 
 log = logging.getLogger(__name__)
 
-ROOT = "/dicomweb"
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 OCTET = "application/octet-stream"
@@ -38,26 +37,6 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 WHOLE_OBJECT_MAX = 16 << 20
 # Private block used to say, in words, why a part was refused (next to the FailureReason code).
 _CREATOR = {"vr": "LO", "Value": ["CARINA"]}
-
-
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
-
-
-def _base_url(request: Request) -> str:
-    """The DICOMweb root the request came through: /dicomweb or /collections/{name}/dicomweb."""
-    path = request.url.path
-    root = path[: path.index(ROOT) + len(ROOT)]
-    return f"{request.url.scheme}://{request.url.netloc}{root}"
-
-
-def _collection(request: Request) -> str | None:
-    """The collection a /collections/{name}/dicomweb root is scoped to (NotFound if there is
-    no such collection); None on /dicomweb."""
-    name = request.path_params.get("collection")
-    if name is None:
-        return None
-    return collections.get(_runtime(request).pool, name).name
 
 
 def _accepts(request: Request, *types: str) -> bool:
@@ -190,8 +169,8 @@ async def _stow(request: Request, study: str | None) -> Response:
     if not boundary:
         return http_error(400, "multipart/related without a boundary parameter")
 
-    intake = _runtime(request).intake
-    ctx = intake.context(_collection(request) or collections.DEFAULT, expected_study=study)
+    intake = runtime(request).intake
+    ctx = intake.context(collection(request) or collections.DEFAULT, expected_study=study)
     reader = PartReader(
         boundary,
         intake.sink,
@@ -219,7 +198,7 @@ async def _stow(request: Request, study: str | None) -> Response:
     result = await intake.ingest(payloads(), ctx)
     if not seen:
         return http_error(400, malformed or "multipart body has no parts")
-    return _stow_response(result, _base_url(request))
+    return _stow_response(result, base_url(request))
 
 
 def _stow_response(result: BatchResult, base: str) -> Response:
@@ -280,9 +259,9 @@ def _search(
         request.query_params.multi_items(),
         study=study,
         series=series,
-        collection=_collection(request),
+        collection=collection(request),
     )
-    result = qido.search(_runtime(request).pool, query, _base_url(request))
+    result = qido.search(runtime(request).pool, query, base_url(request))
     warnings = list(result.warnings)
     if result.more:
         warnings.append("There are additional results that can be requested")
@@ -298,8 +277,8 @@ def _search(
 def _retrieve(
     request: Request, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
-    rt = _runtime(request)
-    objects = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    rt = runtime(request)
+    objects = index.instance_objects(rt.pool, study, series, sop, collection(request))
     acceptable = _dicom_accept(request)
     if not acceptable:
         return http_error(406, f'instances are served as multipart/related; type="{DICOM}"')
@@ -381,9 +360,9 @@ def _metadata(
     if not _accepts(request, DICOM_JSON, "application/json"):
         return http_error(406, f"metadata is served as {DICOM_JSON}")
     rows = index.iter_metadata(
-        _runtime(request).pool, study, series, sop, collection=_collection(request)
+        runtime(request).pool, study, series, sop, collection=collection(request)
     )
-    base = f"{_base_url(request)}/studies/{study}"
+    base = f"{base_url(request)}/studies/{study}"
 
     def body() -> Iterator[bytes]:
         piece: list[str] = ["["]
@@ -461,8 +440,8 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
         return http_error(400, str(e))
     if mode == "single" and len(numbers) > 1:
         return http_error(406, f"several frames need a multipart/related response, not {OCTET}")
-    rt = _runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    rt = runtime(request)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, collection(request))
     obj = retrieve.StoredObject(rt.store, key)
     try:
         ranges = retrieve.frame_ranges(obj, syntax, numbers)
@@ -479,15 +458,15 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     mode = _octet_accept(request)
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
-    rt = _runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    rt = runtime(request)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, collection(request))
     obj = retrieve.StoredObject(rt.store, key)
     try:
         r = retrieve.bulk_data_range(obj, syntax, int(tag, 16))
     except BaseException as e:
         obj.close()
         return _retrieve_error(e)
-    url = f"{_base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
+    url = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
     # PS3.18 10.4.3.3.5: each part carries the Content-Location of its BulkDataURI.
     return _octet_response(obj, [({"Content-Location": f"{url}/bulkdata/{tag}"}, r)], mode)
 

@@ -197,6 +197,20 @@ def instance_objects(
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+def first_series(pool: ConnectionPool, study: str, collection: str | None = None) -> str:
+    """The Series Instance UID of a study's first published series, in series number order."""
+    where, params = _scope(study, None, None, collection)
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT i.series_uid FROM instances i JOIN series se ON se.series_uid = i.series_uid"
+            f" WHERE {where} ORDER BY se.series_number NULLS LAST, i.series_uid LIMIT 1",
+            params,
+        ).fetchone()
+    if row is None:
+        raise NotFound("no published instance matches")
+    return row[0]  # type: ignore[no-any-return]
+
+
 def iter_metadata(
     pool: ConnectionPool,
     study: str,

@@ -29,8 +29,17 @@ GZIP_EXCLUDED = (
     "application/dicom",
     "application/octet-stream",
 )
-# Response headers a browser viewer must be allowed to read (QIDO paging warnings, sizes).
-CORS_EXPOSED = ["Warning", "Content-Type", "Content-Length", "Content-Location", "Location"]
+# Response headers a browser viewer must be allowed to read (QIDO paging warnings, sizes,
+# cache validators).
+CORS_EXPOSED = [
+    "Warning",
+    "Content-Type",
+    "Content-Length",
+    "Content-Location",
+    "Location",
+    "ETag",
+    "Last-Modified",
+]
 
 
 def create_app(settings: Settings) -> FastAPI:

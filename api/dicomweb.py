@@ -14,6 +14,7 @@ from pydicom.uid import UID
 from carina.archive import collections, index, qido, retrieve, transcode
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 
+from .conditional import not_modified, validators
 from .context import base_url, collection, runtime
 from .errors import http_error
 from .multipart import (
@@ -290,6 +291,11 @@ def _retrieve(
         if not choices:
             return http_error(406, _unavailable(stored, acceptable))
         plans.append((key, stored, size, choices))
+    version = index.version(rt.pool, study, series, sop, collection(request))
+    cache = validators(version, DICOM, *acceptable)
+    unchanged = not_modified(request, cache)
+    if unchanged is not None:
+        return unchanged
     boundary = new_boundary()
     store = rt.store
 
@@ -316,6 +322,7 @@ def _retrieve(
     return StreamingResponse(
         write_parts(boundary, parts),
         media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+        headers=cache,
     )
 
 
@@ -359,10 +366,14 @@ def _metadata(
 ) -> Response:
     if not _accepts(request, DICOM_JSON, "application/json"):
         return http_error(406, f"metadata is served as {DICOM_JSON}")
-    rows = index.iter_metadata(
-        runtime(request).pool, study, series, sop, collection=collection(request)
-    )
+    pool, scope = runtime(request).pool, collection(request)
     base = f"{base_url(request)}/studies/{study}"
+    # The BulkDataURIs in the body are absolute, so the root the request came through counts.
+    cache = validators(index.version(pool, study, series, sop, scope), DICOM_JSON, base)
+    unchanged = not_modified(request, cache)
+    if unchanged is not None:
+        return unchanged
+    rows = index.iter_metadata(pool, study, series, sop, collection=scope)
 
     def body() -> Iterator[bytes]:
         piece: list[str] = ["["]
@@ -377,7 +388,7 @@ def _metadata(
         piece.append("]")
         yield "".join(piece).encode()
 
-    return StreamingResponse(body(), media_type=DICOM_JSON)
+    return StreamingResponse(body(), media_type=DICOM_JSON, headers=cache)
 
 
 def _absolute_bulk_uris(text: str, study_url: str, series: str | None, sop: str | None) -> str:

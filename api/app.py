@@ -15,7 +15,7 @@ from carina import __version__
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import derived, dicomweb, errors
+from . import derived, dicomweb, errors, rendered
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -29,8 +29,17 @@ GZIP_EXCLUDED = (
     "application/dicom",
     "application/octet-stream",
 )
-# Response headers a browser viewer must be allowed to read (QIDO paging warnings, sizes).
-CORS_EXPOSED = ["Warning", "Content-Type", "Content-Length", "Content-Location", "Location"]
+# Response headers a browser viewer must be allowed to read (QIDO paging warnings, sizes,
+# cache validators).
+CORS_EXPOSED = [
+    "Warning",
+    "Content-Type",
+    "Content-Length",
+    "Content-Location",
+    "Location",
+    "ETag",
+    "Last-Modified",
+]
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -78,9 +87,10 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=CORS_EXPOSED,
         )
     # PS3.18 roots a viewer can be pointed at: everything, or one collection.
-    app.include_router(dicomweb.router("/dicomweb"))
+    for root in ("/dicomweb", "/collections/{collection}/dicomweb"):
+        app.include_router(dicomweb.router(root))
+        app.include_router(rendered.router(root))
     app.include_router(derived.router("/api"))
-    app.include_router(dicomweb.router("/collections/{collection}/dicomweb"))
 
     @app.get("/healthz")
     def health() -> dict[str, str]:

@@ -13,8 +13,9 @@ from pydicom.uid import UID
 
 from carina.archive import collections, index, qido, retrieve, transcode
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
-from carina.runtime import Runtime
 
+from .conditional import not_modified, validators
+from .context import base_url, collection, runtime
 from .errors import http_error
 from .multipart import (
     Loaded,
@@ -29,7 +30,6 @@ from .multipart import (
 
 log = logging.getLogger(__name__)
 
-ROOT = "/dicomweb"
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
 OCTET = "application/octet-stream"
@@ -38,26 +38,6 @@ EXPLICIT_LE = "1.2.840.10008.1.2.1"
 WHOLE_OBJECT_MAX = 16 << 20
 # Private block used to say, in words, why a part was refused (next to the FailureReason code).
 _CREATOR = {"vr": "LO", "Value": ["CARINA"]}
-
-
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
-
-
-def _base_url(request: Request) -> str:
-    """The DICOMweb root the request came through: /dicomweb or /collections/{name}/dicomweb."""
-    path = request.url.path
-    root = path[: path.index(ROOT) + len(ROOT)]
-    return f"{request.url.scheme}://{request.url.netloc}{root}"
-
-
-def _collection(request: Request) -> str | None:
-    """The collection a /collections/{name}/dicomweb root is scoped to (NotFound if there is
-    no such collection); None on /dicomweb."""
-    name = request.path_params.get("collection")
-    if name is None:
-        return None
-    return collections.get(_runtime(request).pool, name).name
 
 
 def _accepts(request: Request, *types: str) -> bool:
@@ -190,8 +170,8 @@ async def _stow(request: Request, study: str | None) -> Response:
     if not boundary:
         return http_error(400, "multipart/related without a boundary parameter")
 
-    intake = _runtime(request).intake
-    ctx = intake.context(_collection(request) or collections.DEFAULT, expected_study=study)
+    intake = runtime(request).intake
+    ctx = intake.context(collection(request) or collections.DEFAULT, expected_study=study)
     reader = PartReader(
         boundary,
         intake.sink,
@@ -219,7 +199,7 @@ async def _stow(request: Request, study: str | None) -> Response:
     result = await intake.ingest(payloads(), ctx)
     if not seen:
         return http_error(400, malformed or "multipart body has no parts")
-    return _stow_response(result, _base_url(request))
+    return _stow_response(result, base_url(request))
 
 
 def _stow_response(result: BatchResult, base: str) -> Response:
@@ -280,9 +260,9 @@ def _search(
         request.query_params.multi_items(),
         study=study,
         series=series,
-        collection=_collection(request),
+        collection=collection(request),
     )
-    result = qido.search(_runtime(request).pool, query, _base_url(request))
+    result = qido.search(runtime(request).pool, query, base_url(request))
     warnings = list(result.warnings)
     if result.more:
         warnings.append("There are additional results that can be requested")
@@ -298,8 +278,8 @@ def _search(
 def _retrieve(
     request: Request, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
-    rt = _runtime(request)
-    objects = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    rt = runtime(request)
+    objects = index.instance_objects(rt.pool, study, series, sop, collection(request))
     acceptable = _dicom_accept(request)
     if not acceptable:
         return http_error(406, f'instances are served as multipart/related; type="{DICOM}"')
@@ -311,6 +291,11 @@ def _retrieve(
         if not choices:
             return http_error(406, _unavailable(stored, acceptable))
         plans.append((key, stored, size, choices))
+    version = index.version(rt.pool, study, series, sop, collection(request))
+    cache = validators(version, DICOM, *acceptable)
+    unchanged = not_modified(request, cache)
+    if unchanged is not None:
+        return unchanged
     boundary = new_boundary()
     store = rt.store
 
@@ -337,6 +322,7 @@ def _retrieve(
     return StreamingResponse(
         write_parts(boundary, parts),
         media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
+        headers=cache,
     )
 
 
@@ -380,10 +366,14 @@ def _metadata(
 ) -> Response:
     if not _accepts(request, DICOM_JSON, "application/json"):
         return http_error(406, f"metadata is served as {DICOM_JSON}")
-    rows = index.iter_metadata(
-        _runtime(request).pool, study, series, sop, collection=_collection(request)
-    )
-    base = f"{_base_url(request)}/studies/{study}"
+    pool, scope = runtime(request).pool, collection(request)
+    base = f"{base_url(request)}/studies/{study}"
+    # The BulkDataURIs in the body are absolute, so the root the request came through counts.
+    cache = validators(index.version(pool, study, series, sop, scope), DICOM_JSON, base)
+    unchanged = not_modified(request, cache)
+    if unchanged is not None:
+        return unchanged
+    rows = index.iter_metadata(pool, study, series, sop, collection=scope)
 
     def body() -> Iterator[bytes]:
         piece: list[str] = ["["]
@@ -398,7 +388,7 @@ def _metadata(
         piece.append("]")
         yield "".join(piece).encode()
 
-    return StreamingResponse(body(), media_type=DICOM_JSON)
+    return StreamingResponse(body(), media_type=DICOM_JSON, headers=cache)
 
 
 def _absolute_bulk_uris(text: str, study_url: str, series: str | None, sop: str | None) -> str:
@@ -461,8 +451,8 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
         return http_error(400, str(e))
     if mode == "single" and len(numbers) > 1:
         return http_error(406, f"several frames need a multipart/related response, not {OCTET}")
-    rt = _runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    rt = runtime(request)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, collection(request))
     obj = retrieve.StoredObject(rt.store, key)
     try:
         ranges = retrieve.frame_ranges(obj, syntax, numbers)
@@ -479,15 +469,15 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     mode = _octet_accept(request)
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
-    rt = _runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    rt = runtime(request)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, collection(request))
     obj = retrieve.StoredObject(rt.store, key)
     try:
         r = retrieve.bulk_data_range(obj, syntax, int(tag, 16))
     except BaseException as e:
         obj.close()
         return _retrieve_error(e)
-    url = f"{_base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
+    url = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
     # PS3.18 10.4.3.3.5: each part carries the Content-Location of its BulkDataURI.
     return _octet_response(obj, [({"Content-Location": f"{url}/bulkdata/{tag}"}, r)], mode)
 

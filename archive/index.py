@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from importlib import resources
 from typing import Protocol
 
@@ -195,6 +196,51 @@ def instance_objects(
     if not rows:
         raise NotFound("no published instance matches")
     return [(r[0], r[1], r[2]) for r in rows]
+
+
+@dataclass(frozen=True)
+class Version:
+    """What identifies the current content of a set of published instances: a digest of
+    their SOP Instance UIDs and content hashes, and when any of them last changed."""
+
+    digest: str
+    modified: datetime
+
+
+def version(
+    pool: ConnectionPool,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    collection: str | None = None,
+) -> Version:
+    """The Version of the published instances in scope; NotFound if there are none."""
+    where, params = _scope(study, series, sop, collection)
+    with pool.connection() as conn:
+        digest, modified = conn.execute(
+            "SELECT md5(string_agg(i.sop_uid || ':' || i.sha256, ',' ORDER BY i.sop_uid)),"
+            " max(greatest(i.updated_at, se.updated_at))"
+            " FROM instances i JOIN series se ON se.series_uid = i.series_uid"
+            f" WHERE {where}",
+            params,
+        ).fetchone()  # type: ignore[misc]
+    if digest is None:
+        raise NotFound("no published instance matches")
+    return Version(digest, modified)
+
+
+def first_series(pool: ConnectionPool, study: str, collection: str | None = None) -> str:
+    """The Series Instance UID of a study's first published series, in series number order."""
+    where, params = _scope(study, None, None, collection)
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT i.series_uid FROM instances i JOIN series se ON se.series_uid = i.series_uid"
+            f" WHERE {where} ORDER BY se.series_number NULLS LAST, i.series_uid LIMIT 1",
+            params,
+        ).fetchone()
+    if row is None:
+        raise NotFound("no published instance matches")
+    return row[0]  # type: ignore[no-any-return]
 
 
 def iter_metadata(

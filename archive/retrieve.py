@@ -63,6 +63,11 @@ class StoredObject:
         """Release the file."""
         self._file.close()
 
+    @property
+    def file(self) -> BinaryIO:
+        """The seekable file itself, for readers that take one (pydicom's frame decoding)."""
+        return self._file
+
     def header(self, *, with_pixels: bool) -> RawDataset:
         """The dataset with every long value left unread (value offsets kept)."""
         self._file.seek(0)

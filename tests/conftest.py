@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from psycopg.conninfo import make_conninfo
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from bench.servers import OrthancServer, find_orthanc  # noqa: E402 - needs REPO on the path
 
 
 @pytest.fixture(scope="session")
@@ -162,3 +165,15 @@ def server_factory(
 def server(server_factory: Callable[..., Server]) -> Server:
     """One running Carina for a test module (filesystem store)."""
     return server_factory()
+
+
+@contextmanager
+def running_orthanc(**config: object) -> Iterator[OrthancServer]:
+    """Debian's Orthanc with its DICOMweb plugin (bench/servers.py's settings), with config
+    merged over them, running for the duration of the block."""
+    found = find_orthanc()
+    assert found is not None, "Orthanc and its DICOMweb plugin are test requirements"
+    server = OrthancServer(*found)
+    server.config.update(config)
+    with server:
+        yield server

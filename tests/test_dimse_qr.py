@@ -26,9 +26,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     StudyRootQueryRetrieveInformationModelMove,
 )
 
-from bench.servers import OrthancServer, find_orthanc
+from bench.servers import OrthancServer
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
-from tests.conftest import Server, free_port, run_cli
+from tests.conftest import Server, free_port, run_cli, running_orthanc
 from tests.factory import Phi, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -547,21 +547,17 @@ def _image_query(study: str, series: str) -> Dataset:
 def orthanc(archive: Archive, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OrthancServer]:
     """Orthanc with its DICOM server on, knowing Carina as modality `carina`; registered in
     Carina as ORTHANC for COLLECTION."""
-    found = find_orthanc()
-    assert found is not None, "Orthanc and its DICOMweb plugin are test requirements"
-    server = OrthancServer(*found)
-    server.config.update(
+    with running_orthanc(
         DicomServerEnabled=True,
         DicomAet="ORTHANC",
         DicomModalities={"carina": ["CARINA", "127.0.0.1", archive.port]},
-    )
-    cli_dir = tmp_path_factory.mktemp("cli-orthanc")
-    done = run_cli(
-        archive.database_url, cli_dir, "ae", "add", "ORTHANC", "--collection", COLLECTION,
-        "--host", "127.0.0.1", "--port", str(server.config["DicomPort"]),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr
-    with server:
+    ) as server:
+        cli_dir = tmp_path_factory.mktemp("cli-orthanc")
+        done = run_cli(
+            archive.database_url, cli_dir, "ae", "add", "ORTHANC", "--collection", COLLECTION,
+            "--host", "127.0.0.1", "--port", str(server.config["DicomPort"]),
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
         yield server
 
 

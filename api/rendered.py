@@ -1,0 +1,207 @@
+"""WADO-RS rendered and thumbnail resources (PS3.18 10.4.1.1.3-4, 8.3.5): consumer images
+(JPEG, PNG) of stored frames, for viewers and pages that cannot read DICOM."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from carina.archive import index, render, retrieve
+from carina.archive.render import Rendering
+from carina.archive.storage import ObjectStore
+
+from .context import collection, runtime
+from .errors import http_error
+from .multipart import Loaded, new_boundary, parse_media_type, write_parts
+
+MULTIPART = "multipart/related"
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """The negotiated answer: an image media type, alone or as parts of multipart/related."""
+
+    media_type: str
+    multipart: bool
+
+
+def router(prefix: str) -> APIRouter:
+    """The rendered and thumbnail routes of one DICOMweb root."""
+    r = APIRouter(prefix=prefix)
+    instance = "/studies/{study}/series/{series}/instances/{sop}"
+
+    @r.get("/studies/{study}/series/{series}/rendered")
+    def series_rendered(request: Request, study: str, series: str) -> Response:
+        return _rendered(request, study, series)
+
+    @r.get(instance + "/rendered")
+    def instance_rendered(request: Request, study: str, series: str, sop: str) -> Response:
+        return _rendered(request, study, series, sop)
+
+    @r.get(instance + "/frames/{frames}/rendered")
+    def frames_rendered(
+        request: Request, study: str, series: str, sop: str, frames: str
+    ) -> Response:
+        return _rendered(request, study, series, sop, frames)
+
+    @r.get("/studies/{study}/thumbnail")
+    def study_thumbnail(request: Request, study: str) -> Response:
+        return _thumbnail(request, study)
+
+    @r.get("/studies/{study}/series/{series}/thumbnail")
+    def series_thumbnail(request: Request, study: str, series: str) -> Response:
+        return _thumbnail(request, study, series)
+
+    @r.get(instance + "/thumbnail")
+    def instance_thumbnail(request: Request, study: str, series: str, sop: str) -> Response:
+        return _thumbnail(request, study, series, sop)
+
+    @r.get(instance + "/frames/{frames}/thumbnail")
+    def frame_thumbnail(
+        request: Request, study: str, series: str, sop: str, frames: str
+    ) -> Response:
+        return _thumbnail(request, study, series, sop, frames)
+
+    return r
+
+
+def _negotiate(request: Request) -> _Choice | None:
+    """The rendered media type to answer in (PS3.18 8.7.4): the `accept` query parameter if
+    given (8.3.3.1), else the Accept header; highest q first; JPEG for wildcards and no header."""
+    header = request.query_params.get("accept") or request.headers.get("accept") or "*/*"
+    ranked: list[tuple[float, int, _Choice]] = []
+    for n, item in enumerate(header.split(",")):
+        mtype, params = parse_media_type(item.strip())
+        try:
+            q = float(params.get("q", "1"))
+        except ValueError:
+            q = 1.0
+        multipart = mtype == MULTIPART
+        if multipart:
+            mtype = params.get("type", "").lower()
+        if mtype in ("*/*", "image/*", "multipart/*"):
+            mtype = render.JPEG
+        if q > 0 and mtype in render.MEDIA_TYPES:
+            ranked.append((-q, n, _Choice(mtype, multipart)))
+    return min(ranked, key=lambda t: t[:2])[2] if ranked else None
+
+
+def _not_acceptable() -> Response:
+    types = " or ".join(render.MEDIA_TYPES)
+    return http_error(406, f"rendered images are served as {types} (or multipart/related of them)")
+
+
+def _rendered(
+    request: Request,
+    study: str,
+    series: str,
+    sop: str | None = None,
+    frame_list: str | None = None,
+) -> Response:
+    choice = _negotiate(request)
+    if choice is None:
+        return _not_acceptable()
+    try:
+        rendering = _rendering(request, choice.media_type)
+        numbers = retrieve.parse_frame_list(frame_list) if frame_list else [1]
+    except retrieve.InvalidRequest as e:
+        return http_error(400, str(e))
+    rt = runtime(request)
+    objects = index.instance_objects(rt.pool, study, series, sop, collection(request))
+    if sop is None:
+        # Series: every instance's first frame as parts, or the first instance alone (as
+        # Orthanc answers, and as dicomweb-client reads a single image).
+        targets = [(key, 1) for key, _, _ in objects]
+        if not choice.multipart:
+            targets = targets[:1]
+    else:
+        [(key, _, _)] = objects
+        targets = [(key, n) for n in numbers]
+        if len(targets) > 1 and not choice.multipart:
+            return http_error(406, "several frames need a multipart/related response")
+    return _answer(rt.store, targets, rendering, choice, check_frames=frame_list is not None)
+
+
+def _thumbnail(
+    request: Request,
+    study: str,
+    series: str | None = None,
+    sop: str | None = None,
+    frame: str | None = None,
+) -> Response:
+    """One small image standing for the resource (PS3.18 10.4.3.3.4): the middle instance of
+    the first series (the middle of a stack is more telling than its first slice)."""
+    choice = _negotiate(request)
+    if choice is None:
+        return _not_acceptable()
+    try:
+        rendering = _rendering(request, choice.media_type, thumbnail=True)
+        numbers = retrieve.parse_frame_list(frame) if frame else [1]
+    except retrieve.InvalidRequest as e:
+        return http_error(400, str(e))
+    if len(numbers) > 1:
+        return http_error(400, "a thumbnail is of one frame")
+    rt = runtime(request)
+    scope = collection(request)
+    if series is None:
+        series = index.first_series(rt.pool, study, scope)
+    objects = index.instance_objects(rt.pool, study, series, sop, scope)
+    key = objects[len(objects) // 2][0]
+    return _answer(rt.store, [(key, numbers[0])], rendering, choice, check_frames=True)
+
+
+def _rendering(request: Request, media_type: str, thumbnail: bool = False) -> Rendering:
+    """The rendering the query parameters ask for (PS3.18 8.3.5.1); InvalidRequest if a value
+    is malformed. Thumbnails take only `viewport` (8.3.5.2) and fit in THUMBNAIL_SIZE."""
+    q = request.query_params
+    viewport = render.parse_viewport(q["viewport"]) if "viewport" in q else None
+    if thumbnail:
+        return Rendering(media_type, viewport=viewport).fitted(render.THUMBNAIL_SIZE)
+    window = render.parse_window(q["window"]) if "window" in q else None
+    quality = render.parse_quality(q["quality"]) if "quality" in q else render.DEFAULT_QUALITY
+    return Rendering(media_type, window, viewport, quality)
+
+
+def _answer(
+    store: ObjectStore,
+    targets: list[tuple[str, int]],
+    rendering: Rendering,
+    choice: _Choice,
+    check_frames: bool,
+) -> Response:
+    """The rendered targets (object key, frame): one image, or one part each. A single image
+    is rendered before the status goes out, so every error gets its own status; for parts,
+    the frame numbers are checked first (check_frames) and each part is rendered as sent."""
+    try:
+        if not choice.multipart:
+            [(key, frame)] = targets
+            return Response(_render(store, key, frame, rendering), media_type=choice.media_type)
+        if check_frames:
+            with retrieve.StoredObject(store, targets[0][0]) as obj:
+                render.check_frames(obj.file, [n for _, n in targets])
+    except retrieve.InvalidRequest as e:
+        return http_error(400, str(e))
+    except retrieve.NotRetrievable as e:
+        return http_error(406, str(e))
+
+    def loader(key: str, frame: int) -> Callable[[], Loaded]:
+        def load() -> Loaded:
+            data = _render(store, key, frame, rendering)
+            return Loaded(choice.media_type, data, len(data))
+
+        return load
+
+    boundary = new_boundary()
+    parts = [(choice.media_type, None, loader(key, n)) for key, n in targets]
+    return StreamingResponse(
+        write_parts(boundary, parts),
+        media_type=f'{MULTIPART}; type="{choice.media_type}"; boundary={boundary}',
+    )
+
+
+def _render(store: ObjectStore, key: str, frame: int, rendering: Rendering) -> bytes:
+    with retrieve.StoredObject(store, key) as obj:
+        return render.render(obj.file, frame, rendering)

@@ -93,6 +93,21 @@ def test_table_matches_extraction(tmp_path: Path, rows: list[dict[str, str]]) ->
     assert len(rows) == 613
 
 
+def test_safe_private_table_matches_extraction(tmp_path: Path) -> None:
+    # extract_safe_private.py also checks the source rows against PyMedPhys' recorded digest.
+    out = tmp_path / "safe_private.csv"
+    run_script("extract_safe_private.py", "--output", str(out))
+    assert out.read_bytes() == (PROFILES / "safe_private.csv").read_bytes()
+
+
+def test_safe_private_source_is_refused_when_altered(tmp_path: Path) -> None:
+    source = tmp_path / "table_e3_10_1.txt"
+    text = (PROFILES / "source" / "table_e3_10_1.txt").read_text(encoding="utf-8")
+    source.write_text(text.replace("|B Value", "|B Valve"), encoding="utf-8")
+    with pytest.raises(subprocess.CalledProcessError):
+        run_script("extract_safe_private.py", "--source", str(source), "--output", "/dev/null")
+
+
 def test_table_sorted_and_unique(rows: list[dict[str, str]]) -> None:
     tags = [row["tag"] for row in rows]
     assert len(tags) == len(set(tags))

@@ -356,7 +356,7 @@ def _with_private(ds: Dataset) -> Dataset:
 @pytest.mark.parametrize("option", PROFILES, ids=[o or "basic" for o in PROFILES])
 def test_private_attributes_are_removed_at_every_level(option: str | None) -> None:
     # PS3.15 E.1-1 "Private attributes": X. Retain Safe Private (E.3.10) keeps only attributes
-    # known safe (Table E.3.10-1), which Carina does not list: so under it too, none of these.
+    # known safe (Table E.3.10-1, tests/test_deid_safe_private.py); none of these is.
     ds = _with_private(_minimal())
     item = _with_private(Dataset())
     item.CodeValue = "39607008"

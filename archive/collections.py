@@ -18,7 +18,8 @@ Visibility = Literal["public", "restricted"]
 DEFAULT = "default"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _COLUMNS = (
-    "name, visibility, description, license, citation, deid_profile, deid_options, created_at"
+    "name, visibility, description, license, citation, deid_profile, deid_options, created_at,"
+    " mapping_version"
 )
 
 
@@ -42,6 +43,7 @@ class Collection:
     deid_profile: str
     deid_options: list[str]
     created_at: datetime
+    mapping_version: int = 0  # of its pseudonym mapping (archive/mappings.py); 0: none
 
     @property
     def options(self) -> tuple[str, ...]:

@@ -142,6 +142,35 @@ def _collection_list(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _collection_mapping(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import collections, mappings
+    from carina.archive.errors import NotFound
+    from carina.curation.mapping_file import MappingFileError, read_mapping_file
+    from carina.curation.pseudonyms import Pseudonymizer, collection_key
+
+    # The digests are keyed like the collection's pseudonyms: the server must share this key.
+    pseudo = Pseudonymizer(collection_key(settings.master_key, args.name))
+    try:
+        collections.check_name(args.name)
+        with open(args.file, "rb") as f:
+            subjects = read_mapping_file(f.read(), pseudo)
+    except (OSError, collections.InvalidCollection, MappingFileError) as e:
+        reason = f"cannot read {args.file}: {e.strerror}" if isinstance(e, OSError) else str(e)
+        print(f"carina: {reason}", file=sys.stderr)
+        return 1
+    with _ae_pool(settings) as pool:
+        try:
+            version = mappings.replace(pool, args.name, pseudo.key_check(), subjects)
+        except NotFound as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+    print(
+        f"collection {args.name}: pseudonym mapping version {version} with {len(subjects)} "
+        "subjects; instances received from now on use it"
+    )
+    return 0
+
+
 def _fsck(settings: Settings, args: argparse.Namespace) -> int:
     from carina.archive import fsck
     from carina.runtime import open_store
@@ -215,6 +244,18 @@ def build_parser() -> argparse.ArgumentParser:
     create.set_defaults(func=_collection_create)
     coll_list = coll_sub.add_parser("list", help="list collections")
     coll_list.set_defaults(func=_collection_list)
+    mapping = coll_sub.add_parser(
+        "mapping",
+        help="load a submitter's pseudonym mapping (original PatientID -> research ID)",
+    )
+    mapping.add_argument("name", help="the collection")
+    mapping.add_argument(
+        "--file",
+        required=True,
+        help="CSV with a header row: original_id,research_id[,research_name]; replaces the "
+        "collection's mapping",
+    )
+    mapping.set_defaults(func=_collection_mapping)
     ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
     ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")

@@ -3,6 +3,7 @@ one pass over each dataset (PS3.15 Annex E). Pixel data bytes are never touched.
 
 from __future__ import annotations
 
+import csv
 import datetime as dt
 import logging
 import re
@@ -145,6 +146,9 @@ class Profile:
     additions: tuple[tuple[int, str], ...]
     keep_private: bool = False
     shift_dates: bool = field(default=False)
+    # (private creator, group, element offset) -> the VRs the safe attribute may have (empty:
+    # any), from PS3.15 Table E.3.10-1 and the collection's own list; used when keep_private.
+    safe_private: dict[tuple[str, int, int], frozenset[str]] = field(default_factory=dict)
 
     def rule_for(self, tag: int) -> Rule | None:
         """The rule for a tag: exact match first, then the first matching mask."""
@@ -239,11 +243,24 @@ def compile_recipes(name: str, options: Iterable[str], paths: Iterable[Path]) ->
         masks=tuple((m, v, r) for (m, v), r in ordered),
         additions=tuple(additions.items()),
         # PS3.15 E.3.10: Retain Safe Private keeps only the private attributes known to be safe
-        # (Table E.3.10-1 and the like). Carina holds no such list, so every private attribute
-        # is still removed under the option (the Basic Profile's X for private attributes).
-        keep_private=False,
+        # (Table E.3.10-1); without it every private attribute goes (E.1-1: X).
+        keep_private="retain_safe_private" in opts,
         shift_dates="retain_long_modified_dates" in opts,
+        safe_private=safe_private_table() if "retain_safe_private" in opts else {},
     )
+
+
+@lru_cache(maxsize=1)
+def safe_private_table() -> dict[tuple[str, int, int], frozenset[str]]:
+    """PS3.15 Table E.3.10-1 (deid_profiles/safe_private.csv) keyed as Profile.safe_private."""
+    path = resources.files("carina.deid_profiles") / "safe_private.csv"
+    with path.open(encoding="utf-8", newline="") as f:
+        return {
+            (r["private_creator"], int(r["group"], 16), int(r["element"], 16)): frozenset(
+                v for v in r["vr"].split("/") if v
+            )
+            for r in csv.DictReader(f)
+        }
 
 
 @lru_cache(maxsize=16)
@@ -299,10 +316,18 @@ class Deidentifier:
 
     def _walk(self, ds: Dataset, ctx: _Context) -> None:
         profile = self.profile
+        creators: list[BaseTag] = []
+        kept_blocks: set[int] = set()
         for tag in list(ds.keys()):
             tag = BaseTag(tag)
             if tag.is_private:
                 if not profile.keep_private:
+                    del ds[tag]
+                elif tag.is_private_creator:
+                    creators.append(tag)  # kept below if its block keeps an attribute
+                elif self._keep_safe_private(ds, tag, ctx):
+                    kept_blocks.add(tag & 0xFFFFFF00)
+                else:
                     del ds[tag]
                 continue
             # Group 0002 here is not the file meta (pydicom keeps that in ds.file_meta), so the
@@ -317,6 +342,32 @@ class Deidentifier:
                         self._walk(item, ctx)
                 continue
             self._apply_rule(ds, tag, vr, rule, ctx)
+        for tag in creators:
+            # PS3.5 7.8.1: creator (gggg,00bb) reserves the block (gggg,bb00-bbFF).
+            if (tag.group << 16) | (tag.element << 8) not in kept_blocks:
+                del ds[tag]
+
+    def _keep_safe_private(self, ds: Dataset, tag: BaseTag, ctx: _Context) -> bool:
+        """PS3.15 E.3.10: keep a private attribute only if its creator and element offset are
+        on the safe list with a matching VR; a safe UI value is remapped like any UID and a safe
+        sequence's items are cleaned like any other."""
+        block = tag.element >> 8
+        if block < 0x10:
+            return False  # (gggg,0000-0FFF) holds no creator-reserved attribute
+        creator_elem = ds.get((tag.group << 16) | block)
+        creator = _creator_text(creator_elem.value) if creator_elem is not None else ""
+        vrs = self.profile.safe_private.get((creator, tag.group, tag.element & 0xFF))
+        if vrs is None:
+            return False
+        elem = ds[tag]
+        if vrs and elem.VR != "UN" and elem.VR not in vrs:
+            return False  # not the attribute the table describes: its value could be anything
+        if elem.VR == "SQ":
+            for item in elem.value or []:
+                self._walk(item, ctx)
+        elif elem.VR == "UI" and "retain_uids" not in self.profile.options:
+            ds[tag] = DataElement(tag, "UI", _map_values(elem.value, ctx.pseudo.uid))
+        return True
 
     def _apply_rule(self, ds: Dataset, tag: BaseTag, vr: str, rule: Rule, ctx: _Context) -> None:
         op = rule.op
@@ -423,6 +474,13 @@ class _Context:
         if self._offset is None:
             self._offset = self.pseudo.date_offset(self.original_pid)
         return self._offset
+
+
+def _creator_text(value: object) -> str:
+    """A Private Creator value as text (bytes when read as UN), without padding."""
+    if isinstance(value, bytes):
+        value = value.decode("latin-1")
+    return str(value).strip(" \x00")
 
 
 def _vr_of(tag: BaseTag) -> str:

@@ -39,7 +39,7 @@ from carina.archive.storage import ObjectStore
 from . import part10
 from .deid import Deidentifier, load_profile
 from .errors import CurationError, InstanceRefused
-from .pseudonyms import Pseudonymizer, collection_key
+from .pseudonyms import Pseudonymizer, collection_key, mapped_pseudonymizer
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,7 @@ class IntakeContext:
     options: tuple[str, ...]
     staging_dir: str
     expected_study: str | None = None
+    mapping_version: int = 0  # of the collection's pseudonym mapping; 0: it has none
 
 
 @dataclass(frozen=True)
@@ -288,14 +289,19 @@ class SlotRef:
 
 
 Payload = bytes | bytearray | str | SlotRef
-# Worker side: the intake's shared-memory slots, attached once per worker process.
+# Worker side: the intake's shared-memory slots, attached once per worker process, and the
+# database URL pseudonym mappings are read from.
 _SLOTS: list[shared_memory.SharedMemory] = []
+_DATABASE: list[str] = []
 
 
 @lru_cache(maxsize=64)
-def _pseudonymizer(key: bytes) -> Pseudonymizer:
-    """One per collection key in each worker, so its UID cache outlives a single instance."""
-    return Pseudonymizer(key)
+def _pseudonymizer(key: bytes, collection: str, mapping_version: int) -> Pseudonymizer:
+    """One per collection key and mapping version in each worker, so its UID cache outlives a
+    single instance and a mapping is read once per worker, not once per instance."""
+    if not mapping_version:
+        return Pseudonymizer(key)
+    return mapped_pseudonymizer(key, _DATABASE[0], collection)
 
 
 def process_part(payload: Payload, ctx: IntakeContext) -> Outcome:
@@ -330,7 +336,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     except InstanceRefused as r:
         return Refusal(r.code, r.reason, sop_class, original_sop)
 
-    pseudo = _pseudonymizer(ctx.key)
+    pseudo = _pseudonymizer(ctx.key, ctx.collection, ctx.mapping_version)
     if ctx.expected_study is not None:
         original_study = str(ds.StudyInstanceUID)
         if ctx.expected_study not in (original_study, pseudo.uid(original_study)):
@@ -430,10 +436,13 @@ def quiet_pydicom() -> None:
     logging.getLogger("pydicom").setLevel(logging.ERROR)
 
 
-def _warm_up(profile: str, options: tuple[str, ...], slot_names: tuple[str, ...]) -> None:
+def _warm_up(
+    profile: str, options: tuple[str, ...], slot_names: tuple[str, ...], database: str
+) -> None:
     quiet_pydicom()
     load_profile(profile, options)
     _SLOTS[:] = [_attach(name) for name in slot_names]
+    _DATABASE[:] = [database]
 
 
 def _attach(name: str) -> shared_memory.SharedMemory:
@@ -516,7 +525,7 @@ class Intake:
         self.workers = max(1, workers)
         self._lock = threading.Lock()
         self._since_analyze = 0
-        self._profiles: dict[str, tuple[float, str, tuple[str, ...]]] = {}
+        self._profiles: dict[str, tuple[float, str, tuple[str, ...], int]] = {}
         quiet_pydicom()  # this process parses too (DIMSE handlers)
         load_profile(profile, options)  # fail at start-up, not on the first instance
         # Parts reach the workers through shared memory (one copy, no pickling through a
@@ -539,7 +548,12 @@ class Intake:
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("forkserver"),
             initializer=_warm_up,
-            initargs=(profile, options, tuple(slot.name for slot in self._slots)),
+            initargs=(
+                profile,
+                options,
+                tuple(slot.name for slot in self._slots),
+                getattr(pool, "conninfo", ""),
+            ),
         )
         # Start every worker now (the pool starts them lazily), so the first request is not
         # the one that pays for process start-up and profile compilation.
@@ -562,7 +576,7 @@ class Intake:
     ) -> IntakeContext:
         """The worker context for a collection: its own key and its own de-identification
         profile and options (NotFound for an unknown collection)."""
-        profile, options = self._profile_of(collection)
+        profile, options, mapping_version = self._profile_of(collection)
         return IntakeContext(
             collection=collection,
             key=collection_key(self.master_key, collection),
@@ -570,20 +584,27 @@ class Intake:
             options=options,
             staging_dir=str(self.staging_dir),
             expected_study=expected_study,
+            mapping_version=mapping_version,
         )
 
-    def _profile_of(self, collection: str) -> tuple[str, tuple[str, ...]]:
-        """A collection's profile and options, read at most every PROFILE_TTL seconds."""
+    def _profile_of(self, collection: str) -> tuple[str, tuple[str, ...], int]:
+        """A collection's profile, options and mapping version, read at most every
+        PROFILE_TTL seconds."""
         now = time.monotonic()
         with self._lock:
             cached = self._profiles.get(collection)
         if cached is not None and now - cached[0] < PROFILE_TTL:
-            return cached[1], cached[2]
+            return cached[1:]
         found = collections.get(self.db_pool, collection)  # type: ignore[arg-type]
         load_profile(found.deid_profile, found.options)  # a broken profile fails here, early
         with self._lock:
-            self._profiles[collection] = (now, found.deid_profile, found.options)
-        return found.deid_profile, found.options
+            self._profiles[collection] = (
+                now,
+                found.deid_profile,
+                found.options,
+                found.mapping_version,
+            )
+        return found.deid_profile, found.options, found.mapping_version
 
     async def ingest(
         self, payloads: AsyncIterator[bytearray | str | Refusal], ctx: IntakeContext

@@ -10,6 +10,12 @@ import base64
 import hashlib
 import hmac
 import uuid
+from collections.abc import Mapping
+
+from carina.archive import mappings
+from carina.archive.mappings import Subject
+
+from .errors import InstanceRefused
 
 # Dates move back by 1..MAX_SHIFT_DAYS days, the same for every date of one patient.
 MAX_SHIFT_DAYS = 3650
@@ -18,9 +24,13 @@ MAX_SHIFT_DAYS = 3650
 class Pseudonymizer:
     """Deterministic, keyed replacement values for one collection."""
 
-    def __init__(self, key: bytes, id_prefix: str = "") -> None:
+    def __init__(
+        self, key: bytes, id_prefix: str = "", subjects: Mapping[bytes, Subject] | None = None
+    ) -> None:
         self._key = key
         self._id_prefix = id_prefix
+        # A submitter's mapping file: subject digest -> research identity (archive/mappings.py).
+        self._subjects = subjects or {}
         # PS3.5 B.2 / ITU-T X.667: a 2.25 UID is a UUID as an integer. Name-based (version 5)
         # UUIDs in a namespace that only this key knows.
         self._namespace = uuid.UUID(bytes=self._digest(b"uid-namespace")[:16])
@@ -40,13 +50,29 @@ class Pseudonymizer:
             self._uids[original] = new
         return new
 
+    def subject_digest(self, original_id: str) -> bytes:
+        """The keyed digest that stands for an original PatientID in a pseudonym mapping."""
+        return self._digest(b"subject:" + original_id.strip().encode())
+
+    def key_check(self) -> bytes:
+        """A value that says which key made a mapping's digests, and reveals nothing of it."""
+        return self._digest(b"mapping-key-check")
+
     def patient_id(self, original: str) -> str:
-        """The research ID that replaces an original PatientID (at most 64 characters)."""
+        """The research ID that replaces an original PatientID (at most 64 characters): the
+        submitter's mapping where it names the patient, else a keyed code."""
+        subject = self._subjects.get(self.subject_digest(original)) if self._subjects else None
+        if subject is not None:
+            return subject.research_id
         code = base64.b32encode(self._digest(b"pid:" + original.encode())[:10]).decode()
         return (self._id_prefix + code)[:64]
 
     def patient_name(self, original_id: str) -> str:
-        """The PatientName of a pseudonymised patient: the research ID, as TCIA does."""
+        """The PatientName of a pseudonymised patient: the mapping's research name, else the
+        research ID, as TCIA does."""
+        subject = self._subjects.get(self.subject_digest(original_id)) if self._subjects else None
+        if subject is not None and subject.research_name:
+            return subject.research_name
         return self.patient_id(original_id)
 
     def date_offset(self, original_id: str) -> int:
@@ -58,3 +84,16 @@ class Pseudonymizer:
 def collection_key(master_key: bytes, collection: str) -> bytes:
     """The key of one collection, derived from the master key (different collections differ)."""
     return hmac.new(master_key, b"collection:" + collection.encode(), hashlib.sha256).digest()
+
+
+def mapped_pseudonymizer(key: bytes, conninfo: str, collection: str) -> Pseudonymizer:
+    """The Pseudonymizer of a collection that has a pseudonym mapping, read from the database.
+    A mapping made with another key would silently leave every mapped patient unmapped, so it
+    refuses the instance instead (PS3.4 0x0110 processing failure)."""
+    mapping = mappings.load(conninfo, collection)
+    pseudo = Pseudonymizer(key, subjects=mapping.subjects)
+    if mapping.subjects and mapping.key_check != pseudo.key_check():
+        raise InstanceRefused(
+            0x0110, "the collection's pseudonym mapping was loaded with another secret key"
+        )
+    return pseudo

@@ -54,10 +54,12 @@ def database_url(pg_admin_url: str, request: pytest.FixtureRequest) -> Iterator[
         )
 
 
-def run_cli(database_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    database_url: str, cwd: Path, *args: str, **extra_env: str
+) -> subprocess.CompletedProcess[str]:
     """Run `python -m carina ARGS` on a database, as an admin at a shell would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARINA_")}
-    env.update(DATABASE_URL=database_url, CARINA_DATA_DIR=str(cwd / "data"))
+    env.update(DATABASE_URL=database_url, CARINA_DATA_DIR=str(cwd / "data"), **extra_env)
     return subprocess.run(
         [sys.executable, "-m", "carina", *args],
         env=env,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILES = ROOT / "deid_profiles"
-SOURCE = PROFILES / "source" / "confidentiality_profile_attributes.json"
+SOURCE = PROFILES / "source" / "table_e1_1.txt"
 TABLE = PROFILES / "table_e1_1.csv"
 RECIPES = PROFILES / "recipes"
 
@@ -79,10 +78,18 @@ def quiet_deid(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(bot, "level", 1)
 
 
-def test_source_json_is_plausible() -> None:
-    entries = json.loads(SOURCE.read_text(encoding="utf-8"))
-    assert len(entries) == 614
-    assert all({"name", "tag", "basicProfile", "id"} <= entry.keys() for entry in entries)
+def test_source_is_the_2026d_table() -> None:
+    lines = [line for line in SOURCE.read_text(encoding="utf-8").splitlines() if line[:1] != "#"]
+    assert len(lines) == 657  # 656 tags and masks, and the "Private Attributes" row
+    assert "# DICOM PS3.15 2026d Table E.1-1" in SOURCE.read_text(encoding="utf-8")
+
+
+def test_table_source_is_refused_when_altered(tmp_path: Path) -> None:
+    source = tmp_path / "table_e1_1.txt"
+    text = SOURCE.read_text(encoding="utf-8")
+    source.write_text(text.replace("(003A,0203)|0|1|X|", "(003A,0203)|0|1|K|"), encoding="utf-8")
+    with pytest.raises(subprocess.CalledProcessError):
+        run_script("extract_table.py", "--source", str(source), "--output", "/dev/null")
 
 
 def test_table_matches_extraction(tmp_path: Path, rows: list[dict[str, str]]) -> None:
@@ -90,7 +97,22 @@ def test_table_matches_extraction(tmp_path: Path, rows: list[dict[str, str]]) ->
     run_script("extract_table.py", "--output", str(out))
     assert out.read_bytes() == TABLE.read_bytes()
     assert TABLE.read_text(encoding="utf-8").splitlines()[0] == ",".join(COLUMNS)
-    assert len(rows) == 613
+    assert len(rows) == 656
+
+
+def test_safe_private_table_matches_extraction(tmp_path: Path) -> None:
+    # extract_safe_private.py also checks the source rows against PyMedPhys' recorded digest.
+    out = tmp_path / "safe_private.csv"
+    run_script("extract_safe_private.py", "--output", str(out))
+    assert out.read_bytes() == (PROFILES / "safe_private.csv").read_bytes()
+
+
+def test_safe_private_source_is_refused_when_altered(tmp_path: Path) -> None:
+    source = tmp_path / "table_e3_10_1.txt"
+    text = (PROFILES / "source" / "table_e3_10_1.txt").read_text(encoding="utf-8")
+    source.write_text(text.replace("|B Value", "|B Valve"), encoding="utf-8")
+    with pytest.raises(subprocess.CalledProcessError):
+        run_script("extract_safe_private.py", "--source", str(source), "--output", "/dev/null")
 
 
 def test_table_sorted_and_unique(rows: list[dict[str, str]]) -> None:
@@ -134,7 +156,7 @@ def test_recipe_parses_one_action_per_row(
     ("tag", "keyword", "column", "code"),
     [
         ("(0010,0010)", "PatientName", "basic", "Z"),
-        ("(0010,0020)", "PatientID", "basic", "Z"),
+        ("(0010,0020)", "PatientID", "basic", "Z/D"),
         ("(0020,000D)", "StudyInstanceUID", "basic", "U"),
         ("(0020,000D)", "StudyInstanceUID", "retain_uids", "K"),
         ("(0010,0030)", "PatientBirthDate", "basic", "Z"),
@@ -144,6 +166,11 @@ def test_recipe_parses_one_action_per_row(
         ("(0008,0080)", "InstitutionName", "retain_institution_identity", "K"),
         ("(0008,1120)", "ReferencedPatientSequence", "retain_uids", "K"),
         ("(50xx,xxxx)", "", "clean_graphics", "C"),
+        # Rows the 2024a copy lacked: where tools working from older tables leak.
+        ("(0012,0041)", "IssuerOfClinicalTrialSubjectID", "basic", "X"),
+        ("(003A,0203)", "ChannelLabel", "basic", "X"),
+        ("(003A,0203)", "ChannelLabel", "clean_descriptors", "C"),
+        ("(0032,1033)", "RequestingService", "clean_descriptors", "C"),
     ],
 )
 def test_spot_checks(

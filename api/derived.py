@@ -1,23 +1,30 @@
-"""Search of derived objects: SEG segments and TID 1500 SR measurements, as JSON or CSV."""
+"""Search of derived objects: SEG segments, TID 1500 SR measurements, SR 3D landmarks and the
+derived objects themselves with their source series, as JSON, CSV or Parquet."""
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from carina.archive import derived
-from carina.archive.derived import Code, MeasurementQuery, SegmentQuery
+from carina.archive.derived import (
+    Code,
+    DerivedObjectQuery,
+    LandmarkQuery,
+    MeasurementQuery,
+    SegmentQuery,
+)
 from carina.runtime import Runtime
 
+from . import export
 from .errors import http_error
+from .export import Column
 
 # A coded concept in a query: SCHEME:VALUE, e.g. SCT:39607008 (PS3.3 8.8 code sequence items).
 _CODE = re.compile(r"^([A-Za-z0-9_.\-]{1,64}):([^\s:][^\s]{0,63})$")
@@ -90,10 +97,16 @@ class _Params:
             raise BadParameter(f"{key} must be between {low} and {high}")
         return number
 
-    def output_format(self) -> str:
-        value = self.text("format") or "json"
-        if value not in ("json", "csv"):
-            raise BadParameter("format must be json or csv")
+    def output_format(self) -> str | None:
+        value = self.text("format")
+        if value is not None and value not in ("json", "csv", "parquet"):
+            raise BadParameter("format must be json, csv or parquet")
+        return value
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> str | None:
+        value = self.text(key)
+        if value is not None and value not in allowed:
+            raise BadParameter(f"{key} must be one of {', '.join(allowed)}")
         return value
 
 
@@ -108,6 +121,17 @@ _MEASUREMENT_PARAMS = _COMMON | {
     "unit",
     "source_series",
 }
+_LANDMARK_PARAMS = _COMMON | {
+    "concept",
+    "finding",
+    "finding_site",
+    "graphic_type",
+    "source_series",
+}
+_DERIVED_OBJECT_PARAMS = _COMMON | {"kind", "source_series", "flagged"}
+# PS3.3 C.18.9.1.2: the graphic types of SCOORD3D.
+GRAPHIC_TYPES_3D = ("POINT", "MULTIPOINT", "POLYLINE", "POLYGON", "ELLIPSE", "ELLIPSOID")
+KINDS = ("SEG", "SR", "PM", "RTSTRUCT")
 
 
 def _runtime(request: Request) -> Runtime:
@@ -165,6 +189,37 @@ def _series_url(base: str, study: str | None, series: str | None) -> str | None:
     return f"{base}/studies/{study}/series/{series}"
 
 
+def _landmark_query(p: _Params) -> LandmarkQuery:
+    limit, offset = _paging(p)
+    return LandmarkQuery(
+        concept=p.code("concept"),
+        finding=p.code("finding"),
+        finding_site=p.code("finding_site"),
+        graphic_type=p.choice("graphic_type", GRAPHIC_TYPES_3D),
+        collection=p.text("collection"),
+        study_uid=p.uid("study"),
+        series_uid=p.uid("series"),
+        source_series_uid=p.uid("source_series"),
+        limit=limit,
+        offset=offset,
+    )
+
+
+def _derived_object_query(p: _Params) -> DerivedObjectQuery:
+    limit, offset = _paging(p)
+    flagged = p.choice("flagged", ("true", "false"))
+    return DerivedObjectQuery(
+        kind=p.choice("kind", KINDS),
+        collection=p.text("collection"),
+        study_uid=p.uid("study"),
+        series_uid=p.uid("series"),
+        source_series_uid=p.uid("source_series"),
+        flagged=None if flagged is None else flagged == "true",
+        limit=limit,
+        offset=offset,
+    )
+
+
 def _rows_out(rows: list[dict[str, Any]], base: str, reference: str) -> list[dict[str, Any]]:
     """Rows as answered: without internal keys, with the DICOMweb URLs of the object's own
     series and of the series it was derived from (retrieve_url; None when not held here)."""
@@ -179,126 +234,147 @@ def _rows_out(rows: list[dict[str, Any]], base: str, reference: str) -> list[dic
     return out
 
 
-def _csv(rows: list[dict[str, Any]], columns: list[str]) -> Response:
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow(
-            {k: json.dumps(v) if isinstance(v, list | dict) else v for k, v in row.items()}
-        )
-    return Response(buf.getvalue(), media_type="text/csv; charset=utf-8")
+@dataclass(frozen=True)
+class Endpoint:
+    """One search: its parameters, how they become a query, the search, the column holding the
+    source series (whose DICOMweb URL each row carries) and the table's columns."""
+
+    name: str
+    allowed: frozenset[str]
+    build: Callable[[_Params], Any]
+    search: Callable[[Any, Any], list[dict[str, Any]]]
+    reference: str
+    columns: list[Column]
+
+    def answer(self, request: Request) -> Response:
+        """The rows matching the request, in the format it asks for."""
+        try:
+            p = _Params(request, self.allowed)
+            query = self.build(p)
+            fmt = export.negotiate(p.output_format(), request.headers.get("accept"))
+        except BadParameter as e:
+            return http_error(400, str(e))
+        except export.NotAcceptable as e:
+            return http_error(406, str(e))
+        rows = self.search(_runtime(request).pool, query)
+        root = request.scope.get("root_path", "")
+        base = f"{request.url.scheme}://{request.url.netloc}{root}{DICOMWEB_ROOT}"
+        return export.respond(_rows_out(rows, base, self.reference), self.columns, fmt, self.name)
 
 
-def _answer(
-    request: Request,
-    allowed: frozenset[str],
-    build: Callable[[_Params], Any],
-    search: Callable[[Any, Any], list[dict[str, Any]]],
-    reference: str,
-    columns: list[str],
-) -> Response:
-    try:
-        p = _Params(request, allowed)
-        query = build(p)
-        fmt = p.output_format()
-    except BadParameter as e:
-        return http_error(400, str(e))
-    rows = search(_runtime(request).pool, query)
-    root = request.scope.get("root_path", "")
-    base = f"{request.url.scheme}://{request.url.netloc}{root}{DICOMWEB_ROOT}"
-    out = _rows_out(rows, base, reference)
-    if fmt == "csv":
-        return _csv(out, columns)
-    return JSONResponse(out)
+def _columns(*spec: str) -> list[Column]:
+    """Columns from "name" or "name:kind" strings (kind text when not given)."""
+    return [Column(*item.split(":")) for item in spec]
 
 
-SEGMENT_COLUMNS = [
-    "sop_uid",
-    "series_uid",
-    "study_uid",
-    "collection",
-    "segment_number",
+def _coded(prefix: str) -> list[str]:
+    return [f"{prefix}_value", f"{prefix}_scheme", f"{prefix}_meaning"]
+
+
+_OBJECT = ["sop_uid", "series_uid", "study_uid", "collection"]
+_URLS = ["object_url", "retrieve_url"]
+SEGMENT_COLUMNS = _columns(
+    *_OBJECT,
+    "segment_number:int",
     "label",
-    "category_value",
-    "category_scheme",
-    "category_meaning",
-    "type_value",
-    "type_scheme",
-    "type_meaning",
-    "type_modifiers",
-    "anatomic_region_value",
-    "anatomic_region_scheme",
-    "anatomic_region_meaning",
+    *_coded("category"),
+    *_coded("type"),
+    "type_modifiers:json",
+    *_coded("anatomic_region"),
     "algorithm_type",
     "algorithm_name",
     "tracking_id",
     "tracking_uid",
     "referenced_series_uid",
-    "frame_count",
-    "object_url",
-    "retrieve_url",
-]
-MEASUREMENT_COLUMNS = [
-    "sop_uid",
-    "series_uid",
-    "study_uid",
-    "collection",
-    "group_index",
+    "frame_count:int",
+    *_URLS,
+)
+MEASUREMENT_COLUMNS = _columns(
+    *_OBJECT,
+    "group_index:int",
     "group_template",
     "tracking_id",
     "tracking_uid",
-    "finding_value",
-    "finding_scheme",
-    "finding_meaning",
-    "finding_site_value",
-    "finding_site_scheme",
-    "finding_site_meaning",
-    "concept_value",
-    "concept_scheme",
-    "concept_meaning",
-    "value",
+    *_coded("finding"),
+    *_coded("finding_site"),
+    *_coded("concept"),
+    "value:float",
     "unit_value",
     "unit_meaning",
-    "derivation_value",
-    "derivation_scheme",
-    "derivation_meaning",
-    "method_value",
-    "method_scheme",
-    "method_meaning",
+    *_coded("derivation"),
+    *_coded("method"),
     "referenced_seg_sop_uid",
-    "referenced_segment_number",
+    "referenced_segment_number:int",
     "source_series_uid",
-    "evaluations",
-    "object_url",
-    "retrieve_url",
+    "evaluations:json",
+    *_URLS,
+)
+LANDMARK_COLUMNS = _columns(
+    *_OBJECT,
+    "item_index:int",
+    *_coded("concept"),
+    "graphic_type",
+    "coordinates:points",
+    "frame_of_reference_uid",
+    "fiducial_uid",
+    "group_index:int",
+    "tracking_id",
+    "tracking_uid",
+    *_coded("finding"),
+    *_coded("finding_site"),
+    *_coded("finding_site_modifier"),
+    "source_series_uid",
+    *_URLS,
+)
+DERIVED_OBJECT_COLUMNS = _columns(
+    *_OBJECT,
+    "sop_class_uid",
+    "kind",
+    "label",
+    "source_series_uid",
+    "problems:texts",
+    *_URLS,
+)
+
+ENDPOINTS = [
+    Endpoint(
+        "segments",
+        _SEGMENT_PARAMS,
+        _segment_query,
+        derived.search_segments,
+        "referenced_series_uid",
+        SEGMENT_COLUMNS,
+    ),
+    Endpoint(
+        "measurements",
+        _MEASUREMENT_PARAMS,
+        _measurement_query,
+        derived.search_measurements,
+        "source_series_uid",
+        MEASUREMENT_COLUMNS,
+    ),
+    Endpoint(
+        "landmarks",
+        _LANDMARK_PARAMS,
+        _landmark_query,
+        derived.search_landmarks,
+        "source_series_uid",
+        LANDMARK_COLUMNS,
+    ),
+    Endpoint(
+        "derived-objects",
+        _DERIVED_OBJECT_PARAMS,
+        _derived_object_query,
+        derived.search_derived_objects,
+        "source_series_uid",
+        DERIVED_OBJECT_COLUMNS,
+    ),
 ]
 
 
 def router(prefix: str = "/api") -> APIRouter:
-    """GET {prefix}/segments and GET {prefix}/measurements."""
+    """GET {prefix}/segments, /measurements, /landmarks and /derived-objects."""
     r = APIRouter(prefix=prefix)
-
-    @r.get("/segments")
-    def search_segments(request: Request) -> Response:
-        return _answer(
-            request,
-            _SEGMENT_PARAMS,
-            _segment_query,
-            derived.search_segments,
-            "referenced_series_uid",
-            SEGMENT_COLUMNS,
-        )
-
-    @r.get("/measurements")
-    def search_measurements(request: Request) -> Response:
-        return _answer(
-            request,
-            _MEASUREMENT_PARAMS,
-            _measurement_query,
-            derived.search_measurements,
-            "source_series_uid",
-            MEASUREMENT_COLUMNS,
-        )
-
+    for endpoint in ENDPOINTS:
+        r.add_api_route(f"/{endpoint.name}", endpoint.answer, methods=["GET"])
     return r

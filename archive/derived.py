@@ -1,12 +1,13 @@
-"""Derived objects: the segments of DICOM SEG and the measurements of TID 1500 SR, indexed
-from the stored objects so they can be searched by coded concept and value."""
+"""Derived objects: DICOM SEG segments, TID 1500 SR measurements and SCOORD3D landmarks,
+parametric maps and RT structure sets, indexed from the stored objects with the series they
+were made from, so they can be searched by coded concept, value and source."""
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from io import BytesIO
 from typing import Any, Protocol
 
@@ -16,26 +17,25 @@ from psycopg_pool import ConnectionPool
 from pydicom import dcmread
 from pydicom.dataset import Dataset
 
+from . import sr
+from .sr import code_columns, code_json
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
-BASIC_TEXT_SR = "1.2.840.10008.5.1.4.1.1.88.11"
-ENHANCED_SR = "1.2.840.10008.5.1.4.1.1.88.22"
-COMPREHENSIVE_SR = "1.2.840.10008.5.1.4.1.1.88.33"
+SEGMENTATION = sr.SEGMENTATION
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
-# highdicom reads Basic Text SR through EnhancedSR (its from_dataset does not check the class);
-# a Basic Text SR cannot hold NUM items (PS3.3 A.35.1), so it yields no measurements anyway.
-_SR_CLASSES: dict[str, type[hd.sr.EnhancedSR | hd.sr.ComprehensiveSR | hd.sr.Comprehensive3DSR]] = {
-    BASIC_TEXT_SR: hd.sr.EnhancedSR,
-    ENHANCED_SR: hd.sr.EnhancedSR,
-    COMPREHENSIVE_SR: hd.sr.ComprehensiveSR,
-    COMPREHENSIVE_3D_SR: hd.sr.Comprehensive3DSR,
+# SOP class -> kind of derived object (PS3.4 B.5). Basic Text SR cannot hold NUM or SCOORD3D
+# items (PS3.3 A.35.1), so it yields no rows, but its sources are still indexed.
+KINDS = {
+    SEGMENTATION: "SEG",
+    "1.2.840.10008.5.1.4.1.1.88.11": "SR",  # Basic Text SR
+    "1.2.840.10008.5.1.4.1.1.88.22": "SR",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.88.33": "SR",  # Comprehensive SR
+    COMPREHENSIVE_3D_SR: "SR",
+    "1.2.840.10008.5.1.4.1.1.30": "PM",  # Parametric Map
+    "1.2.840.10008.5.1.4.1.1.481.3": "RTSTRUCT",  # RT Structure Set
 }
-DERIVED_CLASSES = frozenset({SEGMENTATION, *_SR_CLASSES})
-# PS3.16 CID 7181 / DCM 121232 "Source series for segmentation" (a UIDREF item).
-_SOURCE_SERIES_FOR_SEGMENTATION = ("121232", "DCM")
 
 MAX_LIMIT = 10000
 
@@ -65,39 +65,126 @@ class Code:
 # Indexing
 
 
+@dataclass
+class _Indexed:
+    """The rows of one derived object, replacing whatever it had before."""
+
+    kind: str
+    label: str | None = None
+    sources: list[str] = field(default_factory=list)
+    segments: list[dict[str, Any]] = field(default_factory=list)
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+    landmarks: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
 def index_batch(pool: ConnectionPool, store: ObjectStore, records: Sequence[StoredObject]) -> int:
-    """Index the SEG and SR objects among records; return how many were indexed. An object
-    that cannot be read or parsed is logged (its error type) and indexes nothing."""
+    """Index the derived objects among records; return how many were indexed. What cannot be
+    read is left out and named in the object's problems (its error type is logged)."""
     count = 0
     for record in {r.sop_uid: r for r in records}.values():
-        if record.sop_class_uid not in DERIVED_CLASSES:
+        kind = KINDS.get(record.sop_class_uid)
+        if kind is None:
             continue
+        indexed = _Indexed(kind)
         try:
-            ds = dcmread(BytesIO(store.read(record.object_key)))
-            if record.sop_class_uid == SEGMENTATION:
-                segments, measurements = _segment_rows(record, ds), None
-            else:
-                segments, measurements = None, _measurement_rows(record, ds)
-        except Exception as e:  # highdicom raises many kinds; each means "not indexable"
+            _read(record, store, indexed)
+        except Exception as e:  # highdicom and pydicom raise many kinds; each means "not read"
             # The type only: a message could quote a value of the object.
             log.warning("derived object %s not indexed: %s", record.sop_uid, type(e).__name__)
-            segments, measurements = [], []
-        _replace(pool, record.sop_uid, segments, measurements)
+            indexed.problems.append(f"not readable as {kind}: {sr.why(e)}")
+        if indexed.problems:
+            log.warning("derived object %s: %d problems", record.sop_uid, len(indexed.problems))
+        _replace(pool, record, indexed)
         count += 1
     return count
 
 
-def _replace(
-    pool: ConnectionPool,
-    sop_uid: str,
-    segments: list[dict[str, Any]] | None,
-    measurements: list[dict[str, Any]] | None,
-) -> None:
+def _read(record: StoredObject, store: ObjectStore, indexed: _Indexed) -> None:
+    """Fill indexed from the stored object: its sources first, then its content."""
+    # Only a SEG's content is in its pixel data.
+    ds = dcmread(
+        BytesIO(store.read(record.object_key)),
+        stop_before_pixels=indexed.kind != "SEG",
+    )
+    indexed.sources = _source_series(ds)
+    if indexed.kind == "SEG":
+        indexed.label = _text(ds, "ContentLabel")
+        indexed.segments = _segment_rows(record, ds)
+    elif indexed.kind == "SR":
+        indexed.label = sr.label(ds)
+        content = sr.read(record, ds)
+        indexed.measurements = content.measurements
+        indexed.landmarks = content.landmarks
+        indexed.problems += content.problems
+    elif indexed.kind == "PM":
+        indexed.label = _text(ds, "ContentLabel")
+    else:
+        indexed.label = _text(ds, "StructureSetLabel")
+
+
+def _text(ds: Dataset, keyword: str) -> str | None:
+    return str(ds.get(keyword) or "") or None
+
+
+def _source_series(ds: Dataset) -> list[str]:
+    """The series a derived object names as its sources, in order: the Common Instance
+    Reference module (PS3.3 C.12.2), SR evidence (C.17.2) and RT Referenced Series (C.8.8.5)."""
+    groups = [
+        ds.get("ReferencedSeriesSequence", []),
+        *(
+            study.get("ReferencedSeriesSequence", [])
+            for key in (
+                "StudiesContainingOtherReferencedInstancesSequence",
+                "CurrentRequestedProcedureEvidenceSequence",
+                "PertinentOtherEvidenceSequence",
+            )
+            for study in ds.get(key, [])
+        ),
+        *(
+            study.get("RTReferencedSeriesSequence", [])
+            for frame in ds.get("ReferencedFrameOfReferenceSequence", [])
+            for study in frame.get("RTReferencedStudySequence", [])
+        ),
+    ]
+    found: list[str] = []
+    for items in groups:
+        for item in items:
+            uid = str(item.get("SeriesInstanceUID") or "")
+            if uid and uid not in found and uid != ds.get("SeriesInstanceUID"):
+                found.append(uid)
+    return found
+
+
+def _replace(pool: ConnectionPool, record: StoredObject, indexed: _Indexed) -> None:
     """Replace the rows of one object in one transaction (a re-send gives the same rows)."""
+    sop_uid = record.sop_uid
     with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
-        cur.execute("DELETE FROM segments WHERE sop_uid = %s", (sop_uid,))
-        cur.execute("DELETE FROM measurements WHERE sop_uid = %s", (sop_uid,))
-        for table, rows in (("segments", segments), ("measurements", measurements)):
+        for table in ("segments", "measurements", "landmarks", "derived_objects"):
+            cur.execute(f"DELETE FROM {table} WHERE sop_uid = %s", (sop_uid,))
+        cur.execute(
+            "INSERT INTO derived_objects (sop_uid, series_uid, study_uid, collection,"
+            " sop_class_uid, kind, label, problems) VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+            (
+                sop_uid,
+                record.series_uid,
+                record.study_uid,
+                record.collection,
+                record.sop_class_uid,
+                indexed.kind,
+                indexed.label,
+                json.dumps(indexed.problems),
+            ),
+        )
+        cur.executemany(
+            "INSERT INTO derived_sources (sop_uid, source_series_uid) VALUES (%s, %s)",
+            [(sop_uid, series) for series in indexed.sources],
+        )
+        for table, rows in (
+            ("segments", indexed.segments),
+            ("measurements", indexed.measurements),
+            ("landmarks", indexed.landmarks),
+        ):
             if not rows:
                 continue
             columns = list(rows[0])
@@ -106,25 +193,6 @@ def _replace(
                 f" VALUES ({', '.join(['%s'] * len(columns))})",
                 [tuple(row[c] for c in columns) for row in rows],
             )
-
-
-def _code(prefix: str, code: Any) -> dict[str, str | None]:
-    """A coded concept as the three columns prefix_value, prefix_scheme, prefix_meaning."""
-    if code is None:
-        return {f"{prefix}_value": None, f"{prefix}_scheme": None, f"{prefix}_meaning": None}
-    return {
-        f"{prefix}_value": str(code.value),
-        f"{prefix}_scheme": str(code.scheme_designator),
-        f"{prefix}_meaning": str(code.meaning),
-    }
-
-
-def _code_json(code: Any) -> dict[str, str]:
-    return {
-        "value": str(code.value),
-        "scheme": str(code.scheme_designator),
-        "meaning": str(code.meaning),
-    }
 
 
 def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
@@ -166,10 +234,10 @@ def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
                 "collection": record.collection,
                 "segment_number": number,
                 "label": desc.segment_label,
-                **_code("category", desc.segmented_property_category),
-                **_code("type", desc.segmented_property_type),
-                "type_modifiers": json.dumps([_code_json(c) for c in modifier_codes]),
-                **_code("anatomic_region", regions[0] if regions else None),
+                **code_columns("category", desc.segmented_property_category),
+                **code_columns("type", desc.segmented_property_type),
+                "type_modifiers": json.dumps([code_json(c) for c in modifier_codes]),
+                **code_columns("anatomic_region", regions[0] if regions else None),
                 "algorithm_type": desc.algorithm_type.value,
                 "algorithm_name": str(algorithm[0].AlgorithmName) if algorithm else None,
                 "tracking_id": desc.tracking_id,
@@ -178,99 +246,6 @@ def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
                 "frame_count": frames.get(number),
             }
         )
-    return rows
-
-
-def _content_items(item: Dataset) -> Iterator[Dataset]:
-    """Every content item below item, depth first."""
-    for child in item.get("ContentSequence", []):
-        yield child
-        yield from _content_items(child)
-
-
-def _source_series(group: Any, evidence: dict[str, str]) -> str | None:
-    """The image series a measurement group was made on: a "Source series for segmentation"
-    UIDREF, else the series (from the SR's evidence) of the first image it references that is
-    not a SEG."""
-    images = []
-    for item in _content_items(group[0]):
-        kind = item.get("ValueType")
-        if kind == "UIDREF":
-            name = item.ConceptNameCodeSequence[0]
-            if (name.CodeValue, name.CodingSchemeDesignator) == _SOURCE_SERIES_FOR_SEGMENTATION:
-                return str(item.UID)
-        elif kind == "IMAGE" and "ReferencedSOPSequence" in item:
-            ref = item.ReferencedSOPSequence[0]
-            if ref.ReferencedSOPClassUID != SEGMENTATION:
-                images.append(str(ref.ReferencedSOPInstanceUID))
-    for sop in images:
-        if sop in evidence:
-            return evidence[sop]
-    return None
-
-
-def _referenced_segment(group: Any) -> tuple[str | None, int | None]:
-    """The SEG instance and segment number a ROI group references, if it does."""
-    ref = None
-    if isinstance(group, hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations):
-        ref = group.referenced_segment
-    elif isinstance(group, hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations):
-        ref = group.referenced_segmentation_frame
-    if ref is None:
-        return None, None
-    numbers = ref.referenced_segment_numbers
-    return str(ref.referenced_sop_instance_uid), (int(numbers[0]) if numbers else None)
-
-
-def _measurement_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
-    """One row per numeric measurement of each measurement group of a TID 1500 report."""
-    sr = _SR_CLASSES[record.sop_class_uid].from_dataset(ds, copy=False)
-    report = sr.content
-    if not isinstance(report, hd.sr.MeasurementReport):
-        return []  # an SR, but not a TID 1500 Measurement Report
-    evidence = {sop: series for _, series, sop, _ in sr.get_evidence()}
-    groups: list[tuple[str, Any]] = [
-        *(("1410", g) for g in report.get_planar_roi_measurement_groups()),
-        *(("1411", g) for g in report.get_volumetric_roi_measurement_groups()),
-        *(("1501", g) for g in report.get_image_measurement_groups()),
-    ]
-    rows = []
-    for index, (template, group) in enumerate(groups):
-        seg_sop, segment_number = _referenced_segment(group)
-        group_sites = group.finding_sites
-        evaluations = [
-            {"concept": _code_json(e.name), "value": _code_json(e.value)}
-            for e in group.get_qualitative_evaluations()
-        ]
-        common = {
-            "sop_uid": record.sop_uid,
-            "series_uid": record.series_uid,
-            "study_uid": record.study_uid,
-            "collection": record.collection,
-            "group_index": index,
-            "group_template": template,
-            "tracking_id": group.tracking_identifier,
-            "tracking_uid": group.tracking_uid,
-            **_code("finding", group.finding_type),
-            "referenced_seg_sop_uid": seg_sop,
-            "referenced_segment_number": segment_number,
-            "source_series_uid": _source_series(group, evidence),
-            "evaluations": json.dumps(evaluations),
-        }
-        for m in group.get_measurements():
-            sites = m.finding_sites or group_sites
-            rows.append(
-                {
-                    **common,
-                    **_code("finding_site", sites[0].value if sites else None),
-                    **_code("concept", m.name),
-                    "value": float(m.value),
-                    "unit_value": str(m.unit.value),
-                    "unit_meaning": str(m.unit.meaning),
-                    **_code("derivation", m.derivation),
-                    **_code("method", m.method or group.method),
-                }
-            )
     return rows
 
 
@@ -401,7 +376,86 @@ def measurement_sql(q: MeasurementQuery) -> tuple[str, list[Any]]:
     return _select("measurements", "source_series_uid", where, params, "d.pk", q.limit, q.offset)
 
 
+@dataclass(frozen=True)
+class LandmarkQuery:
+    """Filters of a landmark search; None matches anything. concept is the SCOORD3D item's
+    name; finding and finding_site those of its measurement group."""
+
+    concept: Code | None = None
+    finding: Code | None = None
+    finding_site: Code | None = None
+    graphic_type: str | None = None
+    collection: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    source_series_uid: str | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+def search_landmarks(pool: ConnectionPool, q: LandmarkQuery) -> list[dict[str, Any]]:
+    """Landmarks matching q, in document order."""
+    return _fetch(pool, *landmark_sql(q))
+
+
+def landmark_sql(q: LandmarkQuery) -> tuple[str, list[Any]]:
+    """The SQL and parameters of a landmark search."""
+    where: list[str] = []
+    params: list[Any] = []
+    _match_code(where, params, "concept", q.concept)
+    _match_code(where, params, "finding", q.finding)
+    _match_code(where, params, "finding_site", q.finding_site)
+    _match(where, params, "graphic_type", q.graphic_type)
+    _match(where, params, "collection", q.collection)
+    _match(where, params, "study_uid", q.study_uid)
+    _match(where, params, "series_uid", q.series_uid)
+    _match(where, params, "source_series_uid", q.source_series_uid)
+    return _select("landmarks", "source_series_uid", where, params, "d.pk", q.limit, q.offset)
+
+
+@dataclass(frozen=True)
+class DerivedObjectQuery:
+    """Filters of a derived-object search; None matches anything. flagged=True keeps the
+    objects with problems, False those without."""
+
+    kind: str | None = None
+    collection: str | None = None
+    study_uid: str | None = None
+    series_uid: str | None = None
+    source_series_uid: str | None = None
+    flagged: bool | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+def search_derived_objects(pool: ConnectionPool, q: DerivedObjectQuery) -> list[dict[str, Any]]:
+    """One row per derived object and source series, ordered by object and source."""
+    return _fetch(pool, *derived_object_sql(q))
+
+
+def derived_object_sql(q: DerivedObjectQuery) -> tuple[str, list[Any]]:
+    """The SQL and parameters of a derived-object search."""
+    where: list[str] = []
+    params: list[Any] = []
+    _match(where, params, "kind", q.kind)
+    _match(where, params, "collection", q.collection)
+    _match(where, params, "study_uid", q.study_uid)
+    _match(where, params, "series_uid", q.series_uid)
+    _match(where, params, "source_series_uid", q.source_series_uid)
+    if q.flagged is not None:
+        where.append(f"jsonb_array_length(d.problems) {'>' if q.flagged else '='} 0")
+    return _select(
+        "derived_object_sources",
+        "source_series_uid",
+        where,
+        params,
+        "d.sop_uid, d.source_series_uid",
+        q.limit,
+        q.offset,
+    )
+
+
 def analyze(pool: ConnectionPool) -> None:
     """Refresh the planner's statistics of the derived-object tables."""
     with pool.connection() as conn:
-        conn.execute("ANALYZE segments, measurements")
+        conn.execute("ANALYZE segments, measurements, landmarks, derived_objects, derived_sources")

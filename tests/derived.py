@@ -1,12 +1,18 @@
-"""Derived objects made with highdicom from a generated identified CT series: a DICOM SEG
-and a TID 1500 Comprehensive 3D SR that reference it (for reference-integrity tests)."""
+"""Derived objects made from a generated identified CT series: a DICOM SEG, a TID 1500
+Comprehensive 3D SR with measurements, one with 3D landmarks, a parametric map (all with
+highdicom) and an RT structure set (pydicom), each referencing the CT series."""
 
 from __future__ import annotations
+
+import copy
+from typing import Any
 
 import highdicom as hd
 import numpy as np
 from pydicom import Dataset
+from pydicom.dataset import FileMetaDataset
 from pydicom.sr.codedict import codes
+from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_uid
 
 from tests.factory import Phi, ct_series
 
@@ -77,3 +83,162 @@ def build(phi: Phi) -> tuple[list[Dataset], Dataset, Dataset]:
         manufacturer="ACME",
     )
     return cts, seg, sr
+
+
+def landmark_sr(cts: list[Dataset]) -> Dataset:
+    """A Comprehensive 3D SR (TID 1500) with SCOORD3D landmarks as IDC publishes body-part
+    regression ones: a POINT at the top of the kidney and one at the top of the liver (finding
+    site with a topographical modifier), and a POLYGON region of the lung."""
+    frame = str(cts[0].FrameOfReferenceUID)
+
+    def group(
+        tracking: str, site: Any, graphic_type: str, points: list[list[float]]
+    ) -> hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations:
+        return hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(uid=hd.UID(), identifier=tracking),
+            referenced_region=hd.sr.ImageRegion3D(
+                graphic_type=graphic_type,
+                graphic_data=np.array(points),
+                frame_of_reference_uid=frame,
+            ),
+            finding_type=codes.SCT.AnatomicalStructure,
+            finding_sites=[
+                hd.sr.FindingSite(site, topographical_modifier=codes.SCT.Superior),
+            ],
+        )
+
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=[
+            group("kidney top", codes.SCT.Kidney, "POINT", [[10.5, -20.25, 3.0]]),
+            group("liver top", codes.SCT.Liver, "POINT", [[-12.0, 8.0, 6.5]]),
+            group(
+                "lung region",
+                codes.SCT.Lung,
+                "POLYGON",
+                [[0.0, 0, 3], [5, 0, 3], [5, 5, 3], [0.0, 0, 3]],
+            ),
+        ],
+    )
+    return hd.sr.Comprehensive3DSR(
+        evidence=cts,
+        content=report,
+        series_number=12,
+        series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ACME",
+    )
+
+
+def parametric_map(cts: list[Dataset]) -> Dataset:
+    """A highdicom Parametric Map (floating-point values, one frame per CT slice)."""
+    mapping = hd.pm.RealWorldValueMapping(
+        lut_label="ADC",
+        lut_explanation="apparent diffusion coefficient",
+        unit=codes.UCUM.SquareMillimeterPerSecond,
+        value_range=(0.0, 1.0),
+        intercept=0,
+        slope=1,
+    )
+    return hd.pm.ParametricMap(
+        source_images=cts,
+        pixel_array=np.linspace(0, 1, 3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16),
+        series_instance_uid=hd.UID(),
+        series_number=13,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ACME",
+        manufacturer_model_name="Maps",
+        software_versions="1",
+        device_serial_number="SN-2",
+        contains_recognizable_visual_features=False,
+        real_world_value_mappings=[mapping],
+        voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
+        content_label="ADC_MAP",
+    )
+
+
+def rt_structure_set(cts: list[Dataset]) -> Dataset:
+    """An RT Structure Set (PS3.3 A.19) with one closed-planar ROI on the middle CT slice.
+    highdicom (0.28) writes no RTSTRUCT, so it is built here with pydicom."""
+    ct = cts[1]
+    ds = Dataset()
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.MediaStorageSOPClassUID = RTStructureSetStorage
+    ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.SOPClassUID = RTStructureSetStorage
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword in (
+        "PatientName",
+        "PatientID",
+        "PatientBirthDate",
+        "PatientSex",
+        "StudyInstanceUID",
+        "StudyDate",
+        "StudyTime",
+        "StudyID",
+        "AccessionNumber",
+        "ReferringPhysicianName",
+    ):
+        setattr(ds, keyword, ct.get(keyword, ""))
+    ds.FrameOfReferenceUID = ct.FrameOfReferenceUID
+    ds.PositionReferenceIndicator = ""
+    ds.Modality = "RTSTRUCT"
+    ds.SeriesInstanceUID = generate_uid()
+    ds.SeriesNumber = 14
+    ds.OperatorsName = ""
+    ds.Manufacturer = "ACME"
+    ds.InstanceNumber = 1
+    ds.StructureSetLabel = "TUMOUR_RS"
+    ds.StructureSetDate = ct.StudyDate
+    ds.StructureSetTime = "120000"
+    contour_image = Dataset()
+    contour_image.ReferencedSOPClassUID = ct.SOPClassUID
+    contour_image.ReferencedSOPInstanceUID = ct.SOPInstanceUID
+    series = Dataset()
+    series.SeriesInstanceUID = ct.SeriesInstanceUID
+    series.ContourImageSequence = [copy.deepcopy(im) for im in _image_refs(cts)]
+    study = Dataset()
+    study.ReferencedSOPClassUID = "1.2.840.10008.3.1.2.3.1"  # Detached Study Management
+    study.ReferencedSOPInstanceUID = ct.StudyInstanceUID
+    study.RTReferencedSeriesSequence = [series]
+    frame = Dataset()
+    frame.FrameOfReferenceUID = ct.FrameOfReferenceUID
+    frame.RTReferencedStudySequence = [study]
+    ds.ReferencedFrameOfReferenceSequence = [frame]
+    roi = Dataset()
+    roi.ROINumber = 1
+    roi.ReferencedFrameOfReferenceUID = ct.FrameOfReferenceUID
+    roi.ROIName = "GTV"
+    roi.ROIGenerationAlgorithm = "MANUAL"
+    ds.StructureSetROISequence = [roi]
+    z = float(ct.ImagePositionPatient[2])
+    contour = Dataset()
+    contour.ContourImageSequence = [contour_image]
+    contour.ContourGeometricType = "CLOSED_PLANAR"
+    contour.NumberOfContourPoints = 4
+    contour.ContourData = [0.0, 0.0, z, 5.0, 0.0, z, 5.0, 5.0, z, 0.0, 5.0, z]
+    roi_contour = Dataset()
+    roi_contour.ReferencedROINumber = 1
+    roi_contour.ROIDisplayColor = [255, 0, 0]
+    roi_contour.ContourSequence = [contour]
+    ds.ROIContourSequence = [roi_contour]
+    observation = Dataset()
+    observation.ObservationNumber = 1
+    observation.ReferencedROINumber = 1
+    observation.RTROIInterpretedType = "GTV"
+    observation.ROIInterpreter = ""
+    ds.RTROIObservationsSequence = [observation]
+    return ds
+
+
+def _image_refs(cts: list[Dataset]) -> list[Dataset]:
+    refs = []
+    for ct in cts:
+        ref = Dataset()
+        ref.ReferencedSOPClassUID = ct.SOPClassUID
+        ref.ReferencedSOPInstanceUID = ct.SOPInstanceUID
+        refs.append(ref)
+    return refs

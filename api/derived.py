@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import math
@@ -17,6 +18,7 @@ from carina.archive import derived
 from carina.archive.derived import Code, MeasurementQuery, SegmentQuery
 from carina.runtime import Runtime
 
+from . import auth
 from .errors import http_error
 
 # A coded concept in a query: SCHEME:VALUE, e.g. SCT:39607008 (PS3.3 8.8 code sequence items).
@@ -204,6 +206,8 @@ def _answer(
         fmt = p.output_format()
     except BadParameter as e:
         return http_error(400, str(e))
+    readable = auth.read_scope(request)
+    query = dataclasses.replace(query, readable=None if readable is None else tuple(readable))
     rows = search(_runtime(request).pool, query)
     root = request.scope.get("root_path", "")
     base = f"{request.url.scheme}://{request.url.netloc}{root}{DICOMWEB_ROOT}"

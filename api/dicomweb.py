@@ -11,10 +11,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydicom.uid import UID
 
-from carina.archive import collections, index, qido, retrieve, transcode
+from carina.archive import index, qido, retrieve, transcode
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 from carina.runtime import Runtime
 
+from . import auth
 from .errors import http_error
 from .multipart import (
     Loaded,
@@ -51,13 +52,9 @@ def _base_url(request: Request) -> str:
     return f"{request.url.scheme}://{request.url.netloc}{root}"
 
 
-def _collection(request: Request) -> str | None:
-    """The collection a /collections/{name}/dicomweb root is scoped to (NotFound if there is
-    no such collection); None on /dicomweb."""
-    name = request.path_params.get("collection")
-    if name is None:
-        return None
-    return collections.get(_runtime(request).pool, name).name
+def _collection(request: Request) -> list[str] | None:
+    """The collections this request reads through its root (None: all), per api/auth.py."""
+    return auth.read_scope(request)
 
 
 def _accepts(request: Request, *types: str) -> bool:
@@ -191,7 +188,7 @@ async def _stow(request: Request, study: str | None) -> Response:
         return http_error(400, "multipart/related without a boundary parameter")
 
     intake = _runtime(request).intake
-    ctx = intake.context(_collection(request) or collections.DEFAULT, expected_study=study)
+    ctx = intake.context(auth.store_collection(request), expected_study=study)
     reader = PartReader(
         boundary,
         intake.sink,
@@ -280,7 +277,7 @@ def _search(
         request.query_params.multi_items(),
         study=study,
         series=series,
-        collection=_collection(request),
+        collections=_collection(request),
     )
     result = qido.search(_runtime(request).pool, query, _base_url(request))
     warnings = list(result.warnings)
@@ -381,7 +378,7 @@ def _metadata(
     if not _accepts(request, DICOM_JSON, "application/json"):
         return http_error(406, f"metadata is served as {DICOM_JSON}")
     rows = index.iter_metadata(
-        _runtime(request).pool, study, series, sop, collection=_collection(request)
+        _runtime(request).pool, study, series, sop, collections=_collection(request)
     )
     base = f"{_base_url(request)}/studies/{study}"
 

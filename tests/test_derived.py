@@ -11,7 +11,6 @@ from dataclasses import dataclass
 
 import pytest
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
 from tests.conftest import Server
@@ -39,7 +38,7 @@ class Stored:
 
 def _stow(server: Server, datasets: list[Dataset]) -> dict[str, tuple[str, str, str]]:
     """STOW datasets; map each SOP class to (study, series, sop) of the stored instances."""
-    response = DICOMwebClient(server.dicomweb).store_instances(datasets)
+    response = server.client().store_instances(datasets)
     assert "FailedSOPSequence" not in response
     found: dict[str, tuple[str, str, str]] = {}
     for item in response.ReferencedSOPSequence:
@@ -72,7 +71,7 @@ def stored(server_factory: Callable[..., Server], default_profile: Stored) -> St
 
 
 def _get(server: Server, path: str, **params: str | int | float) -> requests.Response:
-    return requests.get(f"{server.url}/api/{path}", params=params, timeout=30)
+    return server.http.get(f"{server.url}/api/{path}", params=params, timeout=30)
 
 
 def _rows(server: Server, path: str, **params: str | int | float) -> list[dict]:
@@ -191,7 +190,7 @@ def test_csv_export_parses_and_matches_the_json_rows(stored: Stored) -> None:
 
 def test_retrieve_url_resolves_with_a_wado_rs_series_retrieve(stored: Stored) -> None:
     [row] = _rows(stored.server, "measurements", concept="SCT:118565006", study=stored.study)
-    r = requests.get(row["retrieve_url"], headers={"Accept": DICOM_MULTIPART}, timeout=30)
+    r = stored.server.http.get(row["retrieve_url"], headers={"Accept": DICOM_MULTIPART}, timeout=30)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("multipart/related")
 

@@ -10,13 +10,14 @@ exist (404, and absent from searches), so restricted collections do not reveal w
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from fastapi import Request
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from carina.archive import access, collections, tokens
+from carina.archive import access, audit, collections, tokens
 from carina.archive.access import ANONYMOUS, Principal
 from carina.archive.errors import NotFound
 from carina.runtime import Runtime
@@ -138,3 +139,15 @@ def store_collection(request: Request) -> str:
             _challenge("insufficient_scope"),
         )
     return collections.get(_runtime(request).pool, name).name
+
+
+def record_access(request: Request, studies: Iterable[str]) -> None:
+    """Audit that this request read studies (one row each)."""
+    who = principal(request)
+    route = request.scope.get("route")
+    template = getattr(route, "path_format", None) or "(no route)"
+    audit.record(
+        _runtime(request).pool,
+        audit.Access(who.name, who.token_id, _client(request), request.method, template),
+        studies,
+    )

@@ -209,6 +209,7 @@ def _answer(
     readable = auth.read_scope(request)
     query = dataclasses.replace(query, readable=None if readable is None else tuple(readable))
     rows = search(_runtime(request).pool, query)
+    auth.record_access(request, (row["study_uid"] for row in rows))
     root = request.scope.get("root_path", "")
     base = f"{request.url.scheme}://{request.url.netloc}{root}{DICOMWEB_ROOT}"
     out = _rows_out(rows, base, reference)

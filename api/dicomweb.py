@@ -280,6 +280,10 @@ def _search(
         collections=_collection(request),
     )
     result = qido.search(_runtime(request).pool, query, _base_url(request))
+    auth.record_access(
+        request,
+        [study] if study and result.items else (i["0020000D"]["Value"][0] for i in result.items),
+    )
     warnings = list(result.warnings)
     if result.more:
         warnings.append("There are additional results that can be requested")
@@ -297,6 +301,7 @@ def _retrieve(
 ) -> Response:
     rt = _runtime(request)
     objects = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    auth.record_access(request, [study])
     acceptable = _dicom_accept(request)
     if not acceptable:
         return http_error(406, f'instances are served as multipart/related; type="{DICOM}"')
@@ -380,6 +385,7 @@ def _metadata(
     rows = index.iter_metadata(
         _runtime(request).pool, study, series, sop, collections=_collection(request)
     )
+    auth.record_access(request, [study])
     base = f"{_base_url(request)}/studies/{study}"
 
     def body() -> Iterator[bytes]:
@@ -460,6 +466,7 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
         return http_error(406, f"several frames need a multipart/related response, not {OCTET}")
     rt = _runtime(request)
     [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
         ranges = retrieve.frame_ranges(obj, syntax, numbers)
@@ -478,6 +485,7 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
     rt = _runtime(request)
     [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
         r = retrieve.bulk_data_range(obj, syntax, int(tag, 16))

@@ -211,6 +211,19 @@ def _token_revoke(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit_export(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import audit
+
+    with _ae_pool(settings) as pool:
+        if args.output:
+            with open(args.output, "w", newline="") as out:
+                n = audit.export_csv(pool, out, args.since, args.until)
+        else:
+            n = audit.export_csv(pool, sys.stdout, args.since, args.until)
+    print(f"exported {n} access rows", file=sys.stderr)
+    return 0
+
+
 def _fsck(settings: Settings, args: argparse.Namespace) -> int:
     from carina.archive import fsck
     from carina.runtime import open_store
@@ -304,6 +317,13 @@ def build_parser() -> argparse.ArgumentParser:
     token_revoke = token_sub.add_parser("revoke", help="revoke a token by its id")
     token_revoke.add_argument("id", help="the token id (12 hex digits, from `carina token list`)")
     token_revoke.set_defaults(func=_token_revoke)
+    audit_p = sub.add_parser("audit", help="the access audit: who read which study, when")
+    audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)
+    export = audit_sub.add_parser("export", help="write the access audit as CSV")
+    export.add_argument("--since", type=_moment, help="from this moment (ISO 8601, UTC)")
+    export.add_argument("--until", type=_moment, help="before this moment (ISO 8601, UTC)")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.set_defaults(func=_audit_export)
     ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
     ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")

@@ -6,7 +6,7 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from starlette.concurrency import run_in_threadpool
 from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
@@ -15,7 +15,7 @@ from carina import __version__
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import derived, dicomweb, errors, rendered
+from . import auth, derived, dicomweb, errors, paths, rendered
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -86,11 +86,15 @@ def create_app(settings: Settings) -> FastAPI:
             allow_headers=["*"],
             expose_headers=CORS_EXPOSED,
         )
-    # PS3.18 roots a viewer can be pointed at: everything, or one collection.
+    app.state.auth_failures = auth.FailureLimit(settings.auth_failure_limit)
+    # Every data route refuses impossible path values, then knows who asks (anonymous, or a
+    # verified Bearer token), before it runs.
+    authenticated = [Depends(paths.check_path), Depends(auth.authenticate)]
+    # PS3.18 roots a viewer can be pointed at: everything the caller may read, or one collection.
     for root in ("/dicomweb", "/collections/{collection}/dicomweb"):
-        app.include_router(dicomweb.router(root))
-        app.include_router(rendered.router(root))
-    app.include_router(derived.router("/api"))
+        app.include_router(dicomweb.router(root), dependencies=authenticated)
+        app.include_router(rendered.router(root), dependencies=authenticated)
+    app.include_router(derived.router("/api"), dependencies=authenticated)
 
     @app.get("/healthz")
     def health() -> dict[str, str]:

@@ -3,6 +3,7 @@ derived objects themselves with their source series, as JSON, CSV or Parquet."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Callable
@@ -22,7 +23,7 @@ from carina.archive.derived import (
 )
 from carina.runtime import Runtime
 
-from . import export
+from . import auth, export
 from .errors import http_error
 from .export import Column
 
@@ -256,7 +257,10 @@ class Endpoint:
             return http_error(400, str(e))
         except export.NotAcceptable as e:
             return http_error(406, str(e))
+        readable = auth.read_scope(request)
+        query = dataclasses.replace(query, readable=None if readable is None else tuple(readable))
         rows = self.search(_runtime(request).pool, query)
+        auth.record_access(request, (row["study_uid"] for row in rows))
         root = request.scope.get("root_path", "")
         base = f"{request.url.scheme}://{request.url.netloc}{root}{DICOMWEB_ROOT}"
         return export.respond(_rows_out(rows, base, self.reference), self.columns, fmt, self.name)

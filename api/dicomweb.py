@@ -11,11 +11,12 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydicom.uid import UID
 
-from carina.archive import collections, index, qido, retrieve, transcode
+from carina.archive import index, qido, retrieve, transcode
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 
+from . import auth
 from .conditional import not_modified, validators
-from .context import base_url, collection, runtime
+from .context import base_url, runtime
 from .errors import http_error
 from .multipart import (
     Loaded,
@@ -171,7 +172,7 @@ async def _stow(request: Request, study: str | None) -> Response:
         return http_error(400, "multipart/related without a boundary parameter")
 
     intake = runtime(request).intake
-    ctx = intake.context(collection(request) or collections.DEFAULT, expected_study=study)
+    ctx = intake.context(auth.store_collection(request), expected_study=study)
     reader = PartReader(
         boundary,
         intake.sink,
@@ -260,9 +261,13 @@ def _search(
         request.query_params.multi_items(),
         study=study,
         series=series,
-        collection=collection(request),
+        collections=auth.read_scope(request),
     )
     result = qido.search(runtime(request).pool, query, base_url(request))
+    auth.record_access(
+        request,
+        [study] if study and result.items else (i["0020000D"]["Value"][0] for i in result.items),
+    )
     warnings = list(result.warnings)
     if result.more:
         warnings.append("There are additional results that can be requested")
@@ -279,7 +284,9 @@ def _retrieve(
     request: Request, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     rt = runtime(request)
-    objects = index.instance_objects(rt.pool, study, series, sop, collection(request))
+    scope = auth.read_scope(request)
+    objects = index.instance_objects(rt.pool, study, series, sop, scope)
+    auth.record_access(request, [study])
     acceptable = _dicom_accept(request)
     if not acceptable:
         return http_error(406, f'instances are served as multipart/related; type="{DICOM}"')
@@ -291,7 +298,7 @@ def _retrieve(
         if not choices:
             return http_error(406, _unavailable(stored, acceptable))
         plans.append((key, stored, size, choices))
-    version = index.version(rt.pool, study, series, sop, collection(request))
+    version = index.version(rt.pool, study, series, sop, scope)
     cache = validators(version, DICOM, *acceptable)
     unchanged = not_modified(request, cache)
     if unchanged is not None:
@@ -366,14 +373,15 @@ def _metadata(
 ) -> Response:
     if not _accepts(request, DICOM_JSON, "application/json"):
         return http_error(406, f"metadata is served as {DICOM_JSON}")
-    pool, scope = runtime(request).pool, collection(request)
+    pool, scope = runtime(request).pool, auth.read_scope(request)
     base = f"{base_url(request)}/studies/{study}"
     # The BulkDataURIs in the body are absolute, so the root the request came through counts.
     cache = validators(index.version(pool, study, series, sop, scope), DICOM_JSON, base)
     unchanged = not_modified(request, cache)
     if unchanged is not None:
         return unchanged
-    rows = index.iter_metadata(pool, study, series, sop, collection=scope)
+    rows = index.iter_metadata(pool, study, series, sop, collections=scope)
+    auth.record_access(request, [study])
 
     def body() -> Iterator[bytes]:
         piece: list[str] = ["["]
@@ -452,7 +460,8 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     if mode == "single" and len(numbers) > 1:
         return http_error(406, f"several frames need a multipart/related response, not {OCTET}")
     rt = runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, collection(request))
+    scope = auth.read_scope(request)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, scope)
     obj = retrieve.StoredObject(rt.store, key)
     try:
         ranges = retrieve.frame_ranges(obj, syntax, numbers)
@@ -470,7 +479,8 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
     rt = runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, collection(request))
+    scope = auth.read_scope(request)
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, scope)
     obj = retrieve.StoredObject(rt.store, key)
     try:
         r = retrieve.bulk_data_range(obj, syntax, int(tag, 16))

@@ -9,12 +9,14 @@ from fastapi.responses import JSONResponse
 
 from carina.archive.errors import InvalidQuery, NotFound, OutOfResources, StorageError
 
+from .auth import AuthError
+
 log = logging.getLogger(__name__)
 
 
-def http_error(status: int, message: str) -> JSONResponse:
+def http_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     """A JSON error body with a sentence saying what was wrong."""
-    return JSONResponse({"error": message}, status_code=status)
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def install(app: FastAPI) -> None:
@@ -23,6 +25,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
         return http_error(404, "not found")
+
+    @app.exception_handler(AuthError)
+    async def _refused(request: Request, exc: AuthError) -> JSONResponse:
+        return http_error(exc.status, exc.reason, exc.headers)
 
     @app.exception_handler(InvalidQuery)
     async def _invalid_query(request: Request, exc: InvalidQuery) -> JSONResponse:

@@ -13,7 +13,8 @@ from carina.archive import index, render, retrieve
 from carina.archive.render import Rendering
 from carina.archive.storage import ObjectStore
 
-from .context import collection, runtime
+from . import auth
+from .context import runtime
 from .errors import http_error
 from .multipart import Loaded, new_boundary, parse_media_type, write_parts
 
@@ -110,7 +111,8 @@ def _rendered(
     except retrieve.InvalidRequest as e:
         return http_error(400, str(e))
     rt = runtime(request)
-    objects = index.instance_objects(rt.pool, study, series, sop, collection(request))
+    objects = index.instance_objects(rt.pool, study, series, sop, auth.read_scope(request))
+    auth.record_access(request, [study])
     if sop is None:
         # Series: every instance's first frame as parts, or the first instance alone (as
         # Orthanc answers, and as dicomweb-client reads a single image).
@@ -145,11 +147,12 @@ def _thumbnail(
     if len(numbers) > 1:
         return http_error(400, "a thumbnail is of one frame")
     rt = runtime(request)
-    scope = collection(request)
+    scope = auth.read_scope(request)
     if series is None:
         series = index.first_series(rt.pool, study, scope)
     objects = index.instance_objects(rt.pool, study, series, sop, scope)
     key = objects[len(objects) // 2][0]
+    auth.record_access(request, [study])
     return _answer(rt.store, [(key, numbers[0])], rendering, choice, check_frames=True)
 
 

@@ -264,6 +264,8 @@ class SegmentQuery:
     series_uid: str | None = None
     referenced_series_uid: str | None = None
     algorithm_name: str | None = None
+    #: the collections searched (None: all); callers pass those the requester may read
+    readable: tuple[str, ...] | None = None
     limit: int = 100
     offset: int = 0
 
@@ -283,6 +285,8 @@ class MeasurementQuery:
     study_uid: str | None = None
     series_uid: str | None = None
     source_series_uid: str | None = None
+    #: the collections searched (None: all); callers pass those the requester may read
+    readable: tuple[str, ...] | None = None
     limit: int = 100
     offset: int = 0
 
@@ -305,16 +309,22 @@ def _select(
     where: list[str],
     params: list[Any],
     order: str,
-    limit: int,
-    offset: int,
+    q: SegmentQuery | MeasurementQuery | LandmarkQuery | DerivedObjectQuery,
 ) -> tuple[str, list[Any]]:
-    # The referenced series' study comes from the index (None when Carina does not hold it).
+    readable = list(q.readable) if q.readable is not None else None
+    if readable is not None:
+        where = [*where, "d.collection = ANY(%s)"]
+        params = [*params, readable]
+    # The referenced series' study comes from the index (None when Carina does not hold it,
+    # or holds it in a collection the requester may not read: its existence is not revealed).
     sql = (
         f"SELECT d.*, r.study_uid AS referenced_study_uid FROM {table} d"
-        f" LEFT JOIN series r ON r.series_uid = d.{reference}"
+        f" LEFT JOIN (series r JOIN studies rs ON rs.study_uid = r.study_uid"
+        f" AND (%s::text[] IS NULL OR rs.collection = ANY(%s)))"
+        f" ON r.series_uid = d.{reference}"
         f" WHERE {' AND '.join(where) or 'true'} ORDER BY {order} LIMIT %s OFFSET %s"
     )
-    return sql, [*params, limit, offset]
+    return sql, [readable, readable, *params, q.limit, q.offset]
 
 
 def _fetch(pool: ConnectionPool, sql: str, params: list[Any]) -> list[dict[str, Any]]:
@@ -345,8 +355,7 @@ def segment_sql(q: SegmentQuery) -> tuple[str, list[Any]]:
         where,
         params,
         "d.sop_uid, d.segment_number",
-        q.limit,
-        q.offset,
+        q,
     )
 
 
@@ -373,7 +382,7 @@ def measurement_sql(q: MeasurementQuery) -> tuple[str, list[Any]]:
     _match(where, params, "study_uid", q.study_uid)
     _match(where, params, "series_uid", q.series_uid)
     _match(where, params, "source_series_uid", q.source_series_uid)
-    return _select("measurements", "source_series_uid", where, params, "d.pk", q.limit, q.offset)
+    return _select("measurements", "source_series_uid", where, params, "d.pk", q)
 
 
 @dataclass(frozen=True)
@@ -391,6 +400,8 @@ class LandmarkQuery:
     source_series_uid: str | None = None
     limit: int = 100
     offset: int = 0
+    #: the collections searched (None: all); callers pass those the requester may read
+    readable: tuple[str, ...] | None = None
 
 
 def search_landmarks(pool: ConnectionPool, q: LandmarkQuery) -> list[dict[str, Any]]:
@@ -410,7 +421,7 @@ def landmark_sql(q: LandmarkQuery) -> tuple[str, list[Any]]:
     _match(where, params, "study_uid", q.study_uid)
     _match(where, params, "series_uid", q.series_uid)
     _match(where, params, "source_series_uid", q.source_series_uid)
-    return _select("landmarks", "source_series_uid", where, params, "d.pk", q.limit, q.offset)
+    return _select("landmarks", "source_series_uid", where, params, "d.pk", q)
 
 
 @dataclass(frozen=True)
@@ -426,6 +437,8 @@ class DerivedObjectQuery:
     flagged: bool | None = None
     limit: int = 100
     offset: int = 0
+    #: the collections searched (None: all); callers pass those the requester may read
+    readable: tuple[str, ...] | None = None
 
 
 def search_derived_objects(pool: ConnectionPool, q: DerivedObjectQuery) -> list[dict[str, Any]]:
@@ -450,8 +463,7 @@ def derived_object_sql(q: DerivedObjectQuery) -> tuple[str, list[Any]]:
         where,
         params,
         "d.sop_uid, d.source_series_uid",
-        q.limit,
-        q.offset,
+        q,
     )
 
 

@@ -156,16 +156,16 @@ def write_batch(pool: ConnectionPool, records: Sequence[IndexRecord]) -> None:
 
 
 def _scope(
-    study: str, series: str | None, sop: str | None, collection: str | None = None
-) -> tuple[str, list[str]]:
+    study: str, series: str | None, sop: str | None, collections: Sequence[str] | None = None
+) -> tuple[str, list[object]]:
     where = ["i.study_uid = %s", "se.state = %s"]
-    params = [study, PUBLISHED]
-    if collection is not None:
+    params: list[object] = [study, PUBLISHED]
+    if collections is not None:
         where.append(
             "EXISTS (SELECT 1 FROM studies st WHERE st.study_uid = i.study_uid"
-            " AND st.collection = %s)"
+            " AND st.collection = ANY(%s))"
         )
-        params.append(collection)
+        params.append(list(collections))
     if series is not None:
         where.append("i.series_uid = %s")
         params.append(series)
@@ -180,11 +180,11 @@ def instance_objects(
     study: str,
     series: str | None = None,
     sop: str | None = None,
-    collection: str | None = None,
+    collections: Sequence[str] | None = None,
 ) -> list[tuple[str, str, int]]:
-    """(object key, transfer syntax, size) of the published instances in scope (of one
-    collection when given), in order."""
-    where, params = _scope(study, series, sop, collection)
+    """(object key, transfer syntax, size) of the published instances in scope (of those
+    collections when given), in order."""
+    where, params = _scope(study, series, sop, collections)
     with pool.connection() as conn:
         rows = conn.execute(
             "SELECT i.object_key, i.transfer_syntax_uid, i.size FROM instances i"
@@ -212,10 +212,11 @@ def version(
     study: str,
     series: str | None = None,
     sop: str | None = None,
-    collection: str | None = None,
+    collections: Sequence[str] | None = None,
 ) -> Version:
-    """The Version of the published instances in scope; NotFound if there are none."""
-    where, params = _scope(study, series, sop, collection)
+    """The Version of the published instances in scope (of those collections when given);
+    NotFound if there are none."""
+    where, params = _scope(study, series, sop, collections)
     with pool.connection() as conn:
         digest, modified = conn.execute(
             "SELECT md5(string_agg(i.sop_uid || ':' || i.sha256, ',' ORDER BY i.sop_uid)),"
@@ -229,9 +230,10 @@ def version(
     return Version(digest, modified)
 
 
-def first_series(pool: ConnectionPool, study: str, collection: str | None = None) -> str:
-    """The Series Instance UID of a study's first published series, in series number order."""
-    where, params = _scope(study, None, None, collection)
+def first_series(pool: ConnectionPool, study: str, collections: Sequence[str] | None = None) -> str:
+    """The Series Instance UID of a study's first published series, in series number order
+    (of those collections when given)."""
+    where, params = _scope(study, None, None, collections)
     with pool.connection() as conn:
         row = conn.execute(
             "SELECT i.series_uid FROM instances i JOIN series se ON se.series_uid = i.series_uid"
@@ -249,10 +251,11 @@ def iter_metadata(
     series: str | None = None,
     sop: str | None = None,
     batch: int = 500,
-    collection: str | None = None,
+    collections: Sequence[str] | None = None,
 ) -> Iterator[str]:
-    """Each published instance's DICOM JSON metadata as text, streamed from PostgreSQL."""
-    where, params = _scope(study, series, sop, collection)
+    """Each published instance's DICOM JSON metadata as text (of those collections when
+    given), streamed from PostgreSQL."""
+    where, params = _scope(study, series, sop, collections)
     with pool.connection() as conn:
         exists = conn.execute(
             "SELECT 1 FROM instances i JOIN series se ON se.series_uid = i.series_uid"
@@ -265,7 +268,7 @@ def iter_metadata(
 
 
 def _stream_metadata(
-    pool: ConnectionPool, where: str, params: list[str], batch: int
+    pool: ConnectionPool, where: str, params: list[object], batch: int
 ) -> Iterator[str]:
     with pool.connection() as conn, conn.transaction(), conn.cursor(name="metadata") as cur:
         cur.itersize = batch

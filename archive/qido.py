@@ -65,7 +65,8 @@ class Query:
     level: Level
     study: str | None = None
     series: str | None = None
-    collection: str | None = None
+    #: the collections searched (None: all); callers pass those the requester may read
+    collections: list[str] | None = None
     matches: list[tuple[str, list[str]]] = field(default_factory=list)
     include: set[str] = field(default_factory=set)
     include_all: bool = False
@@ -110,10 +111,10 @@ def parse_query(
     *,
     study: str | None = None,
     series: str | None = None,
-    collection: str | None = None,
+    collections: list[str] | None = None,
 ) -> Query:
     """Parse query parameters; unknown attributes and malformed values raise InvalidQuery."""
-    q = Query(level=level, study=study, series=series, collection=collection)
+    q = Query(level=level, study=study, series=series, collections=collections)
     grouped: dict[str, list[str]] = {}
     for name, value in params:
         if name in _CONTROL:
@@ -228,9 +229,9 @@ def _where(q: Query) -> tuple[list[str], list[object]]:
     if q.series is not None:
         conds.append("se.series_uid = %s")
         args.append(q.series)
-    if q.collection is not None:
-        conds.append("s.collection = %s")
-        args.append(q.collection)
+    if q.collections is not None:
+        conds.append("s.collection = ANY(%s)")
+        args.append(q.collections)
     for keyword, values in q.matches:
         for value in values:
             c = _condition(keyword, value)

@@ -75,7 +75,7 @@ class DimseCarina(CarinaServer):
         while True:
             r = requests.get(
                 f"{self.dicomweb}/studies?limit=1000&offset={offset}",
-                headers={"Accept": "application/dicom+json"},
+                headers={"Accept": "application/dicom+json", **self.headers},
                 timeout=60,
             )
             items = r.json() if r.status_code == 200 else []

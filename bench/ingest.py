@@ -177,10 +177,11 @@ def _pack(files: list[bytes], batch: int) -> list[Body]:
 # ----------------------------------------------------------------------------- requests
 
 
-def _session() -> requests.Session:
+def _session(server: Server) -> requests.Session:
     s = requests.Session()
     # Same for both servers: no gzip over loopback (Orthanc would otherwise compress JSON).
     s.headers["Accept-Encoding"] = "identity"
+    s.headers.update(server.headers)
     return s
 
 
@@ -228,7 +229,7 @@ def stow(server: Server, bodies: list[Body], clients: int, what: str) -> StowRes
     def send(i: int) -> list[tuple[str, str]]:
         s = getattr(local, "session", None)
         if s is None:
-            s = local.session = _session()
+            s = local.session = _session(server)
             with lock:
                 sessions.append(s)
         body = bodies[i]
@@ -814,7 +815,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{o.version}, DICOMweb plugin {o.plugin_version} "
                     "(SQLite index, StorageCompression false, otherwise defaults)"
                 )
-            sessions = {s.name: stack.enter_context(_session()) for s in servers}
+            sessions = {s.name: stack.enter_context(_session(s)) for s in servers}
             targets = run_stow(report, servers, ingest, warmup, args.clients, args.size)
             del ingest
             run_qido(

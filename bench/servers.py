@@ -75,6 +75,8 @@ class Server:
         self.version = "?"
         self.notes: list[str] = []
         self._log: IO[bytes] | None = None
+        # Headers every request to the server sends (Carina's admin token).
+        self.headers: dict[str, str] = {}
 
     @property
     def base(self) -> str:
@@ -237,6 +239,23 @@ class CarinaServer(Server):
             CARINA_LOG_LEVEL=self.log_level,
         )
         return [self.python, "-m", "carina", "serve"], env
+
+    def start(self) -> None:
+        """Make an admin token (storing needs one, and the default collection is restricted),
+        then start."""
+        _, env = self._command()
+        done = subprocess.run(
+            [self.python, "-m", "carina", "token", "create", "--role", "admin", "--name", "bench"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        if done.returncode != 0:
+            raise ServerError(f"carina token create failed: {done.stderr[-2000:]}")
+        self.headers = {"Authorization": f"Bearer {done.stdout.strip()}"}
+        super().start()
 
     def _ready(self) -> bool:
         r = requests.get(f"{self.base}/healthz", timeout=2)

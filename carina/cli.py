@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 from carina import __version__
@@ -171,6 +173,86 @@ def _collection_mapping(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+_DURATION = re.compile(r"(\d+)([dhm])")
+_UNITS = {"d": "days", "h": "hours", "m": "minutes"}
+
+
+def _moment(text: str) -> datetime:
+    """An ISO 8601 date or date-time, UTC unless it names a zone."""
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an ISO 8601 date or time") from None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _when(text: str) -> datetime:
+    """A future moment: a duration from now (30d, 12h, 45m) or an ISO 8601 date or time."""
+    m = _DURATION.fullmatch(text)
+    if m:
+        return datetime.now(UTC) + timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    return _moment(text)
+
+
+def _token_create(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import tokens
+
+    with _ae_pool(settings) as pool:
+        try:
+            secret, token = tokens.create(
+                pool, args.role, collection=args.collection, name=args.name, expires_at=args.expires
+            )
+        except tokens.TokenRefused as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+    scope = f" of collection {token.collection}" if token.collection else ""
+    until = f", expires {token.expires_at.isoformat()}" if token.expires_at else ""
+    print(f"created token {token.id}: {token.role}{scope} for {token.name}{until}", file=sys.stderr)
+    print("it is shown only now; send it as 'Authorization: Bearer <token>'", file=sys.stderr)
+    print(secret)  # alone on stdout, so TOKEN=$(carina token create ...) works
+    return 0
+
+
+def _token_list(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import tokens
+
+    now = datetime.now(UTC)
+    with _ae_pool(settings) as pool:
+        for t in tokens.list_all(pool):
+            expires = t.expires_at.isoformat() if t.expires_at else "never"
+            print(
+                f"{t.id}\t{t.name}\t{t.role}\t{t.collection or '*'}\t{t.state(now)}"
+                f"\texpires {expires}"
+            )
+    return 0
+
+
+def _token_revoke(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import tokens
+
+    with _ae_pool(settings) as pool:
+        try:
+            token = tokens.revoke(pool, args.id)
+        except tokens.TokenRefused as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+    print(f"revoked token {token.id} ({token.name})")
+    return 0
+
+
+def _audit_export(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import audit
+
+    with _ae_pool(settings) as pool:
+        if args.output:
+            with open(args.output, "w", newline="") as out:
+                n = audit.export_csv(pool, out, args.since, args.until)
+        else:
+            n = audit.export_csv(pool, sys.stdout, args.since, args.until)
+    print(f"exported {n} access rows", file=sys.stderr)
+    return 0
+
+
 def _fsck(settings: Settings, args: argparse.Namespace) -> int:
     from carina.archive import fsck
     from carina.runtime import open_store
@@ -256,6 +338,33 @@ def build_parser() -> argparse.ArgumentParser:
         "collection's mapping",
     )
     mapping.set_defaults(func=_collection_mapping)
+    token = sub.add_parser("token", help="API tokens (sent as Authorization: Bearer)")
+    token_sub = token.add_subparsers(dest="token_command", required=True)
+    token_create = token_sub.add_parser("create", help="create a token and print it once")
+    token_create.add_argument(
+        "--role",
+        required=True,
+        choices=["admin", "curator", "submitter", "reader"],
+        help="admin: everything; curator, submitter, reader: of one --collection",
+    )
+    token_create.add_argument("--collection", help="the collection of a non-admin role")
+    token_create.add_argument("--name", help="who the token is for (shown in lists and audit)")
+    token_create.add_argument(
+        "--expires", type=_when, help="30d, 12h, 45m from now, or an ISO 8601 date (UTC)"
+    )
+    token_create.set_defaults(func=_token_create)
+    token_list = token_sub.add_parser("list", help="list tokens (never their secrets)")
+    token_list.set_defaults(func=_token_list)
+    token_revoke = token_sub.add_parser("revoke", help="revoke a token by its id")
+    token_revoke.add_argument("id", help="the token id (12 hex digits, from `carina token list`)")
+    token_revoke.set_defaults(func=_token_revoke)
+    audit_p = sub.add_parser("audit", help="the access audit: who read which study, when")
+    audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)
+    export = audit_sub.add_parser("export", help="write the access audit as CSV")
+    export.add_argument("--since", type=_moment, help="from this moment (ISO 8601, UTC)")
+    export.add_argument("--until", type=_moment, help="before this moment (ISO 8601, UTC)")
+    export.add_argument("--output", "-o", help="file to write (default: standard output)")
+    export.set_defaults(func=_audit_export)
     ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
     ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")

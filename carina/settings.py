@@ -58,6 +58,19 @@ class Settings(BaseSettings):
         description="Origins (JSON list) whose browser viewers, e.g. OHIF, may call the API "
         'across origins, e.g. ["https://viewer.example.org"]; empty: no CORS headers',
     )
+    auth_failure_limit: str = Field(
+        default="10/minute",
+        description="Bad tokens one client address may present in a moving window (e.g. "
+        '"10/minute", "100/hour") before its token requests get 429',
+    )
+
+    @field_validator("auth_failure_limit")
+    @classmethod
+    def _rate(cls, v: str) -> str:
+        from limits import parse
+
+        parse(v)  # refuse a rate that does not parse at start-up, not at the first bad token
+        return v
 
     @field_validator("data_dir")
     @classmethod

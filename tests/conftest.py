@@ -12,11 +12,13 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import psycopg
 import pytest
 import requests
+from dicomweb_client.api import DICOMwebClient
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -60,6 +62,17 @@ def run_cli(
     """Run `python -m carina ARGS` on a database, as an admin at a shell would."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARINA_")}
     env.update(DATABASE_URL=database_url, CARINA_DATA_DIR=str(cwd / "data"), **extra_env)
+    return _carina(env, cwd, *args)
+
+
+def create_token(database_url: str, cwd: Path, *args: str) -> str:
+    """A new API token made with `carina token create ARGS` (e.g. --role admin)."""
+    done = run_cli(database_url, cwd, "token", "create", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+def _carina(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "carina", *args],
         env=env,
@@ -79,17 +92,49 @@ def free_port() -> int:
 
 @dataclass
 class Server:
-    """A running `carina serve`."""
+    """A running `carina serve`, and an admin token made for it with `carina token create`."""
 
     url: str
     data_dir: Path
     log: Path
     process: subprocess.Popen[bytes]
+    token: str
 
     @property
     def dicomweb(self) -> str:
         """The DICOMweb root."""
         return self.url + "/dicomweb"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        """The admin token as a request header."""
+        return {"Authorization": f"Bearer {self.token}"}
+
+    @cached_property
+    def http(self) -> requests.Session:
+        """A requests session that sends the admin token."""
+        session = requests.Session()
+        session.headers.update(self.auth)
+        return session
+
+    def client(self, root: str | None = None) -> DICOMwebClient:
+        """A dicomweb-client on root (default /dicomweb) that sends the admin token."""
+        return DICOMwebClient(root or self.dicomweb, headers=self.auth)
+
+    def root(self, collection: str | None = None) -> str:
+        """The DICOMweb root of a collection, or /dicomweb."""
+        if collection is None:
+            return self.dicomweb
+        return f"{self.url}/collections/{collection}/dicomweb"
+
+    def store(self, datasets: list, collection: str | None = None) -> tuple[str, str, str]:
+        """STOW datasets as admin (through the collection's root, or /dicomweb); the
+        de-identified (study, series, SOP instance) UIDs of the first one stored."""
+        body = self.client(self.root(collection)).store_instances(datasets).to_json_dict()
+        assert "00081198" not in body, body
+        url = body["00081199"]["Value"][0]["00081190"]["Value"][0]
+        parts = url.split("/")
+        return parts[-5], parts[-3], parts[-1]
 
     def stop(self) -> None:
         """Stop the server and wait for it."""
@@ -123,6 +168,13 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
         "CARINA_SECRET_KEY": "test-key-" + data_dir.name,
         **env,
     }
+    # Every test server gets an admin token, made as an admin would (before the server starts,
+    # so a server on its own embedded PostgreSQL finds the token in its database).
+    made = _carina(
+        full_env, data_dir.parent, "token", "create", "--role", "admin", "--name", "tests"
+    )
+    if made.returncode != 0:
+        raise RuntimeError(f"carina token create failed:\n{made.stderr[-4000:]}")
     with open(log, "wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "carina", "serve"],
@@ -131,7 +183,7 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
             stderr=subprocess.STDOUT,
             cwd=data_dir.parent,
         )
-    server = Server(f"http://127.0.0.1:{port}", data_dir, log, proc)
+    server = Server(f"http://127.0.0.1:{port}", data_dir, log, proc, made.stdout.strip())
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:

@@ -6,8 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import requests
-from dicomweb_client.api import DICOMwebClient
 
 from tests.conftest import Server, run_cli
 from tests.factory import Phi, ct_series
@@ -29,7 +27,7 @@ def roots(
     made: dict[str, object] = {}
     for name in ("TRIAL-A", "TRIAL-B"):
         root = f"{server.url}/collections/{name}/dicomweb"
-        client = DICOMwebClient(root)
+        client = server.client(root)
         body = client.store_instances(
             ct_series(Phi(patient_id="SHARED-1", study_date="20240117"), 2)
         ).to_json_dict()
@@ -46,7 +44,7 @@ def test_each_root_finds_only_its_own_collection(roots: dict, server: Server) ->
     a, b = roots["TRIAL-A"], roots["TRIAL-B"]
     assert [s["0020000D"]["Value"][0] for s in a["client"].search_for_studies()] == [a["study"]]
     assert [s["0020000D"]["Value"][0] for s in b["client"].search_for_studies()] == [b["study"]]
-    everything = DICOMwebClient(server.dicomweb).search_for_studies()
+    everything = server.client().search_for_studies()
     assert {a["study"], b["study"]} <= {s["0020000D"]["Value"][0] for s in everything}
 
 
@@ -60,12 +58,15 @@ def test_retrieve_urls_point_into_the_collection_root(roots: dict) -> None:
     )
 
 
-def test_another_collections_study_is_not_found_through_this_root(roots: dict) -> None:
+def test_another_collections_study_is_not_found_through_this_root(
+    roots: dict, server: Server
+) -> None:
     a, b = roots["TRIAL-A"], roots["TRIAL-B"]
+    get = server.http.get
     for suffix in ("", "/metadata", "/series"):
-        assert requests.get(f"{b['root']}/studies/{a['study']}{suffix}").status_code in (404, 204)
-    assert requests.get(f"{b['root']}/studies/{a['study']}").status_code == 404
-    assert requests.get(f"{a['root']}/studies/{a['study']}").status_code == 200
+        assert get(f"{b['root']}/studies/{a['study']}{suffix}").status_code in (404, 204)
+    assert get(f"{b['root']}/studies/{a['study']}").status_code == 404
+    assert get(f"{a['root']}/studies/{a['study']}").status_code == 200
 
 
 def test_each_collection_stores_with_its_own_profile_and_keys(roots: dict) -> None:
@@ -78,9 +79,9 @@ def test_each_collection_stores_with_its_own_profile_and_keys(roots: dict) -> No
 
 def test_unknown_collection_root_is_404(roots: dict, server: Server, tmp_path: Path) -> None:
     root = f"{server.url}/collections/NO-SUCH/dicomweb"
-    assert requests.get(f"{root}/studies").status_code == 404
+    assert server.http.get(f"{root}/studies").status_code == 404
     body = b"--B\r\nContent-Type: application/dicom\r\n\r\nx\r\n--B--\r\n"
-    r = requests.post(
+    r = server.http.post(
         f"{root}/studies",
         data=body,
         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'},

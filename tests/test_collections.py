@@ -6,7 +6,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from dicomweb_client.api import DICOMwebClient
 from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
@@ -56,7 +55,7 @@ def c_store(port: int, aet: str, phi: Phi) -> None:
 
 def stored(server: Server, phi: Phi) -> list:
     """The de-identified instances whose StudyDate/time match nothing original: search all."""
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     return [
         client.retrieve_study(s["0020000D"]["Value"][0])[0] for s in client.search_for_studies()
     ]

@@ -9,8 +9,6 @@ from datetime import timedelta
 from email.utils import format_datetime, parsedate_to_datetime
 
 import pytest
-import requests
-from dicomweb_client.api import DICOMwebClient
 
 from tests.conftest import Server
 from tests.factory import Phi, ct_instance, ct_series
@@ -26,7 +24,7 @@ def series(server: Server) -> tuple[Phi, str, str]:
     """(phi, study, series) of a stored two-instance series."""
     phi = Phi()
     sent = ct_series(phi, 2, rows=8, columns=8)
-    DICOMwebClient(server.dicomweb).store_instances(sent[1:])
+    server.client().store_instances(sent[1:])
     st, se, _ = store(server, sent[0])
     return phi, st, se
 
@@ -39,7 +37,7 @@ def urls(server: Server, st: str, se: str) -> list[str]:
 def test_retrieve_and_metadata_carry_validators(server: Server, series: tuple) -> None:
     _, st, se = series
     for url in urls(server, st, se):
-        r = requests.get(url)
+        r = server.http.get(url)
         assert r.status_code == 200, url
         assert r.headers["etag"].startswith('W/"'), url
         parsedate_to_datetime(r.headers["last-modified"])
@@ -48,60 +46,60 @@ def test_retrieve_and_metadata_carry_validators(server: Server, series: tuple) -
 def test_if_none_match_with_current_etag_is_304_without_body(server: Server, series: tuple) -> None:
     _, st, se = series
     for url in urls(server, st, se):
-        first = requests.get(url)
+        first = server.http.get(url)
         etag = first.headers["etag"]
-        again = requests.get(url, headers={"If-None-Match": f'"other", {etag}'})
+        again = server.http.get(url, headers={"If-None-Match": f'"other", {etag}'})
         assert again.status_code == 304, url
         assert again.content == b""
         assert again.headers["etag"] == etag
-        assert requests.get(url, headers={"If-None-Match": "*"}).status_code == 304
-        assert requests.get(url, headers={"If-None-Match": '"stale"'}).status_code == 200
+        assert server.http.get(url, headers={"If-None-Match": "*"}).status_code == 304
+        assert server.http.get(url, headers={"If-None-Match": '"stale"'}).status_code == 200
 
 
 def test_if_modified_since(server: Server, series: tuple) -> None:
     _, st, se = series
     for url in urls(server, st, se):
-        modified = parsedate_to_datetime(requests.get(url).headers["last-modified"])
+        modified = parsedate_to_datetime(server.http.get(url).headers["last-modified"])
         at = format_datetime(modified, usegmt=True)
         before = format_datetime(modified - timedelta(days=1), usegmt=True)
-        assert requests.get(url, headers={"If-Modified-Since": at}).status_code == 304
-        assert requests.get(url, headers={"If-Modified-Since": before}).status_code == 200
-        assert requests.get(url, headers={"If-Modified-Since": "yesterday"}).status_code == 200
+        assert server.http.get(url, headers={"If-Modified-Since": at}).status_code == 304
+        assert server.http.get(url, headers={"If-Modified-Since": before}).status_code == 200
+        assert server.http.get(url, headers={"If-Modified-Since": "yesterday"}).status_code == 200
         # If-None-Match decides alone when both are sent.
         both = {"If-Modified-Since": at, "If-None-Match": '"stale"'}
-        assert requests.get(url, headers=both).status_code == 200
+        assert server.http.get(url, headers=both).status_code == 200
 
 
 def test_etag_depends_on_the_transfer_syntax_sent(server: Server, series: tuple) -> None:
     _, st, _ = series
     url = f"{server.dicomweb}/studies/{st}"
-    stored = requests.get(url, headers={"Accept": AS_STORED})
-    implicit = requests.get(url, headers={"Accept": IMPLICIT})
+    stored = server.http.get(url, headers={"Accept": AS_STORED})
+    implicit = server.http.get(url, headers={"Accept": IMPLICIT})
     assert stored.headers["etag"] != implicit.headers["etag"]
-    r = requests.get(url, headers={"Accept": IMPLICIT, "If-None-Match": stored.headers["etag"]})
+    r = server.http.get(url, headers={"Accept": IMPLICIT, "If-None-Match": stored.headers["etag"]})
     assert r.status_code == 200
 
 
 def test_metadata_etag_depends_on_the_root(server: Server, series: tuple) -> None:
     _, st, _ = series
-    plain = requests.get(f"{server.dicomweb}/studies/{st}/metadata")
-    collection = requests.get(f"{server.url}/collections/default/dicomweb/studies/{st}/metadata")
+    plain = server.http.get(f"{server.dicomweb}/studies/{st}/metadata")
+    collection = server.http.get(f"{server.url}/collections/default/dicomweb/studies/{st}/metadata")
     assert collection.status_code == 200
     assert plain.headers["etag"] != collection.headers["etag"]
 
 
 def test_a_new_instance_changes_the_etag(server: Server, series: tuple) -> None:
     phi, st, se = series
-    before = {url: requests.get(url).headers["etag"] for url in urls(server, st, se)}
+    before = {url: server.http.get(url).headers["etag"] for url in urls(server, st, se)}
     store(server, ct_instance(phi, 9, rows=8, columns=8))
     for url, etag in before.items():
-        r = requests.get(url, headers={"If-None-Match": etag})
+        r = server.http.get(url, headers={"If-None-Match": etag})
         assert r.status_code == 200, url
         assert r.headers["etag"] != etag
 
 
 def test_conditional_request_of_unknown_study_is_still_404(server: Server) -> None:
-    r = requests.get(f"{server.dicomweb}/studies/1.2.3.4.5", headers={"If-None-Match": "*"})
+    r = server.http.get(f"{server.dicomweb}/studies/1.2.3.4.5", headers={"If-None-Match": "*"})
     assert r.status_code == 404
 
 
@@ -110,6 +108,6 @@ def test_browser_viewer_may_read_the_validators(
 ) -> None:
     viewer = "http://viewer.test"
     cors = server_factory(CARINA_CORS_ORIGINS=json.dumps([viewer]))
-    r = requests.get(f"{cors.dicomweb}/studies/{series[1]}/metadata", headers={"Origin": viewer})
+    r = cors.http.get(f"{cors.dicomweb}/studies/{series[1]}/metadata", headers={"Origin": viewer})
     exposed = r.headers["access-control-expose-headers"].lower()
     assert "etag" in exposed and "last-modified" in exposed

@@ -16,7 +16,6 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
 from tests.conftest import Server
@@ -44,7 +43,7 @@ class Stored:
 
 def _stow(server: Server, datasets: list[Dataset]) -> dict[str, tuple[str, str, str]]:
     """STOW datasets; map each SOP class to (study, series, sop) of the stored instances."""
-    response = DICOMwebClient(server.dicomweb).store_instances(datasets)
+    response = server.client().store_instances(datasets)
     assert "FailedSOPSequence" not in response
     found: dict[str, tuple[str, str, str]] = {}
     for item in response.ReferencedSOPSequence:
@@ -77,7 +76,7 @@ def stored(server_factory: Callable[..., Server], default_profile: Stored) -> St
 
 
 def _get(server: Server, path: str, **params: str | int | float) -> requests.Response:
-    return requests.get(f"{server.url}/api/{path}", params=params, timeout=30)
+    return server.http.get(f"{server.url}/api/{path}", params=params, timeout=30)
 
 
 def _rows(server: Server, path: str, **params: str | int | float) -> list[dict]:
@@ -196,7 +195,7 @@ def test_csv_export_parses_and_matches_the_json_rows(stored: Stored) -> None:
 
 def test_retrieve_url_resolves_with_a_wado_rs_series_retrieve(stored: Stored) -> None:
     [row] = _rows(stored.server, "measurements", concept="SCT:118565006", study=stored.study)
-    r = requests.get(row["retrieve_url"], headers={"Accept": DICOM_MULTIPART}, timeout=30)
+    r = stored.server.http.get(row["retrieve_url"], headers={"Accept": DICOM_MULTIPART}, timeout=30)
     assert r.status_code == 200
     assert r.headers["content-type"].startswith("multipart/related")
 
@@ -271,9 +270,7 @@ def _flagged(server: Server, sop: str) -> list[str]:
 
 
 def _study_of(server: Server, sop: str) -> str:
-    found = DICOMwebClient(server.dicomweb).search_for_instances(
-        search_filters={"SOPInstanceUID": sop}
-    )
+    found = server.client().search_for_instances(search_filters={"SOPInstanceUID": sop})
     return str(found[0]["0020000D"]["Value"][0])
 
 
@@ -392,7 +389,7 @@ def more(stored: Stored) -> MoreStored:
     _, _, landmark_sop = found[str(sources[0].SOPClassUID)]
     _, pm_series, pm_sop = found[str(sources[1].SOPClassUID)]
     _, rt_series, rt_sop = found[str(sources[2].SOPClassUID)]
-    metadata = DICOMwebClient(stored.server.dicomweb).retrieve_series_metadata(study, ct_series)
+    metadata = stored.server.client().retrieve_series_metadata(study, ct_series)
     frame_uid = metadata[0]["00200052"]["Value"][0]  # de-identified FrameOfReferenceUID
     return MoreStored(
         stored.server,

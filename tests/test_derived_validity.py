@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from dicomweb_client.api import DICOMwebClient
 
 from tests.conftest import Server
 from tests.derived import build, landmark_sr
@@ -37,7 +36,7 @@ def retrieved(
     """The stored SEG, SR and landmark SR as WADO-RS serves them, written to files."""
     server = server_factory(CARINA_DEID_OPTIONS=KEEP_STRUCTURED_CONTENT)
     cts, seg, sr = build(Phi())
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     assert "FailedSOPSequence" not in client.store_instances(cts)
     tmp = tmp_path_factory.mktemp("stored")
     out = {}

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
@@ -24,7 +23,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def client(server: Server) -> DICOMwebClient:
-    return DICOMwebClient(server.dicomweb)
+    return server.client()
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def test_wado_returns_pixel_data_unchanged_and_no_planted_phi(
         assert ds.StudyDate < original.StudyDate
         assert ds.PatientName == ds.PatientID != ""
     # The raw bytes as served, not only what pydicom shows.
-    r = requests.get(
+    r = server.http.get(
         f"{server.dicomweb}/studies/{study_uid}",
         headers={"Accept": 'multipart/related; type="application/dicom"'},
     )
@@ -185,14 +184,14 @@ def test_stowed_bytes_round_trip_through_plain_http(server: Server) -> None:
     phi = Phi()
     ds = ct_series(phi, 1)[0]
     body = b"--B1\r\nContent-Type: application/dicom\r\n\r\n" + to_bytes(ds) + b"\r\n--B1--\r\n"
-    r = requests.post(
+    r = server.http.post(
         f"{server.dicomweb}/studies",
         data=body,
         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B1'},
     )
     assert r.status_code == 200, r.text
     url = r.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
-    got = requests.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+    got = server.http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
     assert got.status_code == 200
     assert got.headers["content-type"].startswith("multipart/related")
     part = got.content.split(b"\r\n\r\n", 1)[1]

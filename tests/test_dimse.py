@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import psycopg
 import pytest
-import requests
 from psycopg_pool import ConnectionPool
 from pydicom import dcmread
 from pydicom.uid import (
@@ -106,14 +105,14 @@ def pseudonymizer(collection: str = COLLECTION) -> Pseudonymizer:
 
 def qido(listener: Listener, path: str) -> tuple[list[dict], str]:
     """A QIDO-RS answer as (results, raw text)."""
-    r = requests.get(listener.server.dicomweb + path, timeout=30)
+    r = listener.server.http.get(listener.server.dicomweb + path, timeout=30)
     assert r.status_code in (200, 204), r.text
     return (r.json() if r.status_code == 200 else []), r.text
 
 
 def retrieve(listener: Listener, study: str) -> list[tuple[str, bytes]]:
     """WADO-RS retrieve of a study as (transfer syntax of the part, part bytes)."""
-    r = requests.get(
+    r = listener.server.http.get(
         f"{listener.server.dicomweb}/studies/{study}",
         headers={"Accept": DICOM_MULTIPART},
         timeout=60,

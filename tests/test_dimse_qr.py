@@ -133,7 +133,7 @@ def archive(
     assoc.release()
 
     study = uid_in(COLLECTION, phi.study_uid)
-    instances = requests.get(f"{server.dicomweb}/studies/{study}/instances", timeout=30).json()
+    instances = server.http.get(f"{server.dicomweb}/studies/{study}/instances", timeout=30).json()
     series: dict[str, int] = {}
     for item in instances:
         uid = item["0020000E"]["Value"][0]
@@ -150,7 +150,7 @@ def uid_in(collection: str, uid: str) -> str:
 
 def study_json(archive: Archive) -> dict:
     """The stored study as QIDO-RS describes it."""
-    r = requests.get(
+    r = archive.server.http.get(
         f"{archive.server.dicomweb}/studies?StudyInstanceUID={archive.study}"
         "&includefield=PatientID",
         timeout=30,
@@ -161,7 +161,7 @@ def study_json(archive: Archive) -> dict:
 
 def wado_pixels(archive: Archive) -> dict[str, bytes]:
     """SOP Instance UID -> Pixel Data of every instance of the study, by WADO-RS."""
-    r = requests.get(
+    r = archive.server.http.get(
         f"{archive.server.dicomweb}/studies/{archive.study}",
         headers={"Accept": DICOM_MULTIPART},
         timeout=60,
@@ -599,7 +599,7 @@ def test_orthanc_stores_an_instance_to_carina_deidentified(
     )
     assert r.status_code == 200, r.text
     study = uid_in(COLLECTION, phi.study_uid)  # de-identified on intake, into COLLECTION
-    found = requests.get(
+    found = archive.server.http.get(
         f"{archive.server.dicomweb}/studies?StudyInstanceUID={study}&includefield=PatientID",
         timeout=30,
     )

@@ -6,7 +6,6 @@ import os
 import time
 
 import pytest
-from dicomweb_client.api import DICOMwebClient
 
 from tests.conftest import Server, run_cli
 from tests.factory import Phi, ct_series
@@ -21,7 +20,7 @@ def fsck(server: Server, database_url: str, *args: str) -> tuple[int, str]:
 
 
 def test_fsck_reports_damage_and_repairs_only_orphans(server: Server, database_url: str) -> None:
-    DICOMwebClient(server.dicomweb).store_instances(ct_series(Phi(), 3, rows=16, columns=16))
+    server.client().store_instances(ct_series(Phi(), 3, rows=16, columns=16))
     code, out = fsck(server, database_url)
     assert code == 0, out
     assert "checked 3 indexed instances" in out

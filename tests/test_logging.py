@@ -6,7 +6,6 @@ from __future__ import annotations
 import time
 
 import pytest
-import requests
 
 from tests.conftest import Server
 from tests.factory import Phi, ct_instance, to_bytes
@@ -21,14 +20,14 @@ def test_requests_are_logged_by_route_without_uids_or_query_values(server: Serve
         + to_bytes(ct_instance(phi, 1, rows=16, columns=16))
         + b"\r\n--B--\r\n"
     )
-    r = requests.post(
+    r = server.http.post(
         f"{server.dicomweb}/studies/{phi.study_uid}",
         data=body,
         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'},
     )
     assert r.status_code == 200, r.text
-    requests.get(f"{server.dicomweb}/studies", params={"PatientName": phi.patient_name})
-    requests.get(f"{server.dicomweb}/studies/{phi.study_uid}/metadata")
+    server.http.get(f"{server.dicomweb}/studies", params={"PatientName": phi.patient_name})
+    server.http.get(f"{server.dicomweb}/studies/{phi.study_uid}/metadata")
     time.sleep(0.5)  # let the log lines reach the file
     log = server.log.read_text(errors="replace")
     assert "/dicomweb/studies/{study}" in log  # the request is still logged, by its route
@@ -47,7 +46,7 @@ def test_malformed_identified_values_are_not_quoted_in_the_log(server: Server) -
     # An original UID that breaks the UI rules: pydicom quotes it when it reads it.
     ds.FrameOfReferenceUID = "1.2.826.0.1.3680043.2.1958.SMITHERSONFRAME"
     body = b"--B\r\nContent-Type: application/dicom\r\n\r\n" + to_bytes(ds) + b"\r\n--B--\r\n"
-    r = requests.post(
+    r = server.http.post(
         f"{server.dicomweb}/studies",
         data=body,
         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'},

@@ -19,7 +19,7 @@ UNMAPPED = Phi(patient_id="MRN-5550202", patient_name="ROE^RICHARD^UNMAPPED")
 MAPPING = "original_id,research_id,research_name\nMRN-5550101,LDCT-0001,LDCT-0001^SUBJECT\n"
 
 
-def _stow(url: str, *phis: Phi) -> requests.Response:
+def _stow(server: Server, url: str, *phis: Phi) -> requests.Response:
     """One STOW-RS request with one instance of each patient."""
     boundary = "MAPPINGTEST"
     body = b"".join(
@@ -28,7 +28,7 @@ def _stow(url: str, *phis: Phi) -> requests.Response:
         + b"\r\n"
         for phi in phis
     )
-    return requests.post(
+    return server.http.post(
         url + "/studies",
         data=body + f"--{boundary}--\r\n".encode(),
         headers={
@@ -58,9 +58,9 @@ def mapped(
     return server, outputs
 
 
-def _patients(url: str) -> dict[str, str]:
+def _patients(server: Server, url: str) -> dict[str, str]:
     """PatientID -> PatientName of every study in a DICOMweb root."""
-    found = requests.get(url + "/studies", params={"includefield": "00100010"}, timeout=30)
+    found = server.http.get(url + "/studies", params={"includefield": "00100010"}, timeout=30)
     found.raise_for_status()
     return {
         s["00100020"]["Value"][0]: s["00100010"]["Value"][0]["Alphabetic"] for s in found.json()
@@ -70,17 +70,17 @@ def _patients(url: str) -> dict[str, str]:
 def test_mapped_and_unmapped_patients_in_one_stow(mapped: tuple[Server, list[str]]) -> None:
     server, cli_output = mapped
     root = server.url + "/collections/MAPPED/dicomweb"
-    answer = _stow(root, MAPPED, UNMAPPED)
+    answer = _stow(server, root, MAPPED, UNMAPPED)
     assert answer.status_code == 200, answer.text
-    patients = _patients(root)
+    patients = _patients(server, root)
     keyed = Pseudonymizer(collection_key(b"test-key-" + server.data_dir.name.encode(), "MAPPED"))
     assert patients == {
         "LDCT-0001": "LDCT-0001^SUBJECT",  # the submitter's research ID and name
         keyed.patient_id(UNMAPPED.patient_id): keyed.patient_id(UNMAPPED.patient_id),
     }
     # Nothing that links an original to its research ID is served or logged anywhere.
-    study = next(iter(requests.get(root + "/studies", timeout=30).json()))
-    metadata = requests.get(
+    study = next(iter(server.http.get(root + "/studies", timeout=30).json()))
+    metadata = server.http.get(
         root + f"/studies/{study['0020000D']['Value'][0]}/metadata", timeout=30
     ).text
     seen = [answer.text, metadata, server.log.read_text(), *cli_output]
@@ -99,7 +99,7 @@ def test_mapping_loaded_with_another_key_refuses_instances(
     ):
         done = run_cli(database_url, tmp_path, *args, CARINA_SECRET_KEY="not-the-server-key")
         assert done.returncode == 0, done.stderr
-    answer = _stow(server.url + "/collections/OTHERKEY/dicomweb", MAPPED)
+    answer = _stow(server, server.url + "/collections/OTHERKEY/dicomweb", MAPPED)
     assert answer.status_code == 409, answer.text
     assert "another secret key" in answer.text
 

@@ -11,7 +11,6 @@ from io import BytesIO
 
 import pytest
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset, dcmread
 
 from bench.servers import OrthancServer
@@ -30,7 +29,7 @@ def study(server: Server) -> tuple[str, list[str]]:
     and a multi-frame CT."""
     phi = Phi()
     sent = ct_series(phi, 3, rows=16, columns=16)
-    DICOMwebClient(server.dicomweb).store_instances(sent[1:])
+    server.client().store_instances(sent[1:])
     st, _, first = store(server, sent[0])
     frames = multiframe_ct(Phi(study_uid=phi.study_uid))
     sop = store(server, frames)[2]
@@ -43,20 +42,24 @@ def study(server: Server) -> tuple[str, list[str]]:
 def orthanc(server: Server) -> Iterator[OrthancServer]:
     """Orthanc whose DICOMweb plugin knows Carina's root as server `carina`."""
     with running_orthanc(
-        DicomWeb={"Enable": True, "Root": "/dicom-web/", "Servers": {"carina": [server.dicomweb]}}
+        DicomWeb={
+            "Enable": True,
+            "Root": "/dicom-web/",
+            "Servers": {"carina": {"Url": server.dicomweb, "HttpHeaders": server.auth}},
+        }
     ) as o:
         yield o
 
 
 def carina_instances(server: Server, study: str) -> list[dict]:
-    r = requests.get(f"{server.dicomweb}/studies/{study}/instances", timeout=TIMEOUT)
+    r = server.http.get(f"{server.dicomweb}/studies/{study}/instances", timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     return r.json()  # type: ignore[no-any-return]
 
 
 def carina_files(server: Server, study: str) -> dict[str, Dataset]:
     """Carina's stored instances of a study, by SOP Instance UID, as WADO-RS sends them."""
-    r = requests.get(
+    r = server.http.get(
         f"{server.dicomweb}/studies/{study}", headers={"Accept": AS_STORED}, timeout=TIMEOUT
     )
     assert r.status_code == 200
@@ -132,12 +135,16 @@ def test_orthanc_stores_its_instances_into_carina(
         r = requests.post(f"{orthanc.base}/instances", data=to_bytes(ds), timeout=TIMEOUT)
         assert r.status_code == 200, r.text
         ids.append(r.json()["ID"])
-    before = {s["0020000D"]["Value"][0] for s in requests.get(f"{server.dicomweb}/studies").json()}
+    before = {
+        s["0020000D"]["Value"][0] for s in server.http.get(f"{server.dicomweb}/studies").json()
+    }
     r = requests.post(
         f"{orthanc.base}/dicom-web/servers/carina/stow", json={"Resources": ids}, timeout=TIMEOUT
     )
     assert r.status_code == 200, r.text
-    after = {s["0020000D"]["Value"][0] for s in requests.get(f"{server.dicomweb}/studies").json()}
+    after = {
+        s["0020000D"]["Value"][0] for s in server.http.get(f"{server.dicomweb}/studies").json()
+    }
     [new] = after - before  # de-identified on intake: a new, remapped Study Instance UID
     stored = sorted(carina_files(server, new).values(), key=lambda ds: ds.InstanceNumber)
     assert [ds.PixelData for ds in stored] == [ds.PixelData for ds in sent]

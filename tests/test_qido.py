@@ -6,7 +6,6 @@ import datetime as dt
 
 import pytest
 import requests
-from dicomweb_client.api import DICOMwebClient
 
 from tests.conftest import Server
 from tests.factory import Phi, ct_instance
@@ -21,7 +20,7 @@ def value(item: dict, tag: str) -> object:
 @pytest.fixture(scope="module")
 def studies(server: Server) -> dict[str, dict]:
     """Three studies: two CT (one with 3 instances), one MR; keyed by what they are."""
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     made = {}
     for name, modality, count, date in (
         ("ct3", "CT", 3, "20200110"),
@@ -41,7 +40,7 @@ def studies(server: Server) -> dict[str, dict]:
 
 
 def qido(server: Server, path: str, **params: object) -> requests.Response:
-    return requests.get(f"{server.dicomweb}{path}", params=params, timeout=30)
+    return server.http.get(f"{server.dicomweb}{path}", params=params, timeout=30)
 
 
 def uids(r: requests.Response, tag: str = "0020000D") -> set[str]:
@@ -210,5 +209,5 @@ def test_series_number_must_be_an_integer(studies: dict, server: Server) -> None
 
 
 def test_json_only_accept_is_honoured(studies: dict, server: Server) -> None:
-    r = requests.get(f"{server.dicomweb}/studies", headers={"Accept": "application/xml"})
+    r = server.http.get(f"{server.dicomweb}/studies", headers={"Accept": "application/xml"})
     assert r.status_code == 406

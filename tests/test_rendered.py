@@ -7,8 +7,6 @@ from io import BytesIO
 
 import numpy as np
 import pytest
-import requests
-from dicomweb_client.api import DICOMwebClient
 from PIL import Image
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
@@ -76,7 +74,7 @@ def url(server: Server, uids: tuple) -> str:
 
 def test_dicomweb_client_renders_png_with_requested_window(server: Server, ct: tuple) -> None:
     st, se, sop, sent = ct
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     png = client.retrieve_instance_rendered(
         st, se, sop, media_types=("image/png",), params={"window": "100,500,linear"}
     )
@@ -86,7 +84,7 @@ def test_dicomweb_client_renders_png_with_requested_window(server: Server, ct: t
 
 
 def test_sigmoid_window_follows_its_formula(server: Server, ct: tuple) -> None:
-    r = requests.get(
+    r = server.http.get(
         url(server, ct) + "/rendered",
         params={"window": "0,800,sigmoid"},
         headers={"Accept": "image/png"},
@@ -96,7 +94,7 @@ def test_sigmoid_window_follows_its_formula(server: Server, ct: tuple) -> None:
 
 
 def test_object_window_is_used_when_the_request_names_none(server: Server, ct: tuple) -> None:
-    r = requests.get(url(server, ct) + "/rendered", headers={"Accept": "image/png"})
+    r = server.http.get(url(server, ct) + "/rendered", headers={"Accept": "image/png"})
     assert r.status_code == 200
     assert r.headers["content-type"] == "image/png"
     assert np.abs(pixels(r.content) - linear(hounsfield(ct[3]), 40, 400)).max() <= 1
@@ -104,7 +102,7 @@ def test_object_window_is_used_when_the_request_names_none(server: Server, ct: t
 
 def test_default_media_type_is_jpeg_of_the_image_size(server: Server, ct: tuple) -> None:
     for headers in ({}, {"Accept": "*/*"}, {"Accept": "image/*"}):
-        r = requests.get(url(server, ct) + "/rendered", headers=headers)
+        r = server.http.get(url(server, ct) + "/rendered", headers=headers)
         assert r.status_code == 200, headers
         assert r.headers["content-type"] == "image/jpeg"
         image = decode(r.content)
@@ -114,7 +112,7 @@ def test_default_media_type_is_jpeg_of_the_image_size(server: Server, ct: tuple)
 def test_image_without_window_spans_its_whole_range(server: Server) -> None:
     ds = ct_instance(Phi(), 1, rows=8, columns=8)
     uids = store(server, ds)
-    r = requests.get(url(server, uids) + "/rendered", headers={"Accept": "image/png"})
+    r = server.http.get(url(server, uids) + "/rendered", headers={"Accept": "image/png"})
     hu = hounsfield(ds)
     expected = np.rint((hu - hu.min()) * 255 / (hu.max() - hu.min()))
     assert np.abs(pixels(r.content) - expected).max() <= 1
@@ -124,7 +122,7 @@ def test_monochrome1_is_inverted(server: Server) -> None:
     ds = ct_instance(Phi(), 1, rows=8, columns=8)
     ds.PhotometricInterpretation = "MONOCHROME1"
     uids = store(server, ds)
-    r = requests.get(
+    r = server.http.get(
         url(server, uids) + "/rendered",
         params={"window": "100,500,linear"},
         headers={"Accept": "image/png"},
@@ -134,7 +132,7 @@ def test_monochrome1_is_inverted(server: Server) -> None:
 
 def test_rendered_frames_are_the_frames_asked_for(server: Server, multiframe: tuple) -> None:
     st, se, sop, sent = multiframe
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     png = client.retrieve_instance_frames_rendered(
         st,
         se,
@@ -150,7 +148,7 @@ def test_rendered_frames_are_the_frames_asked_for(server: Server, multiframe: tu
 
 def test_several_frames_come_as_multipart_of_images(server: Server, multiframe: tuple) -> None:
     sent = multiframe[3]
-    r = requests.get(
+    r = server.http.get(
         url(server, multiframe) + "/frames/3,1/rendered",
         params={"window": "0,900,linear"},
         headers={"Accept": 'multipart/related; type="image/png"'},
@@ -164,7 +162,7 @@ def test_several_frames_come_as_multipart_of_images(server: Server, multiframe: 
 
 
 def test_viewport_fits_keeping_aspect_ratio(server: Server, ct: tuple) -> None:
-    r = requests.get(
+    r = server.http.get(
         url(server, ct) + "/rendered", params={"viewport": "24,24"}, headers={"Accept": "image/png"}
     )
     assert decode(r.content).size == (18, 24)  # 12x16 scaled by 1.5
@@ -173,10 +171,10 @@ def test_viewport_fits_keeping_aspect_ratio(server: Server, ct: tuple) -> None:
 def test_viewport_source_region_crops_and_flips(server: Server, ct: tuple) -> None:
     base = url(server, ct) + "/rendered"
     png = {"Accept": "image/png"}
-    full = pixels(requests.get(base, headers=png).content)
-    crop = requests.get(base, params={"viewport": "4,5,2,3,4,5"}, headers=png)
+    full = pixels(server.http.get(base, headers=png).content)
+    crop = server.http.get(base, params={"viewport": "4,5,2,3,4,5"}, headers=png)
     assert np.array_equal(pixels(crop.content), full[3:8, 2:6])
-    flipped = requests.get(base, params={"viewport": "4,5,2,3,-4,-5"}, headers=png)
+    flipped = server.http.get(base, params={"viewport": "4,5,2,3,-4,-5"}, headers=png)
     assert np.array_equal(pixels(flipped.content), full[3:8, 2:6][::-1, ::-1])
 
 
@@ -184,7 +182,7 @@ def test_quality_changes_jpeg_size(server: Server) -> None:
     ds = ct_instance(Phi(), 1, rows=128, columns=128)
     uids = store(server, ds)
     sizes = [
-        len(requests.get(url(server, uids) + "/rendered", params={"quality": q}).content)
+        len(server.http.get(url(server, uids) + "/rendered", params={"quality": q}).content)
         for q in (5, 95)
     ]
     assert sizes[0] < sizes[1]
@@ -195,7 +193,9 @@ def test_compressed_colour_instance_is_rendered_in_colour(server: Server) -> Non
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     expected = ds.pixel_array.astype(np.float64)  # RGB, decoded by pydicom
-    r = requests.get(url(server, store(server, ds)) + "/rendered", headers={"Accept": "image/png"})
+    r = server.http.get(
+        url(server, store(server, ds)) + "/rendered", headers={"Accept": "image/png"}
+    )
     assert r.status_code == 200
     got = pixels(r.content)
     assert got.shape == expected.shape
@@ -204,12 +204,12 @@ def test_compressed_colour_instance_is_rendered_in_colour(server: Server) -> Non
 
 def test_series_rendered_is_one_image_or_one_part_per_instance(server: Server) -> None:
     sent = ct_series(Phi(), 3, rows=8, columns=8)
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     client.store_instances(sent)
     st, se = store(server, sent[0])[:2]  # the same instance again: its UIDs
     one = client.retrieve_series_rendered(st, se, media_types=("image/jpeg",))
     assert decode(one).format == "JPEG"
-    r = requests.get(
+    r = server.http.get(
         f"{server.dicomweb}/studies/{st}/series/{se}/rendered",
         headers={"Accept": 'multipart/related; type="image/png"'},
         params={"window": "0,1000,linear"},
@@ -222,7 +222,7 @@ def test_series_rendered_is_one_image_or_one_part_per_instance(server: Server) -
 
 def test_thumbnails_are_small_images_of_study_series_and_instance(server: Server) -> None:
     sent = ct_series(Phi(), 3, rows=256, columns=200)
-    DICOMwebClient(server.dicomweb).store_instances(sent)
+    server.client().store_instances(sent)
     st, se, sop = store(server, sent[1])
     for path in (
         f"/studies/{st}",
@@ -230,17 +230,17 @@ def test_thumbnails_are_small_images_of_study_series_and_instance(server: Server
         f"/studies/{st}/series/{se}/instances/{sop}",
         f"/studies/{st}/series/{se}/instances/{sop}/frames/1",
     ):
-        r = requests.get(f"{server.dicomweb}{path}/thumbnail", headers={"Accept": "image/png"})
+        r = server.http.get(f"{server.dicomweb}{path}/thumbnail", headers={"Accept": "image/png"})
         assert r.status_code == 200, path
         assert decode(r.content).size == (100, 128), path
-    small = requests.get(
+    small = server.http.get(
         f"{server.dicomweb}/studies/{st}/thumbnail", params={"viewport": "50,50"}
     ).content
     assert decode(small).size == (39, 50)
 
 
 def test_thumbnail_of_a_small_image_is_not_enlarged(server: Server, ct: tuple) -> None:
-    r = requests.get(url(server, ct) + "/thumbnail")
+    r = server.http.get(url(server, ct) + "/thumbnail")
     assert decode(r.content).size == (12, 16)
 
 
@@ -263,7 +263,7 @@ def test_thumbnail_of_a_small_image_is_not_enlarged(server: Server, ct: tuple) -
     ],
 )
 def test_bad_rendering_parameters_are_400(server: Server, ct: tuple, params: dict) -> None:
-    r = requests.get(url(server, ct) + "/rendered", params=params)
+    r = server.http.get(url(server, ct) + "/rendered", params=params)
     assert r.status_code == 400, params
     assert r.json()["error"]
 
@@ -273,27 +273,27 @@ def test_bad_or_out_of_range_rendered_frames_are_400(
     server: Server, multiframe: tuple, frames: str
 ) -> None:
     assert FRAMES == 3
-    r = requests.get(url(server, multiframe) + f"/frames/{frames}/rendered")
+    r = server.http.get(url(server, multiframe) + f"/frames/{frames}/rendered")
     assert r.status_code == 400, frames
-    thumb = requests.get(url(server, multiframe) + f"/frames/{frames}/thumbnail")
+    thumb = server.http.get(url(server, multiframe) + f"/frames/{frames}/thumbnail")
     assert thumb.status_code == 400, frames
 
 
 @pytest.mark.parametrize("accept", ["image/gif", "image/jp2", "text/html", "application/dicom"])
 def test_unsupported_rendered_media_types_are_406(server: Server, ct: tuple, accept: str) -> None:
     for resource in ("/rendered", "/thumbnail"):
-        r = requests.get(url(server, ct) + resource, headers={"Accept": accept})
+        r = server.http.get(url(server, ct) + resource, headers={"Accept": accept})
         assert r.status_code == 406, (resource, accept)
 
 
 def test_several_frames_as_a_single_image_are_406(server: Server, multiframe: tuple) -> None:
-    r = requests.get(url(server, multiframe) + "/frames/1,2/rendered")
+    r = server.http.get(url(server, multiframe) + "/frames/1,2/rendered")
     assert r.status_code == 406
 
 
 def test_instance_without_pixel_data_is_406(server: Server) -> None:
     _, _, sr = build(Phi())
-    r = requests.get(url(server, store(server, sr)) + "/rendered")
+    r = server.http.get(url(server, store(server, sr)) + "/rendered")
     assert r.status_code == 406
     assert "pixel data" in r.json()["error"]
 
@@ -307,4 +307,4 @@ def test_unknown_resources_are_404(server: Server, ct: tuple) -> None:
         f"/studies/{unknown}/thumbnail",
         f"/studies/{st}/series/{unknown}/thumbnail",
     ):
-        assert requests.get(server.dicomweb + path).status_code == 404, path
+        assert server.http.get(server.dicomweb + path).status_code == 404, path

@@ -9,7 +9,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from dicomweb_client.api import DICOMwebClient
 from minio import Minio
 from minio.error import S3Error
 
@@ -303,7 +302,7 @@ def test_stow_and_wado_through_carina_keep_objects_in_s3_not_on_disk(
         CARINA_S3_SECRET_KEY=s3_server.secret_key,
         CARINA_S3_BUCKET=bucket,
     )
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     sent = ct_series(Phi(), 3)
     client.store_instances(sent)
 

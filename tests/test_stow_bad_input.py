@@ -30,7 +30,7 @@ def stow(
     server: Server, data: bytes, study: str | None = None, content_type: str = MULTIPART
 ) -> requests.Response:
     url = f"{server.dicomweb}/studies" + (f"/{study}" if study else "")
-    return requests.post(url, data=data, headers={"Content-Type": content_type}, timeout=60)
+    return server.http.post(url, data=data, headers={"Content-Type": content_type}, timeout=60)
 
 
 def failures(r: requests.Response) -> list[tuple[int, str]]:
@@ -171,13 +171,15 @@ def test_every_acknowledged_instance_can_be_retrieved(server: Server) -> None:
     assert r.status_code == 202
     for item in r.json()["00081199"]["Value"]:
         url = item["00081190"]["Value"][0]
-        got = requests.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
+        got = server.http.get(
+            url, headers={"Accept": 'multipart/related; type="application/dicom"'}
+        )
         assert got.status_code == 200, url
 
 
 def test_unknown_sop_instance_is_404_not_500(server: Server) -> None:
     uid = generate_uid()
-    r = requests.get(f"{server.dicomweb}/studies/{uid}")
+    r = server.http.get(f"{server.dicomweb}/studies/{uid}")
     assert r.status_code == 404
-    r = requests.get(f"{server.dicomweb}/studies/{uid}/metadata")
+    r = server.http.get(f"{server.dicomweb}/studies/{uid}/metadata")
     assert r.status_code == 404

@@ -10,7 +10,6 @@ from io import BytesIO
 import numpy as np
 import pytest
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -51,7 +50,7 @@ def study(server: Server) -> tuple[str, list[Dataset]]:
         ds.PixelRepresentation = 1
         ds.PixelData = pixels.astype(np.int16).tobytes()
     sent[1].compress(RLELossless, generate_instance_uid=False)
-    response = DICOMwebClient(server.dicomweb).store_instances(sent)
+    response = server.client().store_instances(sent)
     urls = {item.RetrieveURL for item in response.ReferencedSOPSequence}
     assert len(urls) == 2
     study_uid = next(iter(urls)).split("/studies/", 1)[1].split("/")[0]
@@ -59,7 +58,7 @@ def study(server: Server) -> tuple[str, list[Dataset]]:
 
 
 def retrieve(server: Server, study_uid: str, headers: dict[str, str]) -> requests.Response:
-    return requests.get(f"{server.dicomweb}/studies/{study_uid}", headers=headers, timeout=60)
+    return server.http.get(f"{server.dicomweb}/studies/{study_uid}", headers=headers, timeout=60)
 
 
 def parts(r: requests.Response) -> list[tuple[str, Dataset]]:
@@ -179,7 +178,7 @@ def test_dicomweb_client_retrieves_rle_instance_as_explicit_le(
     server: Server, study: tuple
 ) -> None:
     study_uid, sent = study
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     [item] = [
         i
         for i in client.search_for_instances(study_uid)

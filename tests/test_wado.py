@@ -7,7 +7,6 @@ from email.policy import HTTP
 
 import pytest
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
 from tests.conftest import Server
@@ -21,7 +20,7 @@ DICOM_MULTIPART = 'multipart/related; type="application/dicom"'
 def series(server: Server) -> tuple[str, str, list[str], list]:
     """(study, series, sop uids in instance order, datasets sent) of one stored series."""
     sent = ct_series(Phi(), 3, rows=32, columns=32)
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     client.store_instances(sent)
     [study] = client.search_for_studies()
     st = study["0020000D"]["Value"][0]
@@ -40,7 +39,7 @@ def parts(r: requests.Response) -> list:
 
 def test_series_retrieve_streams_every_instance_as_a_part(series: tuple, server: Server) -> None:
     st, se, sops, sent = series
-    r = requests.get(
+    r = server.http.get(
         f"{server.dicomweb}/studies/{st}/series/{se}", headers={"Accept": DICOM_MULTIPART}
     )
     assert r.status_code == 200
@@ -54,7 +53,7 @@ def test_series_retrieve_streams_every_instance_as_a_part(series: tuple, server:
 
 def test_instance_retrieve_gives_one_part(series: tuple, server: Server) -> None:
     st, se, sops, _ = series
-    r = requests.get(
+    r = server.http.get(
         f"{server.dicomweb}/studies/{st}/series/{se}/instances/{sops[1]}",
         headers={"Accept": DICOM_MULTIPART + "; transfer-syntax=*"},
     )
@@ -64,7 +63,7 @@ def test_instance_retrieve_gives_one_part(series: tuple, server: Server) -> None
 
 def test_stored_transfer_syntax_asked_by_name_is_served(series: tuple, server: Server) -> None:
     st, _, _, _ = series
-    r = requests.get(
+    r = server.http.get(
         f"{server.dicomweb}/studies/{st}",
         headers={"Accept": DICOM_MULTIPART + "; transfer-syntax=1.2.840.10008.1.2.1"},
     )
@@ -83,7 +82,7 @@ def test_unavailable_media_type_or_syntax_is_406(
     series: tuple, server: Server, accept: str
 ) -> None:
     st, _, _, _ = series
-    r = requests.get(f"{server.dicomweb}/studies/{st}", headers={"Accept": accept})
+    r = server.http.get(f"{server.dicomweb}/studies/{st}", headers={"Accept": accept})
     assert r.status_code == 406
     assert r.json()["error"]
 
@@ -96,7 +95,7 @@ def test_metadata_at_each_level_counts_instances(series: tuple, server: Server) 
         (f"{base}/series/{se}/metadata", 3),
         (f"{base}/series/{se}/instances/{sops[0]}/metadata", 1),
     ):
-        r = requests.get(url)
+        r = server.http.get(url)
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("application/dicom+json")
         assert len(r.json()) == n
@@ -112,12 +111,13 @@ def test_unknown_uids_are_404(series: tuple, server: Server) -> None:
         f"/studies/{missing}/metadata",
         f"/studies/{st}/series/{missing}/metadata",
     ):
-        r = requests.get(server.dicomweb + url)
+        r = server.http.get(server.dicomweb + url)
         assert r.status_code == 404, url
 
 
 def test_series_under_the_wrong_study_is_404(series: tuple, server: Server) -> None:
     _, se, _, _ = series
     assert (
-        requests.get(f"{server.dicomweb}/studies/{generate_uid()}/series/{se}").status_code == 404
+        server.http.get(f"{server.dicomweb}/studies/{generate_uid()}/series/{se}").status_code
+        == 404
     )

@@ -11,7 +11,6 @@ from email.policy import HTTP
 import numpy as np
 import pytest
 import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
@@ -52,7 +51,7 @@ def stored(server: Server) -> tuple[str, str, str, Dataset]:
 
 def store(server: Server, ds: Dataset) -> tuple[str, str, str]:
     """STOW one instance; (study, series, sop) of the de-identified instance stored."""
-    response = DICOMwebClient(server.dicomweb).store_instances([ds])
+    response = server.client().store_instances([ds])
     [item] = response.ReferencedSOPSequence
     url = item.RetrieveURL.split("/studies/", 1)[1]
     st, _, se, _, sop = url.split("/")
@@ -76,7 +75,7 @@ def test_dicomweb_client_retrieves_native_frames_in_requested_order(
     server: Server, stored: tuple, numbers: list[int]
 ) -> None:
     st, se, sop, sent = stored
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     frames = client.retrieve_instance_frames(st, se, sop, frame_numbers=numbers)
     assert frames == [frame_bytes(sent, n) for n in numbers]
 
@@ -84,7 +83,7 @@ def test_dicomweb_client_retrieves_native_frames_in_requested_order(
 def test_frames_response_is_multipart_octet_stream_one_part_per_frame(
     server: Server, stored: tuple
 ) -> None:
-    r = requests.get(
+    r = server.http.get(
         instance_url(server, stored) + "/frames/3,1", headers={"Accept": OCTET_MULTIPART}
     )
     assert r.status_code == 200
@@ -100,7 +99,7 @@ def test_frames_response_is_multipart_octet_stream_one_part_per_frame(
 
 
 def test_frame_list_with_encoded_comma_is_understood(server: Server, stored: tuple) -> None:
-    r = requests.get(instance_url(server, stored) + "/frames/2%2C3")
+    r = server.http.get(instance_url(server, stored) + "/frames/2%2C3")
     assert r.status_code == 200
     assert [p.get_payload(decode=True) for p in parts(r)] == [
         frame_bytes(stored[3], 2),
@@ -111,7 +110,7 @@ def test_frame_list_with_encoded_comma_is_understood(server: Server, stored: tup
 def test_single_frame_as_bare_octet_stream_when_only_that_is_accepted(
     server: Server, stored: tuple
 ) -> None:
-    r = requests.get(
+    r = server.http.get(
         instance_url(server, stored) + "/frames/2", headers={"Accept": "application/octet-stream"}
     )
     assert r.status_code == 200
@@ -123,7 +122,7 @@ def test_single_frame_as_bare_octet_stream_when_only_that_is_accepted(
 def test_bad_or_out_of_range_frame_numbers_are_400(
     server: Server, stored: tuple, frame_list: str
 ) -> None:
-    r = requests.get(instance_url(server, stored) + f"/frames/{frame_list}")
+    r = server.http.get(instance_url(server, stored) + f"/frames/{frame_list}")
     assert r.status_code == 400, frame_list
     assert r.json()["error"]
 
@@ -132,30 +131,30 @@ def test_bad_or_out_of_range_frame_numbers_are_400(
 def test_frames_in_unavailable_media_type_are_406(
     server: Server, stored: tuple, accept: str
 ) -> None:
-    r = requests.get(instance_url(server, stored) + "/frames/1", headers={"Accept": accept})
+    r = server.http.get(instance_url(server, stored) + "/frames/1", headers={"Accept": accept})
     assert r.status_code == 406
 
 
 def test_frames_and_bulk_data_of_unknown_instance_are_404(server: Server, stored: tuple) -> None:
     st, se, _, _ = stored
     base = f"{server.dicomweb}/studies/{st}/series/{se}/instances/{generate_uid()}"
-    assert requests.get(base + "/frames/1").status_code == 404
-    assert requests.get(base + "/bulkdata/7FE00010").status_code == 404
+    assert server.http.get(base + "/frames/1").status_code == 404
+    assert server.http.get(base + "/bulkdata/7FE00010").status_code == 404
 
 
 def test_metadata_bulk_data_uri_is_absolute_and_returns_pixel_data(
     server: Server, stored: tuple
 ) -> None:
     url = instance_url(server, stored)
-    [meta] = requests.get(url + "/metadata").json()
+    [meta] = server.http.get(url + "/metadata").json()
     uri = meta["7FE00010"]["BulkDataURI"]
     assert uri == url + "/bulkdata/7FE00010"
-    r = requests.get(uri, headers={"Accept": OCTET_MULTIPART})
+    r = server.http.get(uri, headers={"Accept": OCTET_MULTIPART})
     assert r.status_code == 200
     [part] = parts(r)
     assert part.get_payload(decode=True) == stored[3].PixelData
     assert part["content-location"] == uri
-    client = DICOMwebClient(server.dicomweb)
+    client = server.client()
     assert client.retrieve_bulkdata(uri) == [stored[3].PixelData]
 
 
@@ -163,7 +162,7 @@ def test_study_metadata_bulk_data_uris_name_their_own_instance(
     server: Server, stored: tuple
 ) -> None:
     st = stored[0]
-    meta = requests.get(f"{server.dicomweb}/studies/{st}/metadata").json()
+    meta = server.http.get(f"{server.dicomweb}/studies/{st}/metadata").json()
     for m in meta:
         sop = m["00080018"]["Value"][0]
         assert m["7FE00010"]["BulkDataURI"].endswith(f"/instances/{sop}/bulkdata/7FE00010")
@@ -171,8 +170,8 @@ def test_study_metadata_bulk_data_uris_name_their_own_instance(
 
 def test_bulk_data_of_absent_or_malformed_tag_is_404(server: Server, stored: tuple) -> None:
     url = instance_url(server, stored)
-    assert requests.get(url + "/bulkdata/00091010").status_code == 404
-    assert requests.get(url + "/bulkdata/PIXELS").status_code == 404
+    assert server.http.get(url + "/bulkdata/00091010").status_code == 404
+    assert server.http.get(url + "/bulkdata/PIXELS").status_code == 404
 
 
 @pytest.fixture(scope="module")
@@ -192,7 +191,7 @@ def test_frames_and_pixel_bulk_data_of_compressed_instance_are_406_not_transcode
     st, se, sop = compressed
     url = f"{server.dicomweb}/studies/{st}/series/{se}/instances/{sop}"
     for path in ("/frames/1", "/bulkdata/7FE00010"):
-        r = requests.get(url + path)
+        r = server.http.get(url + path)
         assert r.status_code == 406, path
         assert "transcoding" in r.json()["error"]
 
@@ -275,7 +274,7 @@ def test_cors_preflight_is_allowed_for_the_configured_origin(cors_server: Server
 def test_cors_simple_request_exposes_warning_header_to_the_configured_origin(
     cors_server: Server, stored: tuple
 ) -> None:
-    r = requests.get(f"{cors_server.dicomweb}/studies", headers={"Origin": VIEWER})
+    r = cors_server.http.get(f"{cors_server.dicomweb}/studies", headers={"Origin": VIEWER})
     assert r.status_code == 200
     assert r.headers["access-control-allow-origin"] == VIEWER
     assert "warning" in r.headers["access-control-expose-headers"].lower()
@@ -284,9 +283,11 @@ def test_cors_simple_request_exposes_warning_header_to_the_configured_origin(
 def test_cors_headers_absent_for_other_origins_and_when_not_configured(
     server: Server, cors_server: Server, stored: tuple
 ) -> None:
-    other = requests.get(f"{cors_server.dicomweb}/studies", headers={"Origin": "http://evil.test"})
+    other = cors_server.http.get(
+        f"{cors_server.dicomweb}/studies", headers={"Origin": "http://evil.test"}
+    )
     assert "access-control-allow-origin" not in other.headers
-    default = requests.get(f"{server.dicomweb}/studies", headers={"Origin": VIEWER})
+    default = server.http.get(f"{server.dicomweb}/studies", headers={"Origin": VIEWER})
     assert "access-control-allow-origin" not in default.headers
     preflight = requests.options(
         f"{server.dicomweb}/studies",
@@ -302,16 +303,16 @@ def test_qido_json_is_gzipped_when_asked_and_decodes_to_the_same_answer(
     server: Server, stored: tuple
 ) -> None:
     url = f"{server.dicomweb}/instances?includefield=all"
-    plain = requests.get(url, headers={"Accept-Encoding": "identity"})
+    plain = server.http.get(url, headers={"Accept-Encoding": "identity"})
     assert "content-encoding" not in plain.headers
-    r = requests.get(url, headers={"Accept-Encoding": "gzip"}, stream=True)
+    r = server.http.get(url, headers={"Accept-Encoding": "gzip"}, stream=True)
     assert r.headers["content-encoding"] == "gzip"
     raw = r.raw.read(decode_content=False)
     assert json.loads(gzip.decompress(raw)) == plain.json()
 
 
 def test_metadata_is_gzipped_when_asked(server: Server, stored: tuple) -> None:
-    r = requests.get(
+    r = server.http.get(
         f"{server.dicomweb}/studies/{stored[0]}/metadata", headers={"Accept-Encoding": "gzip"}
     )
     assert r.headers["content-encoding"] == "gzip"
@@ -323,7 +324,7 @@ def test_multipart_dicom_and_frames_are_not_gzipped_even_when_asked(
 ) -> None:
     st, se, _, _ = stored
     for url in (f"{server.dicomweb}/studies/{st}", instance_url(server, stored) + "/frames/1,2"):
-        r = requests.get(url, headers={"Accept-Encoding": "gzip"})
+        r = server.http.get(url, headers={"Accept-Encoding": "gzip"})
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("multipart/related")
         assert "content-encoding" not in r.headers, url

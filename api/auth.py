@@ -1,0 +1,153 @@
+"""Authentication and authorization of HTTP requests, as FastAPI dependencies.
+
+A request is anonymous or carries `Authorization: Bearer <token>` (RFC 6750; what
+dicomweb-client and OHIF send). A presented token must be valid wherever it is sent: an expired
+or revoked one is refused (401), never quietly treated as anonymous, so a client whose token
+lapsed is told rather than shown less. Data a caller may not read is answered as if it did not
+exist (404, and absent from searches), so restricted collections do not reveal what they hold.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+
+from fastapi import Request
+from limits import parse
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+
+from carina.archive import access, audit, collections, tokens
+from carina.archive.access import ANONYMOUS, Principal
+from carina.archive.errors import NotFound
+from carina.runtime import Runtime
+
+REALM = 'Bearer realm="carina"'
+
+
+class AuthError(Exception):
+    """A request refused for who sent it; api/errors.py answers it with status and headers."""
+
+    def __init__(self, status: int, reason: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+        self.headers = headers or {}
+
+
+def _challenge(error: str | None = None, description: str | None = None) -> dict[str, str]:
+    """The WWW-Authenticate header of RFC 6750 3: the scheme, and why a token was refused."""
+    value = REALM
+    if error:
+        value += f', error="{error}"'
+    if description:
+        value += f', error_description="{description}"'
+    return {"WWW-Authenticate": value}
+
+
+class FailureLimit:
+    """Bad tokens allowed per client (by address) in a moving window, e.g. "10/minute"; past
+    it, every request of that client that presents a token gets 429 until the window moves
+    (guessing tokens stays slow). Kept in memory: each `carina serve` process counts its own."""
+
+    def __init__(self, rate: str) -> None:
+        self._limit = parse(rate)
+        self._window = MovingWindowRateLimiter(MemoryStorage())
+
+    def blocked(self, client: str) -> bool:
+        """Whether client has used up its bad tokens."""
+        return not self._window.test(self._limit, client)
+
+    def failed(self, client: str) -> None:
+        """Count one bad token of client."""
+        self._window.hit(self._limit, client)
+
+    def retry_after(self, client: str) -> int:
+        """Seconds until client may try a token again."""
+        reset = self._window.get_window_stats(self._limit, client).reset_time
+        return max(1, int(reset - time.time()) + 1)
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "unknown"
+
+
+def authenticate(request: Request) -> Principal:
+    """Dependency of every data route: the request's principal (kept on request.state)."""
+    header = request.headers.get("authorization")
+    principal = ANONYMOUS if header is None else _bearer(request, header)
+    request.state.principal = principal
+    return principal
+
+
+def _bearer(request: Request, header: str) -> Principal:
+    limit: FailureLimit = request.app.state.auth_failures
+    client = _client(request)
+    if limit.blocked(client):
+        raise AuthError(
+            429,
+            "too many bad tokens from this client; try again later",
+            {"Retry-After": str(limit.retry_after(client))},
+        )
+    scheme, _, credentials = header.strip().partition(" ")
+    try:
+        if scheme.lower() != "bearer" or not credentials.strip():
+            raise tokens.InvalidToken("the Authorization header must be 'Bearer <token>'")
+        token = tokens.verify(_runtime(request).pool, credentials.strip())
+    except tokens.InvalidToken as e:
+        limit.failed(client)
+        raise AuthError(401, str(e), _challenge("invalid_token", str(e))) from None
+    return Principal.of_token(token)
+
+
+def principal(request: Request) -> Principal:
+    """The principal authenticate() found for this request."""
+    return getattr(request.state, "principal", ANONYMOUS)  # type: ignore[no-any-return]
+
+
+def read_scope(request: Request) -> list[str] | None:
+    """The collections this request may read through its root: on /collections/{name}/...
+    that one (NotFound when it does not exist or may not be read), elsewhere every collection
+    the principal may read (None: all of them)."""
+    pool = _runtime(request).pool
+    readable = access.readable_collections(pool, principal(request))
+    name = request.path_params.get("collection")
+    if name is None:
+        return readable
+    if readable is not None and name not in readable:
+        raise NotFound(f"no collection {name}")
+    return [collections.get(pool, name).name]
+
+
+def store_collection(request: Request) -> str:
+    """The collection a STOW-RS request stores into, once its principal may store there."""
+    who = principal(request)
+    if who is ANONYMOUS:
+        raise AuthError(401, "storing needs a submitter or admin token", _challenge())
+    root = request.path_params.get("collection")
+    name = root or collections.DEFAULT
+    if not who.may_store(name):
+        if root is not None:
+            read_scope(request)  # a collection root it may not see is not found, as on reads
+        raise AuthError(
+            403,
+            f"this token may not store into collection {name}",
+            _challenge("insufficient_scope"),
+        )
+    return collections.get(_runtime(request).pool, name).name
+
+
+def record_access(request: Request, studies: Iterable[str]) -> None:
+    """Audit that this request read studies (one row each)."""
+    who = principal(request)
+    route = request.scope.get("route")
+    template = getattr(route, "path_format", None) or "(no route)"
+    audit.record(
+        _runtime(request).pool,
+        audit.Access(who.name, who.token_id, _client(request), request.method, template),
+        studies,
+    )

@@ -1,0 +1,33 @@
+"""Path parameters checked before any route runs: a UID that cannot exist is refused with a
+reason (400), a collection name that cannot exist is not found (404), so neither ever reaches
+SQL or the object store (a NUL byte, an encoded slash or `..`, a value of any length)."""
+
+from __future__ import annotations
+
+import re
+
+from fastapi import Request
+
+from carina.archive.collections import InvalidCollection, check_name
+from carina.archive.errors import InvalidQuery, NotFound
+
+# PS3.5 9.1: a UID is at most 64 characters, components of digits separated by periods. (No
+# leading zero in a component is not enforced: a STOW path may carry a sender's original.)
+_UID = re.compile(r"[0-9]+(\.[0-9]+)*")
+_UID_MAX = 64
+UID_PARAMS = ("study", "series", "sop")
+
+
+def check_path(request: Request) -> None:
+    """Dependency of every data route: refuse path parameters that cannot name anything."""
+    params = request.path_params
+    name = params.get("collection")
+    if name is not None:
+        try:
+            check_name(name)
+        except InvalidCollection:
+            raise NotFound("no such collection") from None
+    for key in UID_PARAMS:
+        value = params.get(key)
+        if value is not None and (len(value) > _UID_MAX or not _UID.fullmatch(value)):
+            raise InvalidQuery(f"the {key} in the path is not a UID (PS3.5 9.1)")

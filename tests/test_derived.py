@@ -365,6 +365,24 @@ def test_seg_whose_referenced_series_is_missing_is_indexed_and_flagged_until_it_
     assert row["retrieve_url"] == f"{stored.server.dicomweb}/studies/{study}/series/{missing}"
 
 
+def test_seg_highdicom_cannot_read_is_stored_linked_to_its_source_and_flagged(
+    stored: Stored,
+) -> None:
+    cts, seg, _ = build(Phi())
+    bad = copy.deepcopy(seg)
+    del bad.SegmentSequence[0].SegmentedPropertyTypeCodeSequence  # Type 1 (PS3.3 C.8.20.4)
+    found = _stow(stored.server, [*cts, bad])
+    study, ct_series, _ = found[str(cts[0].SOPClassUID)]
+    _, seg_series, seg_sop = found[str(bad.SOPClassUID)]
+    assert _rows(stored.server, "segments", study=study) == []
+    [row] = _rows(stored.server, "derived-objects", series=seg_series)
+    assert (row["sop_uid"], row["kind"], row["source_series_uid"]) == (seg_sop, "SEG", ct_series)
+    [problem] = row["problems"]
+    assert problem.startswith("not readable as SEG: AttributeError")
+    assert "SegmentedPropertyTypeCodeSequence" in problem
+    assert f"derived object {seg_sop} not indexed: AttributeError" in stored.server.log.read_text()
+
+
 # --------------------------------------------------------------------------------- landmarks
 
 

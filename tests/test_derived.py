@@ -12,12 +12,14 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import highdicom as hd
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 
 from tests.conftest import Server
 from tests.derived import build, landmark_sr, parametric_map, rt_structure_set
@@ -466,6 +468,39 @@ def test_landmarks_filtered_by_concept_graphic_type_collection_and_source_series
     assert _rows(more.server, "landmarks", finding_site="SCT:10200004", study=more.study)[0][
         "coordinates"
     ] == [[-12.0, 8.0, 6.5]]
+
+
+def test_scoord3d_outside_any_measurement_group_is_a_landmark_of_the_evidence_series(
+    stored: Stored,
+) -> None:
+    cts, _, _ = build(Phi())
+    root = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport)
+    root.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.Scoord3DContentItem(
+                name=codes.DCM.Center,
+                graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                graphic_data=np.array([[1.0, 2.0, 3.0]]),
+                frame_of_reference_uid=cts[0].FrameOfReferenceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    doc = hd.sr.Comprehensive3DSR(
+        evidence=cts,
+        content=root,
+        series_number=15,
+        series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ACME",
+    )  # not TID 1500: no measurement group
+    found = _stow(stored.server, [*cts, doc])
+    study, ct_series, _ = found[str(cts[0].SOPClassUID)]
+    [row] = _rows(stored.server, "landmarks", concept="DCM:111010", study=study)
+    assert (row["graphic_type"], row["coordinates"]) == ("POINT", [[1.0, 2.0, 3.0]])
+    assert (row["group_index"], row["tracking_id"], row["finding_site_value"]) == (None,) * 3
+    assert row["source_series_uid"] == ct_series
 
 
 # --------------------------------------------------------------------------- derived objects

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
+import psycopg
 import pyarrow.parquet as pq
 import pytest
 import requests
@@ -21,7 +22,8 @@ from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
-from tests.conftest import Server
+from carina.archive import derived
+from tests.conftest import Server, run_cli
 from tests.derived import build, landmark_sr, parametric_map, rt_structure_set
 from tests.factory import Phi
 
@@ -611,3 +613,28 @@ def test_accept_of_nothing_available_answers_406_with_a_sentence(stored: Stored)
     )
     assert r.status_code == 406
     assert "text/csv" in r.json()["error"]
+
+
+# --------------------------------------------------------------------------------- reindex
+
+
+def test_reindex_derived_rebuilds_what_an_older_carina_did_not_index(
+    more: MoreStored, database_url: str
+) -> None:
+    before = _rows(more.server, "derived-objects", source_series=more.ct_series)
+    landmarks = _rows(more.server, "landmarks", study=more.study)
+    assert before and landmarks
+    with psycopg.connect(database_url) as conn:  # as indexed before migration 009
+        conn.execute("DELETE FROM derived_objects")
+        conn.execute("DELETE FROM landmarks")
+    assert _rows(more.server, "derived-objects", source_series=more.ct_series) == []
+    done = run_cli(database_url, more.server.data_dir.parent, "reindex-derived")
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(database_url) as conn:
+        [(held,)] = conn.execute(
+            "SELECT count(*) FROM instances WHERE sop_class_uid = ANY(%s)",
+            (list(derived.KINDS),),
+        ).fetchall()
+    assert f"indexed {held} derived objects" in done.stdout
+    assert _rows(more.server, "derived-objects", source_series=more.ct_series) == before
+    assert _rows(more.server, "landmarks", study=more.study) == landmarks

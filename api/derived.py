@@ -132,7 +132,7 @@ _LANDMARK_PARAMS = _COMMON | {
 _DERIVED_OBJECT_PARAMS = _COMMON | {"kind", "source_series", "flagged"}
 # PS3.3 C.18.9.1.2: the graphic types of SCOORD3D.
 GRAPHIC_TYPES_3D = ("POINT", "MULTIPOINT", "POLYLINE", "POLYGON", "ELLIPSE", "ELLIPSOID")
-KINDS = ("SEG", "SR", "PM", "RTSTRUCT")
+KINDS = tuple(dict.fromkeys(derived.KINDS.values()))  # SEG, SR, PM, RTSTRUCT
 
 
 def _runtime(request: Request) -> Runtime:

@@ -100,6 +100,34 @@ def index_batch(pool: ConnectionPool, store: ObjectStore, records: Sequence[Stor
     return count
 
 
+@dataclass(frozen=True)
+class _Held:
+    """A stored instance as the index knows it."""
+
+    collection: str
+    sop_uid: str
+    sop_class_uid: str
+    series_uid: str
+    study_uid: str
+    object_key: str
+
+
+def reindex(pool: ConnectionPool, store: ObjectStore, batch: int = 100) -> int:
+    """Index every stored derived object again, from its stored bytes; return how many. Rows
+    indexed by an older Carina (before landmarks, sources and problems) are replaced."""
+    with pool.connection() as conn:
+        held = [
+            _Held(*row)
+            for row in conn.execute(
+                "SELECT s.collection, i.sop_uid, i.sop_class_uid, i.series_uid, i.study_uid,"
+                " i.object_key FROM instances i JOIN studies s ON s.study_uid = i.study_uid"
+                " WHERE i.sop_class_uid = ANY(%s) ORDER BY i.sop_uid",
+                (list(KINDS),),
+            )
+        ]
+    return sum(index_batch(pool, store, held[i : i + batch]) for i in range(0, len(held), batch))
+
+
 def _read(record: StoredObject, store: ObjectStore, indexed: _Indexed) -> None:
     """Fill indexed from the stored object: its sources first, then its content."""
     # Only a SEG's content is in its pixel data.

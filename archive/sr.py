@@ -315,47 +315,60 @@ def _landmark_rows(
     problems: list[str],
 ) -> list[dict[str, Any]]:
     """One row per SCOORD3D item (PS3.3 C.18.9), with its group's tracking and finding."""
-    only_series = set(evidence.values())
     rows = []
     for index, (item, container) in enumerate(_scoord3d_items(ds)):
-        try:
-            scoord = hd.sr.Scoord3DContentItem.from_dataset(item)
-            points = [[float(c) for c in point] for point in scoord.value]
-        except Exception as e:
-            problems.append(f"SCOORD3D item {index + 1} ({_describe(item)}) left out: {why(e)}")
-            continue
         group = groups.get(id(container)) if container is not None else None
-        if group is not None:
-            context = _group_columns(record, group)
-            sites = group.parsed.finding_sites
-            site = sites[0] if sites else None
-            context.update(code_columns("finding_site", site.value if site else None))
-            context.update(
-                code_columns("finding_site_modifier", site.topographical_modifier if site else None)
-            )
-        else:
-            context = {
-                "sop_uid": record.sop_uid,
-                "series_uid": record.series_uid,
-                "study_uid": record.study_uid,
-                "collection": record.collection,
-                "group_index": None,
-                "tracking_id": None,
-                "tracking_uid": None,
-                **code_columns("finding", None),
-                **code_columns("finding_site", None),
-                **code_columns("finding_site_modifier", None),
-                "source_series_uid": next(iter(only_series)) if len(only_series) == 1 else None,
-            }
-        rows.append(
-            {
-                **context,
-                "item_index": index,
-                **code_columns("concept", scoord.name),
-                "graphic_type": scoord.graphic_type.value,
-                "coordinates": json.dumps(points),
-                "frame_of_reference_uid": str(scoord.frame_of_reference_uid),
-                "fiducial_uid": str(item.FiducialUID) if "FiducialUID" in item else None,
-            }
-        )
+        try:
+            rows.append(_landmark_row(record, index, item, group, evidence))
+        except Exception as e:  # highdicom raises many kinds; each means "not valid"
+            problems.append(f"SCOORD3D item {index + 1} ({_describe(item)}) left out: {why(e)}")
     return rows
+
+
+def _landmark_row(
+    record: StoredObject,
+    index: int,
+    item: Dataset,
+    group: _Group | None,
+    evidence: dict[str, str],
+) -> dict[str, Any]:
+    scoord = hd.sr.Scoord3DContentItem.from_dataset(item)
+    points = [[float(c) for c in point] for point in scoord.value]
+    return {
+        **_landmark_context(record, group, evidence),
+        "item_index": index,
+        **code_columns("concept", scoord.name),
+        "graphic_type": scoord.graphic_type.value,
+        "coordinates": json.dumps(points),
+        "frame_of_reference_uid": str(scoord.frame_of_reference_uid),
+        "fiducial_uid": str(item.FiducialUID) if "FiducialUID" in item else None,
+    }
+
+
+def _landmark_context(
+    record: StoredObject, group: _Group | None, evidence: dict[str, str]
+) -> dict[str, Any]:
+    """The group columns of a landmark: its measurement group's, or none but the source series
+    when the SR's evidence names only one."""
+    if group is None:
+        series = set(evidence.values())
+        return {
+            "sop_uid": record.sop_uid,
+            "series_uid": record.series_uid,
+            "study_uid": record.study_uid,
+            "collection": record.collection,
+            "group_index": None,
+            "tracking_id": None,
+            "tracking_uid": None,
+            **code_columns("finding", None),
+            **code_columns("finding_site", None),
+            **code_columns("finding_site_modifier", None),
+            "source_series_uid": series.pop() if len(series) == 1 else None,
+        }
+    sites = group.parsed.finding_sites
+    site = sites[0] if sites else None
+    return {
+        **_group_columns(record, group),
+        **code_columns("finding_site", site.value if site else None),
+        **code_columns("finding_site_modifier", site.topographical_modifier if site else None),
+    }

@@ -282,6 +282,16 @@ def _fsck(settings: Settings, args: argparse.Namespace) -> int:
     return 1 if unrepaired else 0
 
 
+def _reindex_derived(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import derived
+    from carina.runtime import open_store
+
+    with _ae_pool(settings) as pool:
+        count = derived.reindex(pool, open_store(settings))
+    print(f"indexed {count} derived objects")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every sub-command."""
     parser = argparse.ArgumentParser(
@@ -308,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove objects no index row owns and stale staged files",
     )
     fsck_p.set_defaults(func=_fsck)
+    reindex = sub.add_parser(
+        "reindex-derived",
+        help="index every stored SEG, SR, parametric map and RT structure set again",
+    )
+    reindex.set_defaults(func=_reindex_derived)
     coll = sub.add_parser("collection", help="collections: visibility and de-identification")
     coll_sub = coll.add_subparsers(dest="collection_command", required=True)
     create = coll_sub.add_parser("create", help="create a collection")

@@ -12,13 +12,17 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import highdicom as hd
 import numpy as np
+import psycopg
 import pyarrow.parquet as pq
 import pytest
 import requests
 from pydicom import Dataset
+from pydicom.sr.codedict import codes
 
-from tests.conftest import Server
+from carina.archive import derived
+from tests.conftest import Server, run_cli
 from tests.derived import build, landmark_sr, parametric_map, rt_structure_set
 from tests.factory import Phi
 
@@ -362,6 +366,24 @@ def test_seg_whose_referenced_series_is_missing_is_indexed_and_flagged_until_it_
     assert row["retrieve_url"] == f"{stored.server.dicomweb}/studies/{study}/series/{missing}"
 
 
+def test_seg_highdicom_cannot_read_is_stored_linked_to_its_source_and_flagged(
+    stored: Stored,
+) -> None:
+    cts, seg, _ = build(Phi())
+    bad = copy.deepcopy(seg)
+    del bad.SegmentSequence[0].SegmentedPropertyTypeCodeSequence  # Type 1 (PS3.3 C.8.20.4)
+    found = _stow(stored.server, [*cts, bad])
+    study, ct_series, _ = found[str(cts[0].SOPClassUID)]
+    _, seg_series, seg_sop = found[str(bad.SOPClassUID)]
+    assert _rows(stored.server, "segments", study=study) == []
+    [row] = _rows(stored.server, "derived-objects", series=seg_series)
+    assert (row["sop_uid"], row["kind"], row["source_series_uid"]) == (seg_sop, "SEG", ct_series)
+    [problem] = row["problems"]
+    assert problem.startswith("not readable as SEG: AttributeError")
+    assert "SegmentedPropertyTypeCodeSequence" in problem
+    assert f"derived object {seg_sop} not indexed: AttributeError" in stored.server.log.read_text()
+
+
 # --------------------------------------------------------------------------------- landmarks
 
 
@@ -445,6 +467,39 @@ def test_landmarks_filtered_by_concept_graphic_type_collection_and_source_series
     assert _rows(more.server, "landmarks", finding_site="SCT:10200004", study=more.study)[0][
         "coordinates"
     ] == [[-12.0, 8.0, 6.5]]
+
+
+def test_scoord3d_outside_any_measurement_group_is_a_landmark_of_the_evidence_series(
+    stored: Stored,
+) -> None:
+    cts, _, _ = build(Phi())
+    root = hd.sr.ContainerContentItem(name=codes.DCM.ImagingMeasurementReport)
+    root.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.Scoord3DContentItem(
+                name=codes.DCM.Center,
+                graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+                graphic_data=np.array([[1.0, 2.0, 3.0]]),
+                frame_of_reference_uid=cts[0].FrameOfReferenceUID,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            )
+        ]
+    )
+    doc = hd.sr.Comprehensive3DSR(
+        evidence=cts,
+        content=root,
+        series_number=15,
+        series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ACME",
+    )  # not TID 1500: no measurement group
+    found = _stow(stored.server, [*cts, doc])
+    study, ct_series, _ = found[str(cts[0].SOPClassUID)]
+    [row] = _rows(stored.server, "landmarks", concept="DCM:111010", study=study)
+    assert (row["graphic_type"], row["coordinates"]) == ("POINT", [[1.0, 2.0, 3.0]])
+    assert (row["group_index"], row["tracking_id"], row["finding_site_value"]) == (None,) * 3
+    assert row["source_series_uid"] == ct_series
 
 
 # --------------------------------------------------------------------------- derived objects
@@ -555,3 +610,28 @@ def test_accept_of_nothing_available_answers_406_with_a_sentence(stored: Stored)
     )
     assert r.status_code == 406
     assert "text/csv" in r.json()["error"]
+
+
+# --------------------------------------------------------------------------------- reindex
+
+
+def test_reindex_derived_rebuilds_what_an_older_carina_did_not_index(
+    more: MoreStored, database_url: str
+) -> None:
+    before = _rows(more.server, "derived-objects", source_series=more.ct_series)
+    landmarks = _rows(more.server, "landmarks", study=more.study)
+    assert before and landmarks
+    with psycopg.connect(database_url) as conn:  # as indexed before migration 009
+        conn.execute("DELETE FROM derived_objects")
+        conn.execute("DELETE FROM landmarks")
+    assert _rows(more.server, "derived-objects", source_series=more.ct_series) == []
+    done = run_cli(database_url, more.server.data_dir.parent, "reindex-derived")
+    assert done.returncode == 0, done.stderr
+    with psycopg.connect(database_url) as conn:
+        [(held,)] = conn.execute(
+            "SELECT count(*) FROM instances WHERE sop_class_uid = ANY(%s)",
+            (list(derived.KINDS),),
+        ).fetchall()
+    assert f"indexed {held} derived objects" in done.stdout
+    assert _rows(more.server, "derived-objects", source_series=more.ct_series) == before
+    assert _rows(more.server, "landmarks", study=more.study) == landmarks

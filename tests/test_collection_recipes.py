@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psycopg
 import pytest
 import requests
+from psycopg.types.json import Jsonb
 from pydicom import DataElement
 
 from carina.curation.deid import load_profile, parse_recipe_lines
@@ -141,3 +143,19 @@ def test_cli_refuses_a_bad_line_and_keeps_the_lines_it_had(
 
     with db.open_pool(database_url, max_size=1) as pool:
         assert collections.get(pool, "BADLINES").deid_lines == ["KEEP StudyID"]
+
+
+@pytest.mark.slow
+def test_stow_to_a_collection_whose_stored_lines_no_longer_compile_is_503_with_why(
+    server: Server, database_url: str, tmp_path: Path
+) -> None:
+    assert run_cli(database_url, tmp_path, "collection", "create", "BROKEN").returncode == 0
+    # Written behind the CLI's back, as an old release or a hand edit could have left it.
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "UPDATE collections SET deid_lines = %s WHERE name = 'BROKEN'",
+            (Jsonb(["KEEP NoSuchAttribute"]),),
+        )
+    answer = stow(server.url + "/collections/BROKEN/dicomweb", ct_instance(Phi(), 1, rows=16))
+    assert answer.status_code == 503
+    assert "recipe line 1" in answer.json()["error"]

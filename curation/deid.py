@@ -180,6 +180,7 @@ class Profile:
     # (private creator, group, element offset) -> the VRs the safe attribute may have (empty:
     # any), from PS3.15 Table E.3.10-1 and the collection's own list; used when keep_private.
     safe_private: dict[tuple[str, int, int], frozenset[str]] = field(default_factory=dict)
+    own_lines: int = 0  # the collection's own recipe lines compiled in
 
     def rule_for(self, tag: int) -> Rule | None:
         """The rule for a tag: exact match first, then the first matching mask."""
@@ -324,7 +325,8 @@ def compile_recipes(
         for path in paths
         for a in DeidRecipe(str(path), base=False).get_actions() or []
     ]
-    for action, field_text, field_value in [*file_actions, *parse_recipe_lines(lines, options)]:
+    own = parse_recipe_lines(lines, options)
+    for action, field_text, field_value in [*file_actions, *own]:
         private = _PRIVATE_FIELD.match(field_text)
         if private:
             group, creator, element = private.groups()
@@ -357,6 +359,7 @@ def compile_recipes(
         safe_private={**safe_private_table(), **own_private}
         if "retain_safe_private" in opts
         else {},
+        own_lines=len(own),
     )
 
 
@@ -554,7 +557,12 @@ class Deidentifier:
         prof = self.profile
         ds.PatientIdentityRemoved = "YES"
         # PS3.5 6.2: LO is at most 64 characters; the code sequence below names every option.
-        ds.DeidentificationMethod = ("Carina PS3.15 " + "+".join((prof.name, *prof.options)))[:64]
+        method = ("Carina PS3.15 " + "+".join((prof.name, *prof.options)))[:64]
+        # PS3.6: De-identification Method is LO, VM 1-n; a second value says that the
+        # collection's own lines changed what the profile and options would have done.
+        ds.DeidentificationMethod = (
+            [method, f"and {prof.own_lines} collection recipe lines"] if prof.own_lines else method
+        )
         items = []
         for key in ("basic", *prof.options):
             code, meaning = CID_7050[key]

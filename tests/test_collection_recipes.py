@@ -60,6 +60,11 @@ def test_lines_apply_after_the_profile() -> None:
     assert ds.StationName == "CARINA"
     assert ds.SeriesDescription == "AXIAL 1mm"
     assert "ImageComments" not in ds
+    # The object says it was not de-identified by the profile alone.
+    assert list(ds.DeidentificationMethod) == [
+        "Carina PS3.15 basic",
+        "and 2 collection recipe lines",
+    ]
 
 
 def test_collection_keeps_its_own_private_attribute_and_only_that() -> None:

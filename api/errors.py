@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from carina.archive.errors import InvalidQuery, NotFound, OutOfResources, StorageError
+from carina.curation.errors import ProfileError
 
 from .auth import AuthError
 
@@ -42,3 +43,10 @@ def install(app: FastAPI) -> None:
     async def _storage(request: Request, exc: StorageError) -> JSONResponse:
         log.error("storage error: %s", type(exc).__name__)
         return http_error(503, "storage is unavailable")
+
+    @app.exception_handler(ProfileError)
+    async def _profile(request: Request, exc: ProfileError) -> JSONResponse:
+        # A collection's stored profile or recipe lines no longer compile: nothing can be
+        # de-identified for it until an admin fixes them, so nothing is taken in.
+        log.error("de-identification profile unusable: %s", exc)
+        return http_error(503, f"the collection's de-identification profile is unusable: {exc}")

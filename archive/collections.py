@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Literal
 
@@ -19,7 +19,7 @@ DEFAULT = "default"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _COLUMNS = (
     "name, visibility, description, license, citation, deid_profile, deid_options, created_at,"
-    " mapping_version"
+    " mapping_version, deid_lines"
 )
 
 
@@ -44,11 +44,17 @@ class Collection:
     deid_options: list[str]
     created_at: datetime
     mapping_version: int = 0  # of its pseudonym mapping (archive/mappings.py); 0: none
+    deid_lines: list[str] = field(default_factory=list)  # its own recipe lines, in order
 
     @property
     def options(self) -> tuple[str, ...]:
         """The de-identification options as the intake takes them."""
         return tuple(self.deid_options)
+
+    @property
+    def recipe_lines(self) -> tuple[str, ...]:
+        """The collection's own de-identification recipe lines as the intake takes them."""
+        return tuple(self.deid_lines)
 
 
 def check_name(name: str) -> str:
@@ -121,6 +127,16 @@ def get(pool: ConnectionPool, name: str) -> Collection:
     if row is None:
         raise NotFound(f"no collection {name}")
     return row
+
+
+def set_deid_lines(pool: ConnectionPool, name: str, lines: list[str]) -> None:
+    """Replace a collection's own recipe lines (validated by the caller); NotFound if unknown."""
+    with pool.connection() as conn:
+        cur = conn.execute(
+            "UPDATE collections SET deid_lines = %s WHERE name = %s", (Jsonb(lines), name)
+        )
+    if cur.rowcount == 0:
+        raise NotFound(f"no collection {name}")
 
 
 def list_all(pool: ConnectionPool) -> list[Collection]:

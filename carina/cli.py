@@ -253,6 +253,37 @@ def _audit_export(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _collection_recipe(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import collections
+    from carina.archive.errors import NotFound
+    from carina.curation.deid import load_profile
+    from carina.curation.errors import ProfileError
+
+    try:
+        if args.file:
+            with open(args.file, encoding="utf-8") as f:
+                lines = f.read().splitlines()
+        else:
+            lines = [] if args.clear else list(args.line)
+    except (OSError, UnicodeDecodeError) as e:
+        print(f"carina: cannot read {args.file}: {e}", file=sys.stderr)
+        return 1
+    with _ae_pool(settings) as pool:
+        try:
+            found = collections.get(pool, args.name)
+            # Validated as the intake will compile them: a bad line is refused now, with why.
+            load_profile(found.deid_profile, found.options, tuple(lines))
+            collections.set_deid_lines(pool, args.name, lines)
+        except (NotFound, ProfileError) as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+    print(
+        f"collection {args.name}: {len(lines)} recipe lines after the profile; instances "
+        "received from now on use them"
+    )
+    return 0
+
+
 def _fsck(settings: Settings, args: argparse.Namespace) -> int:
     from carina.archive import fsck
     from carina.runtime import open_store
@@ -380,6 +411,22 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--until", type=_moment, help="before this moment (ISO 8601, UTC)")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")
     export.set_defaults(func=_audit_export)
+    recipe = coll_sub.add_parser(
+        "recipe",
+        help="set the collection's own deid recipe lines, applied after its PS3.15 profile",
+    )
+    recipe.add_argument("name", help="the collection")
+    lines = recipe.add_mutually_exclusive_group(required=True)
+    lines.add_argument(
+        "--line",
+        action="append",
+        metavar="LINE",
+        help="a recipe line, repeatable, e.g. 'REPLACE StationName CARINA', "
+        "'KEEP SeriesDescription', 'KEEP (0019,\"SIEMENS MR HEADER\",0C)'",
+    )
+    lines.add_argument("--file", help="a file of recipe lines (# comments allowed)")
+    lines.add_argument("--clear", action="store_true", help="remove the collection's lines")
+    recipe.set_defaults(func=_collection_recipe)
     ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
     ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")

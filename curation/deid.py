@@ -13,9 +13,10 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
-from pydicom import DataElement, Dataset, Sequence
+from pydicom import DataElement, Dataset, Sequence, config
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.tag import BaseTag, Tag
+from pydicom.valuerep import validate_value
 
 from .errors import ProfileError
 from .pseudonyms import Pseudonymizer
@@ -127,6 +128,36 @@ _FUNCS = {
 }
 
 
+# A collection's own recipe line: ACTION FIELD [VALUE], FIELD a keyword, (GGGG,EEEE) with x for
+# any digit, or a private attribute as (gggg,"Private Creator",ee) (the DCMTK dictionary form).
+_LINE = re.compile(r"^(?P<action>[A-Za-z]+)\s+(?P<field>\([^)]*\)|\S+)(?:\s+(?P<value>.+))?$")
+_PRIVATE_FIELD = re.compile(
+    r'^\(([0-9A-Fa-f]{3}[13579BDFbdf]),"([^"\\]{1,64})",([0-9A-Fa-f]{2})\)$'
+)
+_LINE_ACTIONS = ("KEEP", "REMOVE", "BLANK", "REPLACE", "ADD")
+# Carina's pseudonyms (or a mapping file) decide these two; a collection's line may not.
+_PSEUDONYMISED = frozenset({0x00100010, 0x00100020})
+# Direct identifiers that no PS3.15 option retains: a collection's line may not keep them either.
+_NEVER_KEPT = frozenset(
+    tag_for_keyword(k)
+    for k in (
+        "PatientBirthDate",
+        "PatientBirthTime",
+        "PatientBirthName",
+        "PatientMotherBirthName",
+        "PatientAddress",
+        "PatientTelephoneNumbers",
+        "PatientTelecomInformation",
+        "OtherPatientIDs",
+        "OtherPatientIDsSequence",
+        "OtherPatientNames",
+        "IssuerOfPatientID",
+        "MedicalRecordLocator",
+        "AccessionNumber",
+    )
+)
+
+
 @dataclass(frozen=True)
 class Rule:
     """One compiled action: an operation and, for VALUE, the literal to write."""
@@ -149,6 +180,7 @@ class Profile:
     # (private creator, group, element offset) -> the VRs the safe attribute may have (empty:
     # any), from PS3.15 Table E.3.10-1 and the collection's own list; used when keep_private.
     safe_private: dict[tuple[str, int, int], frozenset[str]] = field(default_factory=dict)
+    own_lines: int = 0  # the collection's own recipe lines compiled in
 
     def rule_for(self, tag: int) -> Rule | None:
         """The rule for a tag: exact match first, then the first matching mask."""
@@ -210,8 +242,75 @@ def recipe_paths(profile: str, options: Iterable[str]) -> list[Path]:
     return paths
 
 
-def compile_recipes(name: str, options: Iterable[str], paths: Iterable[Path]) -> Profile:
-    """Compile deid recipe files (later files override earlier ones) into a Profile."""
+def parse_recipe_lines(
+    lines: Iterable[str], options: Iterable[str]
+) -> list[tuple[str, str, str | None]]:
+    """A collection's own recipe lines as (action, field, value), or ProfileError naming the
+    first bad line and why. Blank lines and # comments are skipped."""
+    numbered = [(n, line.strip()) for n, line in enumerate(lines, 1)]
+    numbered = [(n, text) for n, text in numbered if text and not text.startswith("#")]
+    if not numbered:
+        return []
+    opts = set(options)
+    basic = load_profile("basic", ())  # which attributes the Basic Profile gives new UIDs
+    parsed = []
+    for number, text in numbered:
+        try:
+            parsed.append(_parse_line(text, opts, basic))
+        except ProfileError as e:
+            raise ProfileError(f"recipe line {number}: {e}") from None
+    return parsed
+
+
+def _parse_line(text: str, options: set[str], basic: Profile) -> tuple[str, str, str | None]:
+    m = _LINE.match(text)
+    if m is None:
+        raise ProfileError("not ACTION FIELD [VALUE]")
+    action, field_text, value = m["action"].upper(), m["field"], m["value"]
+    if action not in _LINE_ACTIONS:
+        raise ProfileError(f"unknown action {m['action']!r} (one of {', '.join(_LINE_ACTIONS)})")
+    if _PRIVATE_FIELD.match(field_text):
+        if action != "KEEP" or value:
+            raise ProfileError("a private attribute can only be kept (KEEP, no value)")
+        if "retain_safe_private" not in options:
+            raise ProfileError("keeping a private attribute needs the retain_safe_private option")
+        return action, field_text, None
+    mask, tag = _parse_field(field_text)
+    exact = mask == 0xFFFFFFFF
+    if exact and tag >> 16 & 1:
+        raise ProfileError('name a private attribute as (gggg,"Private Creator",ee)')
+    if exact and tag in _PSEUDONYMISED:
+        raise ProfileError("PatientID and PatientName are Carina's pseudonyms (see mapping files)")
+    if action in ("KEEP", "REMOVE", "BLANK"):
+        if value:
+            raise ProfileError(f"{action} takes no value")
+        if action == "KEEP" and exact and tag in _NEVER_KEPT:
+            raise ProfileError(f"{field_text} identifies the patient; no PS3.15 option keeps it")
+        if action == "KEEP" and exact and (basic.rule_for(tag) or Rule(KEEP)).op == UID:
+            raise ProfileError(f"{field_text} is a UID: use the retain_uids option to keep UIDs")
+        return action, field_text, None
+    if not value:
+        raise ProfileError(f"{action} needs a value")
+    if action == "ADD" and not exact:
+        raise ProfileError("ADD needs a single tag")
+    if value.startswith("func:"):
+        _rule(action, value)  # an unknown function is refused here
+        return action, field_text, value
+    vr = _vr_of(Tag(tag)) if exact else "UN"
+    if vr not in _TEXT_VRS:
+        raise ProfileError(f"{field_text}: a literal value needs a text VR, not {vr}")
+    try:
+        validate_value(vr, value, config.RAISE)
+    except (ValueError, TypeError) as e:
+        raise ProfileError(f"{value!r} is not a valid {vr} ({e})") from None
+    return action, field_text, value
+
+
+def compile_recipes(
+    name: str, options: Iterable[str], paths: Iterable[Path], lines: Iterable[str] = ()
+) -> Profile:
+    """Compile deid recipe files (later files override earlier ones), then a collection's own
+    lines, into a Profile."""
     from deid.config import DeidRecipe
     from deid.logger import bot
 
@@ -220,19 +319,30 @@ def compile_recipes(name: str, options: Iterable[str], paths: Iterable[Path]) ->
     exact: dict[int, Rule] = {}
     masks: dict[tuple[int, int], Rule] = {}
     additions: dict[int, str] = {}
-    for path in paths:
-        for act in DeidRecipe(str(path), base=False).get_actions() or []:
-            mask, value = _parse_field(act["field"])
-            if act["action"].upper() == "ADD":
-                if mask != 0xFFFFFFFF:
-                    raise ProfileError(f"ADD needs a single tag, not {act['field']}")
-                additions[value] = act.get("value", "")
-                continue
-            rule = _rule(act["action"], act.get("value"))
-            if mask == 0xFFFFFFFF:
-                exact[value] = rule
-            else:
-                masks[(mask, value)] = rule
+    own_private: dict[tuple[str, int, int], frozenset[str]] = {}
+    file_actions = [
+        (a["action"], a["field"], a.get("value"))
+        for path in paths
+        for a in DeidRecipe(str(path), base=False).get_actions() or []
+    ]
+    own = parse_recipe_lines(lines, options)
+    for action, field_text, field_value in [*file_actions, *own]:
+        private = _PRIVATE_FIELD.match(field_text)
+        if private:
+            group, creator, element = private.groups()
+            own_private[(creator, int(group, 16), int(element, 16))] = frozenset()
+            continue
+        mask, tag = _parse_field(field_text)
+        if action.upper() == "ADD":
+            if mask != 0xFFFFFFFF:
+                raise ProfileError(f"ADD needs a single tag, not {field_text}")
+            additions[tag] = field_value or ""
+            continue
+        rule = _rule(action, field_value)
+        if mask == 0xFFFFFFFF:
+            exact[tag] = rule
+        else:
+            masks[(mask, tag)] = rule
     opts = tuple(o for o in OPTIONS if o in set(options))
     # More specific masks (more fixed bits) first.
     ordered = sorted(masks.items(), key=lambda kv: -bin(kv[0][0]).count("1"))
@@ -246,7 +356,10 @@ def compile_recipes(name: str, options: Iterable[str], paths: Iterable[Path]) ->
         # (Table E.3.10-1); without it every private attribute goes (E.1-1: X).
         keep_private="retain_safe_private" in opts,
         shift_dates="retain_long_modified_dates" in opts,
-        safe_private=safe_private_table() if "retain_safe_private" in opts else {},
+        safe_private={**safe_private_table(), **own_private}
+        if "retain_safe_private" in opts
+        else {},
+        own_lines=len(own),
     )
 
 
@@ -264,9 +377,10 @@ def safe_private_table() -> dict[tuple[str, int, int], frozenset[str]]:
 
 
 @lru_cache(maxsize=16)
-def load_profile(name: str, options: tuple[str, ...]) -> Profile:
-    """The compiled profile for a name and options (compiled once per process)."""
-    return compile_recipes(name, options, recipe_paths(name, options))
+def load_profile(name: str, options: tuple[str, ...], lines: tuple[str, ...] = ()) -> Profile:
+    """The compiled profile for a name, options and a collection's own recipe lines (compiled
+    once per process)."""
+    return compile_recipes(name, options, recipe_paths(name, options), lines)
 
 
 def _shift_da(value: str, days: int) -> str:
@@ -443,7 +557,12 @@ class Deidentifier:
         prof = self.profile
         ds.PatientIdentityRemoved = "YES"
         # PS3.5 6.2: LO is at most 64 characters; the code sequence below names every option.
-        ds.DeidentificationMethod = ("Carina PS3.15 " + "+".join((prof.name, *prof.options)))[:64]
+        method = ("Carina PS3.15 " + "+".join((prof.name, *prof.options)))[:64]
+        # PS3.6: De-identification Method is LO, VM 1-n; a second value says that the
+        # collection's own lines changed what the profile and options would have done.
+        ds.DeidentificationMethod = (
+            [method, f"and {prof.own_lines} collection recipe lines"] if prof.own_lines else method
+        )
         items = []
         for key in ("basic", *prof.options):
             code, meaning = CID_7050[key]

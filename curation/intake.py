@@ -74,6 +74,7 @@ class IntakeContext:
     staging_dir: str
     expected_study: str | None = None
     mapping_version: int = 0  # of the collection's pseudonym mapping; 0: it has none
+    recipe_lines: tuple[str, ...] = ()  # the collection's own recipe lines
 
 
 @dataclass(frozen=True)
@@ -347,7 +348,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
                 original_sop,
             )
 
-    profile = load_profile(ctx.profile, ctx.options)
+    profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
     Deidentifier(profile, pseudo).apply(ds)
 
     _prepare_file_meta(ds)
@@ -525,7 +526,7 @@ class Intake:
         self.workers = max(1, workers)
         self._lock = threading.Lock()
         self._since_analyze = 0
-        self._profiles: dict[str, tuple[float, str, tuple[str, ...], int]] = {}
+        self._collections: dict[str, tuple[float, collections.Collection]] = {}
         quiet_pydicom()  # this process parses too (DIMSE handlers)
         load_profile(profile, options)  # fail at start-up, not on the first instance
         # Parts reach the workers through shared memory (one copy, no pickling through a
@@ -576,35 +577,31 @@ class Intake:
     ) -> IntakeContext:
         """The worker context for a collection: its own key and its own de-identification
         profile and options (NotFound for an unknown collection)."""
-        profile, options, mapping_version = self._profile_of(collection)
+        found = self._collection(collection)
         return IntakeContext(
             collection=collection,
             key=collection_key(self.master_key, collection),
-            profile=profile,
-            options=options,
+            profile=found.deid_profile,
+            options=found.options,
             staging_dir=str(self.staging_dir),
             expected_study=expected_study,
-            mapping_version=mapping_version,
+            mapping_version=found.mapping_version,
+            recipe_lines=found.recipe_lines,
         )
 
-    def _profile_of(self, collection: str) -> tuple[str, tuple[str, ...], int]:
-        """A collection's profile, options and mapping version, read at most every
-        PROFILE_TTL seconds."""
+    def _collection(self, name: str) -> collections.Collection:
+        """A collection's de-identification settings, read at most every PROFILE_TTL seconds."""
         now = time.monotonic()
         with self._lock:
-            cached = self._profiles.get(collection)
+            cached = self._collections.get(name)
         if cached is not None and now - cached[0] < PROFILE_TTL:
-            return cached[1:]
-        found = collections.get(self.db_pool, collection)  # type: ignore[arg-type]
-        load_profile(found.deid_profile, found.options)  # a broken profile fails here, early
+            return cached[1]
+        found = collections.get(self.db_pool, name)  # type: ignore[arg-type]
+        # A broken profile fails here, early.
+        load_profile(found.deid_profile, found.options, found.recipe_lines)
         with self._lock:
-            self._profiles[collection] = (
-                now,
-                found.deid_profile,
-                found.options,
-                found.mapping_version,
-            )
-        return found.deid_profile, found.options, found.mapping_version
+            self._collections[name] = (now, found)
+        return found
 
     async def ingest(
         self, payloads: AsyncIterator[bytearray | str | Refusal], ctx: IntakeContext

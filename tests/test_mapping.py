@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import requests
+from pydicom import Dataset
 
 from carina.curation.mapping_file import MappingFileError, read_mapping_file
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
@@ -19,14 +20,13 @@ UNMAPPED = Phi(patient_id="MRN-5550202", patient_name="ROE^RICHARD^UNMAPPED")
 MAPPING = "original_id,research_id,research_name\nMRN-5550101,LDCT-0001,LDCT-0001^SUBJECT\n"
 
 
-def _stow(server: Server, url: str, *phis: Phi) -> requests.Response:
-    """One STOW-RS request with one instance of each patient."""
+def stow(server: Server, url: str, *datasets: Dataset) -> requests.Response:
+    """One STOW-RS request with the datasets as its parts (plain HTTP, to see the raw answer),
+    sent with the server's admin token."""
     boundary = "MAPPINGTEST"
     body = b"".join(
-        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode()
-        + to_bytes(ct_instance(phi, 1, rows=16, columns=16))
-        + b"\r\n"
-        for phi in phis
+        f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_bytes(ds) + b"\r\n"
+        for ds in datasets
     )
     return server.http.post(
         url + "/studies",
@@ -37,6 +37,11 @@ def _stow(server: Server, url: str, *phis: Phi) -> requests.Response:
         },
         timeout=120,
     )
+
+
+def _stow(server: Server, url: str, *phis: Phi) -> requests.Response:
+    """One STOW-RS request with one small instance of each patient."""
+    return stow(server, url, *(ct_instance(phi, 1, rows=16, columns=16) for phi in phis))
 
 
 @pytest.fixture(scope="module")

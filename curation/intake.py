@@ -18,9 +18,9 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from io import BytesIO
 from multiprocessing import resource_tracker, shared_memory
@@ -33,13 +33,15 @@ from pydicom.errors import InvalidDicomError
 from pydicom.filewriter import dcmwrite
 
 from carina import __version__
-from carina.archive import collections, derived, index
+from carina.archive import collections, derived, index, jobs
 from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
+from . import rules
 from .deid import Deidentifier, load_profile
 from .errors import CurationError, InstanceRefused
 from .pseudonyms import Pseudonymizer, collection_key
+from .rule_settings import RuleSettingError, config_from
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,8 @@ class IntakeContext:
     options: tuple[str, ...]
     staging_dir: str
     expected_study: str | None = None
+    # The collection's residual-PHI settings; None when that rule is off.
+    phi: rules.ResidualPhiSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,8 @@ class InstanceRecord:
     study_attrs: str
     series_attrs: str
     metadata: str
+    # JSON list of rules.PhiHit found with the original identifiers in hand; None: unchecked.
+    intake_findings: str | None = None
 
     @property
     def object_key(self) -> str:
@@ -317,6 +323,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
             )
 
     profile = load_profile(ctx.profile, ctx.options)
+    identifiers = rules.patient_identifiers(ds)  # in memory only, for residual_phi_checked
     Deidentifier(profile, pseudo).apply(ds)
 
     _prepare_file_meta(ds)
@@ -328,7 +335,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     with open(staging, "wb") as f:
         f.write(data)
     try:
-        return _record(ds, ctx, staging, data)
+        return residual_phi_checked(_record(ds, ctx, staging, data), identifiers, ctx.phi)
     except Exception:
         staging.unlink(missing_ok=True)
         raise
@@ -387,6 +394,20 @@ def _record(ds: Dataset, ctx: IntakeContext, staging: Path, data: memoryview) ->
         series_attrs=_attrs(full, index.SERIES_TAGS),
         metadata=json.dumps(full, separators=(",", ":")),
     )
+
+
+def residual_phi_checked(
+    record: InstanceRecord,
+    identifiers: rules.PatientIdentifiers,
+    settings: rules.ResidualPhiSettings | None,
+) -> InstanceRecord:
+    """The record with what its de-identified metadata still holds of the original patient's
+    identifiers. Runs in the intake worker, the one place the originals exist; only the hits
+    (codes, kinds, attribute paths: no PHI) travel on with the record."""
+    if settings is None:
+        return record
+    hits = rules.instance_residual_phi(json.loads(record.metadata), identifiers, settings)
+    return replace(record, intake_findings=json.dumps(hits))
 
 
 def quiet_pydicom() -> None:
@@ -475,8 +496,10 @@ class Intake:
         workers: int,
         profile: str = "basic",
         options: tuple[str, ...] = (),
+        settle_seconds: float = 5.0,
     ) -> None:
         self.db_pool = pool
+        self.settle_seconds = settle_seconds
         self.store = store
         self.master_key = master_key
         self.staging_dir = staging_dir
@@ -486,7 +509,7 @@ class Intake:
         self.workers = max(1, workers)
         self._lock = threading.Lock()
         self._since_analyze = 0
-        self._profiles: dict[str, tuple[float, str, tuple[str, ...]]] = {}
+        self._profiles: dict[str, tuple[float, collections.Collection]] = {}
         quiet_pydicom()  # this process parses too (DIMSE handlers)
         load_profile(profile, options)  # fail at start-up, not on the first instance
         # Parts reach the workers through shared memory (one copy, no pickling through a
@@ -530,30 +553,35 @@ class Intake:
     def context(
         self, collection: str = collections.DEFAULT, expected_study: str | None = None
     ) -> IntakeContext:
-        """The worker context for a collection: its own key and its own de-identification
-        profile and options (NotFound for an unknown collection)."""
-        profile, options = self._profile_of(collection)
+        """The worker context for a collection: its own key, de-identification profile and
+        options, and residual-PHI settings (NotFound for an unknown collection)."""
+        found = self._collection(collection)
         return IntakeContext(
             collection=collection,
             key=collection_key(self.master_key, collection),
-            profile=profile,
-            options=options,
+            profile=found.deid_profile,
+            options=found.options,
             staging_dir=str(self.staging_dir),
             expected_study=expected_study,
+            phi=_phi_settings(found.rules),
         )
 
-    def _profile_of(self, collection: str) -> tuple[str, tuple[str, ...]]:
-        """A collection's profile and options, read at most every PROFILE_TTL seconds."""
+    def _collection(self, name: str) -> collections.Collection:
+        """A collection as stored, read at most every PROFILE_TTL seconds."""
         now = time.monotonic()
         with self._lock:
-            cached = self._profiles.get(collection)
+            cached = self._profiles.get(name)
         if cached is not None and now - cached[0] < PROFILE_TTL:
-            return cached[1], cached[2]
-        found = collections.get(self.db_pool, collection)  # type: ignore[arg-type]
+            return cached[1]
+        found = collections.get(self.db_pool, name)  # type: ignore[arg-type]
         load_profile(found.deid_profile, found.options)  # a broken profile fails here, early
         with self._lock:
-            self._profiles[collection] = (now, found.deid_profile, found.options)
-        return found.deid_profile, found.options
+            self._profiles[name] = (now, found)
+        return found
+
+    def settle(self, series_uids: Iterable[str]) -> None:
+        """The sender is done with these series (its association ended): evaluate them now."""
+        jobs.settle(self.db_pool, series_uids)  # type: ignore[arg-type]
 
     async def ingest(
         self, payloads: AsyncIterator[bytearray | str | Refusal], ctx: IntakeContext
@@ -584,7 +612,8 @@ class Intake:
             outcomes = list(await asyncio.gather(*tasks))
         result = BatchResult(outcomes)
         if result.stored:
-            await asyncio.to_thread(self._commit, result)
+            # One request is one batch: its end settles its series at once.
+            await asyncio.to_thread(self._commit, result, 0.0)
         return result
 
     def _into_slot(self, payload: bytearray | bytes | str, slot: int) -> Payload:
@@ -607,12 +636,14 @@ class Intake:
             self._free_thread_slots.put(slot)
         result = BatchResult([outcome])
         if result.stored:
-            self._commit(result)
+            # More may follow on the association: settle after a quiet period or at its end.
+            self._commit(result, self.settle_seconds)
         return result.outcomes[0]
 
-    def _commit(self, result: BatchResult) -> None:
+    def _commit(self, result: BatchResult, settle_after: float) -> None:
         """Move staged files into the store (durable as a batch), then index them in one
-        transaction; only what is both stored and indexed is acknowledged."""
+        transaction, their series incoming and due for evaluation settle_after seconds from
+        now; only what is both stored and indexed is acknowledged."""
         positions = [i for i, o in enumerate(result.outcomes) if isinstance(o, InstanceRecord)]
         records: list[InstanceRecord] = [result.outcomes[i] for i in positions]  # type: ignore[misc]
         errors = self.store.put_files([(r.object_key, Path(r.staging_path)) for r in records])
@@ -627,7 +658,7 @@ class Intake:
         if not stored:
             return
         try:
-            index.write_batch(self.db_pool, stored)  # type: ignore[arg-type]
+            index.write_batch(self.db_pool, stored, settle_after)  # type: ignore[arg-type]
         except Exception as e:  # the index is down: nothing of this batch is acknowledged
             log.exception("index write failed for %d instances", len(stored))
             failed = {id(r) for r in stored}
@@ -660,6 +691,16 @@ class Intake:
             index.analyze(self.db_pool)  # type: ignore[arg-type]
         except Exception as e:  # statistics are an optimisation; never fail intake for them
             log.warning("ANALYZE failed: %s", type(e).__name__)
+
+
+def _phi_settings(overrides: dict) -> rules.ResidualPhiSettings | None:
+    """A collection's residual-PHI settings for the intake worker; None when the rule is off.
+    Settings that no longer parse fall back to the defaults (the series job says so)."""
+    try:
+        config = config_from(overrides)
+    except RuleSettingError:
+        config = rules.RulesConfig()
+    return config.residual_phi if config.residual_phi.enabled else None
 
 
 def _refused(record: InstanceRecord, code: int, reason: str) -> Refusal:

@@ -51,13 +51,18 @@ def database_url(pg_admin_url: str, request: pytest.FixtureRequest) -> Iterator[
         )
 
 
-def run_cli(database_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    """Run `python -m carina ARGS` on a database, as an admin at a shell would."""
+def cli_env(database_url: str, cwd: Path) -> dict[str, str]:
+    """The environment of a `carina` command run by an admin on a database."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARINA_")}
     env.update(DATABASE_URL=database_url, CARINA_DATA_DIR=str(cwd / "data"))
+    return env
+
+
+def run_cli(database_url: str, cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """Run `python -m carina ARGS` on a database, as an admin at a shell would."""
     return subprocess.run(
         [sys.executable, "-m", "carina", *args],
-        env=env,
+        env=cli_env(database_url, cwd),
         cwd=cwd,
         capture_output=True,
         text=True,
@@ -80,6 +85,7 @@ class Server:
     data_dir: Path
     log: Path
     process: subprocess.Popen[bytes]
+    database_url: str | None = None
 
     @property
     def dicomweb(self) -> str:
@@ -116,6 +122,8 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
         # Only tests that ask for the DICOM listener get one (and pass their own free port).
         "CARINA_DIMSE_ENABLED": "true" if "CARINA_DIMSE_PORT" in env else "false",
         "CARINA_SECRET_KEY": "test-key-" + data_dir.name,
+        # A short quiet period, so C-STORE tests without an association end settle quickly.
+        "CARINA_SETTLE_SECONDS": "0.5",
         **env,
     }
     with open(log, "wb") as out:
@@ -126,7 +134,7 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
             stderr=subprocess.STDOUT,
             cwd=data_dir.parent,
         )
-    server = Server(f"http://127.0.0.1:{port}", data_dir, log, proc)
+    server = Server(f"http://127.0.0.1:{port}", data_dir, log, proc, database_url)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -139,6 +147,22 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"carina serve did not start:\n{log.read_text()[-4000:]}")
+
+
+def wait_for_series(database_url: str | None, timeout: float = 60.0) -> dict[str, str]:
+    """Poll until every series stored so far has been evaluated (none incoming, none queued);
+    series UID -> state (published, quarantined, ...). Fails after timeout seconds."""
+    assert database_url, "the server runs on its own embedded database"
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while True:
+            states = dict(conn.execute("SELECT series_uid, state FROM series").fetchall())
+            queued = conn.execute("SELECT count(*) FROM series_jobs").fetchone()[0]  # type: ignore[index]
+            if "incoming" not in states.values() and not queued:
+                return states
+            if time.monotonic() > deadline:
+                pytest.fail(f"series still incoming after {timeout} s: {states}")
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

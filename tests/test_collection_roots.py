@@ -9,7 +9,7 @@ import pytest
 import requests
 from dicomweb_client.api import DICOMwebClient
 
-from tests.conftest import Server, run_cli
+from tests.conftest import Server, run_cli, wait_for_series
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
@@ -39,6 +39,7 @@ def roots(
             "body": body,
             "study": body["00081190"]["Value"][0].rsplit("/", 1)[1],
         }
+    wait_for_series(database_url)
     return made
 
 

@@ -14,7 +14,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
-from tests.conftest import Server
+from tests.conftest import Server, wait_for_series
 from tests.derived import build
 from tests.factory import Phi
 
@@ -41,6 +41,7 @@ def _stow(server: Server, datasets: list[Dataset]) -> dict[str, tuple[str, str, 
     """STOW datasets; map each SOP class to (study, series, sop) of the stored instances."""
     response = DICOMwebClient(server.dicomweb).store_instances(datasets)
     assert "FailedSOPSequence" not in response
+    wait_for_series(server.database_url)
     found: dict[str, tuple[str, str, str]] = {}
     for item in response.ReferencedSOPSequence:
         parts = str(item.RetrieveURL).split("/")

@@ -25,7 +25,7 @@ from pydicom.uid import (
 )
 
 from carina.archive import transcode
-from tests.conftest import Server
+from tests.conftest import Server, wait_for_series
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
@@ -52,6 +52,7 @@ def study(server: Server) -> tuple[str, list[Dataset]]:
         ds.PixelData = pixels.astype(np.int16).tobytes()
     sent[1].compress(RLELossless, generate_instance_uid=False)
     response = DICOMwebClient(server.dicomweb).store_instances(sent)
+    wait_for_series(server.database_url)
     urls = {item.RetrieveURL for item in response.ReferencedSOPSequence}
     assert len(urls) == 2
     study_uid = next(iter(urls)).split("/studies/", 1)[1].split("/")[0]

@@ -12,6 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from carina import __version__
+from carina.curation.lifecycle import Worker
 from carina.runtime import Runtime
 from carina.settings import Settings
 
@@ -62,9 +63,15 @@ def create_app(settings: Settings) -> FastAPI:
                     "DICOM listener not started on port %d: %s", settings.dimse_port, e.strerror
                 )
                 listener = None
+        worker = None
+        if settings.serve_worker:
+            worker = Worker(runtime.pool)
+            worker.start()
         try:
             yield
         finally:
+            if worker is not None:
+                await run_in_threadpool(worker.stop)
             if listener is not None:
                 await run_in_threadpool(listener.stop)
             await run_in_threadpool(runtime.close)

@@ -152,6 +152,7 @@ class _Peer:
     accepted: int = 0
     refused: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
+    series: set[str] = field(default_factory=set)  # de-identified, to settle at the end
 
 
 class Associations:
@@ -293,6 +294,10 @@ def handle_ended(event: Event, runtime: Runtime, associations: Associations) -> 
         peer.accepted,
         peer.refused,
     )
+    try:
+        runtime.intake.settle(peer.series)  # the sender is done: skip the quiet period
+    except Exception as e:  # the quiet period settles them anyway
+        log.error("could not settle the association's series: %s", type(e).__name__)
     if peer.submission_id is None:
         return
     try:
@@ -333,6 +338,7 @@ def handle_store(event: Event, runtime: Runtime, associations: Associations) -> 
             )
         else:
             peer.accepted += 1
+            peer.series.add(outcome.series_uid)
             log.debug("C-STORE from %s stored %s", peer.ae_title, outcome.sop_uid)
     return status
 

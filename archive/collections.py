@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Literal
+from typing import Any, Literal
 
 import psycopg
 from psycopg.rows import class_row
@@ -19,7 +19,7 @@ DEFAULT = "default"
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _COLUMNS = (
     "name, visibility, description, license, citation, deid_profile, deid_options, created_at,"
-    " mapping_version, deid_lines"
+    " mapping_version, deid_lines, rules"
 )
 
 
@@ -43,6 +43,7 @@ class Collection:
     deid_profile: str
     deid_options: list[str]
     created_at: datetime
+    rules: dict[str, Any] = field(default_factory=dict)  # curation rule overrides (rule_settings)
     mapping_version: int = 0  # of its pseudonym mapping (archive/mappings.py); 0: none
     deid_lines: list[str] = field(default_factory=list)  # its own recipe lines, in order
 
@@ -144,6 +145,16 @@ def list_all(pool: ConnectionPool) -> list[Collection]:
     with pool.connection() as conn, conn.cursor(row_factory=class_row(Collection)) as cur:
         cur.execute(f"SELECT {_COLUMNS} FROM collections ORDER BY name")
         return cur.fetchall()
+
+
+def set_rules(pool: ConnectionPool, name: str, rules: dict[str, Any]) -> None:
+    """Store a collection's rule overrides (checked by the caller); NotFound if unknown."""
+    with pool.connection() as conn:
+        cur = conn.execute(
+            "UPDATE collections SET rules = %s WHERE name = %s", (Jsonb(rules), name)
+        )
+    if cur.rowcount == 0:
+        raise NotFound(f"no collection {name}")
 
 
 def is_unknown_collection(error: psycopg.Error) -> bool:

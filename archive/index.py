@@ -12,6 +12,7 @@ from typing import Protocol
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
+from . import jobs
 from .errors import NotFound
 
 _ATTRS = json.loads(resources.files("carina.archive").joinpath("qido_attributes.json").read_text())
@@ -22,6 +23,8 @@ SERIES_TAGS = frozenset(_ATTRS["series"])
 INSTANCE_TAGS = frozenset(_ATTRS["instance"])
 
 PUBLISHED = "published"
+#: Where every series starts, and returns to when instances arrive after it was decided.
+INCOMING = "incoming"
 # Bulk loads outrun autovacuum; a planner without statistics picks plans 10x slower.
 ANALYZE_EVERY = 2000
 
@@ -45,13 +48,19 @@ class IndexRecord(Protocol):
     study_attrs: str
     series_attrs: str
     metadata: str
+    intake_findings: str | None
 
     @property
     def object_key(self) -> str: ...
 
 
-def write_batch(pool: ConnectionPool, records: Sequence[IndexRecord]) -> None:
-    """Upsert the patients, studies, series and instances of records in one transaction."""
+def write_batch(
+    pool: ConnectionPool, records: Sequence[IndexRecord], settle_after: float = 0.0
+) -> None:
+    """Upsert the patients, studies, series and instances of records in one transaction.
+
+    Every series touched becomes incoming (hidden from QIDO/WADO until evaluated again) and its
+    evaluation is (re)scheduled settle_after seconds from now, in the same transaction."""
     # Last one wins when a request carries the same object twice.
     by_sop = {r.sop_uid: r for r in records}
     studies = {r.study_uid: r for r in by_sop.values()}
@@ -114,7 +123,7 @@ def write_batch(pool: ConnectionPool, records: Sequence[IndexRecord]) -> None:
                 " series_description = EXCLUDED.series_description,"
                 " pps_start_date = EXCLUDED.pps_start_date,"
                 " pps_start_time = EXCLUDED.pps_start_time, attrs = EXCLUDED.attrs,"
-                " updated_at = now()",
+                " state = EXCLUDED.state, decided_at = NULL, updated_at = now()",
                 (
                     uid,
                     r.study_uid,
@@ -123,20 +132,21 @@ def write_batch(pool: ConnectionPool, records: Sequence[IndexRecord]) -> None:
                     se["series_description"],
                     se["pps_start_date"],
                     se["pps_start_time"],
-                    PUBLISHED,
+                    INCOMING,
                     r.series_attrs,
                 ),
             )
         cur.executemany(
             "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid,"
-            " instance_number, transfer_syntax_uid, object_key, size, sha256, metadata)"
-            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+            " instance_number, transfer_syntax_uid, object_key, size, sha256, metadata,"
+            " intake_findings) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb)"
             " ON CONFLICT (sop_uid) DO UPDATE SET series_uid = EXCLUDED.series_uid,"
             " study_uid = EXCLUDED.study_uid, sop_class_uid = EXCLUDED.sop_class_uid,"
             " instance_number = EXCLUDED.instance_number,"
             " transfer_syntax_uid = EXCLUDED.transfer_syntax_uid,"
             " object_key = EXCLUDED.object_key, size = EXCLUDED.size, sha256 = EXCLUDED.sha256,"
-            " metadata = EXCLUDED.metadata, updated_at = now()",
+            " metadata = EXCLUDED.metadata, intake_findings = EXCLUDED.intake_findings,"
+            " updated_at = now()",
             [
                 (
                     r.sop_uid,
@@ -149,10 +159,12 @@ def write_batch(pool: ConnectionPool, records: Sequence[IndexRecord]) -> None:
                     r.size,
                     r.sha256,
                     r.metadata,
+                    r.intake_findings,
                 )
                 for r in by_sop.values()
             ],
         )
+        jobs.schedule(cur, series, settle_after)
 
 
 def _scope(

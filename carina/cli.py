@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import re
 import sys
@@ -64,14 +65,27 @@ def _dimse(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
-def _ae_pool(settings: Settings) -> ConnectionPool:
+def _worker(settings: Settings, args: argparse.Namespace) -> int:
+    import signal
+
+    from carina.curation.lifecycle import Worker
+
+    with _ae_pool(settings, size=2) as pool:
+        worker = Worker(pool)
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: worker.stop())
+        worker.run()
+    return 0
+
+
+def _ae_pool(settings: Settings, size: int = 1) -> ConnectionPool:
     from carina.archive import db
     from carina.runtime import database_url
 
     settings.prepare_dirs()
     url = database_url(settings)
     db.migrate(url)
-    return db.open_pool(url, max_size=1)
+    return db.open_pool(url, max_size=size)
 
 
 def _ae_add(settings: Settings, args: argparse.Namespace) -> int:
@@ -284,6 +298,68 @@ def _collection_recipe(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _collection_rules(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import collections
+    from carina.archive.errors import NotFound
+    from carina.curation.rule_settings import RuleSettingError, config_from, describe, set_value
+
+    with _ae_pool(settings) as pool:
+        try:
+            overrides = collections.get(pool, args.name).rules
+            for assignment in args.set or ():
+                path, sep, raw = assignment.partition("=")
+                if not sep:
+                    raise RuleSettingError(f"{assignment}: write --set rule.setting=value")
+                overrides = set_value(overrides, path, raw)
+            for path in args.unset or ():
+                overrides = set_value(overrides, path, None)
+            if args.set or args.unset:
+                collections.set_rules(pool, args.name, overrides)
+        except (NotFound, RuleSettingError) as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+    changed = _override_paths(overrides)
+    for path, value in describe(config_from(overrides)):
+        print(f"{path}\t{json.dumps(value)}" + ("\t(collection)" if path in changed else ""))
+    return 0
+
+
+def _override_paths(node: dict, prefix: str = "") -> set[str]:
+    """The dotted paths a collection overrides."""
+    paths: set[str] = set()
+    for key, value in node.items():
+        if isinstance(value, dict):
+            paths |= _override_paths(value, f"{prefix}{key}.")
+        else:
+            paths.add(f"{prefix}{key}")
+    return paths
+
+
+def _manifest_upload(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import collections
+    from carina.archive.errors import NotFound
+    from carina.curation.lifecycle import upload_manifest
+    from carina.curation.rules import ManifestError
+
+    try:
+        text = args.file.read()
+    finally:
+        args.file.close()
+    with _ae_pool(settings) as pool:
+        try:
+            collections.get(pool, args.collection)
+            manifest = upload_manifest(pool, args.collection, text)
+        except (NotFound, ManifestError) as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+    for row in manifest.rows:
+        print(
+            f"{args.collection}\t{row.modality}: {row.patients} patient(s), {row.studies} "
+            f"study(ies), {row.series} series, {row.instances} instance(s)"
+        )
+    return 0
+
+
 def _fsck(settings: Settings, args: argparse.Namespace) -> int:
     from carina.archive import fsck
     from carina.runtime import open_store
@@ -339,6 +415,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(func=_serve)
     migrate = sub.add_parser("migrate", help="apply database migrations and exit")
     migrate.set_defaults(func=_migrate)
+    worker = sub.add_parser(
+        "worker", help="evaluate settled series (the curation rules) until stopped"
+    )
+    worker.set_defaults(func=_worker)
     dimse = sub.add_parser("dimse", help="run the DICOM listener (C-ECHO, C-STORE) alone")
     dimse.set_defaults(func=_dimse)
     fsck_p = sub.add_parser("fsck", help="check that the index and the object store agree")
@@ -427,6 +507,32 @@ def build_parser() -> argparse.ArgumentParser:
     lines.add_argument("--file", help="a file of recipe lines (# comments allowed)")
     lines.add_argument("--clear", action="store_true", help="remove the collection's lines")
     recipe.set_defaults(func=_collection_recipe)
+    rules = coll_sub.add_parser(
+        "rules", help="show or change a collection's curation rule settings"
+    )
+    rules.add_argument("name", help="the collection")
+    rules.add_argument(
+        "--set",
+        action="append",
+        metavar="RULE.SETTING=VALUE",
+        help="e.g. geometry.max_slices=800 or burned_in.enabled=false (repeatable)",
+    )
+    rules.add_argument(
+        "--unset", action="append", metavar="RULE.SETTING", help="back to the default"
+    )
+    rules.set_defaults(func=_collection_rules)
+    manifest = sub.add_parser("manifest", help="submission manifests: expected counts")
+    manifest_sub = manifest.add_subparsers(dest="manifest_command", required=True)
+    upload = manifest_sub.add_parser(
+        "upload", help="store a collection's manifest CSV (modality,patients,studies,...)"
+    )
+    upload.add_argument("collection", help="the collection it describes")
+    upload.add_argument(
+        "file",
+        type=argparse.FileType("r", encoding="utf-8"),
+        help="CSV with header modality,patients,studies,series,instances ('-' for stdin)",
+    )
+    upload.set_defaults(func=_manifest_upload)
     ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
     ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")

@@ -79,6 +79,7 @@ class Runtime:
             workers=settings.workers,
             profile=default.deid_profile,
             options=default.options,
+            settle_seconds=settings.settle_seconds,
         )
         return cls(settings=settings, pool=pool, store=store, intake=intake, embedded=embedded)
 

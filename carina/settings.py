@@ -52,6 +52,16 @@ class Settings(BaseSettings):
         default_factory=lambda: os.cpu_count() or 1,
         description="Processes that parse and de-identify instances",
     )
+    settle_seconds: float = Field(
+        default=5.0,
+        ge=0,
+        description="Quiet period after a C-STORE before its series is evaluated (the end of "
+        "the association or of a STOW request settles at once)",
+    )
+    serve_worker: bool = Field(
+        default=True,
+        description="`carina serve` also evaluates settled series (as `carina worker` does)",
+    )
     log_level: str = Field(default="info", description="Log level")
     cors_origins: list[str] = Field(
         default=[],

@@ -18,9 +18,9 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from io import BytesIO
 from multiprocessing import resource_tracker, shared_memory
@@ -32,14 +32,15 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from carina import __version__
-from carina.archive import collections, derived, index
+from carina.archive import collections, derived, index, jobs
 from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
-from . import part10
+from . import part10, rules
 from .deid import Deidentifier, load_profile
 from .errors import CurationError, InstanceRefused
 from .pseudonyms import Pseudonymizer, collection_key, mapped_pseudonymizer
+from .rule_settings import RuleSettingError, config_from
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,8 @@ class IntakeContext:
     expected_study: str | None = None
     mapping_version: int = 0  # of the collection's pseudonym mapping; 0: it has none
     recipe_lines: tuple[str, ...] = ()  # the collection's own recipe lines
+    # The collection's residual-PHI settings; None when that rule is off.
+    phi: rules.ResidualPhiSettings | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,8 @@ class InstanceRecord:
     study_attrs: str
     series_attrs: str
     metadata: str
+    # JSON list of rules.PhiHit found with the original identifiers in hand; None: unchecked.
+    intake_findings: str | None = None
 
     @property
     def object_key(self) -> str:
@@ -349,6 +354,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
             )
 
     profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
+    identifiers = rules.patient_identifiers(ds)  # in memory only, for residual_phi_checked
     Deidentifier(profile, pseudo).apply(ds)
 
     _prepare_file_meta(ds)
@@ -363,7 +369,8 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     with open(staging, "wb") as f:
         f.writelines(chunks)
     try:
-        return _record(ds, ctx, staging, size, digest.hexdigest())
+        record = _record(ds, ctx, staging, size, digest.hexdigest())
+        return residual_phi_checked(record, identifiers, ctx.phi)
     except Exception:
         staging.unlink(missing_ok=True)
         raise
@@ -424,6 +431,20 @@ def _record(
         series_attrs=_attrs(full, index.SERIES_TAGS),
         metadata=json.dumps(full, separators=(",", ":")),
     )
+
+
+def residual_phi_checked(
+    record: InstanceRecord,
+    identifiers: rules.PatientIdentifiers,
+    settings: rules.ResidualPhiSettings | None,
+) -> InstanceRecord:
+    """The record with what its de-identified metadata still holds of the original patient's
+    identifiers. Runs in the intake worker, the one place the originals exist; only the hits
+    (codes, kinds, attribute paths: no PHI) travel on with the record."""
+    if settings is None:
+        return record
+    hits = rules.instance_residual_phi(json.loads(record.metadata), identifiers, settings)
+    return replace(record, intake_findings=json.dumps(hits))
 
 
 def quiet_pydicom() -> None:
@@ -515,8 +536,10 @@ class Intake:
         workers: int,
         profile: str = "basic",
         options: tuple[str, ...] = (),
+        settle_seconds: float = 5.0,
     ) -> None:
         self.db_pool = pool
+        self.settle_seconds = settle_seconds
         self.store = store
         self.master_key = master_key
         self.staging_dir = staging_dir
@@ -575,8 +598,8 @@ class Intake:
     def context(
         self, collection: str = collections.DEFAULT, expected_study: str | None = None
     ) -> IntakeContext:
-        """The worker context for a collection: its own key and its own de-identification
-        profile and options (NotFound for an unknown collection)."""
+        """The worker context for a collection: its own key, de-identification profile and
+        options, and residual-PHI settings (NotFound for an unknown collection)."""
         found = self._collection(collection)
         return IntakeContext(
             collection=collection,
@@ -587,10 +610,11 @@ class Intake:
             expected_study=expected_study,
             mapping_version=found.mapping_version,
             recipe_lines=found.recipe_lines,
+            phi=_phi_settings(found.rules),
         )
 
     def _collection(self, name: str) -> collections.Collection:
-        """A collection's de-identification settings, read at most every PROFILE_TTL seconds."""
+        """A collection as stored, read at most every PROFILE_TTL seconds."""
         now = time.monotonic()
         with self._lock:
             cached = self._collections.get(name)
@@ -602,6 +626,10 @@ class Intake:
         with self._lock:
             self._collections[name] = (now, found)
         return found
+
+    def settle(self, series_uids: Iterable[str]) -> None:
+        """The sender is done with these series (its association ended): evaluate them now."""
+        jobs.settle(self.db_pool, series_uids)  # type: ignore[arg-type]
 
     async def ingest(
         self, payloads: AsyncIterator[bytearray | str | Refusal], ctx: IntakeContext
@@ -632,7 +660,8 @@ class Intake:
             outcomes = list(await asyncio.gather(*tasks))
         result = BatchResult(outcomes)
         if result.stored:
-            await asyncio.to_thread(self._commit, result)
+            # One request is one batch: its end settles its series at once.
+            await asyncio.to_thread(self._commit, result, 0.0)
         return result
 
     def _into_slot(self, payload: bytearray | bytes | str, slot: int) -> Payload:
@@ -655,12 +684,14 @@ class Intake:
             self._free_thread_slots.put(slot)
         result = BatchResult([outcome])
         if result.stored:
-            self._commit(result)
+            # More may follow on the association: settle after a quiet period or at its end.
+            self._commit(result, self.settle_seconds)
         return result.outcomes[0]
 
-    def _commit(self, result: BatchResult) -> None:
+    def _commit(self, result: BatchResult, settle_after: float) -> None:
         """Move staged files into the store (durable as a batch), then index them in one
-        transaction; only what is both stored and indexed is acknowledged."""
+        transaction, their series incoming and due for evaluation settle_after seconds from
+        now; only what is both stored and indexed is acknowledged."""
         positions = [i for i, o in enumerate(result.outcomes) if isinstance(o, InstanceRecord)]
         records: list[InstanceRecord] = [result.outcomes[i] for i in positions]  # type: ignore[misc]
         errors = self.store.put_files([(r.object_key, Path(r.staging_path)) for r in records])
@@ -675,7 +706,7 @@ class Intake:
         if not stored:
             return
         try:
-            index.write_batch(self.db_pool, stored)  # type: ignore[arg-type]
+            index.write_batch(self.db_pool, stored, settle_after)  # type: ignore[arg-type]
         except Exception as e:  # the index is down: nothing of this batch is acknowledged
             log.exception("index write failed for %d instances", len(stored))
             failed = {id(r) for r in stored}
@@ -708,6 +739,16 @@ class Intake:
             index.analyze(self.db_pool)  # type: ignore[arg-type]
         except Exception as e:  # statistics are an optimisation; never fail intake for them
             log.warning("ANALYZE failed: %s", type(e).__name__)
+
+
+def _phi_settings(overrides: dict) -> rules.ResidualPhiSettings | None:
+    """A collection's residual-PHI settings for the intake worker; None when the rule is off.
+    Settings that no longer parse fall back to the defaults (the series job says so)."""
+    try:
+        config = config_from(overrides)
+    except RuleSettingError:
+        config = rules.RulesConfig()
+    return config.residual_phi if config.residual_phi.enabled else None
 
 
 def _refused(record: InstanceRecord, code: int, reason: str) -> Refusal:

@@ -15,7 +15,7 @@ import json
 import re
 from collections import Counter, defaultdict
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
 from typing import Any, Literal
@@ -46,6 +46,7 @@ class Finding:
     message: str
     attribute: str | None = None  # a keyword or private tag description, never a value
     instances: tuple[str, ...] = ()  # de-identified SOP Instance UIDs concerned
+    rule: str = ""  # the RulesConfig field of the rule that found it (set by run_rules)
 
 
 @dataclass(frozen=True)
@@ -383,41 +384,80 @@ def _birth_matchers(births: Iterable[str]) -> list[re.Pattern[str]]:
     return out
 
 
+PhiHit = tuple[str, str, str]
+"""(code, kind, attribute path) of one residual-PHI match; the kind names the identifier
+("a patient ID"), never its value."""
+
+
+def _identifier_matchers(
+    identifiers: PatientIdentifiers | None, settings: ResidualPhiSettings
+) -> tuple[list[re.Pattern[str]], list[Callable[[str], bool]], list[re.Pattern[str]]]:
+    if identifiers is None:
+        return [], [], []
+    return (
+        _name_parts(identifiers.names, settings.min_name_part),
+        _id_matchers(identifiers.ids, settings.min_id),
+        _birth_matchers(identifiers.birth_dates),
+    )
+
+
+def _phi_hits(
+    meta: Metadata,
+    settings: ResidualPhiSettings,
+    matchers: tuple[list[re.Pattern[str]], list[Callable[[str], bool]], list[re.Pattern[str]]],
+    patterns: bool,
+) -> set[PhiHit]:
+    """What one instance's free text still holds: identifiers, and (if patterns) dates/names."""
+    names, ids, births = matchers
+    hits: set[PhiHit] = set()
+    for path, keyword, vr, found in _elements(meta):
+        if keyword in settings.ignore or vr not in FREE_TEXT_VRS | DATE_VRS:
+            continue
+        for value in _strings(vr, found):
+            kinds: list[tuple[str, str]] = []
+            if any(b.search(value) for b in births):
+                kinds.append(("residual-phi", "the patient's birth date"))
+            if vr in FREE_TEXT_VRS:
+                if any(n.search(value) for n in names):
+                    kinds.append(("residual-phi", "a part of the patient's name"))
+                if any(match(value) for match in ids):
+                    kinds.append(("residual-phi", "a patient ID"))
+                if patterns and vr != "PN":  # PN is a name; pseudonyms look like names
+                    if settings.date_patterns and DATE_PATTERN.search(value):
+                        kinds.append(("residual-phi-pattern", "a date"))
+                    if settings.name_patterns and NAME_PATTERN.search(value):
+                        kinds.append(("residual-phi-pattern", "a person's name"))
+            hits.update((code, kind, path) for code, kind in kinds)
+    return hits
+
+
+def instance_residual_phi(
+    meta: Metadata, identifiers: PatientIdentifiers, settings: ResidualPhiSettings
+) -> list[PhiHit]:
+    """The original identifiers one de-identified instance still holds, for the intake worker:
+    it alone has the original in hand, and only these hits (no PHI) leave it."""
+    matchers = _identifier_matchers(identifiers, settings)
+    return sorted(_phi_hits(meta, settings, matchers, patterns=False))
+
+
 def residual_phi(
     facts: SeriesFacts,
     settings: ResidualPhiSettings,
     identifiers: PatientIdentifiers | None = None,
+    intake_hits: Mapping[str, Iterable[PhiHit]] | None = None,
 ) -> list[Finding]:
-    """Hold free text that still holds the original patient's identifiers, or dates and names."""
-    names = _name_parts(identifiers.names, settings.min_name_part) if identifiers else []
-    ids = _id_matchers(identifiers.ids, settings.min_id) if identifiers else []
-    births = _birth_matchers(identifiers.birth_dates) if identifiers else []
-    # (code, kind, attribute path) -> SOP UIDs; kinds name the identifier, never its value.
-    hits: dict[tuple[str, str, str], list[str]] = defaultdict(list)
+    """Hold free text that still holds the original patient's identifiers, or dates and names.
+
+    intake_hits (SOP UID -> hits) are what the intake found with the originals in hand; given
+    for every instance, they stand in for identifiers."""
+    matchers = _identifier_matchers(identifiers, settings)
+    hits: dict[PhiHit, list[str]] = defaultdict(list)
     for inst in facts.instances:
-        seen: set[tuple[str, str, str]] = set()
-        for path, keyword, vr, found in _elements(inst.metadata):
-            if keyword in settings.ignore or vr not in FREE_TEXT_VRS | DATE_VRS:
-                continue
-            for value in _strings(vr, found):
-                kinds: list[tuple[str, str]] = []
-                if any(b.search(value) for b in births):
-                    kinds.append(("residual-phi", "the patient's birth date"))
-                if vr in FREE_TEXT_VRS:
-                    if any(n.search(value) for n in names):
-                        kinds.append(("residual-phi", "a part of the patient's name"))
-                    if any(match(value) for match in ids):
-                        kinds.append(("residual-phi", "a patient ID"))
-                    if vr != "PN":  # PN is a name by definition; pseudonyms look like names
-                        if settings.date_patterns and DATE_PATTERN.search(value):
-                            kinds.append(("residual-phi-pattern", "a date"))
-                        if settings.name_patterns and NAME_PATTERN.search(value):
-                            kinds.append(("residual-phi-pattern", "a person's name"))
-                for code, kind in kinds:
-                    key = (code, kind, path)
-                    if key not in seen:
-                        seen.add(key)
-                        hits[key].append(inst.sop_uid)
+        found = _phi_hits(inst.metadata, settings, matchers, patterns=True)
+        if intake_hits is not None:
+            found.update(tuple(h) for h in intake_hits.get(inst.sop_uid, ()))  # type: ignore[misc]
+        for hit in found:
+            hits[hit].append(inst.sop_uid)
     findings = []
     for (code, kind, path), sops in sorted(hits.items()):
         if code == "residual-phi":
@@ -435,7 +475,7 @@ def residual_phi(
                 tuple(sops),
             )
         )
-    if identifiers is None:
+    if identifiers is None and intake_hits is None:
         findings.append(
             Finding(
                 "residual-phi-unchecked",
@@ -710,23 +750,43 @@ def run_rules(
     facts: SeriesFacts,
     config: RulesConfig | None = None,
     identifiers: PatientIdentifiers | None = None,
+    intake_hits: Mapping[str, Iterable[PhiHit]] | None = None,
 ) -> list[Finding]:
-    """Every enabled rule's findings for one series; identifiers are used, never kept."""
+    """Every enabled rule's findings for one series, each labelled with its rule; identifiers
+    are used, never kept. A rule that raises holds the series with a rule-failed finding
+    instead of taking the evaluation (and the other rules) down."""
     config = config or RulesConfig()
+    checks: list[tuple[str, Callable[[], list[Finding]]]] = [
+        ("burned_in", lambda: burned_in_text(facts, config.burned_in)),
+        (
+            "residual_phi",
+            lambda: residual_phi(facts, config.residual_phi, identifiers, intake_hits),
+        ),
+        ("private", lambda: private_attributes(facts, config.private)),
+        ("geometry", lambda: geometry(facts, config.geometry)),
+        ("consistency", lambda: consistency(facts, config.consistency)),
+        ("iod", lambda: iod_validity(facts, config.iod)),
+    ]
     findings: list[Finding] = []
-    if config.burned_in.enabled:
-        findings += burned_in_text(facts, config.burned_in)
-    if config.residual_phi.enabled:
-        findings += residual_phi(facts, config.residual_phi, identifiers)
-    if config.private.enabled:
-        findings += private_attributes(facts, config.private)
-    if config.geometry.enabled:
-        findings += geometry(facts, config.geometry)
-    if config.consistency.enabled:
-        findings += consistency(facts, config.consistency)
-    if config.iod.enabled:
-        findings += iod_validity(facts, config.iod)
+    for name, check in checks:
+        if not getattr(config, name).enabled:
+            continue
+        try:
+            found = check()
+        except Exception as exc:
+            found = [rule_failed(name, exc)]
+        findings += [replace(f, rule=name) for f in found]
     return findings
+
+
+def rule_failed(rule: str, exc: BaseException) -> Finding:
+    """The finding for a rule that could not run: a hold, since the series is unchecked."""
+    return Finding(
+        "rule-failed",
+        "hold",
+        f"The {rule} rule failed ({type(exc).__name__}), so the series was not checked by it.",
+        rule=rule,
+    )
 
 
 def quarantined(findings: Iterable[Finding]) -> bool:
@@ -832,7 +892,12 @@ def submission_counts(series: Iterable[SeriesFacts]) -> SubmissionCounts:
 
 def check_manifest(manifest: Manifest, series: Iterable[SeriesFacts]) -> list[Finding]:
     """Hold a submission whose counts differ from its manifest, one finding per difference."""
-    counts = submission_counts(series).by_modality
+    return check_counts(manifest, submission_counts(series))
+
+
+def check_counts(manifest: Manifest, arrived: SubmissionCounts) -> list[Finding]:
+    """Findings for each count that differs from the manifest (counts made anywhere, e.g. SQL)."""
+    counts = arrived.by_modality
     findings = []
     expected = {row.modality: row for row in manifest.rows}
     for modality, row in sorted(expected.items()):

@@ -56,13 +56,18 @@ def database_url(pg_admin_url: str, request: pytest.FixtureRequest) -> Iterator[
         )
 
 
+def cli_env(database_url: str, cwd: Path, **extra_env: str) -> dict[str, str]:
+    """The environment of a `carina` command run by an admin on a database."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CARINA_")}
+    env.update(DATABASE_URL=database_url, CARINA_DATA_DIR=str(cwd / "data"), **extra_env)
+    return env
+
+
 def run_cli(
     database_url: str, cwd: Path, *args: str, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
     """Run `python -m carina ARGS` on a database, as an admin at a shell would."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CARINA_")}
-    env.update(DATABASE_URL=database_url, CARINA_DATA_DIR=str(cwd / "data"), **extra_env)
-    return _carina(env, cwd, *args)
+    return _carina(cli_env(database_url, cwd, **extra_env), cwd, *args)
 
 
 def create_token(database_url: str, cwd: Path, *args: str) -> str:
@@ -99,6 +104,7 @@ class Server:
     log: Path
     process: subprocess.Popen[bytes]
     token: str
+    database_url: str | None = None
 
     @property
     def dicomweb(self) -> str:
@@ -132,9 +138,14 @@ class Server:
         de-identified (study, series, SOP instance) UIDs of the first one stored."""
         body = self.client(self.root(collection)).store_instances(datasets).to_json_dict()
         assert "00081198" not in body, body
+        self.settled()
         url = body["00081199"]["Value"][0]["00081190"]["Value"][0]
         parts = url.split("/")
         return parts[-5], parts[-3], parts[-1]
+
+    def settled(self) -> dict[str, str]:
+        """Wait until every series stored so far is decided; series UID -> state."""
+        return wait_for_series(self.database_url)
 
     def stop(self) -> None:
         """Stop the server and wait for it."""
@@ -166,6 +177,8 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
         # Only tests that ask for the DICOM listener get one (and pass their own free port).
         "CARINA_DIMSE_ENABLED": "true" if "CARINA_DIMSE_PORT" in env else "false",
         "CARINA_SECRET_KEY": "test-key-" + data_dir.name,
+        # A short quiet period, so C-STORE tests without an association end settle quickly.
+        "CARINA_SETTLE_SECONDS": "0.5",
         **env,
     }
     # Every test server gets an admin token, made as an admin would (before the server starts,
@@ -183,7 +196,9 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
             stderr=subprocess.STDOUT,
             cwd=data_dir.parent,
         )
-    server = Server(f"http://127.0.0.1:{port}", data_dir, log, proc, made.stdout.strip())
+    server = Server(
+        f"http://127.0.0.1:{port}", data_dir, log, proc, made.stdout.strip(), database_url
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -196,6 +211,22 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"carina serve did not start:\n{log.read_text()[-4000:]}")
+
+
+def wait_for_series(database_url: str | None, timeout: float = 60.0) -> dict[str, str]:
+    """Poll until every series stored so far has been evaluated (none incoming, none queued);
+    series UID -> state (published, quarantined, ...). Fails after timeout seconds."""
+    assert database_url, "the server runs on its own embedded database"
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while True:
+            states = dict(conn.execute("SELECT series_uid, state FROM series").fetchall())
+            queued = conn.execute("SELECT count(*) FROM series_jobs").fetchone()[0]  # type: ignore[index]
+            if "incoming" not in states.values() and not queued:
+                return states
+            if time.monotonic() > deadline:
+                pytest.fail(f"series still incoming after {timeout} s: {states}")
+            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")

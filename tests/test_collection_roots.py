@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, run_cli
+from tests.conftest import Server, run_cli, wait_for_series
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
@@ -37,6 +37,7 @@ def roots(
             "body": body,
             "study": body["00081190"]["Value"][0].rsplit("/", 1)[1],
         }
+    wait_for_series(database_url)
     return made
 
 

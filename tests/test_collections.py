@@ -10,7 +10,7 @@ from pynetdicom import AE
 from pynetdicom.sop_class import CTImageStorage  # type: ignore[attr-defined]
 
 from carina.archive import db
-from tests.conftest import Server, free_port, run_cli
+from tests.conftest import Server, free_port, run_cli, wait_for_series
 from tests.factory import Phi, ct_instance
 
 pytestmark = pytest.mark.slow
@@ -67,6 +67,7 @@ def test_each_collection_is_deidentified_with_its_own_options(dimse: tuple) -> N
     phi_shift = Phi(patient_id="SAME-PATIENT", study_date="20240117")
     c_store(port, "SITEF", phi_full)
     c_store(port, "SITES", phi_shift)
+    wait_for_series(server.database_url)
     by_mode = {ds.LongitudinalTemporalInformationModified: ds for ds in stored(server, phi_full)}
     kept, shifted = by_mode["UNMODIFIED"], by_mode["MODIFIED"]
     assert kept.StudyDate == "20240117"

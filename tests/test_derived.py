@@ -22,7 +22,7 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from carina.archive import derived
-from tests.conftest import Server, run_cli
+from tests.conftest import Server, run_cli, wait_for_series
 from tests.derived import build, landmark_sr, parametric_map, rt_structure_set
 from tests.factory import Phi
 
@@ -48,7 +48,9 @@ class Stored:
 def _stow(server: Server, datasets: list[Dataset]) -> dict[str, tuple[str, str, str]]:
     """STOW datasets; map each SOP class to (study, series, sop) of the stored instances."""
     response = server.client().store_instances(datasets)
+    server.settled()
     assert "FailedSOPSequence" not in response
+    wait_for_series(server.database_url)
     found: dict[str, tuple[str, str, str]] = {}
     for item in response.ReferencedSOPSequence:
         parts = str(item.RetrieveURL).split("/")

@@ -43,6 +43,7 @@ def retrieved(
     for name, ds in (("seg", seg), ("sr", sr), ("landmarks", landmark_sr(cts))):
         [item] = client.store_instances([ds]).ReferencedSOPSequence
         study, _, series, _, sop = str(item.RetrieveURL).split("/")[-5:]
+        server.settled()
         out[name] = tmp / f"{name}.dcm"
         client.retrieve_instance(study, series, sop).save_as(out[name], enforce_file_format=True)
     return out

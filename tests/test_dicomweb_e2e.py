@@ -15,7 +15,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
-from tests.conftest import Server
+from tests.conftest import Server, wait_for_series
 from tests.factory import Phi, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -27,11 +27,12 @@ def client(server: Server) -> DICOMwebClient:
 
 
 @pytest.fixture(scope="module")
-def stowed(client: DICOMwebClient) -> tuple[Phi, list, dict]:
-    """One identified study of 4 CT images, stored through dicomweb-client."""
+def stowed(client: DICOMwebClient, database_url: str) -> tuple[Phi, list, dict]:
+    """One identified study of 4 CT images, stored through dicomweb-client and published."""
     phi = Phi()
     sent = ct_series(phi, 4)
     response = client.store_instances(sent)
+    assert set(wait_for_series(database_url).values()) == {"published"}
     return phi, sent, response.to_json_dict()
 
 
@@ -148,6 +149,7 @@ def test_resending_same_study_stores_each_instance_once(
 ) -> None:
     _, sent, first = stowed
     again = client.store_instances(sent).to_json_dict()
+    wait_for_series(server.database_url)
     uids = sorted(i["00081155"]["Value"][0] for i in first["00081199"]["Value"])
     assert sorted(i["00081155"]["Value"][0] for i in again["00081199"]["Value"]) == uids
     study_uid = client.search_for_studies()[0]["0020000D"]["Value"][0]
@@ -156,18 +158,20 @@ def test_resending_same_study_stores_each_instance_once(
     assert len([p for p in stored if p.stem in uids]) == len(sent)
 
 
-def _stow_one(client: DICOMwebClient, phi: Phi) -> str:
-    """Store one instance of phi's study; return the de-identified StudyInstanceUID."""
+def _stow_one(client: DICOMwebClient, server: Server, phi: Phi) -> str:
+    """Store one instance of phi's study; return the de-identified StudyInstanceUID once
+    published."""
     body = client.store_instances(ct_series(phi, 1)).to_json_dict()
+    wait_for_series(server.database_url)
     return body["00081190"]["Value"][0].rsplit("/", 1)[1]
 
 
 def test_same_patient_in_two_requests_gets_same_pseudonym_and_date_shift(
-    client: DICOMwebClient,
+    client: DICOMwebClient, server: Server
 ) -> None:
-    study_a = _stow_one(client, Phi(patient_id="MRN-SAME-1", study_date="20230101"))
-    study_b = _stow_one(client, Phi(patient_id="MRN-SAME-1", study_date="20230301"))
-    other = _stow_one(client, Phi(patient_id="MRN-OTHER-2", study_date="20230101"))
+    study_a = _stow_one(client, server, Phi(patient_id="MRN-SAME-1", study_date="20230101"))
+    study_b = _stow_one(client, server, Phi(patient_id="MRN-SAME-1", study_date="20230301"))
+    other = _stow_one(client, server, Phi(patient_id="MRN-OTHER-2", study_date="20230101"))
     a, b, c = (client.retrieve_study(s)[0] for s in (study_a, study_b, other))
     assert a.PatientID == b.PatientID != c.PatientID
 
@@ -190,6 +194,7 @@ def test_stowed_bytes_round_trip_through_plain_http(server: Server) -> None:
         headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B1'},
     )
     assert r.status_code == 200, r.text
+    wait_for_series(server.database_url)
     url = r.json()["00081199"]["Value"][0]["00081190"]["Value"][0]
     got = server.http.get(url, headers={"Accept": 'multipart/related; type="application/dicom"'})
     assert got.status_code == 200

@@ -33,7 +33,7 @@ from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 
 from carina.archive import db, peers
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
-from tests.conftest import Server, free_port, run_cli
+from tests.conftest import Server, free_port, run_cli, wait_for_series
 from tests.factory import Phi, ct_instance, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -178,6 +178,7 @@ def test_c_store_from_pynetdicom_is_deidentified_and_found_by_qido(
     statuses = [assoc.send_c_store(ds).Status for ds in sent]
     assoc.release()
     assert statuses == [0x0000] * 4
+    wait_for_series(listener.database_url)
 
     study = pseudonymizer().uid(phi.study_uid)
     studies, studies_text = qido(listener, f"/studies?StudyInstanceUID={study}")
@@ -202,6 +203,7 @@ def test_storescu_pushes_native_and_rle_instances_stored_as_received(
     rle = copy.deepcopy(sent[0])
     rle.SOPInstanceUID = rle.file_meta.MediaStorageSOPInstanceUID = generate_uid()
     rle.InstanceNumber = 4
+    rle.ImagePositionPatient = [0.0, 0.0, 4.0]  # the fourth slice, not a duplicate of the first
     rle.compress(RLELossless)  # pydicom's own RLE encoder: no extra package
     assert rle.file_meta.TransferSyntaxUID == RLELossless
     files = [write(tmp_path / f"{i}.dcm", to_bytes(ds)) for i, ds in enumerate(sent)]
@@ -217,6 +219,7 @@ def test_storescu_pushes_native_and_rle_instances_stored_as_received(
     )
     assert done.returncode == 0, done.stderr
     assert "Failed" not in done.stderr
+    wait_for_series(listener.database_url)
 
     study = pseudonymizer().uid(phi.study_uid)
     instances, instances_text = qido(listener, f"/studies/{study}/instances")
@@ -299,6 +302,7 @@ def test_bad_instances_get_failure_statuses_and_the_association_stays_usable(
     assert "SOP Class" in r_wrong.ErrorComment
     assert r_good.Status == 0x0000
     assert_no_phi(phi, *(str(r.get("ErrorComment", "")) for r in (r_truncated, r_no_sop, r_wrong)))
+    wait_for_series(listener.database_url)
     study = pseudonymizer().uid(phi.study_uid)
     instances, _ = qido(listener, f"/studies/{study}/instances")
     assert [i["00080018"]["Value"][0] for i in instances] == [
@@ -335,6 +339,7 @@ def test_eight_concurrent_associations_store_eighty_intact_instances(listener: L
     for th in threads:
         th.join(120)
     assert statuses == {t: [0x0000] * 10 for t in range(8)}
+    wait_for_series(listener.database_url)
 
     p = pseudonymizer()
     for phi, sent in series:
@@ -416,7 +421,9 @@ def test_carina_dimse_runs_the_listener_alone_and_stops_on_sigterm(
         [ds] = ct_series(phi, 1, rows=16, columns=16)
         assert assoc.send_c_store(ds).Status == 0x0000
         assoc.release()
-        # Same database and key: the HTTP server finds what the lone listener stored.
+        # Same database and key: the HTTP server's worker evaluates what the lone listener
+        # stored, and then serves it.
+        wait_for_series(listener.database_url)
         instances, _ = qido(listener, f"/studies/{pseudonymizer().uid(phi.study_uid)}/instances")
         assert len(instances) == 1
     finally:

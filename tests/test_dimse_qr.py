@@ -28,7 +28,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 
 from bench.servers import OrthancServer
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
-from tests.conftest import Server, free_port, run_cli, running_orthanc
+from tests.conftest import Server, free_port, run_cli, running_orthanc, wait_for_series
 from tests.factory import Phi, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -131,6 +131,7 @@ def archive(
     assert assoc.is_established
     assert [assoc.send_c_store(ds).Status for ds in first + second] == [0] * 5
     assoc.release()
+    assert set(wait_for_series(database_url).values()) == {"published"}
 
     study = uid_in(COLLECTION, phi.study_uid)
     instances = server.http.get(f"{server.dicomweb}/studies/{study}/instances", timeout=30).json()
@@ -598,6 +599,7 @@ def test_orthanc_stores_an_instance_to_carina_deidentified(
         timeout=TIMEOUT,
     )
     assert r.status_code == 200, r.text
+    wait_for_series(archive.server.database_url)
     study = uid_in(COLLECTION, phi.study_uid)  # de-identified on intake, into COLLECTION
     found = archive.server.http.get(
         f"{archive.server.dicomweb}/studies?StudyInstanceUID={study}&includefield=PatientID",

@@ -28,7 +28,7 @@ def stow(server: Server, url: str, *datasets: Dataset) -> requests.Response:
         f"--{boundary}\r\nContent-Type: application/dicom\r\n\r\n".encode() + to_bytes(ds) + b"\r\n"
         for ds in datasets
     )
-    return server.http.post(
+    answer = server.http.post(
         url + "/studies",
         data=body + f"--{boundary}--\r\n".encode(),
         headers={
@@ -37,6 +37,8 @@ def stow(server: Server, url: str, *datasets: Dataset) -> requests.Response:
         },
         timeout=120,
     )
+    server.settled()
+    return answer
 
 
 def _stow(server: Server, url: str, *phis: Phi) -> requests.Response:

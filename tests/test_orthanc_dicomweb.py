@@ -30,6 +30,7 @@ def study(server: Server) -> tuple[str, list[str]]:
     phi = Phi()
     sent = ct_series(phi, 3, rows=16, columns=16)
     server.client().store_instances(sent[1:])
+    server.settled()
     st, _, first = store(server, sent[0])
     frames = multiframe_ct(Phi(study_uid=phi.study_uid))
     sop = store(server, frames)[2]

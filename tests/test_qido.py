@@ -7,7 +7,7 @@ import datetime as dt
 import pytest
 import requests
 
-from tests.conftest import Server
+from tests.conftest import Server, wait_for_series
 from tests.factory import Phi, ct_instance
 
 pytestmark = pytest.mark.slow
@@ -34,6 +34,7 @@ def studies(server: Server) -> dict[str, dict]:
             ds.Modality = modality
             datasets.append(ds)
         body = client.store_instances(datasets).to_json_dict()
+        wait_for_series(server.database_url)
         uid = body["00081190"]["Value"][0].rsplit("/", 1)[1]
         made[name] = client.search_for_studies(search_filters={"StudyInstanceUID": uid})[0]
     return made

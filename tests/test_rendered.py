@@ -4,6 +4,7 @@ pixels checked against the PS3.3 C.11.2 window math, computed here from the pixe
 from __future__ import annotations
 
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.conftest import Server
+from tests.conftest import Server, run_cli
 from tests.derived import build
 from tests.factory import Phi, ct_instance, ct_series
 from tests.test_wado_frames import FRAMES, multiframe_ct, parts, store
@@ -188,7 +189,18 @@ def test_quality_changes_jpeg_size(server: Server) -> None:
     assert sizes[0] < sizes[1]
 
 
-def test_compressed_colour_instance_is_rendered_in_colour(server: Server) -> None:
+def test_compressed_colour_instance_is_rendered_in_colour(server: Server, tmp_path: Path) -> None:
+    # A Secondary Capture is held for burned-in text review by default; this one is known clean.
+    done = run_cli(
+        str(server.database_url),
+        tmp_path,
+        "collection",
+        "rules",
+        "default",
+        "--set",
+        "burned_in.enabled=false",
+    )
+    assert done.returncode == 0, done.stderr
     ds = dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -223,6 +235,7 @@ def test_series_rendered_is_one_image_or_one_part_per_instance(server: Server) -
 def test_thumbnails_are_small_images_of_study_series_and_instance(server: Server) -> None:
     sent = ct_series(Phi(), 3, rows=256, columns=200)
     server.client().store_instances(sent)
+    server.settled()
     st, se, sop = store(server, sent[1])
     for path in (
         f"/studies/{st}",

@@ -651,3 +651,39 @@ def test_type1_table_names_only_real_dicom_keywords() -> None:
     keywords = [k for ks in table["modules"].values() for k in ks]
     assert keywords
     assert [k for k in keywords if tag_for_keyword(k) is None] == []
+
+
+def test_a_rule_that_raises_holds_the_series_and_the_other_rules_still_run(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from carina.curation import rules
+
+    def broken(facts: SeriesFacts, settings: GeometrySettings) -> list[Finding]:
+        raise ZeroDivisionError
+
+    series = deidentified(ct_series(Phi(), 3))
+    series[0].BurnedInAnnotation = "YES"
+    monkeypatch.setattr(rules, "geometry", broken)
+    findings = run_rules(facts_of(series), RulesConfig(), PatientIdentifiers())
+    by_code = {f.code: f for f in findings}
+    assert set(by_code) == {"burned-in-annotation", "rule-failed"}
+    assert by_code["rule-failed"].severity == "hold"
+    assert by_code["rule-failed"].rule == "geometry"
+    assert "ZeroDivisionError" in by_code["rule-failed"].message
+    assert quarantined(findings)
+
+
+def test_intake_check_finds_the_original_name_and_says_only_where() -> None:
+    from carina.curation.rules import instance_residual_phi
+
+    phi = Phi()
+    [original] = ct_series(phi, 1)
+    original.DoseComment = "patient smitherson moved"
+    identifiers = patient_identifiers(original)
+    [ds] = deidentified([original])
+    hits = instance_residual_phi(ds.to_json_dict(), identifiers, RulesConfig().residual_phi)
+    assert hits == [("residual-phi", "a part of the patient's name", "DoseComment")]
+    facts = facts_of([ds])
+    findings = run_rules(facts, RulesConfig(), None, {ds.SOPInstanceUID: hits})
+    assert [(f.code, f.attribute) for f in findings] == [("residual-phi", "DoseComment")]
+    assert "smitherson" not in json.dumps([f.message for f in findings]).lower()

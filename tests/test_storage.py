@@ -14,7 +14,7 @@ from minio.error import S3Error
 
 from carina.archive.errors import NotFound, StorageError
 from carina.archive.storage import CHUNK, FilesystemStore, ObjectStore, S3Store
-from tests.conftest import Server, free_port
+from tests.conftest import Server, free_port, wait_for_series
 from tests.factory import Phi, ct_series
 from tests.s3server import S3Server, start_weed
 
@@ -305,6 +305,7 @@ def test_stow_and_wado_through_carina_keep_objects_in_s3_not_on_disk(
     client = server.client()
     sent = ct_series(Phi(), 3)
     client.store_instances(sent)
+    wait_for_series(server.database_url)
 
     series = client.search_for_series()
     assert len(series) == 1

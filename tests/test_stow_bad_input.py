@@ -7,7 +7,7 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.conftest import Server
+from tests.conftest import Server, wait_for_series
 from tests.factory import Phi, ct_instance, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -169,6 +169,7 @@ def test_every_acknowledged_instance_can_be_retrieved(server: Server) -> None:
     parts = good(3)
     r = stow(server, body(parts[0], b"junk", parts[1], parts[2][:100], parts[2]))
     assert r.status_code == 202
+    wait_for_series(server.database_url)
     for item in r.json()["00081199"]["Value"]:
         url = item["00081190"]["Value"][0]
         got = server.http.get(

@@ -51,6 +51,7 @@ def study(server: Server) -> tuple[str, list[Dataset]]:
         ds.PixelData = pixels.astype(np.int16).tobytes()
     sent[1].compress(RLELossless, generate_instance_uid=False)
     response = server.client().store_instances(sent)
+    server.settled()
     urls = {item.RetrieveURL for item in response.ReferencedSOPSequence}
     assert len(urls) == 2
     study_uid = next(iter(urls)).split("/studies/", 1)[1].split("/")[0]

@@ -9,7 +9,7 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.conftest import Server
+from tests.conftest import Server, wait_for_series
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
@@ -22,6 +22,7 @@ def series(server: Server) -> tuple[str, str, list[str], list]:
     sent = ct_series(Phi(), 3, rows=32, columns=32)
     client = server.client()
     client.store_instances(sent)
+    wait_for_series(server.database_url)
     [study] = client.search_for_studies()
     st = study["0020000D"]["Value"][0]
     [se] = client.search_for_series(st)

@@ -18,7 +18,7 @@ from pydicom.uid import generate_uid
 
 from carina.api.dicomweb import _absolute_bulk_uris
 from carina.archive import retrieve
-from tests.conftest import Server
+from tests.conftest import Server, run_cli
 from tests.factory import Phi, ct_instance, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -52,6 +52,7 @@ def stored(server: Server) -> tuple[str, str, str, Dataset]:
 def store(server: Server, ds: Dataset) -> tuple[str, str, str]:
     """STOW one instance; (study, series, sop) of the de-identified instance stored."""
     response = server.client().store_instances([ds])
+    server.settled()
     [item] = response.ReferencedSOPSequence
     url = item.RetrieveURL.split("/studies/", 1)[1]
     st, _, se, _, sop = url.split("/")
@@ -175,8 +176,15 @@ def test_bulk_data_of_absent_or_malformed_tag_is_404(server: Server, stored: tup
 
 
 @pytest.fixture(scope="module")
-def compressed(server: Server) -> tuple[str, str, str]:
-    """(study, series, sop) of a stored JPEG Baseline instance (stored as received)."""
+def compressed(server: Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str, str]:
+    """(study, series, sop) of a stored JPEG Baseline instance (stored as received). It is a
+    Secondary Capture, which the burned-in text rule would hold: the collection opts out."""
+    cli = run_cli(
+        server.database_url,  # type: ignore[arg-type]
+        tmp_path_factory.mktemp("cli"),
+        *("collection", "rules", "default", "--set", "burned_in.enabled=false"),
+    )
+    assert cli.returncode == 0, cli.stderr
     ds = dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
     ds.StudyInstanceUID = generate_uid()
     ds.SeriesInstanceUID = generate_uid()

@@ -1,0 +1,342 @@
+"""The series lifecycle: incoming -> (settled) -> series rules -> published | quarantined.
+
+Intake writes every new instance's series as incoming and (re)schedules its job on the queue
+(archive/jobs.py). A worker (``carina worker``, or a thread of ``carina serve``) takes a due job,
+builds the series' facts from the index, runs the collection's rules and, in that same
+transaction, stores the findings and QC figures, sets the state, writes the audit row and
+removes the job. QIDO and WADO serve published series only, so nothing unevaluated is seen."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psycopg
+from psycopg import Connection
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from carina.archive import jobs
+
+from . import audit, manifests
+from .deid import load_profile
+from .errors import ProfileError
+from .geometry import Geometry
+from .rule_settings import RuleSettingError, config_from
+from .rules import (
+    Finding,
+    InstanceFacts,
+    Manifest,
+    RulesConfig,
+    check_counts,
+    parse_manifest,
+    quarantined,
+    rule_failed,
+    run_rules,
+    series_facts,
+)
+
+log = logging.getLogger(__name__)
+
+INCOMING = "incoming"
+PUBLISHED = "published"
+QUARANTINED = "quarantined"
+REJECTED = "rejected"
+# After this many failed attempts (database errors, bugs) a series is held for a curator
+# rather than retried for ever.
+MAX_ATTEMPTS = 5
+# An idle worker looks at the queue at least this often (NOTIFY usually wakes it first).
+IDLE_WAIT = 2.0
+_MANIFEST_CODES = ("manifest-count", "manifest-unexpected-modality")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What the series rules decided about one series."""
+
+    series_uid: str
+    collection: str
+    state: str
+    findings: tuple[Finding, ...]
+
+
+# ---------------------------------------------------------------------------------------------
+# One job
+
+
+def evaluate_due(pool: ConnectionPool) -> Evaluation | None:
+    """Take one due job and decide its series; None when nothing is due (or all are taken).
+    A failure rolls the whole decision back and retries the job later."""
+    claimed: tuple[str, int] | None = None
+    try:
+        with pool.connection() as conn, conn.transaction():
+            claimed = jobs.claim(conn)
+            if claimed is None:
+                return None
+            series_uid, attempts = claimed
+            if attempts >= MAX_ATTEMPTS:
+                result = _hold_unevaluated(conn, series_uid, attempts)
+            else:
+                result = decide(conn, series_uid)
+            jobs.finish(conn, series_uid)
+    except Exception as e:
+        if claimed is None:
+            raise
+        # The type only: a message could quote a value (CONVENTIONS: log events, not data).
+        log.error("evaluating series %s failed: %s", claimed[0], type(e).__name__)
+        jobs.retry_later(pool, claimed[0], type(e).__name__)
+        return None
+    log.info("series %s %s (%d finding(s))", series_uid, result.state, len(result.findings))
+    return result
+
+
+def decide(conn: Connection, series_uid: str) -> Evaluation:
+    """Run the collection's rules on a series and record the outcome, in conn's transaction
+    (the caller holds the series row)."""
+    before, collection, overrides, deid = _series_head(conn, series_uid)
+    findings: list[Finding] = []
+    try:
+        config = config_from(overrides)
+    except RuleSettingError as e:  # stored before a rule changed: judge by defaults, say so
+        config = RulesConfig()
+        findings.append(rule_failed("settings", e))
+    try:
+        config = _with_kept_private(config, *deid)
+    except ProfileError as e:
+        findings.append(rule_failed("private", e))
+    rows = conn.execute(
+        "SELECT sop_uid, sha256, metadata, intake_findings FROM instances"
+        " WHERE series_uid = %s ORDER BY instance_number NULLS LAST, sop_uid",
+        (series_uid,),
+    ).fetchall()
+    judged, geometry = _judge(collection, rows, config)
+    findings += judged
+    findings += _manifest_findings(conn, collection, series_uid)
+    state = QUARANTINED if quarantined(findings) else PUBLISHED
+    _store_findings(conn, series_uid, findings)
+    if geometry is not None:
+        _store_qc(conn, series_uid, geometry)
+    _set_state(conn, series_uid, state)
+    holds = sorted({f.code for f in findings if f.severity == "hold"})
+    audit.record(
+        conn,
+        actor=audit.WORKER,
+        action="evaluate",
+        series_uid=series_uid,
+        collection=collection,
+        reason=", ".join(holds) or "no rule held the series",
+        before={"state": before},
+        after={"state": state, "findings": sorted({f.code for f in findings})},
+    )
+    return Evaluation(series_uid, collection, state, tuple(findings))
+
+
+def _series_head(
+    conn: Connection, series_uid: str
+) -> tuple[str, str, dict[str, Any], tuple[str, tuple[str, ...], tuple[str, ...]]]:
+    """The series' state, its collection, the collection's rule overrides and its
+    de-identification settings (profile, options, own recipe lines)."""
+    row = conn.execute(
+        "SELECT se.state, st.collection, c.rules, c.deid_profile, c.deid_options, c.deid_lines"
+        " FROM series se JOIN studies st ON st.study_uid = se.study_uid"
+        " JOIN collections c ON c.name = st.collection WHERE se.series_uid = %s",
+        (series_uid,),
+    ).fetchone()
+    assert row is not None  # the job's foreign key keeps the series
+    return row[0], row[1], row[2], (row[3], tuple(row[4] or ()), tuple(row[5] or ()))
+
+
+def _with_kept_private(
+    config: RulesConfig, profile: str, options: tuple[str, ...], lines: tuple[str, ...]
+) -> RulesConfig:
+    """The rules' safe private list widened by what the collection's de-identification keeps
+    on purpose (PS3.15 Table E.3.10-1 under retain_safe_private, and its own KEEP lines): the
+    private rule then holds only what de-identification should have removed."""
+    kept = load_profile(profile, options, lines).safe_private
+    if not kept:
+        return config
+    safe = config.private.safe | {(group, creator, offset) for creator, group, offset in kept}
+    return replace(config, private=replace(config.private, safe=frozenset(safe)))
+
+
+def _judge(
+    collection: str, rows: Sequence[tuple[Any, ...]], config: RulesConfig
+) -> tuple[list[Finding], Geometry | None]:
+    """The rules' findings and the series geometry from the stored instances."""
+    instances = [InstanceFacts(sop, sha, meta) for sop, sha, meta, _ in rows]
+    # Residual PHI by the original identifiers was checked by the intake worker, if for all.
+    checked = bool(rows) and all(r[3] is not None for r in rows)
+    intake_hits = {r[0]: [tuple(h) for h in r[3]] for r in rows} if checked else None
+    try:
+        facts = series_facts(collection, instances, config.geometry.tolerances)
+    except Exception as e:  # unreadable geometry must hold the series, not lose it
+        return [rule_failed("geometry", e)], None
+    return run_rules(facts, config, None, intake_hits), facts.geometry  # type: ignore[arg-type]
+
+
+def _manifest_findings(conn: Connection, collection: str, series_uid: str) -> list[Finding]:
+    """The collection's manifest against what it holds now. When the counts agree, the series
+    held for them before are evaluated again."""
+    manifest = manifests.current(conn, collection)
+    if manifest is None:
+        return []
+    found = check_counts(manifest, manifests.arrived(conn, collection))
+    if not found:
+        _recheck_manifest_holds(conn, collection, exclude=series_uid)
+    return [replace(f, rule="manifest") for f in found]
+
+
+def _recheck_manifest_holds(conn: Connection, collection: str, exclude: str | None) -> None:
+    conn.execute(
+        "INSERT INTO series_jobs (series_uid, due_at)"
+        " SELECT DISTINCT f.series_uid, now() FROM series_findings f"
+        " JOIN series se ON se.series_uid = f.series_uid"
+        " JOIN studies st ON st.study_uid = se.study_uid"
+        " WHERE st.collection = %s AND se.state = %s AND f.code = ANY(%s)"
+        " AND f.series_uid IS DISTINCT FROM %s ON CONFLICT (series_uid) DO NOTHING",
+        (collection, QUARANTINED, list(_MANIFEST_CODES), exclude),
+    )
+    conn.execute("SELECT pg_notify(%s, '')", (jobs.CHANNEL,))
+
+
+def _hold_unevaluated(conn: Connection, series_uid: str, attempts: int) -> Evaluation:
+    before, collection, _ = _series_head(conn, series_uid)
+    finding = Finding(
+        "evaluation-failed",
+        "hold",
+        f"The series could not be evaluated after {attempts} attempts; see the server log.",
+        rule="lifecycle",
+    )
+    _store_findings(conn, series_uid, [finding])
+    _set_state(conn, series_uid, QUARANTINED)
+    audit.record(
+        conn,
+        actor=audit.WORKER,
+        action="evaluate",
+        series_uid=series_uid,
+        collection=collection,
+        reason=finding.code,
+        before={"state": before},
+        after={"state": QUARANTINED, "findings": [finding.code]},
+    )
+    return Evaluation(series_uid, collection, QUARANTINED, (finding,))
+
+
+def _set_state(conn: Connection, series_uid: str, state: str) -> None:
+    conn.execute(
+        "UPDATE series SET state = %s, decided_at = now(), updated_at = now()"
+        " WHERE series_uid = %s",
+        (state, series_uid),
+    )
+
+
+def _store_findings(conn: Connection, series_uid: str, findings: Sequence[Finding]) -> None:
+    """Replace the series' findings with those of this evaluation."""
+    conn.execute("DELETE FROM series_findings WHERE series_uid = %s", (series_uid,))
+    with conn.cursor() as cur:
+        cur.executemany(
+            "INSERT INTO series_findings (series_uid, rule, code, severity, message, details)"
+            " VALUES (%s, %s, %s, %s, %s, %s)",
+            [
+                (
+                    series_uid,
+                    f.rule,
+                    f.code,
+                    f.severity,
+                    f.message,
+                    Jsonb({"attribute": f.attribute, "instances": list(f.instances)}),
+                )
+                for f in findings
+            ],
+        )
+
+
+# geometry.Geometry field -> series_qc column, where the names differ.
+_QC_COLUMNS = {
+    "instances": "instance_count",
+    "frames": "frame_count",
+    "localizers": "localizer_count",
+    "thickness_min": "slice_thickness_min",
+    "thickness_max": "slice_thickness_max",
+}
+
+
+def _store_qc(conn: Connection, series_uid: str, geometry: Geometry) -> None:
+    """Upsert the series' geometry figures into their searchable columns."""
+    figures = geometry.as_dict()
+    figures["notes"] = Jsonb(list(figures["notes"]))
+    values = {_QC_COLUMNS.get(k, k): v for k, v in figures.items()}
+    values["has_localizer"] = geometry.localizers > 0
+    columns = ["series_uid", *values]
+    conn.execute(
+        f"INSERT INTO series_qc ({', '.join(columns)}, computed_at)"
+        f" VALUES ({', '.join(['%s'] * len(columns))}, now())"
+        " ON CONFLICT (series_uid) DO UPDATE SET "
+        + ", ".join(f"{c} = EXCLUDED.{c}" for c in [*values, "computed_at"]),
+        [series_uid, *values.values()],
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Manifests
+
+
+def upload_manifest(pool: ConnectionPool, collection: str, csv_text: str) -> Manifest:
+    """Store a manifest CSV for a collection (ManifestError says which line is wrong) and
+    evaluate again the series it held before; the collection must exist."""
+    manifest = parse_manifest(csv_text)
+    with pool.connection() as conn, conn.transaction():
+        manifests.store(conn, collection, manifest)
+        _recheck_manifest_holds(conn, collection, exclude=None)
+    return manifest
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+class Worker:
+    """Evaluates due series until stopped: woken by NOTIFY, or by the next due time."""
+
+    def __init__(self, pool: ConnectionPool, idle_wait: float = IDLE_WAIT) -> None:
+        self.pool = pool
+        self.idle_wait = idle_wait
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Run the loop in a background thread (as `carina serve` does)."""
+        self._thread = threading.Thread(target=self.run, name="series-worker", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the loop to end after the job in hand; wait for the thread, if any."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def run(self) -> None:
+        """The loop, in the calling thread, until stop(); survives database outages."""
+        while not self._stop.is_set():
+            try:
+                with psycopg.connect(self.pool.conninfo, autocommit=True) as listen:
+                    listen.execute(f"LISTEN {jobs.CHANNEL}")
+                    log.info("series worker listening on %s", jobs.CHANNEL)
+                    while not self._stop.is_set():
+                        wait = self._drain()
+                        for _ in listen.notifies(timeout=wait, stop_after=1):
+                            pass
+            except Exception as e:
+                log.error("series worker: %s; retrying", type(e).__name__)
+                self._stop.wait(self.idle_wait)
+
+    def _drain(self) -> float:
+        """Evaluate every due series; the seconds to wait before looking again."""
+        while not self._stop.is_set() and evaluate_due(self.pool) is not None:
+            pass
+        with self.pool.connection() as conn:
+            due_in = jobs.seconds_to_next(conn)
+        return self.idle_wait if due_in is None else min(max(due_in, 0.05), self.idle_wait)

@@ -16,7 +16,7 @@ from carina.curation.lifecycle import Worker
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import derived, dicomweb, errors
+from . import curation, derived, dicomweb, errors
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,7 @@ def create_app(settings: Settings) -> FastAPI:
     # PS3.18 roots a viewer can be pointed at: everything, or one collection.
     app.include_router(dicomweb.router("/dicomweb"))
     app.include_router(derived.router("/api"))
+    app.include_router(curation.router("/api/curation"))
     app.include_router(dicomweb.router("/collections/{collection}/dicomweb"))
 
     @app.get("/healthz")

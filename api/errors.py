@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from carina.archive.errors import InvalidQuery, NotFound, OutOfResources, StorageError
+from carina.curation.errors import DecisionRefused, UnknownSeries
 
 log = logging.getLogger(__name__)
 
@@ -23,6 +24,14 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(NotFound)
     async def _not_found(request: Request, exc: NotFound) -> JSONResponse:
         return http_error(404, "not found")
+
+    @app.exception_handler(UnknownSeries)
+    async def _unknown_series(request: Request, exc: UnknownSeries) -> JSONResponse:
+        return http_error(404, str(exc))
+
+    @app.exception_handler(DecisionRefused)
+    async def _refused(request: Request, exc: DecisionRefused) -> JSONResponse:
+        return http_error(409, str(exc))
 
     @app.exception_handler(InvalidQuery)
     async def _invalid_query(request: Request, exc: InvalidQuery) -> JSONResponse:

@@ -74,6 +74,9 @@ def evaluate_due(pool: ConnectionPool) -> Evaluation | None:
             claimed = jobs.claim(conn)
             if claimed is None:
                 return None
+            # A decision lost in a crash is lost with its job's deletion (one transaction), so
+            # the series is simply evaluated again: no need to wait for the WAL flush.
+            conn.execute("SET LOCAL synchronous_commit = off")
             series_uid, attempts = claimed
             if attempts >= MAX_ATTEMPTS:
                 result = _hold_unevaluated(conn, series_uid, attempts)

@@ -128,3 +128,44 @@ def test_two_workers_decide_every_series_once_after_a_worker_died_holding_a_job(
     for proc in workers[1:]:
         proc.send_signal(signal.SIGTERM)
     assert [proc.wait(30) for proc in workers[1:]] == [0, 0], [p.read_text()[-2000:] for p in logs]
+
+
+def test_a_job_that_keeps_failing_is_held_for_a_curator_not_retried_for_ever(
+    server: Server,
+    database_url: str,
+    tmp_path: Path,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    response = DICOMwebClient(server.dicomweb).store_instances(
+        ct_series(Phi(), 2, rows=16, columns=16)
+    )
+    url = str(response.ReferencedSOPSequence[0].RetrieveURL).split("/studies/", 1)[1]
+    series = url.split("/")[2]
+    with psycopg.connect(database_url) as conn:
+        # As failed attempts (a database error, a bug) leave it: counted, with the last error.
+        conn.execute(
+            "UPDATE series_jobs SET attempts = 5, last_error = 'OperationalError'"
+            " WHERE series_uid = %s",
+            (series,),
+        )
+    workers.append(
+        subprocess.Popen(
+            [sys.executable, "-m", "carina", "worker"],
+            env=cli_env(database_url, tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    assert wait_for_series(database_url)[series] == "quarantined"
+    with psycopg.connect(database_url) as conn:
+        found = conn.execute(
+            "SELECT code, severity, message FROM series_findings WHERE series_uid = %s",
+            (series,),
+        ).fetchall()
+    assert found == [
+        (
+            "evaluation-failed",
+            "hold",
+            "The series could not be evaluated after 5 attempts; see the server log.",
+        )
+    ]

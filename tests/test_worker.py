@@ -71,6 +71,18 @@ def test_series_stay_incoming_and_invisible_without_a_worker(
         assert r.status_code == 404
 
 
+@pytest.mark.parametrize("decision", ["release", "reject", "reprocess"])
+def test_curators_cannot_decide_a_series_the_rules_have_not_judged(
+    server: Server, stowed: list[tuple[str, str]], decision: str
+) -> None:
+    _, series = stowed[0]
+    r = requests.post(
+        f"{server.url}/api/curation/series/{series}/{decision}", json={"reason": "too early"}
+    )
+    assert r.status_code == 409
+    assert "incoming" in r.json()["error"]
+
+
 @pytest.fixture
 def workers(database_url: str, tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []

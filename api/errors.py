@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from carina.archive.errors import InvalidQuery, NotFound, OutOfResources, StorageError
-from carina.curation.errors import ProfileError
+from carina.curation.errors import DecisionRefused, ProfileError, UnknownSeries
 
 from .auth import AuthError
 
@@ -28,8 +28,16 @@ def install(app: FastAPI) -> None:
         return http_error(404, "not found")
 
     @app.exception_handler(AuthError)
-    async def _refused(request: Request, exc: AuthError) -> JSONResponse:
+    async def _auth_refused(request: Request, exc: AuthError) -> JSONResponse:
         return http_error(exc.status, exc.reason, exc.headers)
+
+    @app.exception_handler(UnknownSeries)
+    async def _unknown_series(request: Request, exc: UnknownSeries) -> JSONResponse:
+        return http_error(404, str(exc))
+
+    @app.exception_handler(DecisionRefused)
+    async def _refused(request: Request, exc: DecisionRefused) -> JSONResponse:
+        return http_error(409, str(exc))
 
     @app.exception_handler(InvalidQuery)
     async def _invalid_query(request: Request, exc: InvalidQuery) -> JSONResponse:

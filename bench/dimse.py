@@ -36,6 +36,8 @@ STUDIES = 4  # the files of a figure are split over this many studies, one serie
 PARALLEL = 4
 WARMUP = 8  # tiny files pushed, untimed, before the figures
 STORESCU_TIMEOUT = 1800.0
+# Seconds Carina may take to publish what was pushed (its series rules run after the push).
+PUBLISH_TIMEOUT = 300.0
 
 
 class DimseCarina(CarinaServer):
@@ -157,13 +159,22 @@ def storescu(server: DimseCarina | DimseOrthanc, groups: list[list[Path]]) -> fl
     return seconds
 
 
+def wait_stored(server: DimseCarina | DimseOrthanc, expected: int) -> int:
+    """Instances the server shows, once they reach expected (or PUBLISH_TIMEOUT passed):
+    Carina shows a series once its curation rules ran, after the association ended."""
+    deadline = time.monotonic() + PUBLISH_TIMEOUT
+    while (stored := server.stored()) < expected and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return stored
+
+
 def measure(
     server: DimseCarina | DimseOrthanc, files: list[Path], parallel: int, before: int
 ) -> Figure:
     """Push files over `parallel` associations; check every one was stored."""
     groups = [files[i::parallel] for i in range(parallel)]
     seconds = storescu(server, groups)
-    stored = server.stored() - before
+    stored = wait_stored(server, before + len(files)) - before
     if stored != len(files):
         raise ServerError(f"{server.name} holds {stored} new instances of {len(files)} sent")
     return Figure(len(files), sum(f.stat().st_size for f in files), seconds)
@@ -244,6 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"# {server.name} {server.version} on DICOM port {server.dimse_port}", flush=True)
             results[server.name] = {}
             storescu(server, [warmup])
+            wait_stored(server, len(warmup))
             for figure, (files, parallel) in sets.items():
                 before = server.stored()
                 results[server.name][figure] = measure(server, files, parallel, before)

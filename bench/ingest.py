@@ -290,6 +290,25 @@ def _text(item: dict, tag: str) -> str:
     return "" if v is None else str(v)
 
 
+def wait_searchable(
+    server: Server, session: requests.Session, expected: int, timeout: float = 900.0
+) -> float:
+    """Seconds until QIDO shows expected studies. Carina answers a STOW once the instances are
+    stored, and publishes each series after its curation rules ran, asynchronously."""
+    url = f"{server.dicomweb}/studies"
+    params = {"limit": "1", "offset": str(expected - 1)}
+    t0 = time.perf_counter()
+    while True:
+        r = session.get(url, params=params, headers=QIDO_HEADERS, timeout=REQUEST_TIMEOUT)
+        if r.status_code == 200 and r.json():
+            return time.perf_counter() - t0
+        if r.status_code not in (200, 204):
+            raise BenchError(f"{server.name}: GET {r.url} -> {_excerpt(r)}")
+        if time.perf_counter() - t0 > timeout:
+            raise BenchError(f"{server.name}: {expected} studies not searchable after {timeout} s")
+        time.sleep(0.1)
+
+
 def read_studies(server: Server, session: requests.Session, expected: int) -> list[StudyRow]:
     """Every study the server holds (paged QIDO), as PatientID, PatientName and StudyDate."""
     url = f"{server.dicomweb}/studies"
@@ -569,16 +588,20 @@ def run_qido(
     then time the queries."""
     s = population.studies
     fill = report.figure(f"QIDO population, {s} studies (STOW)", "s", False)
+    visible = report.figure("QIDO population, STOW end to all searchable", "s", False)
     pages = report.figure(f"QIDO read all {s + existing} studies, {READBACK_PAGE}/page", "s", False)
     live: list[Server] = []
     plans: dict[str, dict[str, list[dict]]] = {}
     for server in servers:
-        fill.values[server.name] = pages.values[server.name] = None
+        fill.values[server.name] = pages.values[server.name] = visible.values[server.name] = None
         progress(f"{server.name}: populating {s} studies in {len(population.bodies)} requests")
         try:
             result = stow(server, population.bodies, clients, "QIDO population")
             fill.values[server.name] = result.seconds
             progress(f"{server.name}: populated in {result.seconds:.1f} s")
+            visible.values[server.name] = wait_searchable(
+                server, sessions[server.name], s + existing
+            )
             t0 = time.perf_counter()
             rows = read_studies(server, sessions[server.name], s + existing)
             pages.values[server.name] = time.perf_counter() - t0

@@ -16,3 +16,11 @@ class InstanceRefused(CurationError):
         super().__init__(reason)
         self.code = code
         self.reason = reason
+
+
+class UnknownSeries(CurationError):
+    """No series of that UID is held."""
+
+
+class DecisionRefused(CurationError):
+    """A curator's decision does not apply to the series in its present state."""

@@ -76,6 +76,9 @@ def evaluate_due(pool: ConnectionPool) -> Evaluation | None:
             claimed = jobs.claim(conn)
             if claimed is None:
                 return None
+            # A decision lost in a crash is lost with its job's deletion (one transaction), so
+            # the series is simply evaluated again: no need to wait for the WAL flush.
+            conn.execute("SET LOCAL synchronous_commit = off")
             series_uid, attempts = claimed
             if attempts >= MAX_ATTEMPTS:
                 result = _hold_unevaluated(conn, series_uid, attempts)
@@ -190,16 +193,21 @@ def _manifest_findings(conn: Connection, collection: str, series_uid: str) -> li
 
 
 def _recheck_manifest_holds(conn: Connection, collection: str, exclude: str | None) -> None:
-    conn.execute(
-        "INSERT INTO series_jobs (series_uid, due_at)"
-        " SELECT DISTINCT f.series_uid, now() FROM series_findings f"
-        " JOIN series se ON se.series_uid = f.series_uid"
-        " JOIN studies st ON st.study_uid = se.study_uid"
-        " WHERE st.collection = %s AND se.state = %s AND f.code = ANY(%s)"
-        " AND f.series_uid IS DISTINCT FROM %s ON CONFLICT (series_uid) DO NOTHING",
-        (collection, QUARANTINED, list(_MANIFEST_CODES), exclude),
-    )
-    conn.execute("SELECT pg_notify(%s, '')", (jobs.CHANNEL,))
+    """Send the collection's series held for manifest counts back to the queue. They become
+    incoming, so no curator decides them while their new evaluation is pending."""
+    held = [
+        r[0]
+        for r in conn.execute(
+            "UPDATE series se SET state = %s, decided_at = NULL, updated_at = now()"
+            " FROM studies st WHERE st.study_uid = se.study_uid AND st.collection = %s"
+            " AND se.state = %s AND se.series_uid IS DISTINCT FROM %s"
+            " AND EXISTS (SELECT 1 FROM series_findings f WHERE f.series_uid = se.series_uid"
+            " AND f.code = ANY(%s)) RETURNING se.series_uid",
+            (INCOMING, collection, QUARANTINED, exclude, list(_MANIFEST_CODES)),
+        )
+    ]
+    with conn.cursor() as cur:
+        jobs.schedule(cur, held, 0.0)
 
 
 def _hold_unevaluated(conn: Connection, series_uid: str, attempts: int) -> Evaluation:

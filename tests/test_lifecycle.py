@@ -12,9 +12,10 @@ from pathlib import Path
 import psycopg
 import pytest
 from pydicom import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import CTImageStorage, generate_uid
+from pynetdicom import AE
 
-from tests.conftest import Server, run_cli, wait_for_series
+from tests.conftest import Server, free_port, run_cli, wait_for_series
 from tests.factory import Phi, ct_instance, ct_series
 
 pytestmark = pytest.mark.slow
@@ -323,3 +324,38 @@ def test_audit_log_refuses_update_and_delete(server: Server) -> None:
             with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
                 conn.execute(statement)
         assert conn.execute("SELECT count(*) FROM audit_log").fetchone()[0] > 0  # type: ignore[index]
+
+
+# ---------------------------------------------------------------------------------------------
+# Settling C-STORE
+
+
+def test_end_of_a_c_store_association_settles_its_series_at_once(
+    server_factory: Callable[..., Server], cli: Callable[..., str]
+) -> None:
+    """With an hour of quiet period, only the association's end can make the series due."""
+    port = free_port()
+    listener = server_factory(CARINA_DIMSE_PORT=str(port), CARINA_SETTLE_SECONDS="3600")
+    cli("collection", "create", "PUSHED")
+    cli("ae", "add", "SITEP", "--collection", "PUSHED")
+    ae = AE(ae_title="SITEP")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", port, ae_title="CARINA")
+    assert assoc.is_established
+    statuses = [assoc.send_c_store(ds).Status for ds in clean_series(3)]
+    assert statuses == [0x0000] * 3
+    with psycopg.connect(listener.database_url) as conn:  # type: ignore[arg-type]
+        pending = conn.execute(
+            "SELECT j.due_at > now() + interval '10 minutes' FROM series_jobs j"
+            " JOIN series se USING (series_uid) JOIN studies st USING (study_uid)"
+            " WHERE st.collection = 'PUSHED'"
+        ).fetchall()
+    assert pending == [(True,)]  # incoming, due only after the quiet period
+    assoc.release()
+    states = wait_for_series(listener.database_url)
+    with psycopg.connect(listener.database_url) as conn:  # type: ignore[arg-type]
+        [(series,)] = conn.execute(
+            "SELECT se.series_uid FROM series se JOIN studies st USING (study_uid)"
+            " WHERE st.collection = 'PUSHED'"
+        ).fetchall()
+    assert states[series] == "published"

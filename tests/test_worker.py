@@ -69,6 +69,18 @@ def test_series_stay_incoming_and_invisible_without_a_worker(
         assert r.status_code == 404
 
 
+@pytest.mark.parametrize("decision", ["release", "reject", "reprocess"])
+def test_curators_cannot_decide_a_series_the_rules_have_not_judged(
+    server: Server, stowed: list[tuple[str, str]], decision: str
+) -> None:
+    _, series = stowed[0]
+    r = requests.post(
+        f"{server.url}/api/curation/series/{series}/{decision}", json={"reason": "too early"}
+    )
+    assert r.status_code == 409
+    assert "incoming" in r.json()["error"]
+
+
 @pytest.fixture
 def workers(database_url: str, tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
     started: list[subprocess.Popen[bytes]] = []
@@ -126,3 +138,44 @@ def test_two_workers_decide_every_series_once_after_a_worker_died_holding_a_job(
     for proc in workers[1:]:
         proc.send_signal(signal.SIGTERM)
     assert [proc.wait(30) for proc in workers[1:]] == [0, 0], [p.read_text()[-2000:] for p in logs]
+
+
+def test_a_job_that_keeps_failing_is_held_for_a_curator_not_retried_for_ever(
+    server: Server,
+    database_url: str,
+    tmp_path: Path,
+    workers: list[subprocess.Popen[bytes]],
+) -> None:
+    response = DICOMwebClient(server.dicomweb).store_instances(
+        ct_series(Phi(), 2, rows=16, columns=16)
+    )
+    url = str(response.ReferencedSOPSequence[0].RetrieveURL).split("/studies/", 1)[1]
+    series = url.split("/")[2]
+    with psycopg.connect(database_url) as conn:
+        # As failed attempts (a database error, a bug) leave it: counted, with the last error.
+        conn.execute(
+            "UPDATE series_jobs SET attempts = 5, last_error = 'OperationalError'"
+            " WHERE series_uid = %s",
+            (series,),
+        )
+    workers.append(
+        subprocess.Popen(
+            [sys.executable, "-m", "carina", "worker"],
+            env=cli_env(database_url, tmp_path),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    assert wait_for_series(database_url)[series] == "quarantined"
+    with psycopg.connect(database_url) as conn:
+        found = conn.execute(
+            "SELECT code, severity, message FROM series_findings WHERE series_uid = %s",
+            (series,),
+        ).fetchall()
+    assert found == [
+        (
+            "evaluation-failed",
+            "hold",
+            "The series could not be evaluated after 5 attempts; see the server log.",
+        )
+    ]

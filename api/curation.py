@@ -1,0 +1,96 @@
+"""Curator routes under /api/curation: the queue of held series, one series' findings, QC
+figures and audit trail, and the decisions (release, reject, reprocess), each audited.
+
+All of them sit in this one router, so the curator role check (when tokens exist) is one
+dependency added in router()."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+
+from carina.curation import quarantine
+from carina.runtime import Runtime
+
+State = Literal["incoming", "published", "quarantined", "rejected"]
+
+
+class Decision(BaseModel):
+    """A curator's decision: why, in words (kept in the audit trail)."""
+
+    reason: str = Field(min_length=1, max_length=2000)
+
+
+def _runtime(request: Request) -> Runtime:
+    return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+def _actor(request: Request) -> str:
+    """Who decided. No accounts exist yet: the caller's address stands in until tokens do."""
+    host = request.client.host if request.client else "unknown"
+    return f"unauthenticated@{host}"
+
+
+def _json(content: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse(jsonable_encoder(content), status_code=status)
+
+
+def router(prefix: str = "/api/curation") -> APIRouter:
+    """The curator routes (one place for the role check to come)."""
+    r = APIRouter(prefix=prefix, tags=["curation"])
+
+    @r.get("/queue")
+    async def list_queue(
+        request: Request,
+        state: State = "quarantined",
+        collection: Annotated[str | None, Query(max_length=64)] = None,
+        rule: Annotated[str | None, Query(max_length=64)] = None,
+        min_age: Annotated[float | None, Query(ge=0, description="seconds since decided")] = None,
+        max_age: Annotated[float | None, Query(ge=0, description="seconds since decided")] = None,
+        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        offset: Annotated[int, Query(ge=0)] = 0,
+    ) -> JSONResponse:
+        f = quarantine.QueueFilter(state, collection, rule, min_age, max_age, limit, offset)
+        rows = await run_in_threadpool(quarantine.queue, _runtime(request).pool, f)
+        return _json(rows)
+
+    @r.get("/series/{series_uid}")
+    async def show_series(request: Request, series_uid: str) -> JSONResponse:
+        view = await run_in_threadpool(quarantine.series_view, _runtime(request).pool, series_uid)
+        return _json(view)
+
+    @r.post("/series/{series_uid}/release")
+    async def release(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
+        pool = _runtime(request).pool
+        await run_in_threadpool(
+            quarantine.release, pool, series_uid, _actor(request), decision.reason
+        )
+        return _json({"series_uid": series_uid, "state": "published"})
+
+    @r.post("/series/{series_uid}/reject")
+    async def reject(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
+        runtime = _runtime(request)
+        deleted = await run_in_threadpool(
+            quarantine.reject,
+            runtime.pool,
+            runtime.store,
+            series_uid,
+            _actor(request),
+            decision.reason,
+        )
+        return _json({"series_uid": series_uid, "state": "rejected", "deleted": deleted})
+
+    @r.post("/series/{series_uid}/reprocess")
+    async def reprocess(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
+        pool = _runtime(request).pool
+        await run_in_threadpool(
+            quarantine.reprocess, pool, series_uid, _actor(request), decision.reason
+        )
+        return _json({"series_uid": series_uid, "state": "incoming"}, status=202)
+
+    return r

@@ -496,7 +496,8 @@ def _retrieve_error(e: BaseException) -> Response:
 def _octet_response(
     obj: retrieve.StoredObject, parts: list[tuple[dict[str, str], retrieve.ByteRange]], mode: str
 ) -> Response:
-    """Stream byte ranges of obj as one multipart/related part each (or one bare body)."""
+    """Byte ranges of obj as one multipart/related part each (or one bare body): read here
+    and sent in one piece when small (a frame or two), else streamed."""
     if mode == "single":
         headers, r = parts[0]
 
@@ -504,20 +505,23 @@ def _octet_response(
             with obj:
                 yield from obj.read(r)
 
-        return StreamingResponse(
-            single(), media_type=OCTET, headers={**headers, "Content-Length": str(r.length)}
-        )
-    boundary = new_boundary()
+        body, media_type = single(), OCTET
+        headers = {**headers, "Content-Length": str(r.length)}
+    else:
+        boundary = new_boundary()
 
-    def body() -> Iterator[bytes]:
-        with obj:
-            for headers, r in parts:
-                ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
-                yield part_head(boundary, ctype, r.length, headers)
-                yield from obj.read(r)
-                yield b"\r\n"
-            yield closing(boundary)
+        def multipart() -> Iterator[bytes]:
+            with obj:
+                for part_headers, r in parts:
+                    ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
+                    yield part_head(boundary, ctype, r.length, part_headers)
+                    yield from obj.read(r)
+                    yield b"\r\n"
+                yield closing(boundary)
 
-    return StreamingResponse(
-        body(), media_type=f'multipart/related; type="{OCTET}"; boundary={boundary}'
-    )
+        body, media_type = multipart(), f'multipart/related; type="{OCTET}"; boundary={boundary}'
+        headers = {}
+    if sum(r.length for _, r in parts) <= WHOLE_OBJECT_MAX:
+        # Each streamed piece costs a worker-thread hop; a small answer is cheaper whole.
+        return Response(b"".join(body), media_type=media_type, headers=headers)
+    return StreamingResponse(body, media_type=media_type, headers=headers)

@@ -175,7 +175,7 @@ def _to_image(arr: np.ndarray, ds: Dataset, window: Window | None) -> Image.Imag
     Presentation LUT for grey; Palette Color LUT for palette images)."""
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric in _MONOCHROME:
-        grey = _grey(apply_modality_lut(arr, ds), ds, window)
+        grey = _grey(arr, ds, window)
         if photometric == "MONOCHROME1":  # PS3.3 C.7.6.3.1.2: minimum is white
             grey = 255 - grey
         return Image.fromarray(grey, "L")
@@ -186,19 +186,48 @@ def _to_image(arr: np.ndarray, ds: Dataset, window: Window | None) -> Image.Imag
         rgb, bits = arr, int(ds.get("BitsStored") or 8)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise NotRetrievable(f"photometric interpretation {photometric!r} is not rendered")
-    return Image.fromarray(_scale(rgb.astype(np.float64), 0.0, float(2**bits - 1)), "RGB")
+    if rgb.dtype == np.uint8 and bits == 8:
+        return Image.fromarray(rgb, "RGB")
+    return Image.fromarray(_scale(rgb, 0.0, float(2**bits - 1)), "RGB")
 
 
-def _grey(values: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
+# Pixels of at most 16 bits go through a table of every value they can hold (the unsigned
+# view indexes it): one lookup a pixel instead of several floating-point passes over a frame.
+_TABLE_INDEX = {
+    np.dtype(t): np.dtype(u)
+    for t, u in (
+        (np.int8, np.uint8),
+        (np.uint8, np.uint8),
+        (np.int16, np.uint16),
+        (np.uint16, np.uint16),
+    )
+}
+
+
+def _grey(arr: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
+    """Stored values through the Modality LUT and the VOI transform, onto 0..255."""
+    index = _TABLE_INDEX.get(arr.dtype)
+    if index is None:  # 32-bit or float pixels: every pixel computed
+        values = apply_modality_lut(arr, ds)
+        return _voi(values, ds, window, float(values.min()), float(values.max()))
+    domain = np.arange(2 ** (8 * arr.itemsize), dtype=index).view(arr.dtype)
+    ends = apply_modality_lut(np.array([arr.min(), arr.max()], dtype=arr.dtype), ds)
+    table = _voi(apply_modality_lut(domain, ds), ds, window, float(ends.min()), float(ends.max()))
+    return table[arr.view(index)]
+
+
+def _voi(
+    values: np.ndarray, ds: Dataset, window: Window | None, low: float, high: float
+) -> np.ndarray:
     """Modality values mapped to 0..255: by the requested window, else by the object's first
-    VOI LUT or window, else over the frame's own range (its whole dynamics)."""
+    VOI LUT or window, else linearly over low..high (the frame's whole dynamics)."""
     if window is None:
         if "VOILUTSequence" in ds:
             bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
             return _scale(apply_voi(values, ds, index=0), 0.0, float(2**bits - 1))
         window = _object_window(ds)
     if window is None:
-        return _scale(values.astype(np.float64), float(values.min()), float(values.max()))
+        return _scale(values, low, high)
     # An 8-bit unsigned output range: pydicom's PS3.3 C.11.2.1.2 math then yields 0..255.
     voi = Dataset()
     voi.PhotometricInterpretation = "MONOCHROME2"

@@ -186,13 +186,13 @@ def compressed(server: Server) -> tuple[str, str, str]:
     return store(server, ds)
 
 
-def test_frames_and_pixel_bulk_data_of_compressed_instance_are_406_not_transcoded(
+def test_native_frames_and_pixel_bulk_data_of_compressed_instance_are_406_not_transcoded(
     server: Server, compressed: tuple
 ) -> None:
     st, se, sop = compressed
     url = f"{server.dicomweb}/studies/{st}/series/{se}/instances/{sop}"
-    for path in ("/frames/1", "/bulkdata/7FE00010"):
-        r = requests.get(url + path)
+    for path, accept in (("/frames/1", OCTET_MULTIPART), ("/bulkdata/7FE00010", "*/*")):
+        r = requests.get(url + path, headers={"Accept": accept})
         assert r.status_code == 406, path
         assert "transcoding" in r.json()["error"]
 

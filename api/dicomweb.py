@@ -22,6 +22,7 @@ from .multipart import (
     Loaded,
     MultipartError,
     PartReader,
+    body_length,
     closing,
     new_boundary,
     parse_media_type,
@@ -320,6 +321,10 @@ def _retrieve(
         (f"{DICOM}; transfer-syntax={stored}", size, loader(key, stored, size, choices))
         for key, stored, size, choices in plans
     ]
+    if all(choices[0] == stored for _, stored, _, choices in plans):
+        # Every part as stored, so the length is known: no chunked framing (and no copy of
+        # each part to frame it) on either side.
+        cache = {**cache, "Content-Length": str(body_length(boundary, parts))}
     return StreamingResponse(
         write_parts(boundary, parts),
         media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',

@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
+from io import BytesIO
 
 import numpy as np
 import pytest
@@ -327,3 +328,18 @@ def test_multipart_dicom_and_frames_are_not_gzipped_even_when_asked(
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("multipart/related")
         assert "content-encoding" not in r.headers, url
+
+
+def test_retrieve_as_stored_has_content_length_transcoded_is_chunked(
+    server: Server, stored: tuple
+) -> None:
+    url = f"{server.dicomweb}/studies/{stored[0]}"
+    as_stored = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    r = requests.get(url, headers={"Accept": as_stored})
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert [dcmread(BytesIO(p.get_payload(decode=True))).SOPInstanceUID for p in parts(r)]
+    implicit = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'
+    t = requests.get(url, headers={"Accept": implicit})
+    assert t.status_code == 200
+    assert "content-length" not in t.headers
+    assert t.headers["transfer-encoding"] == "chunked"

@@ -28,6 +28,9 @@ _FORMATS = {JPEG: "JPEG", PNG: "PNG"}
 _FUNCTIONS = {"linear": "LINEAR", "linear-exact": "LINEAR_EXACT", "sigmoid": "SIGMOID"}
 DEFAULT_QUALITY = 90  # JPEG quality when the request names none (Orthanc's default too)
 THUMBNAIL_SIZE = 128  # a thumbnail fits in this many pixels square unless a viewport is given
+# Largest rendered side: a larger viewport is refused (PS3.18 8.3.5.1.3: a viewport that is not
+# supported is a Bad Request) rather than allocating a huge image.
+MAX_VIEWPORT = 8192
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 
@@ -87,7 +90,10 @@ def parse_viewport(text: str) -> Viewport:
     parts = [p.strip() for p in text.split(",")]
     if len(parts) not in (2, 6):
         raise InvalidRequest(f"viewport must be vw,vh or vw,vh,sx,sy,sw,sh; got {text!r}")
-    vw, vh = (_integer(p, "viewport vw and vh", minimum=1) if p else None for p in parts[:2])
+    vw, vh = (
+        _integer(p, "viewport vw and vh", minimum=1, maximum=MAX_VIEWPORT) if p else None
+        for p in parts[:2]
+    )
     if len(parts) == 2:
         if vw is None and vh is None:
             raise InvalidRequest("viewport names neither vw nor vh")
@@ -149,7 +155,11 @@ def render(file: BinaryIO, frame: int, rendering: Rendering) -> bytes:
         arr = decode_frame(file, index=frame - 1)
     except (ValueError, AttributeError, NotImplementedError, RuntimeError, KeyError) as e:
         raise NotRetrievable(f"the image cannot be decoded here ({type(e).__name__})") from e
-    image = _to_image(arr, ds, rendering.window)
+    try:
+        image = _to_image(arr, ds, rendering.window)
+    except (ValueError, KeyError, AttributeError, IndexError, TypeError) as e:
+        # A pixel module pydicom's LUT functions refuse (malformed palette or VOI LUT).
+        raise NotRetrievable(f"the image cannot be rendered ({type(e).__name__})") from e
     image = _apply_viewport(image, rendering.viewport)
     out = BytesIO()
     if rendering.media_type == JPEG:

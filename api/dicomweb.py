@@ -444,14 +444,20 @@ def _octet_accept(request: Request) -> str | None:
     return "single" if single else None
 
 
+# Where the bytes of a frame come from.
+_BY_RANGE = "range"  # native pixel data, read by offset
+_AS_STORED = "stored"  # a compressed frame, as stored
+_DECODED = "decoded"  # a compressed frame, decoded to native pixels
+
+
 @dataclass(frozen=True)
 class _FrameForm:
     """How frames are sent: the parts' Content-Type, multipart or a single bare body, and
-    whether from native pixels (by byte range) or as stored compressed frames."""
+    where the bytes come from."""
 
     ctype: str
     multipart: bool
-    native: bool
+    source: str
 
 
 def _frame_form(request: Request, stored: str) -> _FrameForm | None:
@@ -475,22 +481,28 @@ def _frame_form(request: Request, stored: str) -> _FrameForm | None:
     return min(ranked, key=lambda t: t[:2])[2] if ranked else None
 
 
-def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, bool] | None:
-    """(part Content-Type, native) for one Accept item, or None if it cannot be served."""
-    native = stored in retrieve.NATIVE_LITTLE_ENDIAN
+def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, str] | None:
+    """(part Content-Type, source) for one Accept item, or None if it cannot be served."""
+    native_ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
+    if stored in retrieve.NATIVE_LITTLE_ENDIAN:
+        if mtype in (OCTET, "application/*", "*/*", "multipart/*") and ts in (
+            None,
+            "*",
+            EXPLICIT_LE,
+        ):
+            return native_ctype, _BY_RANGE
+        return None
     own = retrieve.FRAME_MEDIA_TYPES.get(stored)
-    if native and mtype in (OCTET, "application/*", "*/*", "multipart/*"):
-        if ts in (None, "*", EXPLICIT_LE):
-            return f"{OCTET}; transfer-syntax={EXPLICIT_LE}", True
-        return None
-    if own is None or ts not in (None, "*", stored):
-        return None
-    if mtype in (own, "image/*", "*/*", "multipart/*"):
-        return f"{own}; transfer-syntax={stored}", False
-    if mtype in (OCTET, "application/*") and ts is not None:
-        # transfer-syntax=* (or the stored one) on octet-stream asks for the frames as stored,
-        # as OHIF does; the parameter then names what the bytes are.
-        return f"{OCTET}; transfer-syntax={stored}", False
+    if own is not None and ts in (None, "*", stored):
+        if mtype in (own, "image/*", "*/*", "multipart/*"):
+            return f"{own}; transfer-syntax={stored}", _AS_STORED
+        if mtype in (OCTET, "application/*") and ts is not None:
+            # transfer-syntax=* (or the stored one) on octet-stream asks for the frames as
+            # stored, as OHIF does; the parameter then names what the bytes are.
+            return f"{OCTET}; transfer-syntax={stored}", _AS_STORED
+    decodable = own is not None and transcode.can_decode(stored)
+    if decodable and mtype in (OCTET, "application/*") and ts in (None, EXPLICIT_LE):
+        return native_ctype, _DECODED
     return None
 
 
@@ -510,12 +522,15 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
         return http_error(406, "several frames need a multipart/related response")
     obj = retrieve.StoredObject(rt.store, key)
     try:
-        if form.native:
+        if form.source == _BY_RANGE:
             ranges = retrieve.frame_ranges(obj, syntax, numbers)
             mode = "multipart" if form.multipart else "single"
             return _octet_response(obj, [({}, r) for r in ranges], mode)
         with obj:
-            frames = retrieve.encapsulated_frames(obj, numbers)
+            if form.source == _AS_STORED:
+                frames = retrieve.encapsulated_frames(obj, numbers)
+            else:
+                frames = retrieve.decoded_frames(obj, numbers)
     except BaseException as e:
         obj.close()
         return _retrieve_error(e)
@@ -532,7 +547,8 @@ def _frames_unavailable(stored: str) -> str:
         return f"frames of an instance stored as {name} cannot be served (no transcoding yet)"
     return (
         f"the instance is stored as {name}; its frames are served as stored, as {own} (or "
-        f"{OCTET} with transfer-syntax=*), not decoded (no transcoding yet)"
+        f"{OCTET} with transfer-syntax=*), or decoded to {OCTET} (grey images only); no "
+        "transcoding to other syntaxes yet"
     )
 
 

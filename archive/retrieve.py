@@ -14,6 +14,7 @@ from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
+from pydicom.pixels import pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -142,6 +143,10 @@ class RawDataset:
             raise StorageError("stored pixel data is not encapsulated as its syntax says")
         return int(elem.value_tell)
 
+    def text(self, keyword: str) -> str:
+        """A string attribute of the header, stripped ("" when absent)."""
+        return str(self._ds.get(keyword) or "").strip()  # type: ignore[attr-defined]
+
     def has(self, tag: int) -> bool:
         """Whether a top-level element is present."""
         return Tag(tag) in self._ds  # type: ignore[operator]
@@ -207,6 +212,32 @@ def encapsulated_frames(obj: StoredObject, numbers: list[int]) -> list[bytes]:
             out.append(get_frame(obj.file, n - 1, number_of_frames=frames))
         except (ValueError, EOFError) as e:
             raise StorageError(f"stored pixel data cannot be split into frames: {e}") from e
+    return out
+
+
+def decoded_frames(obj: StoredObject, numbers: list[int]) -> list[bytes]:
+    """Each requested frame of a compressed grey or palette image, decoded by pydicom to the
+    native little-endian bytes application/octet-stream carries (PS3.18 Table 8.7.3-4).
+
+    Only single-sample images: their decoded bytes mean what the instance's metadata says.
+    Colour would change meaning (YBR_FULL_422 is subsampled when native, a decoder's planar
+    configuration need not be the stored one), so it is NotRetrievable."""
+    ds = obj.header(with_pixels=True)
+    ds.encapsulated_pixels()
+    if ds.int_value("SamplesPerPixel", 1) != 1 or ds.int_value("BitsAllocated") % 8:
+        raise NotRetrievable(
+            "only single-sample frames of whole bytes are decoded to application/octet-stream "
+            "(no transcoding of colour or 1-bit frames yet)"
+        )
+    _check_numbers(numbers, ds.int_value("NumberOfFrames", 1))
+    out = []
+    for n in numbers:
+        obj.file.seek(0)
+        try:
+            arr = pixel_array(obj.file, index=n - 1, raw=True)
+        except (ValueError, RuntimeError, NotImplementedError, AttributeError) as e:
+            raise NotRetrievable(f"the frame cannot be decoded here ({type(e).__name__})") from e
+        out.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
     return out
 
 

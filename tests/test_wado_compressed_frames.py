@@ -16,7 +16,7 @@ from pydicom.uid import JPEGLSLossless, generate_uid
 
 from tests.conftest import Server
 from tests.factory import Phi
-from tests.test_wado_frames import FRAMES, multiframe_ct, parts, store
+from tests.test_wado_frames import FRAMES, frame_bytes, multiframe_ct, parts, store
 
 pytestmark = pytest.mark.slow
 JLS = "1.2.840.10008.1.2.4.80"
@@ -150,7 +150,6 @@ def test_single_jpeg_frame_as_bare_image_jpeg(server: Server, jpeg: tuple) -> No
     [
         'multipart/related; type="image/jp2"',
         'multipart/related; type="image/jls"; transfer-syntax=1.2.840.10008.1.2.4.81',
-        'multipart/related; type="application/octet-stream"',
         "image/jpeg",
     ],
 )
@@ -173,3 +172,29 @@ def test_compressed_frames_out_of_range_are_400(server: Server, jls: tuple) -> N
 def test_several_frames_as_one_bare_image_are_406(server: Server, jls: tuple) -> None:
     r = requests.get(url(server, jls) + "/frames/1,2", headers={"Accept": "image/jls"})
     assert r.status_code == 406
+
+
+def test_grey_compressed_frames_are_decoded_for_octet_stream(server: Server, jls: tuple) -> None:
+    st, se, sop, _ = jls
+    original = multiframe_ct(Phi())  # the same pixels, not compressed
+    client = DICOMwebClient(server.dicomweb)
+    got = client.retrieve_instance_frames(
+        st, se, sop, [3, 1], media_types=("application/octet-stream",)
+    )
+    assert got == [frame_bytes(original, 3), frame_bytes(original, 1)]
+    r = requests.get(
+        url(server, jls) + "/frames/2",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+    )
+    [part] = parts(r)
+    assert part.get_param("transfer-syntax") == "1.2.840.10008.1.2.1"
+    assert part.get_payload(decode=True) == frame_bytes(original, 2)
+
+
+def test_colour_compressed_frames_are_not_decoded(server: Server, rle: tuple) -> None:
+    r = requests.get(
+        url(server, rle) + "/frames/1",
+        headers={"Accept": 'multipart/related; type="application/octet-stream"'},
+    )
+    assert r.status_code == 406
+    assert "colour" in r.json()["error"]

@@ -143,10 +143,6 @@ class RawDataset:
             raise StorageError("stored pixel data is not encapsulated as its syntax says")
         return int(elem.value_tell)
 
-    def text(self, keyword: str) -> str:
-        """A string attribute of the header, stripped ("" when absent)."""
-        return str(self._ds.get(keyword) or "").strip()  # type: ignore[attr-defined]
-
     def has(self, tag: int) -> bool:
         """Whether a top-level element is present."""
         return Tag(tag) in self._ds  # type: ignore[operator]

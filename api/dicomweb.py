@@ -6,6 +6,7 @@ import json
 import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -22,6 +23,7 @@ from .multipart import (
     Loaded,
     MultipartError,
     PartReader,
+    body_length,
     closing,
     new_boundary,
     parse_media_type,
@@ -326,6 +328,10 @@ def _retrieve(
         (f"{DICOM}; transfer-syntax={stored}", size, loader(key, stored, size, choices))
         for key, stored, size, choices in plans
     ]
+    if all(choices[0] == stored for _, stored, _, choices in plans):
+        # Every part as stored, so the length is known: no chunked framing (and no copy of
+        # each part to frame it) on either side.
+        cache = {**cache, "Content-Length": str(body_length(boundary, parts))}
     return StreamingResponse(
         write_parts(boundary, parts),
         media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
@@ -446,29 +452,126 @@ def _octet_accept(request: Request) -> str | None:
     return "single" if single else None
 
 
+# Where the bytes of a frame come from.
+_BY_RANGE = "range"  # native pixel data, read by offset
+_AS_STORED = "stored"  # a compressed frame, as stored
+_DECODED = "decoded"  # a compressed frame, decoded to native pixels
+
+
+@dataclass(frozen=True)
+class _FrameForm:
+    """How frames are sent: the parts' Content-Type, multipart or a single bare body, and
+    where the bytes come from."""
+
+    ctype: str
+    multipart: bool
+    source: str
+
+
+def _frame_form(request: Request, stored: str) -> _FrameForm | None:
+    """The first acceptable form of the frames of an instance stored in stored, highest q
+    first (PS3.18 8.7.3.3): native pixels as application/octet-stream (Table 8.7.3-4), or
+    compressed frames as stored, in their own media type (Table 8.7.3-5); None if none fits."""
+    header = request.headers.get("accept") or "*/*"
+    ranked: list[tuple[float, int, _FrameForm]] = []
+    for n, item in enumerate(header.split(",")):
+        mtype, params = parse_media_type(item.strip())
+        try:
+            q = float(params.get("q", "1"))
+        except ValueError:
+            q = 1.0
+        multipart = mtype in ("*/*", "multipart/*", "multipart/related")
+        if mtype == "multipart/related":
+            mtype = params.get("type", OCTET).lower()
+        form = _frame_ctype(mtype, params.get("transfer-syntax"), stored)
+        if q > 0 and form is not None:
+            ranked.append((-q, n, _FrameForm(form[0], multipart, form[1])))
+    return min(ranked, key=lambda t: t[:2])[2] if ranked else None
+
+
+def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, str] | None:
+    """(part Content-Type, source) for one Accept item, or None if it cannot be served."""
+    native_ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
+    if stored in retrieve.NATIVE_LITTLE_ENDIAN:
+        if mtype in (OCTET, "application/*", "*/*", "multipart/*") and ts in (
+            None,
+            "*",
+            EXPLICIT_LE,
+        ):
+            return native_ctype, _BY_RANGE
+        return None
+    own = retrieve.FRAME_MEDIA_TYPES.get(stored)
+    if own is not None and ts in (None, "*", stored):
+        if mtype in (own, "image/*", "*/*", "multipart/*"):
+            return f"{own}; transfer-syntax={stored}", _AS_STORED
+        if mtype in (OCTET, "application/*") and ts is not None:
+            # transfer-syntax=* (or the stored one) on octet-stream asks for the frames as
+            # stored, as OHIF does; the parameter then names what the bytes are.
+            return f"{OCTET}; transfer-syntax={stored}", _AS_STORED
+    decodable = own is not None and transcode.can_decode(stored)
+    if decodable and mtype in (OCTET, "application/*") and ts in (None, EXPLICIT_LE):
+        return native_ctype, _DECODED
+    return None
+
+
 def _frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
-    """Retrieve Frames (PS3.18 10.4, Frames resource): native frames as octet-streams."""
-    mode = _octet_accept(request)
-    if mode is None:
-        return http_error(
-            406, f'frames are served as multipart/related; type="{OCTET}" (no transcoding yet)'
-        )
+    """Retrieve Frames (PS3.18 10.4, Frames resource): native frames as octet-streams,
+    compressed ones as stored."""
     try:
         numbers = retrieve.parse_frame_list(frame_list)
     except retrieve.InvalidRequest as e:
         return http_error(400, str(e))
-    if mode == "single" and len(numbers) > 1:
-        return http_error(406, f"several frames need a multipart/related response, not {OCTET}")
     rt = runtime(request)
     scope = auth.read_scope(request)
     [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, scope)
+    form = _frame_form(request, syntax)
+    if form is None:
+        return http_error(406, _frames_unavailable(syntax))
+    if not form.multipart and len(numbers) > 1:
+        return http_error(406, "several frames need a multipart/related response")
     obj = retrieve.StoredObject(rt.store, key)
     try:
-        ranges = retrieve.frame_ranges(obj, syntax, numbers)
+        if form.source == _BY_RANGE:
+            ranges = retrieve.frame_ranges(obj, syntax, numbers)
+            mode = "multipart" if form.multipart else "single"
+            return _octet_response(obj, [({}, r) for r in ranges], mode)
+        with obj:
+            if form.source == _AS_STORED:
+                frames = retrieve.encapsulated_frames(obj, numbers)
+            else:
+                frames = retrieve.decoded_frames(obj, numbers)
     except BaseException as e:
         obj.close()
         return _retrieve_error(e)
-    return _octet_response(obj, [({}, r) for r in ranges], mode)
+    return _bytes_response(frames, form)
+
+
+def _frames_unavailable(stored: str) -> str:
+    """Why no acceptable form exists, naming the forms that do."""
+    if stored in retrieve.NATIVE_LITTLE_ENDIAN:
+        return f'frames of this instance are served as multipart/related; type="{OCTET}"'
+    own = retrieve.FRAME_MEDIA_TYPES.get(stored)
+    name = _ts_name(stored)
+    if own is None:
+        return f"frames of an instance stored as {name} cannot be served (no transcoding yet)"
+    return (
+        f"the instance is stored as {name}; its frames are served as stored, as {own} (or "
+        f"{OCTET} with transfer-syntax=*), or decoded to {OCTET} (grey images only); no "
+        "transcoding to other syntaxes yet"
+    )
+
+
+def _bytes_response(bodies: list[bytes], form: _FrameForm) -> Response:
+    """Frames already in memory, as one part each (or one bare body)."""
+    if not form.multipart:
+        return Response(bodies[0], media_type=form.ctype)
+    boundary = new_boundary()
+    body = b"".join(part_head(boundary, form.ctype, len(f)) + f + b"\r\n" for f in bodies)
+    mtype = form.ctype.split(";")[0]
+    return Response(
+        body + closing(boundary),
+        media_type=f'multipart/related; type="{mtype}"; boundary={boundary}',
+    )
 
 
 def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) -> Response:
@@ -506,7 +609,8 @@ def _retrieve_error(e: BaseException) -> Response:
 def _octet_response(
     obj: retrieve.StoredObject, parts: list[tuple[dict[str, str], retrieve.ByteRange]], mode: str
 ) -> Response:
-    """Stream byte ranges of obj as one multipart/related part each (or one bare body)."""
+    """Byte ranges of obj as one multipart/related part each (or one bare body): read here
+    and sent in one piece when small (a frame or two), else streamed."""
     if mode == "single":
         headers, r = parts[0]
 
@@ -514,20 +618,23 @@ def _octet_response(
             with obj:
                 yield from obj.read(r)
 
-        return StreamingResponse(
-            single(), media_type=OCTET, headers={**headers, "Content-Length": str(r.length)}
-        )
-    boundary = new_boundary()
+        body, media_type = single(), OCTET
+        headers = {**headers, "Content-Length": str(r.length)}
+    else:
+        boundary = new_boundary()
 
-    def body() -> Iterator[bytes]:
-        with obj:
-            for headers, r in parts:
-                ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
-                yield part_head(boundary, ctype, r.length, headers)
-                yield from obj.read(r)
-                yield b"\r\n"
-            yield closing(boundary)
+        def multipart() -> Iterator[bytes]:
+            with obj:
+                for part_headers, r in parts:
+                    ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
+                    yield part_head(boundary, ctype, r.length, part_headers)
+                    yield from obj.read(r)
+                    yield b"\r\n"
+                yield closing(boundary)
 
-    return StreamingResponse(
-        body(), media_type=f'multipart/related; type="{OCTET}"; boundary={boundary}'
-    )
+        body, media_type = multipart(), f'multipart/related; type="{OCTET}"; boundary={boundary}'
+        headers = {}
+    if sum(r.length for _, r in parts) <= WHOLE_OBJECT_MAX:
+        # Each streamed piece costs a worker-thread hop; a small answer is cheaper whole.
+        return Response(b"".join(body), media_type=media_type, headers=headers)
+    return StreamingResponse(body, media_type=media_type, headers=headers)

@@ -164,6 +164,8 @@ async def write_parts(boundary: str, parts: Sequence[PartSource]) -> AsyncIterat
     the current one is being sent; large parts are streamed in chunks."""
     groups = _groups(parts)
     pending = _load(groups[0]) if groups else None
+    # The CRLF that ends a part goes out with the next part's head: one small write, not two.
+    tail = b""
     try:
         for i, group in enumerate(groups):
             assert pending is not None
@@ -172,17 +174,27 @@ async def write_parts(boundary: str, parts: Sequence[PartSource]) -> AsyncIterat
             for (ctype, length, _), body in zip(group, bodies, strict=True):
                 if isinstance(body, Loaded):
                     ctype, length, body = body.ctype, body.length, body.body
-                yield part_head(boundary, ctype, length)
+                yield tail + part_head(boundary, ctype, length)
                 if isinstance(body, bytes):
                     yield body
                 else:
                     async for chunk in iterate_in_threadpool(body):
                         yield chunk
-                yield b"\r\n"
-        yield closing(boundary)
+                tail = b"\r\n"
+        yield tail + closing(boundary)
     finally:
         if pending is not None:
             pending.cancel()
+
+
+def body_length(boundary: str, parts: Sequence[PartSource]) -> int:
+    """The length of the body write_parts makes of parts whose lengths are all known and
+    whose loaders return exactly that many bytes (no Loaded)."""
+    total = len(closing(boundary))
+    for ctype, length, _ in parts:
+        assert length is not None
+        total += len(part_head(boundary, ctype, length)) + length + 2
+    return total
 
 
 GROUP_BYTES = 8 << 20

@@ -14,6 +14,7 @@ from carina.archive.render import Rendering
 from carina.archive.storage import ObjectStore
 
 from . import auth
+from .conditional import not_modified, validators
 from .context import runtime
 from .errors import http_error
 from .multipart import Loaded, new_boundary, parse_media_type, write_parts
@@ -112,6 +113,9 @@ def _rendered(
         return http_error(400, str(e))
     rt = runtime(request)
     objects = index.instance_objects(rt.pool, study, series, sop, auth.read_scope(request))
+    cache = _validators(request, choice, study, series, sop)
+    if (unchanged := not_modified(request, cache)) is not None:
+        return unchanged
     auth.record_access(request, [study])
     if sop is None:
         # Series: every instance's first frame as parts, or the first instance alone (as
@@ -124,7 +128,7 @@ def _rendered(
         targets = [(key, n) for n in numbers]
         if len(targets) > 1 and not choice.multipart:
             return http_error(406, "several frames need a multipart/related response")
-    return _answer(rt.store, targets, rendering, choice, check_frames=frame_list is not None)
+    return _answer(rt.store, targets, rendering, choice, frame_list is not None, cache)
 
 
 def _thumbnail(
@@ -148,12 +152,27 @@ def _thumbnail(
         return http_error(400, "a thumbnail is of one frame")
     rt = runtime(request)
     scope = auth.read_scope(request)
+    cache = _validators(request, choice, study, series, sop)
+    if (unchanged := not_modified(request, cache)) is not None:
+        return unchanged
     if series is None:
         series = index.first_series(rt.pool, study, scope)
     objects = index.instance_objects(rt.pool, study, series, sop, scope)
     key = objects[len(objects) // 2][0]
     auth.record_access(request, [study])
-    return _answer(rt.store, [(key, numbers[0])], rendering, choice, check_frames=True)
+    return _answer(rt.store, [(key, numbers[0])], rendering, choice, True, cache)
+
+
+def _validators(
+    request: Request, choice: _Choice, study: str, series: str | None, sop: str | None
+) -> dict[str, str]:
+    """ETag and Last-Modified of a rendered resource: besides the instances in scope, the image
+    depends on the resource path (frames, thumbnail or not), the rendering parameters in the
+    query and the negotiated media type."""
+    version = index.version(runtime(request).pool, study, series, sop, auth.read_scope(request))
+    return validators(
+        version, choice.media_type, str(choice.multipart), request.url.path, request.url.query
+    )
 
 
 def _rendering(request: Request, media_type: str, thumbnail: bool = False) -> Rendering:
@@ -174,6 +193,7 @@ def _answer(
     rendering: Rendering,
     choice: _Choice,
     check_frames: bool,
+    headers: dict[str, str],
 ) -> Response:
     """The rendered targets (object key, frame): one image, or one part each. A single image
     is rendered before the status goes out, so every error gets its own status; for parts,
@@ -181,7 +201,8 @@ def _answer(
     try:
         if not choice.multipart:
             [(key, frame)] = targets
-            return Response(_render(store, key, frame, rendering), media_type=choice.media_type)
+            image = _render(store, key, frame, rendering)
+            return Response(image, media_type=choice.media_type, headers=headers)
         if check_frames:
             with retrieve.StoredObject(store, targets[0][0]) as obj:
                 render.check_frames(obj.file, [n for _, n in targets])
@@ -202,6 +223,7 @@ def _answer(
     return StreamingResponse(
         write_parts(boundary, parts),
         media_type=f'{MULTIPART}; type="{choice.media_type}"; boundary={boundary}',
+        headers=headers,
     )
 
 

@@ -28,6 +28,9 @@ _FORMATS = {JPEG: "JPEG", PNG: "PNG"}
 _FUNCTIONS = {"linear": "LINEAR", "linear-exact": "LINEAR_EXACT", "sigmoid": "SIGMOID"}
 DEFAULT_QUALITY = 90  # JPEG quality when the request names none (Orthanc's default too)
 THUMBNAIL_SIZE = 128  # a thumbnail fits in this many pixels square unless a viewport is given
+# Largest rendered side: a larger viewport is refused (PS3.18 8.3.5.1.3: a viewport that is not
+# supported is a Bad Request) rather than allocating a huge image.
+MAX_VIEWPORT = 8192
 _MONOCHROME = ("MONOCHROME1", "MONOCHROME2")
 
 
@@ -87,7 +90,10 @@ def parse_viewport(text: str) -> Viewport:
     parts = [p.strip() for p in text.split(",")]
     if len(parts) not in (2, 6):
         raise InvalidRequest(f"viewport must be vw,vh or vw,vh,sx,sy,sw,sh; got {text!r}")
-    vw, vh = (_integer(p, "viewport vw and vh", minimum=1) if p else None for p in parts[:2])
+    vw, vh = (
+        _integer(p, "viewport vw and vh", minimum=1, maximum=MAX_VIEWPORT) if p else None
+        for p in parts[:2]
+    )
     if len(parts) == 2:
         if vw is None and vh is None:
             raise InvalidRequest("viewport names neither vw nor vh")
@@ -149,7 +155,11 @@ def render(file: BinaryIO, frame: int, rendering: Rendering) -> bytes:
         arr = decode_frame(file, index=frame - 1)
     except (ValueError, AttributeError, NotImplementedError, RuntimeError, KeyError) as e:
         raise NotRetrievable(f"the image cannot be decoded here ({type(e).__name__})") from e
-    image = _to_image(arr, ds, rendering.window)
+    try:
+        image = _to_image(arr, ds, rendering.window)
+    except (ValueError, KeyError, AttributeError, IndexError, TypeError) as e:
+        # A pixel module pydicom's LUT functions refuse (malformed palette or VOI LUT).
+        raise NotRetrievable(f"the image cannot be rendered ({type(e).__name__})") from e
     image = _apply_viewport(image, rendering.viewport)
     out = BytesIO()
     if rendering.media_type == JPEG:
@@ -175,7 +185,7 @@ def _to_image(arr: np.ndarray, ds: Dataset, window: Window | None) -> Image.Imag
     Presentation LUT for grey; Palette Color LUT for palette images)."""
     photometric = str(ds.get("PhotometricInterpretation", "")).upper()
     if photometric in _MONOCHROME:
-        grey = _grey(apply_modality_lut(arr, ds), ds, window)
+        grey = _grey(arr, ds, window)
         if photometric == "MONOCHROME1":  # PS3.3 C.7.6.3.1.2: minimum is white
             grey = 255 - grey
         return Image.fromarray(grey, "L")
@@ -186,19 +196,48 @@ def _to_image(arr: np.ndarray, ds: Dataset, window: Window | None) -> Image.Imag
         rgb, bits = arr, int(ds.get("BitsStored") or 8)
     if rgb.ndim != 3 or rgb.shape[2] != 3:
         raise NotRetrievable(f"photometric interpretation {photometric!r} is not rendered")
-    return Image.fromarray(_scale(rgb.astype(np.float64), 0.0, float(2**bits - 1)), "RGB")
+    if rgb.dtype == np.uint8 and bits == 8:
+        return Image.fromarray(rgb, "RGB")
+    return Image.fromarray(_scale(rgb, 0.0, float(2**bits - 1)), "RGB")
 
 
-def _grey(values: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
+# Pixels of at most 16 bits go through a table of every value they can hold (the unsigned
+# view indexes it): one lookup a pixel instead of several floating-point passes over a frame.
+_TABLE_INDEX = {
+    np.dtype(t): np.dtype(u)
+    for t, u in (
+        (np.int8, np.uint8),
+        (np.uint8, np.uint8),
+        (np.int16, np.uint16),
+        (np.uint16, np.uint16),
+    )
+}
+
+
+def _grey(arr: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
+    """Stored values through the Modality LUT and the VOI transform, onto 0..255."""
+    index = _TABLE_INDEX.get(arr.dtype)
+    if index is None:  # 32-bit or float pixels: every pixel computed
+        values = apply_modality_lut(arr, ds)
+        return _voi(values, ds, window, float(values.min()), float(values.max()))
+    domain = np.arange(2 ** (8 * arr.itemsize), dtype=index).view(arr.dtype)
+    ends = apply_modality_lut(np.array([arr.min(), arr.max()], dtype=arr.dtype), ds)
+    table = _voi(apply_modality_lut(domain, ds), ds, window, float(ends.min()), float(ends.max()))
+    return table[arr.view(index)]
+
+
+def _voi(
+    values: np.ndarray, ds: Dataset, window: Window | None, low: float, high: float
+) -> np.ndarray:
     """Modality values mapped to 0..255: by the requested window, else by the object's first
-    VOI LUT or window, else over the frame's own range (its whole dynamics)."""
+    VOI LUT or window, else linearly over low..high (the frame's whole dynamics)."""
     if window is None:
         if "VOILUTSequence" in ds:
             bits = int(ds.VOILUTSequence[0].LUTDescriptor[2])
             return _scale(apply_voi(values, ds, index=0), 0.0, float(2**bits - 1))
         window = _object_window(ds)
     if window is None:
-        return _scale(values.astype(np.float64), float(values.min()), float(values.max()))
+        return _scale(values, low, high)
     # An 8-bit unsigned output range: pydicom's PS3.3 C.11.2.1.2 math then yields 0..255.
     voi = Dataset()
     voi.PhotometricInterpretation = "MONOCHROME2"

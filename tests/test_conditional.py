@@ -89,16 +89,6 @@ def test_metadata_etag_depends_on_the_root(server: Server, series: tuple) -> Non
     assert plain.headers["etag"] != collection.headers["etag"]
 
 
-def test_a_new_instance_changes_the_etag(server: Server, series: tuple) -> None:
-    phi, st, se = series
-    before = {url: server.http.get(url).headers["etag"] for url in urls(server, st, se)}
-    store(server, ct_instance(phi, 3, rows=8, columns=8))  # the next slice: no gap
-    for url, etag in before.items():
-        r = server.http.get(url, headers={"If-None-Match": etag})
-        assert r.status_code == 200, url
-        assert r.headers["etag"] != etag
-
-
 def test_conditional_request_of_unknown_study_is_still_404(server: Server) -> None:
     r = server.http.get(f"{server.dicomweb}/studies/1.2.3.4.5", headers={"If-None-Match": "*"})
     assert r.status_code == 404
@@ -112,3 +102,45 @@ def test_browser_viewer_may_read_the_validators(
     r = cors.http.get(f"{cors.dicomweb}/studies/{series[1]}/metadata", headers={"Origin": viewer})
     exposed = r.headers["access-control-expose-headers"].lower()
     assert "etag" in exposed and "last-modified" in exposed
+
+
+def test_rendered_and_thumbnails_are_revalidated(server: Server, series: tuple) -> None:
+    _, st, se = series
+    base = f"{server.dicomweb}/studies/{st}"
+    for url in (
+        f"{base}/thumbnail",
+        f"{base}/series/{se}/thumbnail",
+        f"{base}/series/{se}/rendered",
+    ):
+        r = server.http.get(url)
+        assert r.status_code == 200, url
+        etag = r.headers["etag"]
+        assert server.http.get(url, headers={"If-None-Match": etag}).status_code == 304, url
+        png = server.http.get(url, headers={"Accept": "image/png", "If-None-Match": etag})
+        assert png.status_code == 200, url  # another representation
+        assert png.headers["etag"] != etag
+
+
+def test_rendering_parameters_change_the_etag(server: Server, series: tuple) -> None:
+    _, st, se = series
+    url = f"{server.dicomweb}/studies/{st}/series/{se}/rendered"
+    plain = server.http.get(url).headers["etag"]
+    windowed = server.http.get(url, params={"window": "40,400,linear"})
+    assert windowed.headers["etag"] != plain
+    again = server.http.get(
+        url, params={"window": "40,400,linear"}, headers={"If-None-Match": plain}
+    )
+    assert again.status_code == 200
+
+
+def test_a_new_instance_changes_the_etag(server: Server, series: tuple) -> None:
+    phi, st, se = series
+    thumbnail = f"{server.dicomweb}/studies/{st}/thumbnail"
+    before = {
+        url: server.http.get(url).headers["etag"] for url in [*urls(server, st, se), thumbnail]
+    }
+    store(server, ct_instance(phi, 3, rows=8, columns=8))  # the next slice: no gap
+    for url, etag in before.items():
+        r = server.http.get(url, headers={"If-None-Match": etag})
+        assert r.status_code == 200, url
+        assert r.headers["etag"] != etag

@@ -6,8 +6,6 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-import requests
-from dicomweb_client.api import DICOMwebClient
 from pydicom import Dataset
 
 from tests.conftest import Server, run_cli, wait_for_series
@@ -19,7 +17,7 @@ DICOM = 'multipart/related; type="application/dicom"'
 
 def stow(server: Server, datasets: list[Dataset], root: str | None = None) -> tuple[str, str]:
     """STOW one series and wait until it is decided; (study, series) as stored."""
-    response = DICOMwebClient(root or server.dicomweb).store_instances(datasets)
+    response = server.client(root).store_instances(datasets)
     url = str(response.ReferencedSOPSequence[0].RetrieveURL).split("/studies/", 1)[1]
     study, _, series = url.split("/")[:3]
     wait_for_series(server.database_url)
@@ -67,7 +65,7 @@ def api(server: Server, path: str) -> str:
 
 
 def listed(server: Server, **params: object) -> set[str]:
-    r = requests.get(api(server, "/queue"), params=params, timeout=30)
+    r = server.http.get(api(server, "/queue"), params=params, timeout=30)
     assert r.status_code == 200, r.text
     return {row["series_uid"] for row in r.json()}
 
@@ -84,7 +82,7 @@ def test_queue_lists_held_series_with_their_findings_and_filters(
     assert listed(server, state="published") == {series["clean"]}
     assert listed(server, max_age=3600) == everything_held
     assert listed(server, min_age=3600) == set()
-    [row] = requests.get(api(server, "/queue"), params={"rule": "geometry"}, timeout=30).json()
+    [row] = server.http.get(api(server, "/queue"), params={"rule": "geometry"}, timeout=30).json()
     assert row["collection"] == "default" and row["instances"] == 3
     assert [f["code"] for f in row["findings"]] == ["geometry-missing-slices"]
 
@@ -94,7 +92,7 @@ def test_queue_lists_held_series_with_their_findings_and_filters(
     [{"limit": 0}, {"limit": "x"}, {"offset": -1}, {"state": "lost"}, {"min_age": -5}],
 )
 def test_bad_queue_parameters_are_4xx(server: Server, params: dict) -> None:
-    r = requests.get(api(server, "/queue"), params=params, timeout=30)
+    r = server.http.get(api(server, "/queue"), params=params, timeout=30)
     assert r.status_code == 422
     assert r.json()["detail"]
 
@@ -103,7 +101,7 @@ def test_series_view_has_findings_figures_and_audit(
     server: Server, held: dict[str, tuple[str, str]]
 ) -> None:
     _, uid = held["gap"]
-    view = requests.get(api(server, f"/series/{uid}"), timeout=30).json()
+    view = server.http.get(api(server, f"/series/{uid}"), timeout=30).json()
     assert view["state"] == "quarantined"
     assert [f["code"] for f in view["findings"]] == ["geometry-missing-slices"]
     assert view["qc"]["slice_count"] == 3 and view["qc"]["spacing_uniform"] is False
@@ -114,14 +112,14 @@ def test_release_publishes_the_series_and_is_audited_once(
     server: Server, held: dict[str, tuple[str, str]]
 ) -> None:
     study, uid = held["burned"]
-    r = requests.post(api(server, f"/series/{uid}/release"), json={"reason": "marker only"})
+    r = server.http.post(api(server, f"/series/{uid}/release"), json={"reason": "marker only"})
     assert r.status_code == 200, r.text
-    got = requests.get(f"{server.dicomweb}/studies/{study}/series/{uid}/instances", timeout=30)
+    got = server.http.get(f"{server.dicomweb}/studies/{study}/series/{uid}/instances", timeout=30)
     assert got.status_code == 200 and len(got.json()) == 3
-    again = requests.post(api(server, f"/series/{uid}/release"), json={"reason": "twice"})
+    again = server.http.post(api(server, f"/series/{uid}/release"), json={"reason": "twice"})
     assert again.status_code == 409
     assert "published" in again.json()["error"]
-    audit = requests.get(api(server, f"/series/{uid}"), timeout=30).json()["audit"]
+    audit = server.http.get(api(server, f"/series/{uid}"), timeout=30).json()["audit"]
     assert [(a["action"], a["reason"], a["after"]["state"]) for a in audit[1:]] == [
         ("release", "marker only", "published")
     ]
@@ -133,18 +131,20 @@ def test_reject_deletes_the_series_from_store_and_index(
 ) -> None:
     study, uid = held["gap"]
     before = {p.stem for p in (server.data_dir / "objects").rglob("*.dcm")}
-    r = requests.post(api(server, f"/series/{uid}/reject"), json={"reason": "slice lost"})
+    r = server.http.post(api(server, f"/series/{uid}/reject"), json={"reason": "slice lost"})
     assert r.status_code == 200, r.text
     assert r.json() == {"series_uid": uid, "state": "rejected", "deleted": 3}
     after = {p.stem for p in (server.data_dir / "objects").rglob("*.dcm")}
     assert len(before - after) == 3
     assert not any(uid in str(p) for p in (server.data_dir / "objects").rglob("*.dcm"))
-    view = requests.get(api(server, f"/series/{uid}"), timeout=30).json()
+    view = server.http.get(api(server, f"/series/{uid}"), timeout=30).json()
     assert view["state"] == "rejected" and view["instances"] == 0
-    r = requests.get(f"{server.dicomweb}/studies/{study}/series/{uid}", headers={"Accept": DICOM})
+    r = server.http.get(
+        f"{server.dicomweb}/studies/{study}/series/{uid}", headers={"Accept": DICOM}
+    )
     assert r.status_code == 404
     for decision in ("reject", "release", "reprocess"):
-        r = requests.post(api(server, f"/series/{uid}/{decision}"), json={"reason": "again"})
+        r = server.http.post(api(server, f"/series/{uid}/{decision}"), json={"reason": "again"})
         assert r.status_code == 409, decision
 
 
@@ -153,10 +153,10 @@ def test_reprocess_after_a_settings_change_publishes_the_series(
 ) -> None:
     study, uid = held["other"]
     cli("collection", "rules", "OTHER", "--set", "burned_in.enabled=false")
-    r = requests.post(api(server, f"/series/{uid}/reprocess"), json={"reason": "rules changed"})
+    r = server.http.post(api(server, f"/series/{uid}/reprocess"), json={"reason": "rules changed"})
     assert r.status_code == 202, r.text
     assert wait_for_series(server.database_url)[uid] == "published"
-    actions = [a["action"] for a in requests.get(api(server, f"/series/{uid}")).json()["audit"]]
+    actions = [a["action"] for a in server.http.get(api(server, f"/series/{uid}")).json()["audit"]]
     assert actions == ["evaluate", "reprocess", "evaluate"]
 
 
@@ -164,11 +164,11 @@ def test_reprocess_after_a_settings_change_publishes_the_series(
 def test_decisions_on_unknown_series_or_without_a_reason_are_4xx(
     server: Server, held: dict[str, tuple[str, str]], decision: str
 ) -> None:
-    r = requests.post(api(server, f"/series/1.2.3.999/{decision}"), json={"reason": "x"})
+    r = server.http.post(api(server, f"/series/1.2.3.999/{decision}"), json={"reason": "x"})
     assert r.status_code == 404
     assert "no series 1.2.3.999" in r.json()["error"]
     _, uid = held["clean"]
     for body in ({}, {"reason": ""}, {"reason": 5 * [1]}):
-        r = requests.post(api(server, f"/series/{uid}/{decision}"), json=body)
+        r = server.http.post(api(server, f"/series/{uid}/{decision}"), json=body)
         assert r.status_code == 422, body
-    assert requests.get(api(server, "/series/1.2.3.999"), timeout=30).status_code == 404
+    assert server.http.get(api(server, "/series/1.2.3.999"), timeout=30).status_code == 404

@@ -271,6 +271,7 @@ def test_thumbnail_of_a_small_image_is_not_enlarged(server: Server, ct: tuple) -
         {"viewport": "a,b"},
         {"viewport": "0,5"},
         {"viewport": "10"},
+        {"viewport": "100000,10"},
         {"viewport": "10,10,0,0,0,5"},
         {"viewport": "10,10,50,50,5,5"},
     ],
@@ -321,3 +322,18 @@ def test_unknown_resources_are_404(server: Server, ct: tuple) -> None:
         f"/studies/{st}/series/{unknown}/thumbnail",
     ):
         assert server.http.get(server.dicomweb + path).status_code == 404, path
+
+
+def test_image_whose_palette_cannot_be_applied_is_406(server: Server) -> None:
+    ds = ct_instance(Phi(), 1, rows=8, columns=8)
+    ds.PhotometricInterpretation = "PALETTE COLOR"
+    ds.BitsAllocated = ds.BitsStored = 8
+    ds.HighBit, ds.PixelRepresentation = 7, 0
+    del ds.RescaleIntercept, ds.RescaleSlope
+    ds.PixelData = bytes(range(64))
+    for colour in ("Red", "Green", "Blue"):
+        setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])
+        setattr(ds, f"{colour}PaletteColorLookupTableData", b"\x00\x01" * 5)  # too short
+    r = server.http.get(url(server, store(server, ds)) + "/rendered")
+    assert r.status_code == 406
+    assert "cannot be rendered" in r.json()["error"]

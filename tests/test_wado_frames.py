@@ -7,6 +7,7 @@ import json
 from collections.abc import Callable, Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
+from io import BytesIO
 
 import numpy as np
 import pytest
@@ -193,13 +194,13 @@ def compressed(server: Server, tmp_path_factory: pytest.TempPathFactory) -> tupl
     return store(server, ds)
 
 
-def test_frames_and_pixel_bulk_data_of_compressed_instance_are_406_not_transcoded(
+def test_native_frames_and_pixel_bulk_data_of_compressed_instance_are_406_not_transcoded(
     server: Server, compressed: tuple
 ) -> None:
     st, se, sop = compressed
     url = f"{server.dicomweb}/studies/{st}/series/{se}/instances/{sop}"
-    for path in ("/frames/1", "/bulkdata/7FE00010"):
-        r = server.http.get(url + path)
+    for path, accept in (("/frames/1", OCTET_MULTIPART), ("/bulkdata/7FE00010", "*/*")):
+        r = server.http.get(url + path, headers={"Accept": accept})
         assert r.status_code == 406, path
         assert "transcoding" in r.json()["error"]
 
@@ -336,3 +337,18 @@ def test_multipart_dicom_and_frames_are_not_gzipped_even_when_asked(
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("multipart/related")
         assert "content-encoding" not in r.headers, url
+
+
+def test_retrieve_as_stored_has_content_length_transcoded_is_chunked(
+    server: Server, stored: tuple
+) -> None:
+    url = f"{server.dicomweb}/studies/{stored[0]}"
+    as_stored = 'multipart/related; type="application/dicom"; transfer-syntax=*'
+    r = server.http.get(url, headers={"Accept": as_stored})
+    assert int(r.headers["content-length"]) == len(r.content)
+    assert [dcmread(BytesIO(p.get_payload(decode=True))).SOPInstanceUID for p in parts(r)]
+    implicit = 'multipart/related; type="application/dicom"; transfer-syntax=1.2.840.10008.1.2'
+    t = server.http.get(url, headers={"Accept": implicit})
+    assert t.status_code == 200
+    assert "content-length" not in t.headers
+    assert t.headers["transfer-encoding"] == "chunked"

@@ -74,7 +74,7 @@ def test_curators_cannot_decide_a_series_the_rules_have_not_judged(
     server: Server, stowed: list[tuple[str, str]], decision: str
 ) -> None:
     _, series = stowed[0]
-    r = requests.post(
+    r = server.http.post(
         f"{server.url}/api/curation/series/{series}/{decision}", json={"reason": "too early"}
     )
     assert r.status_code == 409
@@ -146,9 +146,7 @@ def test_a_job_that_keeps_failing_is_held_for_a_curator_not_retried_for_ever(
     tmp_path: Path,
     workers: list[subprocess.Popen[bytes]],
 ) -> None:
-    response = DICOMwebClient(server.dicomweb).store_instances(
-        ct_series(Phi(), 2, rows=16, columns=16)
-    )
+    response = server.client().store_instances(ct_series(Phi(), 2, rows=16, columns=16))
     url = str(response.ReferencedSOPSequence[0].RetrieveURL).split("/studies/", 1)[1]
     series = url.split("/")[2]
     with psycopg.connect(database_url) as conn:

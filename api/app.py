@@ -15,7 +15,7 @@ from carina import __version__
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import auth, derived, dicomweb, errors, paths
+from . import auth, derived, dicomweb, errors, paths, shares
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -87,6 +87,11 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(
         dicomweb.router("/collections/{collection}/dicomweb"), dependencies=authenticated
     )
+    # A shared cohort: its latest version, or one version, which never changes.
+    read_only = [*authenticated, Depends(auth.read_only)]
+    for share_root in ("/shares/{share}", "/shares/{share}/versions/{version}"):
+        app.include_router(dicomweb.router(f"{share_root}/dicomweb"), dependencies=read_only)
+        app.include_router(shares.router(share_root), dependencies=read_only)
 
     @app.get("/healthz")
     def health() -> dict[str, str]:

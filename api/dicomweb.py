@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydicom.uid import UID
 
 from carina.archive import index, qido, retrieve, transcode
+from carina.archive.access import Scope
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 from carina.runtime import Runtime
 
@@ -46,14 +47,15 @@ def _runtime(request: Request) -> Runtime:
 
 
 def _base_url(request: Request) -> str:
-    """The DICOMweb root the request came through: /dicomweb or /collections/{name}/dicomweb."""
+    """The DICOMweb root the request came through: /dicomweb, /collections/{name}/dicomweb
+    or /shares/{id}/dicomweb."""
     path = request.url.path
     root = path[: path.index(ROOT) + len(ROOT)]
     return f"{request.url.scheme}://{request.url.netloc}{root}"
 
 
-def _collection(request: Request) -> list[str] | None:
-    """The collections this request reads through its root (None: all), per api/auth.py."""
+def _scope(request: Request) -> Scope:
+    """What this request may read through its root, per api/auth.py."""
     return auth.read_scope(request)
 
 
@@ -277,7 +279,7 @@ def _search(
         request.query_params.multi_items(),
         study=study,
         series=series,
-        collections=_collection(request),
+        scope=_scope(request),
     )
     result = qido.search(_runtime(request).pool, query, _base_url(request))
     auth.record_access(
@@ -300,7 +302,7 @@ def _retrieve(
     request: Request, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
     rt = _runtime(request)
-    objects = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    objects = index.instance_objects(rt.pool, study, series, sop, _scope(request))
     auth.record_access(request, [study])
     acceptable = _dicom_accept(request)
     if not acceptable:
@@ -382,9 +384,7 @@ def _metadata(
 ) -> Response:
     if not _accepts(request, DICOM_JSON, "application/json"):
         return http_error(406, f"metadata is served as {DICOM_JSON}")
-    rows = index.iter_metadata(
-        _runtime(request).pool, study, series, sop, collections=_collection(request)
-    )
+    rows = index.iter_metadata(_runtime(request).pool, study, series, sop, scope=_scope(request))
     auth.record_access(request, [study])
     base = f"{_base_url(request)}/studies/{study}"
 
@@ -465,7 +465,7 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     if mode == "single" and len(numbers) > 1:
         return http_error(406, f"several frames need a multipart/related response, not {OCTET}")
     rt = _runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _scope(request))
     auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
@@ -484,7 +484,7 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
     rt = _runtime(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _collection(request))
+    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, _scope(request))
     auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:

@@ -11,6 +11,7 @@ from typing import Protocol
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
+from .access import EVERYTHING, Scope
 from .errors import NotFound
 
 _ATTRS = json.loads(resources.files("carina.archive").joinpath("qido_attributes.json").read_text())
@@ -155,16 +156,20 @@ def write_batch(pool: ConnectionPool, records: Sequence[IndexRecord]) -> None:
 
 
 def _scope(
-    study: str, series: str | None, sop: str | None, collections: Sequence[str] | None = None
+    study: str, series: str | None, sop: str | None, scope: Scope
 ) -> tuple[str, list[object]]:
     where = ["i.study_uid = %s", "se.state = %s"]
     params: list[object] = [study, PUBLISHED]
-    if collections is not None:
+    if scope.collections is not None:
         where.append(
             "EXISTS (SELECT 1 FROM studies st WHERE st.study_uid = i.study_uid"
             " AND st.collection = ANY(%s))"
         )
-        params.append(list(collections))
+        params.append(list(scope.collections))
+    if scope.share is not None:
+        member, member_args = scope.member("i.sop_uid")
+        where.append(member)
+        params += member_args
     if series is not None:
         where.append("i.series_uid = %s")
         params.append(series)
@@ -179,11 +184,10 @@ def instance_objects(
     study: str,
     series: str | None = None,
     sop: str | None = None,
-    collections: Sequence[str] | None = None,
+    scope: Scope = EVERYTHING,
 ) -> list[tuple[str, str, int]]:
-    """(object key, transfer syntax, size) of the published instances in scope (of those
-    collections when given), in order."""
-    where, params = _scope(study, series, sop, collections)
+    """(object key, transfer syntax, size) of the published instances in scope, in order."""
+    where, params = _scope(study, series, sop, scope)
     with pool.connection() as conn:
         rows = conn.execute(
             "SELECT i.object_key, i.transfer_syntax_uid, i.size FROM instances i"
@@ -203,11 +207,11 @@ def iter_metadata(
     series: str | None = None,
     sop: str | None = None,
     batch: int = 500,
-    collections: Sequence[str] | None = None,
+    scope: Scope = EVERYTHING,
 ) -> Iterator[str]:
-    """Each published instance's DICOM JSON metadata as text (of those collections when
-    given), streamed from PostgreSQL."""
-    where, params = _scope(study, series, sop, collections)
+    """Each published instance's DICOM JSON metadata as text (in scope), streamed from
+    PostgreSQL."""
+    where, params = _scope(study, series, sop, scope)
     with pool.connection() as conn:
         exists = conn.execute(
             "SELECT 1 FROM instances i JOIN series se ON se.series_uid = i.series_uid"

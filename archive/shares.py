@@ -2,7 +2,8 @@
 
 A version records each instance it holds, with its collection, size and SHA-256 as they were
 when the version was made, so a published version never changes (its manifest stays true);
-changing a cohort makes a new version. Members are chosen by study or series UIDs.
+changing a cohort makes a new version. Members are chosen by study or series UIDs, or by a
+QIDO-RS study query.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
+from . import qido
 from .errors import ArchiveError, NotFound
 from .index import PUBLISHED
 
@@ -135,6 +137,20 @@ def _add_version(
         raise ShareRefused(f"{len(missing)} of the UIDs given name no published study or series")
     if not found:
         raise ShareRefused("a share needs at least one study or series")
+
+
+def studies_matching(pool: ConnectionPool, params: Sequence[tuple[str, str]]) -> list[str]:
+    """Study Instance UIDs of every study a QIDO-RS study query (PS3.18 8.3.4) matches, all
+    pages; InvalidQuery for a query it cannot understand."""
+    q = qido.parse_query("study", params)
+    q.limit = qido.MAX_LIMIT
+    found: list[str] = []
+    while True:
+        result = qido.search(pool, q, "")
+        found += [item["0020000D"]["Value"][0] for item in result.items]
+        if not result.more:
+            return found
+        q.offset += len(result.items)
 
 
 def get(pool: ConnectionPool, share_id: str, version: int | None = None) -> ShareVersion:

@@ -231,20 +231,26 @@ def _audit_export(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _share_save(settings: Settings, args: argparse.Namespace) -> int:
+    from urllib.parse import parse_qsl
+
     from carina.archive import shares
-    from carina.archive.errors import NotFound
+    from carina.archive.errors import InvalidQuery, NotFound
 
     with _ae_pool(settings) as pool:
         try:
+            studies = list(args.study)
+            if args.query is not None:
+                query = parse_qsl(args.query, keep_blank_values=True)
+                studies += shares.studies_matching(pool, query)
             if args.share_command == "create":
                 made = shares.create(
-                    pool, args.name, created_by="admin", studies=args.study, series=args.series
+                    pool, args.name, created_by="admin", studies=studies, series=args.series
                 )
             else:
                 made = shares.new_version(
-                    pool, args.id, created_by="admin", studies=args.study, series=args.series
+                    pool, args.id, created_by="admin", studies=studies, series=args.series
                 )
-        except (shares.ShareRefused, NotFound) as e:
+        except (shares.ShareRefused, NotFound, InvalidQuery) as e:
             print(f"carina: {e}", file=sys.stderr)
             return 1
     print(
@@ -381,6 +387,11 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (share_create, share_update):
         p.add_argument("--study", action="append", default=[], help="a Study Instance UID")
         p.add_argument("--series", action="append", default=[], help="a Series Instance UID")
+        p.add_argument(
+            "--query",
+            help="also every study a QIDO-RS study query matches, e.g. "
+            "'ModalitiesInStudy=CT&StudyDate=20200101-20201231'",
+        )
         p.set_defaults(func=_share_save)
     share_list = share_sub.add_parser("list", help="list shares (latest versions)")
     share_list.set_defaults(func=_share_list)

@@ -185,3 +185,19 @@ def test_share_of_nothing_or_unknown_uids_is_refused(
     assert "carina:" in done.stderr
     listed = run_cli(cohort.database_url, tmp_path, "share", "list").stdout
     assert "\trefused\t" not in listed and f"{cohort.share}\tcohort" in listed
+
+
+def test_share_chosen_by_a_qido_query_holds_every_matching_study(
+    cohort: Cohort, tmp_path: Path
+) -> None:
+    query = f"ModalitiesInStudy=CT&StudyInstanceUID={cohort.whole}\\{cohort.other}"
+    done = run_cli(cohort.database_url, tmp_path, "share", "create", "q", "--query", query)
+    assert done.returncode == 0, done.stderr
+    root = f"{cohort.server.url}/shares/{done.stdout.strip()}/dicomweb"
+    assert set(_studies(DICOMwebClient(root, headers=cohort.server.auth))) == {
+        cohort.whole,
+        cohort.other,
+    }
+    for query, why in (("ModalitiesInStudy=MR", "at least one"), ("StudyDate=soon", "not valid")):
+        done = run_cli(cohort.database_url, tmp_path, "share", "create", "q", "--query", query)
+        assert done.returncode == 1 and why in done.stderr

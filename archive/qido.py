@@ -277,12 +277,26 @@ _PAGE = {
         " ORDER BY i.series_uid, i.instance_number, i.sop_uid",
     ),
 }
-_REP = {
-    "study": "(SELECT r.metadata::text FROM instances r WHERE r.study_uid = s.study_uid LIMIT 1)",
-    "series": "(SELECT r.metadata::text FROM instances r WHERE r.series_uid = se.series_uid"
-    " LIMIT 1)",
-    "instance": "NULL",
-}
+
+
+def _representative(q: Query) -> tuple[str, list[object]]:
+    """SQL (and parameters) of one instance's metadata, the source of includefield values at
+    the study and series levels: a published instance the scope holds (through a share's
+    root a member, so attributes of instances outside it are not shown)."""
+    if q.level == "instance" or not (q.include_all or q.include):
+        return "NULL", []
+    member, member_args = q.scope.member("r.sop_uid")
+    if q.level == "series":
+        return (
+            "(SELECT r.metadata::text FROM instances r"
+            f" WHERE r.series_uid = se.series_uid AND {member} LIMIT 1)",
+            member_args,
+        )
+    return (
+        "(SELECT r.metadata::text FROM instances r JOIN series rs ON rs.series_uid = r.series_uid"
+        f" WHERE r.study_uid = s.study_uid AND rs.state = %s AND {member} LIMIT 1)",
+        [PUBLISHED, *member_args],
+    )
 
 
 def _page_sql(q: Query, conds: list[str]) -> str:
@@ -296,8 +310,9 @@ def search(pool: ConnectionPool, q: Query, base_url: str) -> Result:
     """Run a parsed query; each item is a DICOM JSON object (PS3.18 F.2)."""
     conds, args = _where(q)
     page = _page_sql(q, conds)
-    rep = _REP[q.level] if (q.include_all or q.include) else "NULL"
-    params: list[object] = [PUBLISHED, *args, q.limit + 1, q.offset]
+    rep, rep_args = _representative(q)
+    # Parameters in the order their placeholders appear: representative, page, counts.
+    params: list[object] = [*rep_args, PUBLISHED, *args, q.limit + 1, q.offset]
     # Counts take only what the scope holds (through a share's root: its member instances).
     member, member_args = q.scope.member("i.sop_uid")
     if q.level == "study":
@@ -326,7 +341,7 @@ def search(pool: ConnectionPool, q: Query, base_url: str) -> Result:
             " JOIN studies s ON s.study_uid = se.study_uid"
             " JOIN patients p ON p.pk = s.patient_pk" + _PAGE["series"][1]
         )
-        params = [*member_args, *params]
+        params = [*member_args, *params]  # the instance count comes first at this level
     else:
         sql = (
             "SELECT i.study_uid, i.series_uid, i.sop_uid, p.attrs::text, s.attrs::text,"

@@ -201,3 +201,17 @@ def test_share_chosen_by_a_qido_query_holds_every_matching_study(
     for query, why in (("ModalitiesInStudy=MR", "at least one"), ("StudyDate=soon", "not valid")):
         done = run_cli(cohort.database_url, tmp_path, "share", "create", "q", "--query", query)
         assert done.returncode == 1 and why in done.stderr
+
+
+def test_includefield_through_a_share_shows_only_its_instances(
+    cohort: Cohort, tmp_path: Path
+) -> None:
+    # Only the series stored last: an instance of the study's other series comes first.
+    done = run_cli(cohort.database_url, tmp_path, "share", "create", "l", "--series", cohort.left)
+    assert done.returncode == 0, done.stderr
+    root = f"{cohort.server.url}/shares/{done.stdout.strip()}/dicomweb"
+    r = requests.get(
+        f"{root}/studies", params={"includefield": "all"}, headers=cohort.server.auth, timeout=30
+    )
+    [study] = r.json()
+    assert study["0020000E"]["Value"] == [cohort.left]

@@ -17,8 +17,8 @@ from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 
-from carina.archive import access, audit, collections, tokens
-from carina.archive.access import ANONYMOUS, Principal
+from carina.archive import access, audit, collections, shares, tokens
+from carina.archive.access import ANONYMOUS, Principal, Scope
 from carina.archive.errors import NotFound
 from carina.runtime import Runtime
 
@@ -109,18 +109,48 @@ def principal(request: Request) -> Principal:
     return getattr(request.state, "principal", ANONYMOUS)  # type: ignore[no-any-return]
 
 
-def read_scope(request: Request) -> list[str] | None:
-    """The collections this request may read through its root: on /collections/{name}/...
-    that one (NotFound when it does not exist or may not be read), elsewhere every collection
-    the principal may read (None: all of them)."""
+def read_scope(request: Request) -> Scope:
+    """What this request may read through its root: on /collections/{name}/... that
+    collection, on /shares/{id}/... that share's version (NotFound when it does not exist or
+    may not be read), elsewhere every collection the principal may read."""
     pool = _runtime(request).pool
-    readable = access.readable_collections(pool, principal(request))
+    who = principal(request)
+    readable = access.readable_collections(pool, who)
+    share_id = request.path_params.get("share")
+    if share_id is not None:
+        version = request.path_params.get("version")
+        share = shares.get(pool, share_id, int(version) if version else None)
+        if not who.may_read_share(share_id, share.collections, readable):
+            raise NotFound("no such share")
+        return Scope(share=(share.share_id, share.version))
     name = request.path_params.get("collection")
     if name is None:
-        return readable
+        return Scope(None if readable is None else tuple(readable))
     if readable is not None and name not in readable:
         raise NotFound(f"no collection {name}")
-    return [collections.get(pool, name).name]
+    return Scope((collections.get(pool, name).name,))
+
+
+def curated_collections(request: Request) -> tuple[str, ...] | None:
+    """Dependency of the curator routes: the collections the principal curates (None: every
+    one, for admin); 401 without a token, 403 with one that curates nothing."""
+    who = principal(request)
+    if who is ANONYMOUS:
+        raise AuthError(401, "curation needs a curator or admin token", _challenge())
+    if who.is_admin:
+        return None
+    curated = tuple(
+        sorted({g.collection for g in who.grants if g.role == "curator" and g.collection})
+    )
+    if not curated:
+        raise AuthError(403, "this token may not curate", _challenge("insufficient_scope"))
+    return curated
+
+
+def read_only(request: Request) -> None:
+    """Dependency of a share's routes: a share is read, never written (RFC 9110 15.5.6)."""
+    if request.method not in ("GET", "HEAD"):
+        raise AuthError(405, "a share is read-only", {"Allow": "GET, HEAD"})
 
 
 def store_collection(request: Request) -> str:

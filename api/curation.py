@@ -1,21 +1,24 @@
 """Curator routes under /api/curation: the queue of held series, one series' findings, QC
 figures and audit trail, and the decisions (release, reject, reprocess), each audited.
 
-All of them sit in this one router, so the curator role check (when tokens exist) is one
-dependency added in router()."""
+All of them need a curator token (of the series' collection) or an admin token: a series of
+a collection the caller does not curate is not found, as if it did not exist."""
 
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
 from carina.curation import quarantine
+from carina.curation.errors import UnknownSeries
 from carina.runtime import Runtime
+
+from . import auth
 
 State = Literal["incoming", "published", "quarantined", "rejected"]
 
@@ -31,9 +34,18 @@ def _runtime(request: Request) -> Runtime:
 
 
 def _actor(request: Request) -> str:
-    """Who decided. No accounts exist yet: the caller's address stands in until tokens do."""
-    host = request.client.host if request.client else "unknown"
-    return f"unauthenticated@{host}"
+    """Who decided, as the audit records it: the token's name and id."""
+    who = auth.principal(request)
+    return f"{who.name} (token {who.token_id})"
+
+
+def _check(request: Request, series_uid: str) -> None:
+    """UnknownSeries (404) unless the caller curates the series' collection."""
+    curated = auth.curated_collections(request)
+    if curated is not None:
+        collection = quarantine.collection_of(_runtime(request).pool, series_uid)
+        if collection not in curated:
+            raise UnknownSeries(f"no series {series_uid}")
 
 
 def _json(content: Any, status: int = 200) -> JSONResponse:
@@ -42,7 +54,9 @@ def _json(content: Any, status: int = 200) -> JSONResponse:
 
 def router(prefix: str = "/api/curation") -> APIRouter:
     """The curator routes (one place for the role check to come)."""
-    r = APIRouter(prefix=prefix, tags=["curation"])
+    r = APIRouter(
+        prefix=prefix, tags=["curation"], dependencies=[Depends(auth.curated_collections)]
+    )
 
     @r.get("/queue")
     async def list_queue(
@@ -55,17 +69,28 @@ def router(prefix: str = "/api/curation") -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0)] = 0,
     ) -> JSONResponse:
-        f = quarantine.QueueFilter(state, collection, rule, min_age, max_age, limit, offset)
+        f = quarantine.QueueFilter(
+            state,
+            collection,
+            auth.curated_collections(request),
+            rule,
+            min_age,
+            max_age,
+            limit,
+            offset,
+        )
         rows = await run_in_threadpool(quarantine.queue, _runtime(request).pool, f)
         return _json(rows)
 
     @r.get("/series/{series_uid}")
     async def show_series(request: Request, series_uid: str) -> JSONResponse:
+        await run_in_threadpool(_check, request, series_uid)
         view = await run_in_threadpool(quarantine.series_view, _runtime(request).pool, series_uid)
         return _json(view)
 
     @r.post("/series/{series_uid}/release")
     async def release(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
+        await run_in_threadpool(_check, request, series_uid)
         pool = _runtime(request).pool
         await run_in_threadpool(
             quarantine.release, pool, series_uid, _actor(request), decision.reason
@@ -74,6 +99,7 @@ def router(prefix: str = "/api/curation") -> APIRouter:
 
     @r.post("/series/{series_uid}/reject")
     async def reject(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
+        await run_in_threadpool(_check, request, series_uid)
         runtime = _runtime(request)
         deleted = await run_in_threadpool(
             quarantine.reject,
@@ -87,6 +113,7 @@ def router(prefix: str = "/api/curation") -> APIRouter:
 
     @r.post("/series/{series_uid}/reprocess")
     async def reprocess(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
+        await run_in_threadpool(_check, request, series_uid)
         pool = _runtime(request).pool
         await run_in_threadpool(
             quarantine.reprocess, pool, series_uid, _actor(request), decision.reason

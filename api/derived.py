@@ -257,8 +257,7 @@ class Endpoint:
             return http_error(400, str(e))
         except export.NotAcceptable as e:
             return http_error(406, str(e))
-        readable = auth.read_scope(request)
-        query = dataclasses.replace(query, readable=None if readable is None else tuple(readable))
+        query = dataclasses.replace(query, readable=auth.read_scope(request).collections)
         rows = self.search(_runtime(request).pool, query)
         auth.record_access(request, (row["study_uid"] for row in rows))
         root = request.scope.get("root_path", "")

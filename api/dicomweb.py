@@ -263,7 +263,7 @@ def _search(
         request.query_params.multi_items(),
         study=study,
         series=series,
-        collections=auth.read_scope(request),
+        scope=auth.read_scope(request),
     )
     result = qido.search(runtime(request).pool, query, base_url(request))
     auth.record_access(
@@ -386,7 +386,7 @@ def _metadata(
     unchanged = not_modified(request, cache)
     if unchanged is not None:
         return unchanged
-    rows = index.iter_metadata(pool, study, series, sop, collections=scope)
+    rows = index.iter_metadata(pool, study, series, sop, scope=scope)
     auth.record_access(request, [study])
 
     def body() -> Iterator[bytes]:
@@ -529,6 +529,7 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
         return http_error(406, _frames_unavailable(syntax))
     if not form.multipart and len(numbers) > 1:
         return http_error(406, "several frames need a multipart/related response")
+    auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
         if form.source == _BY_RANGE:
@@ -582,8 +583,10 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
     rt = runtime(request)
-    scope = auth.read_scope(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, scope)
+    [(key, syntax, _)] = index.instance_objects(
+        rt.pool, study, series, sop, auth.read_scope(request)
+    )
+    auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
         r = retrieve.bulk_data_range(obj, syntax, int(tag, 16))

@@ -1,6 +1,6 @@
 """Path parameters checked before any route runs: a UID that cannot exist is refused with a
-reason (400), a collection name that cannot exist is not found (404), so neither ever reaches
-SQL or the object store (a NUL byte, an encoded slash or `..`, a value of any length)."""
+reason (400), a collection name or share id that cannot exist is not found (404), so none ever
+reaches SQL or the object store (a NUL byte, an encoded slash or `..`, a value of any length)."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from carina.archive.errors import InvalidQuery, NotFound
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _UID_MAX = 64
 UID_PARAMS = ("study", "series", "sop")
+_SHARE = re.compile(r"[0-9a-f]{16}")
+_VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
 def check_path(request: Request) -> None:
@@ -27,6 +29,11 @@ def check_path(request: Request) -> None:
             check_name(name)
         except InvalidCollection:
             raise NotFound("no such collection") from None
+    share, version = params.get("share"), params.get("version")
+    if (share is not None and not _SHARE.fullmatch(share)) or (
+        version is not None and not _VERSION.fullmatch(version)
+    ):
+        raise NotFound("no such share")
     for key in UID_PARAMS:
         value = params.get(key)
         if value is not None and (len(value) > _UID_MAX or not _UID.fullmatch(value)):

@@ -14,16 +14,40 @@ from psycopg_pool import ConnectionPool
 
 from .tokens import Token
 
+
+@dataclass(frozen=True)
+class Scope:
+    """What one request may see: some collections (None: every one) and, through a share's
+    root, only the instances of one share version (share id, version)."""
+
+    collections: tuple[str, ...] | None = None
+    share: tuple[str, int] | None = None
+
+    def member(self, sop_column: str) -> tuple[str, list[object]]:
+        """SQL (and its parameters) true for an instance, by its SOP Instance UID column, that
+        the share holds; TRUE without a share."""
+        if self.share is None:
+            return "TRUE", []
+        return (
+            "EXISTS (SELECT 1 FROM share_instances si WHERE si.share_id = %s"
+            f" AND si.version = %s AND si.sop_uid = {sop_column})",
+            list(self.share),
+        )
+
+
+EVERYTHING = Scope()
+
 #: Roles whose holders read their collection even when it is restricted.
 READ_ROLES = frozenset({"reader", "curator"})
 
 
 @dataclass(frozen=True)
 class Grant:
-    """One role, on one collection (None: every collection, for admin)."""
+    """One role, on one collection (None: every collection, for admin), or on one share."""
 
     role: str
     collection: str | None
+    share_id: str | None = None
 
 
 @dataclass(frozen=True)
@@ -37,7 +61,8 @@ class Principal:
     @classmethod
     def of_token(cls, token: Token) -> Principal:
         """The principal a verified token acts for."""
-        return cls(token.name, token.id, frozenset({Grant(token.role, token.collection)}))
+        grant = Grant(token.role, token.collection, token.share_id)
+        return cls(token.name, token.id, frozenset({grant}))
 
     @property
     def is_admin(self) -> bool:
@@ -53,6 +78,15 @@ class Principal:
     def may_store(self, collection: str) -> bool:
         """Whether the principal may submit instances into collection."""
         return self.holds(frozenset({"submitter"}), collection)
+
+    def may_read_share(
+        self, share_id: str, collections: list[str], readable: list[str] | None
+    ) -> bool:
+        """Whether the principal may read a share drawing on collections: with its link
+        token, as admin (readable is None), or because it may read every one of them."""
+        if readable is None or any(g.share_id == share_id for g in self.grants):
+            return True
+        return set(collections) <= set(readable)
 
 
 ANONYMOUS = Principal("anonymous")

@@ -13,6 +13,7 @@ from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
 from . import jobs
+from .access import EVERYTHING, Scope
 from .errors import NotFound
 
 _ATTRS = json.loads(resources.files("carina.archive").joinpath("qido_attributes.json").read_text())
@@ -168,16 +169,20 @@ def write_batch(
 
 
 def _scope(
-    study: str, series: str | None, sop: str | None, collections: Sequence[str] | None = None
+    study: str, series: str | None, sop: str | None, scope: Scope
 ) -> tuple[str, list[object]]:
     where = ["i.study_uid = %s", "se.state = %s"]
     params: list[object] = [study, PUBLISHED]
-    if collections is not None:
+    if scope.collections is not None:
         where.append(
             "EXISTS (SELECT 1 FROM studies st WHERE st.study_uid = i.study_uid"
             " AND st.collection = ANY(%s))"
         )
-        params.append(list(collections))
+        params.append(list(scope.collections))
+    if scope.share is not None:
+        member, member_args = scope.member("i.sop_uid")
+        where.append(member)
+        params += member_args
     if series is not None:
         where.append("i.series_uid = %s")
         params.append(series)
@@ -192,11 +197,10 @@ def instance_objects(
     study: str,
     series: str | None = None,
     sop: str | None = None,
-    collections: Sequence[str] | None = None,
+    scope: Scope = EVERYTHING,
 ) -> list[tuple[str, str, int]]:
-    """(object key, transfer syntax, size) of the published instances in scope (of those
-    collections when given), in order."""
-    where, params = _scope(study, series, sop, collections)
+    """(object key, transfer syntax, size) of the published instances in scope, in order."""
+    where, params = _scope(study, series, sop, scope)
     with pool.connection() as conn:
         rows = conn.execute(
             "SELECT i.object_key, i.transfer_syntax_uid, i.size FROM instances i"
@@ -224,11 +228,10 @@ def version(
     study: str,
     series: str | None = None,
     sop: str | None = None,
-    collections: Sequence[str] | None = None,
+    scope: Scope = EVERYTHING,
 ) -> Version:
-    """The Version of the published instances in scope (of those collections when given);
-    NotFound if there are none."""
-    where, params = _scope(study, series, sop, collections)
+    """The Version of the published instances in scope; NotFound if there are none."""
+    where, params = _scope(study, series, sop, scope)
     with pool.connection() as conn:
         digest, modified = conn.execute(
             "SELECT md5(string_agg(i.sop_uid || ':' || i.sha256, ',' ORDER BY i.sop_uid)),"
@@ -242,10 +245,10 @@ def version(
     return Version(digest, modified)
 
 
-def first_series(pool: ConnectionPool, study: str, collections: Sequence[str] | None = None) -> str:
-    """The Series Instance UID of a study's first published series, in series number order
-    (of those collections when given)."""
-    where, params = _scope(study, None, None, collections)
+def first_series(pool: ConnectionPool, study: str, scope: Scope = EVERYTHING) -> str:
+    """The Series Instance UID of a study's first published series (in scope), in series
+    number order."""
+    where, params = _scope(study, None, None, scope)
     with pool.connection() as conn:
         row = conn.execute(
             "SELECT i.series_uid FROM instances i JOIN series se ON se.series_uid = i.series_uid"
@@ -263,11 +266,11 @@ def iter_metadata(
     series: str | None = None,
     sop: str | None = None,
     batch: int = 500,
-    collections: Sequence[str] | None = None,
+    scope: Scope = EVERYTHING,
 ) -> Iterator[str]:
-    """Each published instance's DICOM JSON metadata as text (of those collections when
-    given), streamed from PostgreSQL."""
-    where, params = _scope(study, series, sop, collections)
+    """Each published instance's DICOM JSON metadata as text (in scope), streamed from
+    PostgreSQL."""
+    where, params = _scope(study, series, sop, scope)
     with pool.connection() as conn:
         exists = conn.execute(
             "SELECT 1 FROM instances i JOIN series se ON se.series_uid = i.series_uid"

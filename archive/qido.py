@@ -11,6 +11,7 @@ from typing import Literal
 from psycopg_pool import ConnectionPool
 from pydicom.datadict import keyword_for_tag, tag_for_keyword
 
+from .access import EVERYTHING, Scope
 from .errors import InvalidQuery
 from .index import INSTANCE_TAGS, PUBLISHED, SERIES_TAGS
 
@@ -65,8 +66,8 @@ class Query:
     level: Level
     study: str | None = None
     series: str | None = None
-    #: the collections searched (None: all); callers pass those the requester may read
-    collections: list[str] | None = None
+    #: what is searched; callers pass what the requester may read
+    scope: Scope = EVERYTHING
     matches: list[tuple[str, list[str]]] = field(default_factory=list)
     include: set[str] = field(default_factory=set)
     include_all: bool = False
@@ -111,10 +112,10 @@ def parse_query(
     *,
     study: str | None = None,
     series: str | None = None,
-    collections: list[str] | None = None,
+    scope: Scope = EVERYTHING,
 ) -> Query:
     """Parse query parameters; unknown attributes and malformed values raise InvalidQuery."""
-    q = Query(level=level, study=study, series=series, collections=collections)
+    q = Query(level=level, study=study, series=series, scope=scope)
     grouped: dict[str, list[str]] = {}
     for name, value in params:
         if name in _CONTROL:
@@ -229,9 +230,18 @@ def _where(q: Query) -> tuple[list[str], list[object]]:
     if q.series is not None:
         conds.append("se.series_uid = %s")
         args.append(q.series)
-    if q.collections is not None:
+    if q.scope.collections is not None:
         conds.append("s.collection = ANY(%s)")
-        args.append(q.collections)
+        args.append(list(q.scope.collections))
+    if q.scope.share is not None:
+        # Through a share's root: studies and series holding a member, member instances.
+        key = {"study": "s.study_uid", "series": "se.series_uid", "instance": "i.sop_uid"}
+        column = {"study": "si.study_uid", "series": "si.series_uid", "instance": "si.sop_uid"}
+        conds.append(
+            "EXISTS (SELECT 1 FROM share_instances si WHERE si.share_id = %s"
+            f" AND si.version = %s AND {column[q.level]} = {key[q.level]})"
+        )
+        args.extend(q.scope.share)
     for keyword, values in q.matches:
         for value in values:
             c = _condition(keyword, value)
@@ -267,12 +277,26 @@ _PAGE = {
         " ORDER BY i.series_uid, i.instance_number, i.sop_uid",
     ),
 }
-_REP = {
-    "study": "(SELECT r.metadata::text FROM instances r WHERE r.study_uid = s.study_uid LIMIT 1)",
-    "series": "(SELECT r.metadata::text FROM instances r WHERE r.series_uid = se.series_uid"
-    " LIMIT 1)",
-    "instance": "NULL",
-}
+
+
+def _representative(q: Query) -> tuple[str, list[object]]:
+    """SQL (and parameters) of one instance's metadata, the source of includefield values at
+    the study and series levels: a published instance the scope holds (through a share's
+    root a member, so attributes of instances outside it are not shown)."""
+    if q.level == "instance" or not (q.include_all or q.include):
+        return "NULL", []
+    member, member_args = q.scope.member("r.sop_uid")
+    if q.level == "series":
+        return (
+            "(SELECT r.metadata::text FROM instances r"
+            f" WHERE r.series_uid = se.series_uid AND {member} LIMIT 1)",
+            member_args,
+        )
+    return (
+        "(SELECT r.metadata::text FROM instances r JOIN series rs ON rs.series_uid = r.series_uid"
+        f" WHERE r.study_uid = s.study_uid AND rs.state = %s AND {member} LIMIT 1)",
+        [PUBLISHED, *member_args],
+    )
 
 
 def _page_sql(q: Query, conds: list[str]) -> str:
@@ -286,8 +310,11 @@ def search(pool: ConnectionPool, q: Query, base_url: str) -> Result:
     """Run a parsed query; each item is a DICOM JSON object (PS3.18 F.2)."""
     conds, args = _where(q)
     page = _page_sql(q, conds)
-    rep = _REP[q.level] if (q.include_all or q.include) else "NULL"
-    params: list[object] = [PUBLISHED, *args, q.limit + 1, q.offset]
+    rep, rep_args = _representative(q)
+    # Parameters in the order their placeholders appear: representative, page, counts.
+    params: list[object] = [*rep_args, PUBLISHED, *args, q.limit + 1, q.offset]
+    # Counts take only what the scope holds (through a share's root: its member instances).
+    member, member_args = q.scope.member("i.sop_uid")
     if q.level == "study":
         sql = (
             "SELECT s.study_uid, NULL, NULL, p.attrs::text, s.attrs::text, NULL, NULL,"
@@ -297,22 +324,24 @@ def search(pool: ConnectionPool, q: Query, base_url: str) -> Result:
             " CROSS JOIN LATERAL (SELECT"
             "   array_agg(DISTINCT x.modality ORDER BY x.modality)"
             "     FILTER (WHERE x.modality IS NOT NULL) AS modalities,"
-            "   count(*) AS n_series,"
-            "   coalesce(sum((SELECT count(*) FROM instances i"
-            "     WHERE i.series_uid = x.series_uid)), 0)::bigint AS n_instances"
-            "   FROM series x WHERE x.study_uid = s.study_uid AND x.state = %s) agg"
-            + _PAGE["study"][1]
+            "   count(*) AS n_series, coalesce(sum(x.n), 0)::bigint AS n_instances"
+            "   FROM (SELECT sx.modality, (SELECT count(*) FROM instances i"
+            f"     WHERE i.series_uid = sx.series_uid AND {member}) AS n"
+            "     FROM series sx WHERE sx.study_uid = s.study_uid AND sx.state = %s) x"
+            "   WHERE x.n > 0) agg" + _PAGE["study"][1]
         )
-        params.append(PUBLISHED)
+        params += [*member_args, PUBLISHED]
     elif q.level == "series":
         sql = (
             "SELECT se.study_uid, se.series_uid, NULL, p.attrs::text, s.attrs::text,"
             " se.attrs::text, NULL, NULL, NULL,"
-            " (SELECT count(*) FROM instances i WHERE i.series_uid = se.series_uid),"
+            " (SELECT count(*) FROM instances i"
+            f" WHERE i.series_uid = se.series_uid AND {member}),"
             f" {rep} FROM ({page}) pg JOIN series se ON se.series_uid = pg.series_uid"
             " JOIN studies s ON s.study_uid = se.study_uid"
             " JOIN patients p ON p.pk = s.patient_pk" + _PAGE["series"][1]
         )
+        params = [*member_args, *params]  # the instance count comes first at this level
     else:
         sql = (
             "SELECT i.study_uid, i.series_uid, i.sop_uid, p.attrs::text, s.attrs::text,"

@@ -22,10 +22,10 @@ from psycopg_pool import ConnectionPool
 from .collections import is_unknown_collection
 from .errors import ArchiveError
 
-ROLES = ("admin", "curator", "submitter", "reader")
+ROLES = ("admin", "curator", "submitter", "reader", "share")
 PREFIX = "carina_"
 _TOKEN = re.compile(r"carina_([0-9a-f]{12})_([A-Za-z0-9_-]{43})")
-_COLUMNS = "id, name, role, collection, created_at, expires_at, revoked_at"
+_COLUMNS = "id, name, role, collection, share_id, created_at, expires_at, revoked_at"
 
 
 class InvalidToken(ArchiveError):
@@ -44,6 +44,7 @@ class Token:
     name: str
     role: str
     collection: str | None
+    share_id: str | None
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
@@ -61,45 +62,54 @@ def _hash(secret: str) -> bytes:
     return hashlib.sha256(secret.encode()).digest()
 
 
+def _check_scope(role: str, collection: str | None, share_id: str | None) -> None:
+    """Refuse a role without the one scope it needs: admin none, share a share, the others a
+    collection."""
+    if role not in ROLES:
+        raise TokenRefused(f"role must be one of {', '.join(ROLES)}")
+    if role == "admin" and (collection or share_id):
+        raise TokenRefused("an admin token has no collection or share")
+    if role == "share" and (collection or not share_id):
+        raise TokenRefused("a share (link) token needs --share and no collection")
+    if role not in ("admin", "share") and (share_id or not collection):
+        raise TokenRefused(f"a {role} needs --collection (and no share)")
+
+
 def create(
     pool: ConnectionPool,
     role: str,
     *,
     collection: str | None = None,
+    share_id: str | None = None,
     name: str | None = None,
     expires_at: datetime | None = None,
 ) -> tuple[str, Token]:
     """Make a token; return it (to be shown once) and its stored record."""
-    if role not in ROLES:
-        raise TokenRefused(f"role must be one of {', '.join(ROLES)}")
-    if (role == "admin") != (collection is None):
-        raise TokenRefused(
-            "an admin token has no collection"
-            if role == "admin"
-            else f"a {role} needs --collection"
-        )
+    _check_scope(role, collection, share_id)
     if expires_at is not None and expires_at.tzinfo is None:
         raise TokenRefused("the expiry needs a time zone")
     token_id, secret = secrets.token_hex(6), secrets.token_urlsafe(32)
     try:
         with pool.connection() as conn, conn.cursor(row_factory=class_row(Token)) as cur:
             cur.execute(
-                "INSERT INTO api_tokens (id, name, role, collection, secret_hash, expires_at)"
-                f" VALUES (%s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
+                "INSERT INTO api_tokens"
+                " (id, name, role, collection, share_id, secret_hash, expires_at)"
+                f" VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING {_COLUMNS}",
                 (
                     token_id,
                     name or f"token-{token_id}",
                     role,
                     collection,
+                    share_id,
                     _hash(secret),
                     expires_at,
                 ),
             )
             row = cur.fetchone()
-    except psycopg.Error as e:
+    except psycopg.errors.ForeignKeyViolation as e:
         if is_unknown_collection(e):
             raise TokenRefused(f"no collection {collection}") from None
-        raise
+        raise TokenRefused(f"no share {share_id}") from None
     assert row is not None
     return f"{PREFIX}{token_id}_{secret}", row
 
@@ -115,9 +125,9 @@ def verify(pool: ConnectionPool, token: str) -> Token:
             f"SELECT {_COLUMNS}, secret_hash, now() FROM api_tokens WHERE id = %s", (token_id,)
         ).fetchone()
     # An unknown id and a wrong secret are one answer: neither says whether the id exists.
-    if row is None or not hmac.compare_digest(bytes(row[7]), _hash(secret)):
+    if row is None or not hmac.compare_digest(bytes(row[8]), _hash(secret)):
         raise InvalidToken("unknown token")
-    record, now = Token(*row[:7]), row[8]
+    record, now = Token(*row[:8]), row[9]
     state = record.state(now)
     if state != "active":
         raise InvalidToken(f"token {state}")

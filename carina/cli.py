@@ -214,12 +214,18 @@ def _token_create(settings: Settings, args: argparse.Namespace) -> int:
     with _ae_pool(settings) as pool:
         try:
             secret, token = tokens.create(
-                pool, args.role, collection=args.collection, name=args.name, expires_at=args.expires
+                pool,
+                args.role,
+                collection=args.collection,
+                share_id=args.share,
+                name=args.name,
+                expires_at=args.expires,
             )
         except tokens.TokenRefused as e:
             print(f"carina: {e}", file=sys.stderr)
             return 1
     scope = f" of collection {token.collection}" if token.collection else ""
+    scope += f" of share {token.share_id}" if token.share_id else ""
     until = f", expires {token.expires_at.isoformat()}" if token.expires_at else ""
     print(f"created token {token.id}: {token.role}{scope} for {token.name}{until}", file=sys.stderr)
     print("it is shown only now; send it as 'Authorization: Bearer <token>'", file=sys.stderr)
@@ -360,6 +366,50 @@ def _manifest_upload(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _share_save(settings: Settings, args: argparse.Namespace) -> int:
+    from urllib.parse import parse_qsl
+
+    from carina.archive import shares
+    from carina.archive.errors import InvalidQuery, NotFound
+
+    with _ae_pool(settings) as pool:
+        try:
+            studies = list(args.study)
+            if args.query is not None:
+                query = parse_qsl(args.query, keep_blank_values=True)
+                studies += shares.studies_matching(pool, query)
+            if args.share_command == "create":
+                made = shares.create(
+                    pool, args.name, created_by="admin", studies=studies, series=args.series
+                )
+            else:
+                made = shares.new_version(
+                    pool, args.id, created_by="admin", studies=studies, series=args.series
+                )
+        except (shares.ShareRefused, NotFound, InvalidQuery) as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+    print(
+        f"share {made.name} version {made.version}: {made.instances} instances from "
+        f"{', '.join(made.collections)}; root /shares/{made.share_id}/dicomweb",
+        file=sys.stderr,
+    )
+    print(made.share_id)
+    return 0
+
+
+def _share_list(settings: Settings, args: argparse.Namespace) -> int:
+    from carina.archive import shares
+
+    with _ae_pool(settings) as pool:
+        for s in shares.list_all(pool):
+            print(
+                f"{s.share_id}\t{s.name}\tversion {s.version}\t{s.instances} instances"
+                f"\t{','.join(s.collections)}"
+            )
+    return 0
+
+
 def _fsck(settings: Settings, args: argparse.Namespace) -> int:
     from carina.archive import fsck
     from carina.runtime import open_store
@@ -470,10 +520,12 @@ def build_parser() -> argparse.ArgumentParser:
     token_create.add_argument(
         "--role",
         required=True,
-        choices=["admin", "curator", "submitter", "reader"],
-        help="admin: everything; curator, submitter, reader: of one --collection",
+        choices=["admin", "curator", "submitter", "reader", "share"],
+        help="admin: everything; curator, submitter, reader: of one --collection; "
+        "share: a link token that opens one --share",
     )
     token_create.add_argument("--collection", help="the collection of a non-admin role")
+    token_create.add_argument("--share", help="the share id of a share (link) token")
     token_create.add_argument("--name", help="who the token is for (shown in lists and audit)")
     token_create.add_argument(
         "--expires", type=_when, help="30d, 12h, 45m from now, or an ISO 8601 date (UTC)"
@@ -533,6 +585,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="CSV with header modality,patients,studies,series,instances ('-' for stdin)",
     )
     upload.set_defaults(func=_manifest_upload)
+    share = sub.add_parser("share", help="shared cohorts: versioned sets of studies and series")
+    share_sub = share.add_subparsers(dest="share_command", required=True)
+    share_create = share_sub.add_parser("create", help="make a share (version 1); prints its id")
+    share_create.add_argument("name")
+    share_update = share_sub.add_parser(
+        "update", help="make the next version of a share, holding exactly what is given"
+    )
+    share_update.add_argument("id", help="the share id (16 hex digits)")
+    for p in (share_create, share_update):
+        p.add_argument("--study", action="append", default=[], help="a Study Instance UID")
+        p.add_argument("--series", action="append", default=[], help="a Series Instance UID")
+        p.add_argument(
+            "--query",
+            help="also every study a QIDO-RS study query matches, e.g. "
+            "'ModalitiesInStudy=CT&StudyDate=20200101-20201231'",
+        )
+        p.set_defaults(func=_share_save)
+    share_list = share_sub.add_parser("list", help="list shares (latest versions)")
+    share_list.set_defaults(func=_share_list)
     ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
     ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")

@@ -33,6 +33,8 @@ class QueueFilter:
 
     state: str = QUARANTINED
     collection: str | None = None
+    # The collections the curator may see (None: every one); the others are never listed.
+    curated: tuple[str, ...] | None = None
     rule: str | None = None  # a rule name (geometry) or a finding code (geometry-tilt)
     min_age: float | None = None
     max_age: float | None = None
@@ -54,6 +56,7 @@ def queue(pool: ConnectionPool, f: QueueFilter) -> list[dict[str, Any]]:
             " FROM series se JOIN studies st ON st.study_uid = se.study_uid"
             " WHERE se.state = %(state)s"
             " AND (%(collection)s::text IS NULL OR st.collection = %(collection)s)"
+            " AND (%(curated)s::text[] IS NULL OR st.collection = ANY(%(curated)s))"
             " AND (%(rule)s::text IS NULL OR EXISTS (SELECT 1 FROM series_findings x"
             "   WHERE x.series_uid = se.series_uid AND x.severity = 'hold'"
             "   AND (x.rule = %(rule)s OR x.code = %(rule)s)))"
@@ -65,6 +68,7 @@ def queue(pool: ConnectionPool, f: QueueFilter) -> list[dict[str, Any]]:
             {
                 "state": f.state,
                 "collection": f.collection,
+                "curated": None if f.curated is None else list(f.curated),
                 "rule": f.rule,
                 "min_age": f.min_age,
                 "max_age": f.max_age,
@@ -105,6 +109,19 @@ def series_view(pool: ConnectionPool, series_uid: str) -> dict[str, Any]:
         for e in audit.entries(pool, series_uid)
     ]
     return view
+
+
+def collection_of(pool: ConnectionPool, series_uid: str) -> str:
+    """The collection a series belongs to (UnknownSeries when none is held)."""
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT st.collection FROM series se JOIN studies st ON st.study_uid = se.study_uid"
+            " WHERE se.series_uid = %s",
+            (series_uid,),
+        ).fetchone()
+    if row is None:
+        raise UnknownSeries(f"no series {series_uid}")
+    return str(row[0])
 
 
 def _lock(conn: Connection, series_uid: str) -> tuple[str, str]:

@@ -256,8 +256,8 @@ def test_token_is_shown_once_and_stored_only_as_a_hash(
     token = create_token(database_url, tmp_path, "--role", "reader", "--collection", "PUB")
     token_id, secret = token.split("_")[1], token.split("_", 2)[2]
     with psycopg.connect(database_url) as conn:
-        rows = conn.execute("SELECT * FROM api_tokens").fetchall()
-    assert all(secret not in str(row) and secret.encode() not in bytes(row[4]) for row in rows)
+        rows = conn.execute("SELECT secret_hash, t::text FROM api_tokens t").fetchall()
+    assert all(secret.encode() not in bytes(h) and secret not in text for h, text in rows)
     listed = run_cli(database_url, tmp_path, "token", "list")
     assert listed.returncode == 0
     assert token_id in listed.stdout and secret not in listed.stdout + listed.stderr
@@ -280,6 +280,9 @@ def test_revoked_token_is_refused_at_once(world: World, database_url: str, tmp_p
         ("--role", "submitter", "--collection", "NO-SUCH"),
         ("--role", "owner", "--collection", "PUB"),
         ("--role", "reader", "--collection", "PUB", "--expires", "soon"),
+        ("--role", "share"),
+        ("--role", "share", "--share", "0123456789abcdef"),
+        ("--role", "reader", "--collection", "PUB", "--share", "0123456789abcdef"),
     ],
 )
 def test_token_create_refuses_what_cannot_be_granted(

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
+import requests
 from pydicom import Dataset
 
 from tests.conftest import Server, run_cli, wait_for_series
@@ -123,7 +124,7 @@ def test_release_publishes_the_series_and_is_audited_once(
     assert [(a["action"], a["reason"], a["after"]["state"]) for a in audit[1:]] == [
         ("release", "marker only", "published")
     ]
-    assert audit[1]["actor"] == "unauthenticated@127.0.0.1"
+    assert audit[1]["actor"].startswith("tests (token ")  # the test server's admin token
 
 
 def test_reject_deletes_the_series_from_store_and_index(
@@ -172,3 +173,33 @@ def test_decisions_on_unknown_series_or_without_a_reason_are_4xx(
         r = server.http.post(api(server, f"/series/{uid}/{decision}"), json=body)
         assert r.status_code == 422, body
     assert server.http.get(api(server, "/series/1.2.3.999"), timeout=30).status_code == 404
+
+
+def test_curation_needs_a_curator_of_the_series_collection(
+    server: Server, cli: Callable[..., str], held: dict[str, tuple[str, str]]
+) -> None:
+    _, burned = held["burned"]
+    _, other = stow(server, missing_slice(), f"{server.url}/collections/OTHER/dicomweb")
+    # No token: 401 with a challenge; a token that curates nothing (a reader): 403.
+    r = requests.get(api(server, "/queue"), timeout=30)
+    assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
+    reader = cli("token", "create", "--role", "reader", "--collection", "OTHER").strip()
+    r = requests.get(api(server, "/queue"), headers={"Authorization": f"Bearer {reader}"})
+    assert r.status_code == 403
+    # A curator of OTHER sees only OTHER's held series; default's are not found for it.
+    curator = cli("token", "create", "--role", "curator", "--collection", "OTHER", "--name", "cu")
+    auth = {"Authorization": f"Bearer {curator.strip()}"}
+    queue = requests.get(api(server, "/queue"), headers=auth, timeout=30).json()
+    assert {row["series_uid"] for row in queue} == {other}
+    assert requests.get(api(server, f"/series/{burned}"), headers=auth).status_code == 404
+    r = requests.post(
+        api(server, f"/series/{burned}/release"), json={"reason": "not mine"}, headers=auth
+    )
+    assert r.status_code == 404
+    view = requests.get(api(server, f"/series/{other}"), headers=auth, timeout=30)
+    assert view.status_code == 200
+    # Its decisions are audited under its token's name.
+    r = requests.post(api(server, f"/series/{other}/reject"), json={"reason": "ok"}, headers=auth)
+    assert r.status_code == 200, r.text
+    actors = [e["actor"] for e in server.http.get(api(server, f"/series/{other}")).json()["audit"]]
+    assert any(a.startswith("cu (token ") for a in actors), actors

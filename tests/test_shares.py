@@ -1,0 +1,217 @@
+"""Shared cohorts (issue 7): a versioned set of studies and series with its own DICOMweb root,
+read with dicomweb-client holding only a link token; a new version leaves the old unchanged."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import pytest
+import requests
+from dicomweb_client.api import DICOMwebClient
+from pydicom.uid import generate_uid
+
+from tests.conftest import Server, create_token, run_cli
+from tests.factory import Phi, ct_series
+
+pytestmark = pytest.mark.slow
+
+
+@dataclass
+class Cohort:
+    """A share of study `whole` (collection A) and series `part` of study `split` (collection
+    B, whose other series `left` is not shared); `other` (A) is outside it."""
+
+    server: Server
+    database_url: str
+    share: str
+    link: dict[str, str]
+    whole: str
+    split: str
+    part: str
+    left: str
+    other: str
+
+    def root(self, version: int | None = None) -> str:
+        """The share's DICOMweb root: latest, or one version."""
+        at = f"/versions/{version}" if version else ""
+        return f"{self.server.url}/shares/{self.share}{at}/dicomweb"
+
+
+def _bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def _small(phi: Phi, n: int) -> list:
+    return ct_series(phi, n, rows=8, columns=8)
+
+
+@pytest.fixture(scope="module")
+def cohort(
+    server_factory: Callable[..., Server],
+    database_url: str,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Cohort:
+    server = server_factory()
+    cwd = tmp_path_factory.mktemp("cli")
+    for name in ("A", "B"):
+        done = run_cli(database_url, cwd, "collection", "create", name)  # restricted
+        assert done.returncode == 0, done.stderr
+    whole, _, _ = server.store(_small(Phi(), 2), "A")
+    other, _, _ = server.store(_small(Phi(), 1), "A")
+    phi = Phi()
+    split, part, _ = server.store(_small(phi, 2), "B")
+    _, left, _ = server.store(_small(replace(phi, series_uid=generate_uid()), 1), "B")
+    done = run_cli(
+        database_url, cwd, "share", "create", "cohort", "--study", whole, "--series", part
+    )
+    assert done.returncode == 0, done.stderr
+    share = done.stdout.strip()
+    link = create_token(database_url, cwd, "--role", "share", "--share", share, "--expires", "1d")
+    return Cohort(server, database_url, share, _bearer(link), whole, split, part, left, other)
+
+
+def _studies(client: DICOMwebClient) -> dict[str, dict]:
+    return {s["0020000D"]["Value"][0]: s for s in client.search_for_studies()}
+
+
+def test_link_token_reads_exactly_the_share_with_dicomweb_client(cohort: Cohort) -> None:
+    client = DICOMwebClient(cohort.root(), headers=cohort.link)
+    studies = _studies(client)
+    assert set(studies) == {cohort.whole, cohort.split}
+    # Counted as shared: one of the split study's two series, its two instances.
+    assert studies[cohort.split]["00201206"]["Value"] == [1]
+    assert studies[cohort.split]["00201208"]["Value"] == [2]
+    series = client.search_for_series(cohort.split)
+    assert [s["0020000E"]["Value"][0] for s in series] == [cohort.part]
+    assert len(client.retrieve_study(cohort.whole)) == 2
+    got = client.retrieve_study(cohort.split)
+    assert {ds.SeriesInstanceUID for ds in got} == {cohort.part}
+    for url in (
+        f"{cohort.root()}/studies/{cohort.other}",
+        f"{cohort.root()}/studies/{cohort.split}/series/{cohort.left}",
+        f"{cohort.root()}/studies/{cohort.split}/series/{cohort.left}/metadata",
+    ):
+        assert requests.get(url, headers=cohort.link, timeout=30).status_code == 404
+
+
+def test_link_token_opens_nothing_else_and_the_share_is_closed_without_it(
+    cohort: Cohort, tmp_path: Path
+) -> None:
+    server = cohort.server
+    r = requests.get(f"{server.dicomweb}/studies", headers=cohort.link, timeout=30)
+    assert r.status_code == 204  # A and B are restricted: the link token reads neither
+    r = requests.get(f"{server.root('A')}/studies", headers=cohort.link, timeout=30)
+    assert r.status_code == 404
+    assert requests.get(f"{cohort.root()}/studies", timeout=30).status_code == 404
+    reader_of_a = create_token(
+        cohort.database_url,
+        tmp_path,
+        "--role",
+        "reader",
+        "--collection",
+        "A",
+    )
+    r = requests.get(f"{cohort.root()}/studies", headers=_bearer(reader_of_a), timeout=30)
+    assert r.status_code == 404  # the share also draws on B, which it may not read
+    assert requests.get(f"{cohort.root()}/studies", headers=server.auth, timeout=30).ok
+    r = requests.post(
+        f"{cohort.root()}/studies",
+        headers={**server.auth, "Content-Type": 'multipart/related; type="application/dicom"'},
+        data=b"",
+        timeout=30,
+    )
+    assert r.status_code == 405  # a share is read-only, even for an admin
+    for path in (
+        "/shares/NOT-A-SHARE/dicomweb/studies",
+        f"/shares/{cohort.share}/versions/9/dicomweb/studies",
+    ):
+        assert requests.get(server.url + path, headers=server.auth, timeout=30).status_code == 404
+
+
+def test_new_version_leaves_the_old_one_and_its_manifest_unchanged(
+    cohort: Cohort, tmp_path: Path
+) -> None:
+    done = run_cli(
+        cohort.database_url, tmp_path, "share", "update", cohort.share, "--study", cohort.other
+    )
+    assert done.returncode == 0, done.stderr
+    latest = DICOMwebClient(cohort.root(), headers=cohort.link)
+    first = DICOMwebClient(cohort.root(1), headers=cohort.link)
+    assert set(_studies(latest)) == {cohort.other}
+    assert set(_studies(first)) == {cohort.whole, cohort.split}
+
+    r = requests.get(
+        f"{cohort.root(1)[: -len('/dicomweb')]}/manifest", headers=cohort.link, timeout=30
+    )
+    assert r.status_code == 200
+    manifest = r.json()
+    assert (manifest["share"], manifest["name"], manifest["version"]) == (cohort.share, "cohort", 1)
+    rows = manifest["instances"]
+    assert len(rows) == 4 and {row["collection"] for row in rows} == {"A", "B"}
+    assert {row["series_uid"] for row in rows if row["study_uid"] == cohort.split} == {cohort.part}
+    for row in rows:  # each checksum is the stored object's
+        stored = cohort.server.data_dir / "objects" / row["study_uid"] / row["series_uid"]
+        data = (stored / f"{row['sop_uid']}.dcm").read_bytes()
+        assert row["size"] == len(data) and row["sha256"] == hashlib.sha256(data).hexdigest()
+
+    r = requests.get(
+        f"{cohort.server.url}/shares/{cohort.share}/manifest",
+        params={"format": "csv"},
+        headers=cohort.link,
+        timeout=30,
+    )
+    table = list(csv.DictReader(io.StringIO(r.text)))
+    assert r.headers["content-type"].startswith("text/csv")
+    assert [row["study_uid"] for row in table] == [cohort.other]
+    assert set(table[0]) == {"study_uid", "series_uid", "sop_uid", "collection", "size", "sha256"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [("--study", "WHOLE", "--study", "1.2.3.4"), ("--study", "WHOLE", "--series", "1.2.3.4"), ()],
+    ids=["unknown study", "unknown series", "nothing"],
+)
+def test_share_of_nothing_or_unknown_uids_is_refused(
+    cohort: Cohort, tmp_path: Path, args: tuple[str, ...]
+) -> None:
+    args = tuple(cohort.whole if a == "WHOLE" else a for a in args)
+    done = run_cli(cohort.database_url, tmp_path, "share", "create", "refused", *args)
+    assert done.returncode == 1 and not done.stdout
+    assert "carina:" in done.stderr
+    listed = run_cli(cohort.database_url, tmp_path, "share", "list").stdout
+    assert "\trefused\t" not in listed and f"{cohort.share}\tcohort" in listed
+
+
+def test_share_chosen_by_a_qido_query_holds_every_matching_study(
+    cohort: Cohort, tmp_path: Path
+) -> None:
+    query = f"ModalitiesInStudy=CT&StudyInstanceUID={cohort.whole}\\{cohort.other}"
+    done = run_cli(cohort.database_url, tmp_path, "share", "create", "q", "--query", query)
+    assert done.returncode == 0, done.stderr
+    root = f"{cohort.server.url}/shares/{done.stdout.strip()}/dicomweb"
+    assert set(_studies(DICOMwebClient(root, headers=cohort.server.auth))) == {
+        cohort.whole,
+        cohort.other,
+    }
+    for query, why in (("ModalitiesInStudy=MR", "at least one"), ("StudyDate=soon", "not valid")):
+        done = run_cli(cohort.database_url, tmp_path, "share", "create", "q", "--query", query)
+        assert done.returncode == 1 and why in done.stderr
+
+
+def test_includefield_through_a_share_shows_only_its_instances(
+    cohort: Cohort, tmp_path: Path
+) -> None:
+    # Only the series stored last: an instance of the study's other series comes first.
+    done = run_cli(cohort.database_url, tmp_path, "share", "create", "l", "--series", cohort.left)
+    assert done.returncode == 0, done.stderr
+    root = f"{cohort.server.url}/shares/{done.stdout.strip()}/dicomweb"
+    r = requests.get(
+        f"{root}/studies", params={"includefield": "all"}, headers=cohort.server.auth, timeout=30
+    )
+    [study] = r.json()
+    assert study["0020000E"]["Value"] == [cohort.left]

@@ -211,7 +211,7 @@ def _recheck_manifest_holds(conn: Connection, collection: str, exclude: str | No
 
 
 def _hold_unevaluated(conn: Connection, series_uid: str, attempts: int) -> Evaluation:
-    before, collection, _ = _series_head(conn, series_uid)
+    before, collection, _, _ = _series_head(conn, series_uid)
     finding = Finding(
         "evaluation-failed",
         "hold",

@@ -143,6 +143,14 @@ class Server:
         parts = url.split("/")
         return parts[-5], parts[-3], parts[-1]
 
+    def set_rules(self, collection: str, *assignments: str) -> None:
+        """`carina collection rules COLLECTION --set RULE.SETTING=VALUE ...` on its database."""
+        sets = [arg for a in assignments for arg in ("--set", a)]
+        done = run_cli(
+            str(self.database_url), self.data_dir.parent, "collection", "rules", collection, *sets
+        )
+        assert done.returncode == 0, done.stderr
+
     def settled(self) -> dict[str, str]:
         """Wait until every series stored so far is decided; series UID -> state."""
         return wait_for_series(self.database_url)

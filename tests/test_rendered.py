@@ -4,7 +4,6 @@ pixels checked against the PS3.3 C.11.2 window math, computed here from the pixe
 from __future__ import annotations
 
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,7 +13,7 @@ from pydicom.data import get_testdata_file
 from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
-from tests.conftest import Server, run_cli
+from tests.conftest import Server
 from tests.derived import build
 from tests.factory import Phi, ct_instance, ct_series
 from tests.test_wado_frames import FRAMES, multiframe_ct, parts, store
@@ -189,18 +188,9 @@ def test_quality_changes_jpeg_size(server: Server) -> None:
     assert sizes[0] < sizes[1]
 
 
-def test_compressed_colour_instance_is_rendered_in_colour(server: Server, tmp_path: Path) -> None:
+def test_compressed_colour_instance_is_rendered_in_colour(server: Server) -> None:
     # A Secondary Capture is held for burned-in text review by default; this one is known clean.
-    done = run_cli(
-        str(server.database_url),
-        tmp_path,
-        "collection",
-        "rules",
-        "default",
-        "--set",
-        "burned_in.enabled=false",
-    )
-    assert done.returncode == 0, done.stderr
+    server.set_rules("default", "burned_in.enabled=false")
     ds = dcmread(get_testdata_file("SC_rgb_jpeg_dcmtk.dcm"))
     ds.StudyInstanceUID, ds.SeriesInstanceUID = generate_uid(), generate_uid()
     ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
@@ -325,6 +315,8 @@ def test_unknown_resources_are_404(server: Server, ct: tuple) -> None:
 
 
 def test_image_whose_palette_cannot_be_applied_is_406(server: Server) -> None:
+    # A palette CT without rescale is no valid CT: the IOD rule would hold it for review.
+    server.set_rules("default", "iod.enabled=false")
     ds = ct_instance(Phi(), 1, rows=8, columns=8)
     ds.PhotometricInterpretation = "PALETTE COLOR"
     ds.BitsAllocated = ds.BitsStored = 8

@@ -28,11 +28,13 @@ from .multipart import (
     part_head,
     write_parts,
 )
+from .stow_json import MetadataAndBulkData
 
 log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
 OCTET = "application/octet-stream"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # Objects up to this size are read whole and sent in one write; larger ones are streamed.
@@ -165,7 +167,10 @@ async def _stow(request: Request, study: str | None) -> Response:
     if mtype != "multipart/related":
         return http_error(415, 'STOW-RS takes multipart/related; type="application/dicom"')
     part_type = params.get("type", DICOM).lower()
-    if part_type != DICOM:
+    if part_type == DICOM_XML:
+        # PS3.19 Native DICOM Model XML: no maintained Python library reads it.
+        return http_error(415, f"{DICOM_XML} metadata is not supported; use {DICOM_JSON}")
+    if part_type not in (DICOM, DICOM_JSON):
         return http_error(415, f"parts of type {part_type} are not supported; use {DICOM}")
     boundary = params.get("boundary")
     if not boundary:
@@ -173,6 +178,12 @@ async def _stow(request: Request, study: str | None) -> Response:
 
     intake = runtime(request).intake
     ctx = intake.context(auth.store_collection(request), expected_study=study)
+    if part_type == DICOM_JSON:
+        body = MetadataAndBulkData(boundary, intake.sink, str(request.url))
+        result = await intake.ingest(body.payloads(request.stream()), ctx)
+        if body.unreadable:
+            return http_error(400, body.unreadable)
+        return _stow_response(result, base_url(request))
     reader = PartReader(
         boundary,
         intake.sink,

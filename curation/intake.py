@@ -604,7 +604,7 @@ class Intake:
         return found
 
     async def ingest(
-        self, payloads: AsyncIterator[bytearray | str | Refusal], ctx: IntakeContext
+        self, payloads: AsyncIterator[bytes | bytearray | str | Refusal], ctx: IntakeContext
     ) -> BatchResult:
         """Process every payload; store and index the good ones in one batch; keep the order.
 

@@ -183,7 +183,7 @@ async def _stow(request: Request, study: str | None) -> Response:
         result = await intake.ingest(body.payloads(request.stream()), ctx)
         if body.unreadable:
             return http_error(400, body.unreadable)
-        return _stow_response(result, base_url(request))
+        return _stow_response(result, base_url(request), _warnings(request))
     reader = PartReader(
         boundary,
         intake.sink,
@@ -211,11 +211,17 @@ async def _stow(request: Request, study: str | None) -> Response:
     result = await intake.ingest(payloads(), ctx)
     if not seen:
         return http_error(400, malformed or "multipart body has no parts")
-    return _stow_response(result, base_url(request))
+    return _stow_response(result, base_url(request), _warnings(request))
 
 
-def _stow_response(result: BatchResult, base: str) -> Response:
-    """PS3.18 Annex I Store Instances Response; 200 all stored, 202 some, 409 none."""
+def _warnings(request: Request) -> bool:
+    return runtime(request).settings.coercion_warnings
+
+
+def _stow_response(result: BatchResult, base: str, warnings: bool) -> Response:
+    """PS3.18 Annex I Store Instances Response: 200 all stored, 202 some or with warnings
+    (Table 10.5.3-1), 409 none; with warnings, what de-identification changed is each stored
+    item's WarningReason."""
     body: dict[str, dict] = {}
     stored = result.stored
     studies = {r.study_uid for r in stored}
@@ -228,8 +234,10 @@ def _stow_response(result: BatchResult, base: str) -> Response:
     if refused:
         body["00081198"] = {"vr": "SQ", "Value": [_failed_item(f) for f in refused]}
     if stored:
-        body["00081199"] = {"vr": "SQ", "Value": [_stored_item(r, base) for r in stored]}
-    status = 200 if not refused else (409 if not stored else 202)
+        items = [_stored_item(r, base, warnings) for r in stored]
+        body["00081199"] = {"vr": "SQ", "Value": items}
+    warned = warnings and any(r.warning for r in stored)
+    status = 200 if not refused and not warned else (409 if not stored else 202)
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
 
@@ -237,13 +245,16 @@ def _uid(value: str) -> dict:
     return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
 
 
-def _stored_item(r: InstanceRecord, base: str) -> dict:
+def _stored_item(r: InstanceRecord, base: str, warnings: bool) -> dict:
     url = f"{base}/studies/{r.study_uid}/series/{r.series_uid}/instances/{r.sop_uid}"
-    return {
+    item = {
         "00081150": _uid(r.sop_class_uid),
         "00081155": _uid(r.sop_uid),
         "00081190": {"vr": "UR", "Value": [url]},
     }
+    if warnings and r.warning:
+        item["00081196"] = {"vr": "US", "Value": [r.warning]}
+    return item
 
 
 def _failed_item(f: Refusal) -> dict:

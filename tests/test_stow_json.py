@@ -194,3 +194,26 @@ def test_xml_metadata_is_415_with_a_reason(server: Server) -> None:
     r = stow(server, body(({"Content-Type": "application/dicom+xml"}, b"<x/>")), ctype)
     assert r.status_code == 415
     assert "application/dicom+json" in r.json()["error"]
+
+
+def test_stored_instances_carry_the_coercion_warning_with_202(server: Server) -> None:
+    # PS3.18 10.5.3: de-identification coerced them; Table 10.5.3-1: warnings answer 202.
+    ds = ct_instance(Phi(), 1)
+    r = stow(server, body(metadata(as_json(ds, "urn:w")), bulk("urn:w/7FE00010", ds.PixelData)))
+    assert r.status_code == 202
+    [item] = r.json()["00081199"]["Value"]
+    assert item["00081196"] == {"vr": "US", "Value": [0xB000]}
+    # The same for Part 10 instances, and dicomweb-client takes it as stored.
+    response = server.client().store_instances([ct_instance(Phi(), 1), ct_instance(Phi(), 2)])
+    assert [i.WarningReason for i in response.ReferencedSOPSequence] == [0xB000, 0xB000]
+    assert "FailedSOPSequence" not in response
+
+
+def test_json_body_cut_short_refuses_the_instance_waiting_for_its_part(server: Server) -> None:
+    ds = ct_instance(Phi(), 1)
+    data = body(metadata(as_json(ds, "urn:c")), bulk("urn:c/7FE00010", ds.PixelData))
+    r = stow(server, data[: len(data) - 3000])
+    assert r.status_code == 409
+    [(code, reason)] = failures(r)
+    assert code == CANNOT_UNDERSTAND
+    assert "closing boundary" in reason

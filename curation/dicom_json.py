@@ -76,6 +76,10 @@ def part10(instance: object, bulk: Mapping[str, BulkData]) -> bytes:
         raise InstanceRefused(
             CANNOT_UNDERSTAND, f"not a DICOM JSON instance: {type(e).__name__}"
         ) from e
+    if _has_non_ascii(instance):
+        # PS3.18 F.2: DICOM JSON strings are Unicode, whatever SpecificCharacterSet says; a
+        # character the declared set cannot hold would be written as "?". UTF-8 holds all.
+        ds.SpecificCharacterSet = "ISO_IR 192"
     if syntax.is_encapsulated and "PixelData" in ds:
         _check_frames(ds, len(pixel_part.values) if pixel_part else 0)
         ds["PixelData"].VR = "OB"
@@ -84,6 +88,17 @@ def part10(instance: object, bulk: Mapping[str, BulkData]) -> bytes:
 
 
 _NATIVE = (ExplicitVRLittleEndian, "1.2.840.10008.1.2")
+
+
+def _has_non_ascii(value: object) -> bool:
+    """Whether any string in a DICOM JSON value is not plain ASCII."""
+    if isinstance(value, str):
+        return not value.isascii()
+    if isinstance(value, dict):
+        return any(_has_non_ascii(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_non_ascii(v) for v in value)
+    return False
 
 
 def _check_frames(ds: Dataset, parts: int) -> None:

@@ -94,6 +94,23 @@ def test_json_stow_with_compressed_pixel_data_keeps_it_compressed(server: Server
     assert np.array_equal(retrieve(server, r).pixel_array, pixels)  # decoded when asked
 
 
+def test_compressed_frames_come_one_per_part_under_one_location(server: Server) -> None:
+    ds = ct_instance(Phi(), 1, rows=32, columns=32)
+    rng = np.random.default_rng(7)
+    frames = rng.integers(-1024, 3000, size=(2, 32, 32), dtype=np.int16)
+    ds.NumberOfFrames = 2
+    ds.PixelData = frames.tobytes()
+    ds.compress(RLELossless)
+    meta = as_json(ds, "urn:mf")
+    encoded = generate_frames(ds.PixelData, number_of_frames=2)
+    parts = [bulk("urn:mf/7FE00010", f, "image/dicom-rle") for f in encoded]
+    r = stow(server, body(metadata(meta), *parts))
+    assert r.status_code in (200, 202), r.text
+    got = retrieve(server, r, "*")
+    assert got.file_meta.TransferSyntaxUID == RLELossless
+    assert np.array_equal(got.pixel_array, frames)
+
+
 def test_relative_bulk_data_uris_match_relative_content_locations(server: Server) -> None:
     ds = ct_instance(Phi(), 2)
     parts = (metadata(as_json(ds, "bulk/1")), bulk("bulk/1/7FE00010", ds.PixelData))

@@ -30,11 +30,13 @@ from .multipart import (
     part_head,
     write_parts,
 )
+from .stow_json import MetadataAndBulkData
 
 log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
+DICOM_XML = "application/dicom+xml"
 OCTET = "application/octet-stream"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # Objects up to this size are read whole and sent in one write; larger ones are streamed.
@@ -167,7 +169,10 @@ async def _stow(request: Request, study: str | None) -> Response:
     if mtype != "multipart/related":
         return http_error(415, 'STOW-RS takes multipart/related; type="application/dicom"')
     part_type = params.get("type", DICOM).lower()
-    if part_type != DICOM:
+    if part_type == DICOM_XML:
+        # PS3.19 Native DICOM Model XML: no maintained Python library reads it.
+        return http_error(415, f"{DICOM_XML} metadata is not supported; use {DICOM_JSON}")
+    if part_type not in (DICOM, DICOM_JSON):
         return http_error(415, f"parts of type {part_type} are not supported; use {DICOM}")
     boundary = params.get("boundary")
     if not boundary:
@@ -175,6 +180,12 @@ async def _stow(request: Request, study: str | None) -> Response:
 
     intake = runtime(request).intake
     ctx = intake.context(auth.store_collection(request), expected_study=study)
+    if part_type == DICOM_JSON:
+        body = MetadataAndBulkData(boundary, intake.sink, str(request.url))
+        result = await intake.ingest(body.payloads(request.stream()), ctx)
+        if body.unreadable:
+            return http_error(400, body.unreadable)
+        return _stow_response(result, base_url(request), _warnings(request))
     reader = PartReader(
         boundary,
         intake.sink,
@@ -202,11 +213,17 @@ async def _stow(request: Request, study: str | None) -> Response:
     result = await intake.ingest(payloads(), ctx)
     if not seen:
         return http_error(400, malformed or "multipart body has no parts")
-    return _stow_response(result, base_url(request))
+    return _stow_response(result, base_url(request), _warnings(request))
 
 
-def _stow_response(result: BatchResult, base: str) -> Response:
-    """PS3.18 Annex I Store Instances Response; 200 all stored, 202 some, 409 none."""
+def _warnings(request: Request) -> bool:
+    return runtime(request).settings.coercion_warnings
+
+
+def _stow_response(result: BatchResult, base: str, warnings: bool) -> Response:
+    """PS3.18 Annex I Store Instances Response: 200 all stored, 202 some or with warnings
+    (Table 10.5.3-1), 409 none; with warnings, what de-identification changed is each stored
+    item's WarningReason."""
     body: dict[str, dict] = {}
     stored = result.stored
     studies = {r.study_uid for r in stored}
@@ -219,8 +236,10 @@ def _stow_response(result: BatchResult, base: str) -> Response:
     if refused:
         body["00081198"] = {"vr": "SQ", "Value": [_failed_item(f) for f in refused]}
     if stored:
-        body["00081199"] = {"vr": "SQ", "Value": [_stored_item(r, base) for r in stored]}
-    status = 200 if not refused else (409 if not stored else 202)
+        items = [_stored_item(r, base, warnings) for r in stored]
+        body["00081199"] = {"vr": "SQ", "Value": items}
+    warned = warnings and any(r.warning for r in stored)
+    status = 200 if not refused and not warned else (409 if not stored else 202)
     return JSONResponse(body, status_code=status, media_type=DICOM_JSON)
 
 
@@ -228,13 +247,16 @@ def _uid(value: str) -> dict:
     return {"vr": "UI", "Value": [value]} if value else {"vr": "UI"}
 
 
-def _stored_item(r: InstanceRecord, base: str) -> dict:
+def _stored_item(r: InstanceRecord, base: str, warnings: bool) -> dict:
     url = f"{base}/studies/{r.study_uid}/series/{r.series_uid}/instances/{r.sop_uid}"
-    return {
+    item = {
         "00081150": _uid(r.sop_class_uid),
         "00081155": _uid(r.sop_uid),
         "00081190": {"vr": "UR", "Value": [url]},
     }
+    if warnings and r.warning:
+        item["00081196"] = {"vr": "US", "Value": [r.warning]}
+    return item
 
 
 def _failed_item(f: Refusal) -> dict:

@@ -65,6 +65,8 @@ from carina.archive import index, peers, qido
 from carina.archive.errors import InvalidQuery
 from carina.curation.intake import (
     CANNOT_UNDERSTAND,
+    COERCED,
+    DISCARDED,
     DOES_NOT_MATCH,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
@@ -77,6 +79,10 @@ from carina.runtime import Runtime
 log = logging.getLogger(__name__)
 
 SUCCESS = 0x0000
+_WARNING_COMMENT = {
+    COERCED: "de-identified (PS3.15 Annex E): attributes changed",
+    DISCARDED: "de-identified (PS3.15 Annex E): attributes removed",
+}
 # PS3.5 Table 6.2-1: ErrorComment is LO, at most 64 characters.
 _ERROR_COMMENT_MAX = 64
 # Threads, one per association; pynetdicom's default of 10 is low for a site-facing archive.
@@ -182,11 +188,14 @@ class Associations:
 # Status mapping (the only place that knows both intake refusals and DIMSE statuses)
 
 
-def store_status(outcome: Outcome) -> Dataset:
-    """The C-STORE response status (PS3.4 Annex B.2.3) for an intake outcome."""
+def store_status(outcome: Outcome, warnings: bool) -> Dataset:
+    """The C-STORE response status (PS3.4 Annex B.2.3) for an intake outcome; with warnings,
+    an instance de-identification changed gets its warning (B.4.1.3: coercion is reported)."""
     status = Dataset()
     if not isinstance(outcome, Refusal):
-        status.Status = SUCCESS
+        status.Status = outcome.warning if warnings else SUCCESS
+        if status.Status:
+            status.ErrorComment = _WARNING_COMMENT[outcome.warning]
         return status
     status.Status = failure_status(outcome.code)
     # Refusal reasons are Carina's own sentences: they never quote a value of the dataset.
@@ -328,7 +337,7 @@ def handle_store(event: Event, runtime: Runtime, associations: Associations) -> 
     except Exception as e:  # never let one instance take the association down
         log.error("C-STORE failed: %s", type(e).__name__)
         outcome = Refusal(PROCESSING_FAILURE, f"processing failure: {type(e).__name__}")
-    status = store_status(outcome)
+    status = store_status(outcome, runtime.settings.coercion_warnings)
     if peer is not None:
         if isinstance(outcome, Refusal):
             peer.refused += 1

@@ -64,6 +64,12 @@ class PartReader:
             max_header_count=32,
         )
 
+    @property
+    def headers(self) -> dict[str, str]:
+        """The headers of the part being read (lower-case names), as accept and new_sink
+        see them when they are called."""
+        return self._headers
+
     def _part_begin(self) -> None:
         self.open_part = True
         self._headers = {}

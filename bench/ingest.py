@@ -238,7 +238,8 @@ def stow(server: Server, bodies: list[Body], clients: int, what: str) -> StowRes
             r = s.post(url, data=body.data, headers=STOW_HEADERS, timeout=REQUEST_TIMEOUT)
         except requests.RequestException as e:
             raise BenchError(f"{where} ({body.instances} instances) failed: {e!r}") from e
-        if r.status_code != 200:
+        # 202: all stored with warnings (Carina's coercion warning); failures fail below.
+        if r.status_code not in (200, 202):
             detail = ""
             if r.headers.get("content-type", "").startswith("application/dicom+json"):
                 with suppress(ValueError):

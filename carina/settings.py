@@ -68,6 +68,12 @@ class Settings(BaseSettings):
         description="Origins (JSON list) whose browser viewers, e.g. OHIF, may call the API "
         'across origins, e.g. ["https://viewer.example.org"]; empty: no CORS headers',
     )
+    coercion_warnings: bool = Field(
+        default=True,
+        description="Report de-identification's changes as warnings (PS3.4 B.2.3, PS3.18 "
+        "10.5.3): C-STORE 0xB000/0xB006, STOW-RS WarningReason with 202; false: plain success "
+        "(0x0000, 200) for senders that take a warning for a failure",
+    )
     auth_failure_limit: str = Field(
         default="10/minute",
         description="Bad tokens one client address may present in a moving window (e.g. "

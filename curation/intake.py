@@ -49,6 +49,9 @@ PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+# Warning statuses (PS3.4 Table B.2-1): what de-identification did to a stored instance.
+COERCED = 0xB000  # Coercion of Data Elements
+DISCARDED = 0xB006  # Elements Discarded
 
 # Parts larger than this are spooled to the (restricted) intake area instead of memory.
 SPOOL_THRESHOLD = 32 << 20
@@ -103,6 +106,7 @@ class InstanceRecord:
     metadata: str
     # JSON list of rules.PhiHit found with the original identifiers in hand; None: unchecked.
     intake_findings: str | None = None
+    warning: int = 0  # COERCED, DISCARDED or 0: what de-identification did to it
 
     @property
     def object_key(self) -> str:
@@ -286,6 +290,22 @@ def _unchanged(ds: Dataset, snapshot: Snapshot) -> dict[int, RawDataElement]:
     }
 
 
+def _coercion(ds: Dataset, read: frozenset[int], snapshot: Snapshot) -> int:
+    """The warning for what de-identification did to the top-level data set whose tags were
+    read: COERCED when it added an attribute or gave one another value, DISCARDED when it only
+    removed attributes, 0 when it left them all. Sequence items are cleaned in place, so a
+    sequence counts only by its presence."""
+    current = ds._dict
+    if any(tag not in read for tag in current):
+        return COERCED
+    for tag, (_, _, value) in snapshot.items():
+        if tag in current:
+            elem = ds[tag]
+            if elem.VR != "SQ" and elem.value is not value and elem.value != value:
+                return COERCED
+    return DISCARDED if len(current) < len(read) else 0
+
+
 @dataclass(frozen=True)
 class SlotRef:
     """A part's bytes waiting in shared-memory slot `index` (its first `length` bytes)."""
@@ -355,7 +375,9 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
 
     profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
     identifiers = rules.patient_identifiers(ds)  # in memory only, for residual_phi_checked
+    read = frozenset(ds._dict)
     Deidentifier(profile, pseudo).apply(ds)
+    warning = _coercion(ds, read, snapshot)
 
     _prepare_file_meta(ds)
     chunks = part10.encode(ds, _unchanged(ds, snapshot))
@@ -369,7 +391,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     with open(staging, "wb") as f:
         f.writelines(chunks)
     try:
-        record = _record(ds, ctx, staging, size, digest.hexdigest())
+        record = _record(ds, ctx, staging, size, digest.hexdigest(), warning)
         return residual_phi_checked(record, identifiers, ctx.phi)
     except Exception:
         staging.unlink(missing_ok=True)
@@ -391,7 +413,7 @@ def _prepare_file_meta(ds: Dataset) -> None:
 
 
 def _record(
-    ds: Dataset, ctx: IntakeContext, staging: Path, size: int, sha256: str
+    ds: Dataset, ctx: IntakeContext, staging: Path, size: int, sha256: str, warning: int
 ) -> InstanceRecord:
     full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
     return InstanceRecord(
@@ -430,6 +452,7 @@ def _record(
         study_attrs=_attrs(full, index.STUDY_TAGS),
         series_attrs=_attrs(full, index.SERIES_TAGS),
         metadata=json.dumps(full, separators=(",", ":")),
+        warning=warning,
     )
 
 
@@ -632,7 +655,7 @@ class Intake:
         jobs.settle(self.db_pool, series_uids)  # type: ignore[arg-type]
 
     async def ingest(
-        self, payloads: AsyncIterator[bytearray | str | Refusal], ctx: IntakeContext
+        self, payloads: AsyncIterator[bytes | bytearray | str | Refusal], ctx: IntakeContext
     ) -> BatchResult:
         """Process every payload; store and index the good ones in one batch; keep the order.
 

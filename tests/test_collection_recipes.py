@@ -109,7 +109,7 @@ def test_cli_sets_lines_that_intake_applies(
     ds.StationName = "CT-ROOM-7"
     ds.private_block(0x0029, "ACME PRIVATE").add_new(0x20, "DS", "42.5")
     root = server.url + "/collections/SITELINES/dicomweb"
-    assert stow(server, root, ds).status_code == 200
+    assert stow(server, root, ds).status_code == 202  # stored, coerced
     [study] = server.http.get(root + "/studies", timeout=30).json()
     [meta] = server.http.get(
         root + f"/studies/{study['0020000D']['Value'][0]}/metadata", timeout=30

@@ -30,6 +30,7 @@ from pydicom.uid import (
 from pynetdicom import AE, _config
 from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.status import code_to_category
 
 from carina.archive import db, peers
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
@@ -40,6 +41,8 @@ pytestmark = pytest.mark.slow
 
 SECRET = "dimse-test-key"
 COLLECTION = "site-a"
+# PS3.4 B.2.3 / B.4.1.3: de-identification coerces every instance it stores.
+COERCED = 0xB000
 DICOM_MULTIPART = 'multipart/related; type="application/dicom"; transfer-syntax=*'
 
 # Send files as they are on disk (file meta gives the SOP Class/Instance): the only way to put a
@@ -177,7 +180,7 @@ def test_c_store_from_pynetdicom_is_deidentified_and_found_by_qido(
     assert assoc.is_established
     statuses = [assoc.send_c_store(ds).Status for ds in sent]
     assoc.release()
-    assert statuses == [0x0000] * 4
+    assert statuses == [COERCED] * 4
     wait_for_series(listener.database_url)
 
     study = pseudonymizer().uid(phi.study_uid)
@@ -193,6 +196,52 @@ def test_c_store_from_pynetdicom_is_deidentified_and_found_by_qido(
     with pool.connection() as conn:
         row = conn.execute("SELECT collection FROM studies WHERE study_uid = %s", (study,))
         assert row.fetchone() == (COLLECTION,)
+
+
+def test_c_store_reports_deidentification_as_a_coercion_warning(
+    listener: Listener, tmp_path: Path
+) -> None:
+    [ds] = ct_series(Phi(), 1, rows=16, columns=16)
+    assoc = associate(listener)
+    status = assoc.send_c_store(ds)
+    assoc.release()
+    # PS3.4 B.2.3: stored, with Warning "Coercion of Data Elements", and why.
+    assert status.Status == COERCED
+    assert code_to_category(status.Status) == "Warning"
+    assert "de-identified" in status.ErrorComment
+    # dcmtk's storescu takes the warning for what it is: reported, and the send succeeded.
+    [again] = ct_series(Phi(), 1, rows=16, columns=16)
+    done = subprocess.run(
+        ["storescu", "-v", "-aet", "SITEA", "-aec", "CARINA", "127.0.0.1", str(listener.port)]
+        + [str(write(tmp_path / "one.dcm", to_bytes(again)))],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "Warning: CoercionOfDataElements" in done.stdout + done.stderr
+
+
+def test_coercion_warnings_can_be_turned_off(server_factory: object, listener: Listener) -> None:
+    port = free_port()
+    quiet = server_factory(  # type: ignore[operator]
+        CARINA_DIMSE_PORT=str(port), CARINA_SECRET_KEY=SECRET, CARINA_COERCION_WARNINGS="false"
+    )
+    first, second = ct_series(Phi(), 2, rows=16, columns=16)
+    assoc = associate(Listener(quiet, port, listener.database_url))
+    status = assoc.send_c_store(first)
+    assoc.release()
+    assert status.Status == 0x0000
+    assert "ErrorComment" not in status
+    r = quiet.http.post(
+        f"{quiet.dicomweb}/studies",
+        data=b"--B\r\nContent-Type: application/dicom\r\n\r\n" + to_bytes(second) + b"\r\n--B--",
+        headers={"Content-Type": 'multipart/related; type="application/dicom"; boundary=B'},
+        timeout=60,
+    )
+    assert r.status_code == 200, r.text
+    [item] = r.json()["00081199"]["Value"]
+    assert "00081196" not in item
 
 
 def test_storescu_pushes_native_and_rle_instances_stored_as_received(
@@ -300,7 +349,7 @@ def test_bad_instances_get_failure_statuses_and_the_association_stays_usable(
     assert "SOPInstanceUID" in r_no_sop.ErrorComment
     assert r_wrong.Status == 0xA900
     assert "SOP Class" in r_wrong.ErrorComment
-    assert r_good.Status == 0x0000
+    assert r_good.Status == COERCED
     assert_no_phi(phi, *(str(r.get("ErrorComment", "")) for r in (r_truncated, r_no_sop, r_wrong)))
     wait_for_series(listener.database_url)
     study = pseudonymizer().uid(phi.study_uid)
@@ -314,7 +363,7 @@ def test_instances_acknowledged_before_an_abort_are_all_kept(listener: Listener)
     phi = Phi()
     sent = ct_series(phi, 3, rows=32, columns=32)
     assoc = associate(listener)
-    assert [assoc.send_c_store(ds).Status for ds in sent] == [0x0000] * 3
+    assert [assoc.send_c_store(ds).Status for ds in sent] == [COERCED] * 3
     assoc.abort()
     # Acknowledged means committed: no waiting for the server to notice the abort.
     instances, _ = qido(listener, f"/studies/{pseudonymizer().uid(phi.study_uid)}/instances")
@@ -338,7 +387,7 @@ def test_eight_concurrent_associations_store_eighty_intact_instances(listener: L
         th.start()
     for th in threads:
         th.join(120)
-    assert statuses == {t: [0x0000] * 10 for t in range(8)}
+    assert statuses == {t: [COERCED] * 10 for t in range(8)}
     wait_for_series(listener.database_url)
 
     p = pseudonymizer()
@@ -361,7 +410,7 @@ def test_submission_records_accepted_and_refused_counts(
     assoc = associate(listener, aet="SITEC")
     statuses = [assoc.send_c_store(x).Status for x in (first, bad_file, second)]
     assoc.release()
-    assert statuses == [0x0000, 0xA900, 0x0000]
+    assert statuses == [COERCED, 0xA900, COERCED]
 
     deadline = time.monotonic() + 10
     while True:
@@ -419,7 +468,7 @@ def test_carina_dimse_runs_the_listener_alone_and_stops_on_sigterm(
         assert assoc.is_established, log.read_text()
         phi = Phi()
         [ds] = ct_series(phi, 1, rows=16, columns=16)
-        assert assoc.send_c_store(ds).Status == 0x0000
+        assert assoc.send_c_store(ds).Status == COERCED
         assoc.release()
         # Same database and key: the HTTP server's worker evaluates what the lone listener
         # stored, and then serves it.

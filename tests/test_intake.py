@@ -8,9 +8,13 @@ import pytest
 
 from carina.curation.intake import (
     CANNOT_UNDERSTAND,
+    COERCED,
+    DISCARDED,
     InstanceRecord,
     IntakeContext,
     Refusal,
+    _coercion,
+    _read,
     process_part,
 )
 from tests.factory import Phi, ct_instance, to_bytes
@@ -109,3 +113,23 @@ def test_only_top_level_bulk_data_is_addressable(ctx: IntakeContext) -> None:
     nested = meta["00283000"]["Value"][0]["00283006"]["BulkDataURI"]
     assert nested != "bulkdata/00283006"
     assert not nested.startswith("bulkdata/7FE00010")
+
+
+def test_deidentified_instance_carries_the_coercion_warning(ctx: IntakeContext) -> None:
+    outcome = process_part(to_bytes(ct_instance(Phi(), 1, rows=16, columns=16)), ctx)
+    assert isinstance(outcome, InstanceRecord)
+    assert outcome.warning == COERCED
+
+
+def test_coercion_says_changed_removed_or_untouched() -> None:
+    data = to_bytes(ct_instance(Phi(), 1, rows=16, columns=16))
+    ds, snapshot = _read(data)
+    read = frozenset(ds._dict)
+    assert _coercion(ds, read, snapshot) == 0
+    del ds.AccessionNumber
+    assert _coercion(ds, read, snapshot) == DISCARDED
+    ds.PatientName = "RESEARCH^0001"
+    assert _coercion(ds, read, snapshot) == COERCED
+    ds, snapshot = _read(data)
+    ds.PatientIdentityRemoved = "YES"  # added
+    assert _coercion(ds, read, snapshot) == COERCED

@@ -203,7 +203,10 @@ def _condition(keyword: str, value: str) -> tuple[str, list[object]] | None:
         except ValueError as e:
             raise InvalidQuery(f"{keyword} must be an integer, not {value!r}") from e
     if kind == "modalities":
-        mods = [m for m in value.split("\\") if m]
+        # Any of the listed modalities. A CS value never holds a comma, so a comma separates
+        # values as a backslash does: OHIF's study list sends its modality filter (an array)
+        # through encodeURIComponent, which joins it with commas ("CT,MR").
+        mods = [m for m in re.split(r"[,\\]", value) if m]
         return (
             "EXISTS (SELECT 1 FROM series m WHERE m.study_uid = s.study_uid"
             " AND m.state = %s AND m.modality = ANY(%s))",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -206,6 +207,8 @@ def parse_query(
     q = Query(level=level, study=study, series=series, collections=collections)
     grouped: dict[str, list[str]] = {}
     for name, value in params:
+        if "\x00" in value:  # PostgreSQL text cannot hold NUL; no DICOM value has one
+            raise InvalidQuery(f"the value of {name} contains a NUL character")
         if name in _CONTROL:
             _control(q, name, value)
         else:
@@ -343,9 +346,12 @@ def _contains(path: tuple[str, ...], leaf: object) -> str:
 
 def _number(key: MetaKey, value: str) -> int | float:
     try:
-        return int(value) if key.vr in ("IS", "SL", "SS", "SV", "UL", "US", "UV") else float(value)
+        n = int(value) if key.vr in ("IS", "SL", "SS", "SV", "UL", "US", "UV") else float(value)
     except ValueError as e:
         raise InvalidQuery(f"{key.name} ({key.vr}) must be a number, not {value!r}") from e
+    if not math.isfinite(n):  # JSON has no NaN or infinity
+        raise InvalidQuery(f"{key.name} ({key.vr}) must be a finite number, not {value!r}")
+    return n
 
 
 def _meta_condition(key: MetaKey, value: str, fuzzy: bool) -> tuple[str, list[object]] | None:

@@ -121,6 +121,10 @@ def test_fuzzy_person_name_matching_ignores_case_accents_and_order(
     [
         ("/instances", {"SliceThickness": "thin"}),
         ("/instances", {"KVP": "1e"}),
+        ("/instances", {"KVP": "nan"}),
+        ("/instances", {"SliceThickness": "1e999"}),
+        ("/studies", {"PatientID": "MRN\x00"}),
+        ("/studies", {"Manufacturer": "ACME\x00"}),
         ("/studies", {"StudyInstanceUID": "1.2.x"}),
         ("/instances", {"ReferencedSOPInstanceUID": "1..2"}),
         ("/instances", {"AcquisitionDate": "2020-13"}),

@@ -18,6 +18,7 @@ from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecor
 from . import auth
 from .conditional import not_modified, validators
 from .context import base_url, runtime
+from .dicomxml import DICOM_XML, native_xml
 from .errors import http_error
 from .multipart import (
     Loaded,
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 
 DICOM = "application/dicom"
 DICOM_JSON = "application/dicom+json"
-DICOM_XML = "application/dicom+xml"
 OCTET = "application/octet-stream"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # Objects up to this size are read whole and sent in one write; larger ones are streamed.
@@ -278,8 +278,9 @@ def _search(
     study: str | None = None,
     series: str | None = None,
 ) -> Response:
-    if not _accepts(request, DICOM_JSON, "application/json"):
-        return http_error(406, f"QIDO-RS answers in {DICOM_JSON}")
+    xml = _wants_xml(request)
+    if not xml and not _accepts(request, DICOM_JSON, "application/json"):
+        return http_error(406, f"QIDO-RS answers in {DICOM_JSON} or {XML_PARTS}")
     query = qido.parse_query(
         level,
         request.query_params.multi_items(),
@@ -298,7 +299,39 @@ def _search(
     headers = {"Warning": ", ".join(f'299 carina: "{w}"' for w in warnings)} if warnings else {}
     if not result.items:
         return Response(status_code=204, headers=headers)
+    if xml:
+        return _xml_response(iter(result.items), headers)
     return JSONResponse(result.items, media_type=DICOM_JSON, headers=headers)
+
+
+XML_PARTS = f'multipart/related; type="{DICOM_XML}"'
+
+
+def _wants_xml(request: Request) -> bool:
+    """Whether to answer in PS3.19 XML parts (PS3.18 8.7.3.2): the first Accept item Carina
+    can answer asks for multipart/related; type="application/dicom+xml"."""
+    for item in (request.headers.get("accept") or "").split(","):
+        mtype, params = parse_media_type(item.strip())
+        if mtype == "multipart/related" and params.get("type", "").lower() == DICOM_XML:
+            return True
+        if mtype in ("*/*", "application/*", DICOM_JSON, "application/json"):
+            return False
+    return False
+
+
+def _xml_response(items: Iterator[dict], headers: dict[str, str]) -> Response:
+    """One NativeDicomModel document per dataset, as multipart/related parts, streamed."""
+    boundary = new_boundary()
+
+    def body() -> Iterator[bytes]:
+        for item in items:
+            doc = native_xml(item)
+            yield part_head(boundary, DICOM_XML, len(doc)) + doc + b"\r\n"
+        yield closing(boundary)
+
+    return StreamingResponse(
+        body(), media_type=f"{XML_PARTS}; boundary={boundary}", headers=headers
+    )
 
 
 # ------------------------------------------------------------------------------- WADO-RS
@@ -399,17 +432,22 @@ _SOP_UID = re.compile(r'"00080018":\s*\{[^}]*"Value":\s*\["([^"]+)"')
 def _metadata(
     request: Request, study: str, series: str | None = None, sop: str | None = None
 ) -> Response:
-    if not _accepts(request, DICOM_JSON, "application/json"):
-        return http_error(406, f"metadata is served as {DICOM_JSON}")
+    xml = _wants_xml(request)
+    if not xml and not _accepts(request, DICOM_JSON, "application/json"):
+        return http_error(406, f"metadata is served as {DICOM_JSON} or {XML_PARTS}")
     pool, scope = runtime(request).pool, auth.read_scope(request)
     base = f"{base_url(request)}/studies/{study}"
     # The BulkDataURIs in the body are absolute, so the root the request came through counts.
-    cache = validators(index.version(pool, study, series, sop, scope), DICOM_JSON, base)
+    media = XML_PARTS if xml else DICOM_JSON
+    cache = validators(index.version(pool, study, series, sop, scope), media, base)
     unchanged = not_modified(request, cache)
     if unchanged is not None:
         return unchanged
     rows = index.iter_metadata(pool, study, series, sop, scope=scope)
     auth.record_access(request, [study])
+    if xml:
+        items = (json.loads(_absolute_bulk_uris(t, base, series, sop)) for t in rows)
+        return _xml_response(items, cache)
 
     def body() -> Iterator[bytes]:
         piece: list[str] = ["["]

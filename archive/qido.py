@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from psycopg_pool import ConnectionPool
-from pydicom.datadict import keyword_for_tag, tag_for_keyword
+from pydicom.datadict import dictionary_VR, keyword_for_tag, tag_for_keyword
 
 from .access import EVERYTHING, Scope
 from .errors import InvalidQuery
-from .index import INSTANCE_TAGS, PUBLISHED, SERIES_TAGS
+from .index import INSTANCE_TAGS, PATIENT_TAGS, PUBLISHED, SERIES_TAGS, STUDY_TAGS
 
 Level = Literal["study", "series", "instance"]
 
@@ -56,7 +57,33 @@ SERIES_KEYS = {
 INSTANCE_KEYS = {"SOPClassUID", "SOPInstanceUID", "InstanceNumber"}
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_CONTROL = {"includefield", "limit", "offset", "fuzzymatching"}
+_DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+_CONTROL = {
+    "includefield",
+    "limit",
+    "offset",
+    "fuzzymatching",
+    "emptyvaluematching",
+    "multiplevaluematching",
+}
+# PS3.4 C.2.2.2: Specific Character Set says how values are encoded; it is never matched.
+_NEVER_MATCHED = {"00080005"}
+# Values kept as DICOM JSON numbers (PS3.18 F.2.3.1); matched as numbers.
+_NUMBER_VRS = {"IS", "DS", "FL", "FD", "SL", "SS", "SV", "UL", "US", "UV"}
+# No matching is defined on binary values (PS3.4 C.2.2.2 lists none); they are ignored.
+_BINARY_VRS = {"OB", "OD", "OF", "OL", "OV", "OW", "UN"}
+
+
+@dataclass(frozen=True)
+class MetaKey:
+    """A matching key answered from the instances' metadata JSON: an attribute, or one inside
+    sequence items (PS3.18 8.3.4.1 `Seq.Attr`, PS3.4 C.2.2.2.6 Sequence Matching)."""
+
+    #: tags (8 hex digits) from the top-level attribute down to the matched one
+    path: tuple[str, ...]
+    vr: str
+    name: str
 
 
 @dataclass
@@ -69,8 +96,11 @@ class Query:
     #: what is searched; callers pass what the requester may read
     scope: Scope = EVERYTHING
     matches: list[tuple[str, list[str]]] = field(default_factory=list)
+    #: keys not held in an indexed column, matched on the instances' metadata
+    meta_matches: list[tuple[MetaKey, list[str]]] = field(default_factory=list)
     include: set[str] = field(default_factory=set)
     include_all: bool = False
+    fuzzy: bool = False
     limit: int = DEFAULT_LIMIT
     offset: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -96,6 +126,23 @@ def _tag_key(name: str) -> tuple[str, str]:
     return name, f"{tag:08X}"
 
 
+def _vr(tag: str) -> str:
+    """The VR of a tag in the data dictionary; UN for a private or unknown one."""
+    try:
+        return str(dictionary_VR(int(tag, 16))).split(" or ")[0]
+    except KeyError:
+        return "UN"
+
+
+def _meta_key(name: str) -> MetaKey:
+    """The key of a query attribute `Attr` or `Seq.Attr` (keywords or tags at each step)."""
+    steps = [_tag_key(step) for step in name.split(".")]
+    for keyword, tag in steps[:-1]:
+        if _vr(tag) != "SQ":
+            raise InvalidQuery(f"{keyword} in {name!r} is not a sequence (PS3.18 8.3.4.1)")
+    return MetaKey(tuple(tag for _, tag in steps), _vr(steps[-1][1]), name)
+
+
 def _int_param(name: str, value: str) -> int:
     try:
         n = int(value)
@@ -104,6 +151,49 @@ def _int_param(name: str, value: str) -> int:
     if n < 0:
         raise InvalidQuery(f"{name} must be a non-negative integer, not {value!r}")
     return n
+
+
+def _boolean(name: str, value: str) -> bool:
+    """A true/false query parameter (PS3.18 Table 8.3.4-1)."""
+    if value.lower() not in ("true", "false"):
+        raise InvalidQuery(f"{name} must be true or false, not {value!r}")
+    return value.lower() == "true"
+
+
+def _control(q: Query, name: str, value: str) -> None:
+    """Apply one of the search parameters that are not attribute matches (PS3.18 8.3.4)."""
+    if name == "includefield":
+        for f in value.split(","):
+            f = f.strip()
+            if f == "all":
+                q.include_all = True
+            elif f:
+                # `Seq.Attr` asks for the whole top-level sequence.
+                q.include.add(_tag_key(f.split(".")[0])[1])
+    elif name == "limit":
+        q.limit = _int_param(name, value)
+        if q.limit > MAX_LIMIT:
+            q.warnings.append(f"limit reduced to {MAX_LIMIT}")
+            q.limit = MAX_LIMIT
+    elif name == "offset":
+        q.offset = _int_param(name, value)
+    elif name == "fuzzymatching":
+        q.fuzzy = _boolean(name, value)
+    elif _boolean(name, value):
+        q.warnings.append(f"The {name} parameter is not supported; it was ignored")
+
+
+def _check_level(level: Level, keyword: str, top_tag: str) -> None:
+    """Refuse matching on a key of a lower level than the one searched (PS3.18 10.6.1.2)."""
+    if level == "study" and (keyword in SERIES_KEYS | INSTANCE_KEYS or top_tag in _LOWER_TAGS):
+        raise InvalidQuery(f"{keyword} is not a study-level attribute")
+    if level == "series" and (keyword in INSTANCE_KEYS or top_tag in _INSTANCE_ONLY):
+        raise InvalidQuery(f"{keyword} is not a series-level attribute")
+
+
+_UPPER_TAGS = PATIENT_TAGS | STUDY_TAGS
+_LOWER_TAGS = (SERIES_TAGS | INSTANCE_TAGS) - _UPPER_TAGS
+_INSTANCE_ONLY = INSTANCE_TAGS - _UPPER_TAGS - SERIES_TAGS
 
 
 def parse_query(
@@ -118,42 +208,29 @@ def parse_query(
     q = Query(level=level, study=study, series=series, scope=scope)
     grouped: dict[str, list[str]] = {}
     for name, value in params:
+        if "\x00" in value:  # PostgreSQL text cannot hold NUL; no DICOM value has one
+            raise InvalidQuery(f"the value of {name} contains a NUL character")
         if name in _CONTROL:
-            if name == "includefield":
-                for f in value.split(","):
-                    f = f.strip()
-                    if f == "all":
-                        q.include_all = True
-                    elif f:
-                        q.include.add(_tag_key(f)[1])
-            elif name == "limit":
-                q.limit = _int_param(name, value)
-                if q.limit > MAX_LIMIT:
-                    q.warnings.append(f"limit reduced to {MAX_LIMIT}")
-                    q.limit = MAX_LIMIT
-            elif name == "offset":
-                q.offset = _int_param(name, value)
-            elif name == "fuzzymatching" and value.lower() == "true":
-                q.warnings.append(
-                    "The fuzzymatching parameter is not supported. "
-                    "Only literal matching has been performed."
-                )
+            _control(q, name, value)
+        else:
+            grouped.setdefault(name, []).append(value)
+    for name, values in grouped.items():
+        key = _meta_key(name)
+        top = key.path[0]
+        keyword = keyword_for_tag(int(top, 16)) or top
+        if any(v not in ("", "*") for v in values):
+            _check_level(level, keyword, top)
+        q.include.add(top)
+        if len(key.path) == 1 and keyword in _KEYS:
+            q.matches.append((keyword, values))
+        elif top in _NEVER_MATCHED:
             continue
-        if "." in name:
-            q.warnings.append(f"sequence matching on {name} is not supported; ignored")
-            continue
-        keyword, tag = _tag_key(name)
-        q.include.add(tag)
-        grouped.setdefault(keyword, []).append(value)
-    for keyword, values in grouped.items():
-        if keyword not in _KEYS:
-            q.warnings.append(f"matching on {keyword} is not supported; ignored")
-            continue
-        if level == "study" and keyword in SERIES_KEYS | INSTANCE_KEYS:
-            raise InvalidQuery(f"{keyword} is not a study-level attribute")
-        if level == "series" and keyword in INSTANCE_KEYS:
-            raise InvalidQuery(f"{keyword} is not a series-level attribute")
-        q.matches.append((keyword, values))
+        elif key.vr in _BINARY_VRS:
+            q.warnings.append(f"matching on {name} ({key.vr}) is not supported; ignored")
+        else:
+            for value in values:
+                _meta_condition(key, value, q.fuzzy)  # malformed values: 400 before the query
+            q.meta_matches.append((key, values))
     return q
 
 
@@ -182,18 +259,48 @@ def _range(
     if hi:
         conds.append(f"{column} <= %s")
         # A partial time as upper bound covers its whole hour or minute: "10" admits "1059".
-        args.append(hi + "~" if what == "time" else hi)
+        args.append(hi + "~" if what in ("time", "datetime") else hi)
     return " AND ".join(conds), args
 
 
-def _condition(keyword: str, value: str) -> tuple[str, list[object]] | None:
+def _uids(value: str) -> list[str]:
+    """The UIDs of a UID list matching value (PS3.18 8.3.4.1: comma-separated; PS3.4 C.2.2.2.2:
+    backslash-separated), each checked against PS3.5 9.1."""
+    uids = [u for u in re.split(r"[,\\]", value) if u]
+    for uid in uids:
+        if len(uid) > 64 or not _UID.match(uid):
+            raise InvalidQuery(f"{uid!r} is not a UID (PS3.5 9.1)")
+    return uids
+
+
+def _fold(expr: str) -> str:
+    """SQL folding a name for fuzzy matching: lower case, accents removed (unaccent)."""
+    return f"lower(unaccent({expr}))"
+
+
+def _fuzzy_pn(expr: str, value: str) -> tuple[str, list[object]]:
+    """Fuzzy person name matching (PS3.18 8.3.4.2), Carina's definition: case- and
+    accent-insensitive, and each word of the value (split at `^`, `=`, spaces, commas) is the
+    start of some word of the name, in any order; with wildcards, the whole value is a
+    case- and accent-insensitive wildcard pattern."""
+    if "*" in value or "?" in value:
+        return f"{_fold(expr)} LIKE {_fold('%s')}", [_like(value)]
+    words = [w for w in re.split(r"[\^= ,]+", value) if w]
+    conds = [
+        f"EXISTS (SELECT 1 FROM regexp_split_to_table({_fold(expr)}, '[\\^= ,-]+') w"
+        f" WHERE starts_with(w, {_fold('%s')}))"
+        for _ in words
+    ]
+    return " AND ".join(conds) or "TRUE", list(words)
+
+
+def _condition(keyword: str, value: str, fuzzy: bool) -> tuple[str, list[object]] | None:
     """SQL for one attribute's matching value; None for universal matching."""
     column, kind = _KEYS[keyword]
     if value == "" or value == "*":
         return None  # PS3.4 C.2.2.2.3: universal matching
     if kind == "uid":
-        uids = [u for u in re.split(r"[,\\]", value) if u]
-        return f"{column} = ANY(%s)", [uids]
+        return f"{column} = ANY(%s)", [_uids(value)]
     if kind == "date":
         return _range(column, value, _DATE, "date")
     if kind == "time":
@@ -204,21 +311,90 @@ def _condition(keyword: str, value: str) -> tuple[str, list[object]] | None:
         except ValueError as e:
             raise InvalidQuery(f"{keyword} must be an integer, not {value!r}") from e
     if kind == "modalities":
-        mods = [m for m in value.split("\\") if m]
+        # Any of the listed modalities. A CS value never holds a comma, so a comma separates
+        # values as a backslash does: OHIF's study list sends its modality filter (an array)
+        # through encodeURIComponent, which joins it with commas ("CT,MR").
+        mods = [m for m in re.split(r"[,\\]", value) if m]
         return (
             "EXISTS (SELECT 1 FROM series m WHERE m.study_uid = s.study_uid"
             " AND m.state = %s AND m.modality = ANY(%s))",
             [PUBLISHED, mods],
         )
-    wild = "*" in value or "?" in value
     if kind == "pn":
-        # PN matching is case-insensitive here, as in Orthanc and dcm4chee.
-        if wild:
-            return f"upper({column}) LIKE upper(%s)", [_like(value)]
-        return f"upper({column}) = upper(%s)", [value]
-    if wild:
+        return _pn(column, value, fuzzy)
+    if "*" in value or "?" in value:
         return f"{column} LIKE %s", [_like(value)]
     return f"{column} = %s", [value]
+
+
+def _pn(expr: str, value: str, fuzzy: bool) -> tuple[str, list[object]]:
+    """Person name matching: fuzzy when asked, else case-insensitive (as Orthanc, dcm4chee)."""
+    if fuzzy:
+        return _fuzzy_pn(expr, value)
+    if "*" in value or "?" in value:
+        return f"upper({expr}) LIKE upper(%s)", [_like(value)]
+    return f"upper({expr}) = upper(%s)", [value]
+
+
+def _contains(path: tuple[str, ...], leaf: object) -> str:
+    """The DICOM JSON fragment a metadata document contains when the attribute at path (inside
+    items of the sequences before it) has leaf among its values."""
+    doc: object = leaf
+    for tag in reversed(path):
+        doc = {tag: {"Value": [doc]}}
+    return json.dumps(doc)
+
+
+def _number(key: MetaKey, value: str) -> int | float:
+    try:
+        n = int(value) if key.vr in ("IS", "SL", "SS", "SV", "UL", "US", "UV") else float(value)
+    except ValueError as e:
+        raise InvalidQuery(f"{key.name} ({key.vr}) must be a number, not {value!r}") from e
+    if not math.isfinite(n):  # JSON has no NaN or infinity
+        raise InvalidQuery(f"{key.name} ({key.vr}) must be a finite number, not {value!r}")
+    return n
+
+
+def _meta_condition(key: MetaKey, value: str, fuzzy: bool) -> tuple[str, list[object]] | None:
+    """SQL over `{m}` (an instance's metadata) for one matching value of a key not held in a
+    column; None for universal matching. Exact values (and UID lists) are containment, which
+    the GIN index answers; wildcards, ranges and person names look at each value in turn.
+    Either way a multi-valued attribute matches when any of its values does, and a key inside
+    a sequence when any item matches (PS3.4 C.2.2.2.6)."""
+    if value == "" or value == "*":
+        return None
+    if key.vr == "SQ":
+        raise InvalidQuery(f"{key.name} is a sequence: match on an attribute of its items")
+    if key.vr == "UI":
+        docs = [_contains(key.path, u) for u in _uids(value)]
+        return "(" + " OR ".join(["{m} @> %s::jsonb"] * len(docs)) + ")", list(docs)
+    if key.vr in _NUMBER_VRS:
+        return "{m} @> %s::jsonb", [_contains(key.path, _number(key, value))]
+    path = "$" + "".join(f'."{tag}".Value[*]' for tag in key.path)
+    if key.vr == "PN":
+        cond, args = _pn("v.x", value, fuzzy)
+        path += ".Alphabetic"
+    elif key.vr in ("DA", "TM", "DT"):
+        pattern = {"DA": _DATE, "TM": _TIME, "DT": _DATETIME}[key.vr]
+        what = {"DA": "date", "TM": "time"}.get(key.vr, "datetime")
+        cond, args = _range("v.x", value, pattern, what)
+    elif "*" in value or "?" in value:
+        cond, args = "v.x LIKE %s", [_like(value)]
+    else:
+        return "{m} @> %s::jsonb", [_contains(key.path, value)]
+    return (
+        "EXISTS (SELECT 1 FROM jsonb_path_query({m}, %s::jsonpath) j,"
+        f" LATERAL (SELECT j #>> '{{}}' AS x) v WHERE {cond})",
+        [path, *args],
+    )
+
+
+# Where the instances of a study or series are, for keys matched on their metadata; only
+# published series count, so nothing held back can make a study match.
+_META_SCOPE = {
+    "study": "r.study_uid = s.study_uid",
+    "series": "r.series_uid = se.series_uid",
+}
 
 
 def _where(q: Query) -> tuple[list[str], list[object]]:
@@ -244,10 +420,26 @@ def _where(q: Query) -> tuple[list[str], list[object]]:
         args.extend(q.scope.share)
     for keyword, values in q.matches:
         for value in values:
-            c = _condition(keyword, value)
+            c = _condition(keyword, value, q.fuzzy)
             if c is not None:
                 conds.append(c[0])
                 args.extend(c[1])
+    meta: list[str] = []
+    column = "i.metadata" if q.level == "instance" else "r.metadata"
+    for key, values in q.meta_matches:
+        for value in values:
+            c = _meta_condition(key, value, q.fuzzy)
+            if c is not None:
+                meta.append(c[0].replace("{m}", column))
+                args.extend(c[1])
+    if meta and q.level == "instance":
+        conds.extend(meta)
+    elif meta:
+        conds.append(
+            "EXISTS (SELECT 1 FROM instances r JOIN series x ON x.series_uid = r.series_uid"
+            f" WHERE {_META_SCOPE[q.level]} AND " + " AND ".join(meta) + " AND x.state = %s)"
+        )
+        args.append(PUBLISHED)
     return conds, args
 
 

@@ -66,6 +66,9 @@ SURNAMES = (
 )
 # fmt: on
 GIVEN = ("ANNA", "BEN", "CARLA", "DAVID", "EMMA", "FELIX", "GRACE", "HUGO")
+# Convolution kernels of the population: an attribute no server indexes in a column, kept by
+# de-identification; each value is held by S/KERNELS studies.
+KERNELS = 200
 
 
 class BenchError(RuntimeError):
@@ -159,12 +162,19 @@ def population_bodies(studies: int, batch: int) -> list[Body]:
             study_date=day.strftime("%Y%m%d"),
             accession=f"ACC{i:08d}",
         )
-        files.append(to_bytes(ct_instance(phi, 1, rows=16, columns=16, seed=i)))
+        ds = ct_instance(phi, 1, rows=16, columns=16, seed=i)
+        ds.ConvolutionKernel = kernel(i)
+        files.append(to_bytes(ds))
         if len(files) == batch:
             bodies.extend(_pack(files, batch))
             files = []
     bodies.extend(_pack(files, batch))
     return bodies
+
+
+def kernel(i: int) -> str:
+    """The ConvolutionKernel of the population's i-th study."""
+    return f"K{i % KERNELS:03d}"
 
 
 def _pack(files: list[bytes], batch: int) -> list[Body]:
@@ -350,6 +360,7 @@ KINDS: tuple[QueryKind, ...] = (
     ("patient_name", "PatientName prefix*"),
     ("study_date", "StudyDate range"),
     ("list", f"all studies, limit={LIST_LIMIT}"),
+    ("metadata", "ConvolutionKernel exact (no column)"),
 )
 
 
@@ -376,6 +387,9 @@ def build_queries(
             {"StudyDate": f"{dates[k]}-{dates[k + window - 1]}", "limit": str(QUERY_LIMIT)}
         )
         out["list"].append({"limit": str(LIST_LIMIT)})
+        out["metadata"].append(
+            {"ConvolutionKernel": kernel(rng.randrange(KERNELS)), "limit": str(QUERY_LIMIT)}
+        )
     return out
 
 

@@ -343,7 +343,7 @@ def test_end_of_a_c_store_association_settles_its_series_at_once(
     assoc = ae.associate("127.0.0.1", port, ae_title="CARINA")
     assert assoc.is_established
     statuses = [assoc.send_c_store(ds).Status for ds in clean_series(3)]
-    assert statuses == [0x0000] * 3
+    assert statuses == [0xB000] * 3  # stored, coerced by de-identification
     with psycopg.connect(listener.database_url) as conn:  # type: ignore[arg-type]
         pending = conn.execute(
             "SELECT j.due_at > now() + interval '10 minutes' FROM series_jobs j"

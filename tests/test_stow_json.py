@@ -50,9 +50,11 @@ def as_json(ds: Dataset, prefix: str) -> dict:
 
 
 def stow(server: Server, data: bytes, content_type: str = JSON_MULTIPART) -> requests.Response:
-    return server.http.post(
+    r = server.http.post(
         f"{server.dicomweb}/studies", data=data, headers={"Content-Type": content_type}, timeout=60
     )
+    server.settled()
+    return r
 
 
 def retrieve(server: Server, r: requests.Response, transfer_syntax: str | None = None) -> Dataset:

@@ -57,12 +57,13 @@ def database_url(pg_admin_url: str, request: pytest.FixtureRequest) -> Iterator[
 
 
 def run_cli(
-    database_url: str, cwd: Path, *args: str, **extra_env: str
+    database_url: str, cwd: Path, *args: str, stdin: str | None = None, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m carina ARGS` on a database, as an admin at a shell would."""
+    """Run `python -m carina ARGS` on a database, as an admin at a shell would (typing stdin
+    when given)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CARINA_")}
     env.update(DATABASE_URL=database_url, CARINA_DATA_DIR=str(cwd / "data"), **extra_env)
-    return _carina(env, cwd, *args)
+    return _carina(env, cwd, *args, stdin=stdin)
 
 
 def create_token(database_url: str, cwd: Path, *args: str) -> str:
@@ -72,11 +73,14 @@ def create_token(database_url: str, cwd: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def _carina(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _carina(
+    env: dict[str, str], cwd: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "carina", *args],
         env=env,
         cwd=cwd,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=120,

@@ -133,15 +133,20 @@ def _withdraw(cur: psycopg.Cursor, subject: Subject, actor: str) -> tuple[Counts
         (patients,),
     )
     studies = [r[0] for r in cur.fetchall()]
-    derived = _derived_closure(cur, studies)
+    derived, series = _derived_closure(cur, studies)
     cur.execute(
         "INSERT INTO subject_erasures (actor, collection, identifier_kind, forgotten)"
         " VALUES (%s, %s, %s, %s) RETURNING id",
         (actor, subject.collection, subject.kind, list(subject.forgotten)),
     )
     erasure_id = int(cur.fetchone()[0])  # type: ignore[index]
-    removed = "(i.study_uid = ANY(%(studies)s) OR i.sop_uid = ANY(%(derived)s))"
-    scope = {"studies": studies, "derived": derived, "erasure": erasure_id}
+    # An instance filed under another study than its series' (malformed input) still goes
+    # with the subject's series.
+    removed = (
+        "(i.study_uid = ANY(%(studies)s) OR i.series_uid = ANY(%(series)s)"
+        " OR i.sop_uid = ANY(%(derived)s))"
+    )
+    scope = {"studies": studies, "series": series, "derived": derived, "erasure": erasure_id}
     cur.execute(
         "INSERT INTO erasure_objects (erasure_id, sop_uid, object_key)"
         f" SELECT %(erasure)s, i.sop_uid, i.object_key FROM instances i WHERE {removed}",
@@ -160,7 +165,7 @@ def _withdraw(cur: psycopg.Cursor, subject: Subject, actor: str) -> tuple[Counts
     )
     touched = cur.fetchall()
     counts.instances = len(touched)
-    series = sorted({r[0] for r in touched})
+    series = sorted({*series, *(r[0] for r in touched)})
     studies = sorted({*studies, *(r[1] for r in touched)})
     # Rows left empty: all of the subject's, and those that only held its derived objects.
     cur.execute(
@@ -172,6 +177,7 @@ def _withdraw(cur: psycopg.Cursor, subject: Subject, actor: str) -> tuple[Counts
     cur.execute(
         "DELETE FROM studies s WHERE s.study_uid = ANY(%s)"
         " AND NOT EXISTS (SELECT 1 FROM series x WHERE x.study_uid = s.study_uid)"
+        " AND NOT EXISTS (SELECT 1 FROM instances i WHERE i.study_uid = s.study_uid)"
         " RETURNING s.study_uid, s.patient_pk",
         (studies,),
     )
@@ -198,11 +204,18 @@ def _withdraw(cur: psycopg.Cursor, subject: Subject, actor: str) -> tuple[Counts
     return counts, erasure_id
 
 
-def _derived_closure(cur: psycopg.Cursor, studies: Sequence[str]) -> list[str]:
-    """SOP Instance UIDs of every derived object that names a series of these studies as its
-    source, then of those naming the series of such objects, until none is added."""
-    cur.execute("SELECT series_uid FROM series WHERE study_uid = ANY(%s)", (list(studies),))
-    series = {r[0] for r in cur.fetchall()}
+def _derived_closure(cur: psycopg.Cursor, studies: Sequence[str]) -> tuple[list[str], list[str]]:
+    """The series of these studies (and of their instances, should a series row name another
+    study), and the SOP Instance UIDs of every derived object that
+    names one of them as its source, then of those naming the series of such objects, until
+    none is added."""
+    cur.execute(
+        "SELECT series_uid FROM series WHERE study_uid = ANY(%(st)s)"
+        " UNION SELECT series_uid FROM instances WHERE study_uid = ANY(%(st)s)",
+        {"st": list(studies)},
+    )
+    own = {r[0] for r in cur.fetchall()}
+    series = set(own)
     found: set[str] = set()
     frontier = set(series)
     while frontier:
@@ -220,7 +233,7 @@ def _derived_closure(cur: psycopg.Cursor, studies: Sequence[str]) -> list[str]:
         )
         frontier = {r[0] for r in cur.fetchall()} - series
         series |= frontier
-    return sorted(found)
+    return sorted(found), sorted(own)
 
 
 def _forget_mapping(cur: psycopg.Cursor, subject: Subject) -> int:

@@ -9,6 +9,7 @@ of every file in the data directory (or the S3 bucket)."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +28,7 @@ from carina.archive import db, erasure
 from carina.curation.forget import resolve
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
 from tests.conftest import Server, free_port, run_cli
-from tests.derived import build
+from tests.derived import build, parametric_map, rt_structure_set
 from tests.factory import Phi, ct_series, to_bytes
 from tests.s3server import S3Server, start_weed
 
@@ -61,7 +62,7 @@ class Planted:
     keyed_id: str  # the keyed pseudonym its original PatientID would get unmapped
     studies: tuple[str, ...]
     ct_series: str  # de-identified CT series the SEG and SR were made from
-    derived_sops: tuple[str, ...]  # SEG and SR
+    derived_sops: tuple[str, ...]  # SEG, SR, parametric map, RT structure set
     uids: tuple[str, ...]  # every de-identified UID of its instances
     staged: Path
     spooled: Path
@@ -112,17 +113,19 @@ def _stow(server: Server, collection: str, datasets: list[Dataset]) -> None:
 
 
 def _plant(archive: Archive, collection: str, n: int, research_id: str) -> Planted:
-    """Store subject n (mapped to research_id): study 1 with CT, SEG and SR, study 2 with CT;
+    """Store subject n (mapped to research_id): study 1 with CT and a SEG, an SR, a parametric
+    map and an RT structure set made from it, study 2 with CT;
     read both (so the access audit names them); stage a de-identified copy of one instance and
     spool an identified part in the intake area."""
     server = archive.server
     phi = _phi(n)
     cts, seg, sr = build(phi)
+    pm, rtstruct = parametric_map(cts), rt_structure_set(cts)
     second = dataclasses.replace(
         phi, study_uid=generate_uid(), series_uid=generate_uid(), frame_uid=generate_uid()
     )
     cts2 = ct_series(second, 2, rows=16, columns=16)
-    _stow(server, collection, [*cts, seg, sr, *cts2])
+    _stow(server, collection, [*cts, seg, sr, pm, rtstruct, *cts2])
     uid = _uid_map(collection)
     studies = (uid(phi.study_uid), uid(second.study_uid))
     root = server.root(collection)
@@ -146,8 +149,8 @@ def _plant(archive: Archive, collection: str, n: int, research_id: str) -> Plant
         keyed_id=keyed,
         studies=studies,
         ct_series=uid(phi.series_uid),
-        derived_sops=(uid(str(seg.SOPInstanceUID)), uid(str(sr.SOPInstanceUID))),
-        uids=tuple(sorted(_deid_uids(collection, [*cts, seg, sr, *cts2]))),
+        derived_sops=tuple(uid(str(d.SOPInstanceUID)) for d in (seg, sr, pm, rtstruct)),
+        uids=tuple(sorted(_deid_uids(collection, [*cts, seg, sr, pm, rtstruct, *cts2]))),
         staged=staged,
         spooled=spooled,
     )
@@ -325,7 +328,7 @@ def _assert_intact(archive: Archive, collection: str, kept: Planted) -> None:
     assert mapped == [(kept.research_id,)]
     assert kept.research_id in _database_text(archive.database_url)
     kept_objects = [k for k in archive.objects() if k.startswith(kept.studies[0])]
-    assert len(kept_objects) == 5  # CT x3, SEG, SR
+    assert len(kept_objects) == 7  # CT x3, SEG, SR, parametric map, RT structure set
 
 
 def _erasure(archive: Archive, collection: str) -> tuple:
@@ -365,7 +368,7 @@ def _forget_and_check(archive: Archive, collection: str, by_original: bool) -> N
 
     code, dry = _cli(archive, "subject", "forget", collection, *args, "--dry-run", stdin=stdin)
     assert code == 0, dry
-    assert "would remove:" in dry and "  instances: 7\n" in dry, dry  # CT x3, SEG, SR; CT x2
+    assert "would remove:" in dry and "  instances: 9\n" in dry, dry  # CT x3, 4 derived; CT x2
     _assert_present(archive, collection, gone)
 
     code, out = _cli(archive, "subject", "forget", collection, *args, "--by", "dpo", stdin=stdin)
@@ -374,10 +377,10 @@ def _forget_and_check(archive: Archive, collection: str, by_original: bool) -> N
         "removed:",
         "  patients: 1",
         "  studies: 2",
-        "  series: 4",
-        "  instances: 7",
-        "  derived objects among them: 2",
-        "  stored objects: 7",
+        "  series: 6",
+        "  instances: 9",
+        "  derived objects among them: 4",
+        "  stored objects: 9",
         "  pseudonym mapping entries: 1",
         "  staged files: 1",
         "  intake files: 1",
@@ -389,7 +392,7 @@ def _forget_and_check(archive: Archive, collection: str, by_original: bool) -> N
 
     erasure_id, actor, kind, counts, complete, audit_rows = _erasure(archive, collection)
     assert (actor, kind, complete) == ("dpo", "original" if by_original else "research", True)
-    assert counts["instances"] == 7 and counts["intake_files"] == 1
+    assert counts["instances"] == 9 and counts["intake_files"] == 1
     assert audit_rows == counts["audit_rows"] >= 2  # both studies were read
 
     code, again = _cli(archive, "subject", "forget", collection, *args, stdin=stdin)
@@ -435,7 +438,7 @@ def test_crash_after_withdrawal_serves_nothing_and_a_rerun_finishes(archive: Arc
     with db.open_pool(archive.database_url, max_size=1) as pool:
         subject, _ = resolve(pool, SECRET.encode(), collection, research_id=gone.research_id)
         erasure_id, counts = erasure.withdraw(pool, subject, "crashed")
-    assert erasure_id is not None and counts.instances == 7
+    assert erasure_id is not None and counts.instances == 9
     # Nothing of the subject is served although its objects are still stored.
     assert archive.objects() == objects_before
     assert not set(gone.studies) & _studies(archive, collection)
@@ -446,12 +449,12 @@ def test_crash_after_withdrawal_serves_nothing_and_a_rerun_finishes(archive: Arc
         assert r.status_code == 404
     assert _c_find(archive, collection, PatientID=gone.research_id) == []
     code, out = _cli(archive, "fsck")
-    assert code == 1 and f"unfinished erasure {erasure_id}: 7 objects" in out
+    assert code == 1 and f"unfinished erasure {erasure_id}: 9 objects" in out
     # The rerun recognises the subject as forgotten and finishes the deletion.
     code, out = _cli(archive, "subject", "forget", collection, "--research-id", gone.research_id)
     assert code == 0, out
     assert f"already forgotten (erasure {erasure_id}" in out
-    assert "  stored objects: 7" in out
+    assert "  stored objects: 9" in out
     assert "staged files: 1" in out and "intake files: 1" in out
     _assert_forgotten(archive, collection, gone)
     _assert_intact(archive, collection, kept)
@@ -520,3 +523,61 @@ def test_forget_with_the_s3_store_deletes_the_subjects_objects_from_the_bucket(
 ) -> None:
     assert _files_bytes(s3_archive.server.data_dir / "objects") == {}
     _forget_and_check(s3_archive, "forget-s3", by_original=True)
+
+
+def test_forget_removes_a_derived_object_stored_in_another_study_that_references_the_subject(
+    archive: Archive,
+) -> None:
+    collection = "forget-xref"
+    _setup_collection(archive, collection, {8: "forget-xref-0008"})
+    phi = _phi(8)
+    cts, made, _ = build(phi)
+    # A pipeline's result filed as its own study and patient, made from the subject's CT (a
+    # copy: highdicom's SEG shares data elements with its source images).
+    seg = copy.deepcopy(made)
+    seg.StudyInstanceUID = generate_uid()
+    seg.PatientID, seg.PatientName = "PIPELINE-OUT-8", "PIPELINE^OUTPUT"
+    _stow(archive.server, collection, [*cts, seg])
+    uid = _uid_map(collection)
+    assert _studies(archive, collection) == {uid(phi.study_uid), uid(seg.StudyInstanceUID)}
+    code, out = _cli(
+        archive, "subject", "forget", collection, "--original-id", stdin=phi.patient_id
+    )
+    assert code == 0, out
+    for line in (
+        "  patients: 2",
+        "  studies: 2",
+        "  instances: 4",
+        "  derived objects among them: 1",
+    ):
+        assert line + "\n" in out, out
+    assert _studies(archive, collection) == set()
+    assert _derived_rows(archive, collection)["derived-objects"] == set()
+    held = _holding(archive.objects(), sorted(_deid_uids(collection, [*cts, seg])))
+    assert held == {}
+
+
+def test_forget_takes_an_instance_of_the_subjects_series_filed_under_another_study(
+    archive: Archive,
+) -> None:
+    collection = "forget-stray"
+    _setup_collection(archive, collection, {9: "forget-stray-0009"})
+    phi = _phi(9)
+    cts = ct_series(phi, 2, rows=16, columns=16)
+    # Malformed input: one image of the series claims another study and patient.
+    cts[1].StudyInstanceUID, cts[1].PatientID = generate_uid(), "STRAY-9"
+    _stow(archive.server, collection, cts)
+    assert _study_rows(archive, collection) == 2  # the stray study has no series of its own
+    code, out = _cli(
+        archive, "subject", "forget", collection, "--original-id", stdin=phi.patient_id
+    )
+    assert code == 0, out
+    assert "  instances: 2\n" in out and "  studies: 2\n" in out, out
+    assert _study_rows(archive, collection) == 0
+    assert _holding(archive.objects(), sorted(_deid_uids(collection, cts))) == {}
+
+
+def _study_rows(archive: Archive, collection: str) -> int:
+    with psycopg.connect(archive.database_url) as conn:
+        row = conn.execute("SELECT count(*) FROM studies WHERE collection = %s", (collection,))
+        return int(row.fetchone()[0])  # type: ignore[index]

@@ -10,7 +10,18 @@ from typing import TextIO
 
 from psycopg_pool import ConnectionPool
 
-COLUMNS = ("at", "identity", "token_id", "client", "method", "route", "study_uid", "collection")
+COLUMNS = (
+    "at",
+    "identity",
+    "token_id",
+    "client",
+    "method",
+    "route",
+    "study_uid",
+    "collection",
+    # set, and study_uid empty, where the study was forgotten (`carina subject forget`)
+    "erasure_id",
+)
 
 
 @dataclass(frozen=True)

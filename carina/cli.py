@@ -411,13 +411,20 @@ def _share_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _fsck(settings: Settings, args: argparse.Namespace) -> int:
-    from carina.archive import fsck
+    from carina.archive import erasure, fsck
     from carina.runtime import open_store
 
     with _ae_pool(settings) as pool:
+        store = open_store(settings)
+        # Erasures that stopped before deleting their objects: finished by a repair (before
+        # the orphan sweep, so their lists are emptied too), else reported as problems.
+        unfinished = erasure.pending(pool)
+        if args.repair and unfinished:
+            deleted = erasure.finish_pending(pool, store)
+            print(f"finished {len(unfinished)} erasures: deleted {deleted} objects")
         report = fsck.check(
             pool,
-            open_store(settings),
+            store,
             settings.staging_dir,
             checksums=args.checksums,
             repair=args.repair,
@@ -434,9 +441,12 @@ def _fsck(settings: Settings, args: argparse.Namespace) -> int:
             print(f"{label}: {key}")
     if args.repair:
         print(f"removed {report.repaired} orphan or stale files")
+    else:
+        for erasure_id, objects in unfinished:
+            print(f"unfinished erasure {erasure_id}: {objects} objects still to delete")
     # Orphans and stale files are gone after a repair; missing or damaged objects are not.
     unrepaired = report.problems - (report.repaired if args.repair else 0)
-    return 1 if unrepaired else 0
+    return 1 if unrepaired or (unfinished and not args.repair) else 0
 
 
 def _reindex_derived(settings: Settings, args: argparse.Namespace) -> int:
@@ -446,6 +456,58 @@ def _reindex_derived(settings: Settings, args: argparse.Namespace) -> int:
     with _ae_pool(settings) as pool:
         count = derived.reindex(pool, open_store(settings))
     print(f"indexed {count} derived objects")
+    return 0
+
+
+def _read_original_id() -> str:
+    """The original PatientID from standard input, or typed at a prompt that does not echo
+    it: never on the command line, where process lists and shell history would keep it."""
+    import getpass
+
+    if sys.stdin.isatty():
+        return getpass.getpass("original PatientID (not shown): ").strip()
+    return sys.stdin.readline().strip()
+
+
+def _subject_forget(settings: Settings, args: argparse.Namespace) -> int:
+    import getpass
+
+    from carina.archive.errors import NotFound, StorageError
+    from carina.curation.forget import Forgetter, UnknownSubject, WrongKey
+    from carina.runtime import open_store
+
+    original = _read_original_id() if args.original_id else None
+    if original is not None and not original:
+        print("carina: no original PatientID given on standard input", file=sys.stderr)
+        return 1
+    with _ae_pool(settings) as pool:
+        forgetter = Forgetter(
+            pool=pool,
+            store=open_store(settings),
+            master_key=settings.master_key,
+            staging_dir=settings.staging_dir,
+            intake_dir=settings.intake_dir,
+        )
+        try:
+            report = forgetter.forget(
+                args.collection,
+                original_id=original,
+                research_id=args.research_id,
+                actor=args.by or getpass.getuser(),
+                dry_run=args.dry_run,
+            )
+        except (NotFound, UnknownSubject, WrongKey) as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+        except StorageError as e:
+            # The index rows are withdrawn (nothing is served); the objects are listed.
+            print(
+                f"carina: the subject is withdrawn but not every stored object is deleted yet "
+                f"({e}); run the command again or `carina fsck --repair` to finish",
+                file=sys.stderr,
+            )
+            return 1
+    print("\n".join(report.lines()))
     return 0
 
 
@@ -604,6 +666,29 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=_share_save)
     share_list = share_sub.add_parser("list", help="list shares (latest versions)")
     share_list.set_defaults(func=_share_list)
+    subject = sub.add_parser("subject", help="subjects (patients) of a collection")
+    subject_sub = subject.add_subparsers(dest="subject_command", required=True)
+    forget = subject_sub.add_parser(
+        "forget",
+        help="remove one subject everywhere (right to be forgotten): instances, index rows, "
+        "derived objects, pseudonym mapping, staged and intake files",
+    )
+    forget.add_argument("collection", help="the collection")
+    who = forget.add_mutually_exclusive_group(required=True)
+    who.add_argument(
+        "--original-id",
+        action="store_true",
+        help="the subject is named by its original PatientID, read from standard input (or "
+        "typed at a prompt that does not echo it), never from the command line",
+    )
+    who.add_argument(
+        "--research-id", metavar="ID", help="the subject's research PatientID (as served)"
+    )
+    forget.add_argument(
+        "--dry-run", action="store_true", help="report what would be removed; change nothing"
+    )
+    forget.add_argument("--by", help="who asks (recorded; default: the user running it)")
+    forget.set_defaults(func=_subject_forget)
     ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
     ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")

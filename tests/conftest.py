@@ -64,10 +64,11 @@ def cli_env(database_url: str, cwd: Path, **extra_env: str) -> dict[str, str]:
 
 
 def run_cli(
-    database_url: str, cwd: Path, *args: str, **extra_env: str
+    database_url: str, cwd: Path, *args: str, stdin: str | None = None, **extra_env: str
 ) -> subprocess.CompletedProcess[str]:
-    """Run `python -m carina ARGS` on a database, as an admin at a shell would."""
-    return _carina(cli_env(database_url, cwd, **extra_env), cwd, *args)
+    """Run `python -m carina ARGS` on a database, as an admin at a shell would (typing stdin
+    when given)."""
+    return _carina(cli_env(database_url, cwd, **extra_env), cwd, *args, stdin=stdin)
 
 
 def create_token(database_url: str, cwd: Path, *args: str) -> str:
@@ -77,11 +78,14 @@ def create_token(database_url: str, cwd: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
-def _carina(env: dict[str, str], cwd: Path, *args: str) -> subprocess.CompletedProcess[str]:
+def _carina(
+    env: dict[str, str], cwd: Path, *args: str, stdin: str | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "carina", *args],
         env=env,
         cwd=cwd,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=120,

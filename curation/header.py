@@ -57,14 +57,16 @@ def _walk(meta: Mapping[str, Any], prefix: str, depth: int, marks: set[str]) -> 
 
 
 def _marked(path: str, key: str, marks: set[str]) -> bool:
-    """Whether a finding names this element: by keyword path, or a private element by its
-    label '(gggg,xxee)' (the creator's block left out, as the private rule writes it)."""
+    """Whether a finding names this element: by keyword path, or a private data element by
+    its label '(gggg,xxee)' (the creator's block left out, as the private rule writes it)."""
     if path in marks:
         return True
-    group = int(key[:4], 16)
-    if group % 2 == 0:
+    group, element = int(key[:4], 16), int(key[4:], 16)
+    # PS3.5 7.8.1: only (gggg,xxee) with xx >= 0x10 are private data elements; below are
+    # the private creators, which name blocks and are not flagged themselves.
+    if group % 2 == 0 or element < 0x1000:
         return False
-    label = f"({key[:4].upper()},xx{key[6:].upper()})"
+    label = f"({key[:4]},XX{key[6:]})".upper()
     return any(label in m.upper() for m in marks)
 
 

@@ -85,6 +85,15 @@ def authenticate(request: Request) -> Principal:
 
 
 def _bearer(request: Request, header: str) -> Principal:
+    scheme, _, credentials = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not credentials.strip():
+        return Principal.of_token(verify(request, None))
+    return Principal.of_token(verify(request, credentials.strip()))
+
+
+def verify(request: Request, presented: str | None) -> tokens.Token:
+    """The active token of a presented one (None: a malformed header), or AuthError: 401 for a
+    bad token (counted against the client), 429 once the client has sent too many."""
     limit: FailureLimit = request.app.state.auth_failures
     client = _client(request)
     if limit.blocked(client):
@@ -93,15 +102,14 @@ def _bearer(request: Request, header: str) -> Principal:
             "too many bad tokens from this client; try again later",
             {"Retry-After": str(limit.retry_after(client))},
         )
-    scheme, _, credentials = header.strip().partition(" ")
     try:
-        if scheme.lower() != "bearer" or not credentials.strip():
+        if presented is None:
             raise tokens.InvalidToken("the Authorization header must be 'Bearer <token>'")
-        token = tokens.verify(_runtime(request).pool, credentials.strip())
+        token = tokens.verify(_runtime(request).pool, presented)
     except tokens.InvalidToken as e:
         limit.failed(client)
         raise AuthError(401, str(e), _challenge("invalid_token", str(e))) from None
-    return Principal.of_token(token)
+    return token
 
 
 def principal(request: Request) -> Principal:
@@ -134,7 +142,12 @@ def read_scope(request: Request) -> Scope:
 def curated_collections(request: Request) -> tuple[str, ...] | None:
     """Dependency of the curator routes: the collections the principal curates (None: every
     one, for admin); 401 without a token, 403 with one that curates nothing."""
-    who = principal(request)
+    return curated_by(principal(request))
+
+
+def curated_by(who: Principal) -> tuple[str, ...] | None:
+    """The collections who curates (None: every one, for admin); AuthError 401 for anonymous,
+    403 for a principal that curates nothing."""
     if who is ANONYMOUS:
         raise AuthError(401, "curation needs a curator or admin token", _challenge())
     if who.is_admin:

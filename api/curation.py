@@ -33,14 +33,15 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-def _actor(request: Request) -> str:
+def actor(request: Request) -> str:
     """Who decided, as the audit records it: the token's name and id."""
     who = auth.principal(request)
     return f"{who.name} (token {who.token_id})"
 
 
-def _check(request: Request, series_uid: str) -> None:
-    """UnknownSeries (404) unless the caller curates the series' collection."""
+def check(request: Request, series_uid: str) -> None:
+    """UnknownSeries (404) unless the caller curates the series' collection (the web page's
+    routes check through this too)."""
     curated = auth.curated_collections(request)
     if curated is not None:
         collection = quarantine.collection_of(_runtime(request).pool, series_uid)
@@ -84,39 +85,39 @@ def router(prefix: str = "/api/curation") -> APIRouter:
 
     @r.get("/series/{series_uid}")
     async def show_series(request: Request, series_uid: str) -> JSONResponse:
-        await run_in_threadpool(_check, request, series_uid)
+        await run_in_threadpool(check, request, series_uid)
         view = await run_in_threadpool(quarantine.series_view, _runtime(request).pool, series_uid)
         return _json(view)
 
     @r.post("/series/{series_uid}/release")
     async def release(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
-        await run_in_threadpool(_check, request, series_uid)
+        await run_in_threadpool(check, request, series_uid)
         pool = _runtime(request).pool
         await run_in_threadpool(
-            quarantine.release, pool, series_uid, _actor(request), decision.reason
+            quarantine.release, pool, series_uid, actor(request), decision.reason
         )
         return _json({"series_uid": series_uid, "state": "published"})
 
     @r.post("/series/{series_uid}/reject")
     async def reject(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
-        await run_in_threadpool(_check, request, series_uid)
+        await run_in_threadpool(check, request, series_uid)
         runtime = _runtime(request)
         deleted = await run_in_threadpool(
             quarantine.reject,
             runtime.pool,
             runtime.store,
             series_uid,
-            _actor(request),
+            actor(request),
             decision.reason,
         )
         return _json({"series_uid": series_uid, "state": "rejected", "deleted": deleted})
 
     @r.post("/series/{series_uid}/reprocess")
     async def reprocess(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
-        await run_in_threadpool(_check, request, series_uid)
+        await run_in_threadpool(check, request, series_uid)
         pool = _runtime(request).pool
         await run_in_threadpool(
-            quarantine.reprocess, pool, series_uid, _actor(request), decision.reason
+            quarantine.reprocess, pool, series_uid, actor(request), decision.reason
         )
         return _json({"series_uid": series_uid, "state": "incoming"}, status=202)
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import logging
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from carina.archive.errors import InvalidQuery, NotFound, OutOfResources, StorageError
 from carina.curation.errors import DecisionRefused, ProfileError, UnknownSeries
 
+from . import web
 from .auth import AuthError
 
 log = logging.getLogger(__name__)
@@ -20,6 +21,15 @@ def http_error(status: int, message: str, headers: dict[str, str] | None = None)
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
+def _refusal(
+    request: Request, status: int, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    """The curator page's refusals as a page saying why; everything else's as JSON."""
+    if request.url.path.startswith(web.PREFIX + "/"):
+        return web.error_page(request, status, message)
+    return http_error(status, message, headers)
+
+
 def install(app: FastAPI) -> None:
     """Register the mapping of domain errors to responses."""
 
@@ -28,16 +38,16 @@ def install(app: FastAPI) -> None:
         return http_error(404, "not found")
 
     @app.exception_handler(AuthError)
-    async def _auth_refused(request: Request, exc: AuthError) -> JSONResponse:
-        return http_error(exc.status, exc.reason, exc.headers)
+    async def _auth_refused(request: Request, exc: AuthError) -> Response:
+        return _refusal(request, exc.status, exc.reason, exc.headers)
 
     @app.exception_handler(UnknownSeries)
-    async def _unknown_series(request: Request, exc: UnknownSeries) -> JSONResponse:
-        return http_error(404, str(exc))
+    async def _unknown_series(request: Request, exc: UnknownSeries) -> Response:
+        return _refusal(request, 404, str(exc))
 
     @app.exception_handler(DecisionRefused)
-    async def _refused(request: Request, exc: DecisionRefused) -> JSONResponse:
-        return http_error(409, str(exc))
+    async def _refused(request: Request, exc: DecisionRefused) -> Response:
+        return _refusal(request, 409, str(exc))
 
     @app.exception_handler(InvalidQuery)
     async def _invalid_query(request: Request, exc: InvalidQuery) -> JSONResponse:

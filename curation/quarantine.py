@@ -111,6 +111,44 @@ def series_view(pool: ConnectionPool, series_uid: str) -> dict[str, Any]:
     return view
 
 
+@dataclass(frozen=True)
+class HeldInstance:
+    """One instance of a series as the curator sees it: its de-identified UIDs, where its
+    object is stored, and how many frames it has."""
+
+    sop_uid: str
+    study_uid: str
+    instance_number: int | None
+    object_key: str
+    frames: int
+
+
+def series_instances(pool: ConnectionPool, series_uid: str) -> list[HeldInstance]:
+    """The instances of a series in any state, in instance number order (empty when none)."""
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT sop_uid, study_uid, instance_number, object_key,"
+            " coalesce((metadata #>> '{00280008,Value,0}')::int, 1)"
+            " FROM instances WHERE series_uid = %s"
+            " ORDER BY instance_number NULLS LAST, sop_uid",
+            (series_uid,),
+        ).fetchall()
+    return [HeldInstance(*r) for r in rows]
+
+
+def instance_metadata(pool: ConnectionPool, series_uid: str, sop_uid: str) -> dict[str, Any]:
+    """The de-identified DICOM JSON metadata of one instance of a series (UnknownSeries if the
+    series holds no such instance)."""
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT metadata FROM instances WHERE series_uid = %s AND sop_uid = %s",
+            (series_uid, sop_uid),
+        ).fetchone()
+    if row is None:
+        raise UnknownSeries(f"no instance {sop_uid} in series {series_uid}")
+    return row[0]  # type: ignore[no-any-return]
+
+
 def collection_of(pool: ConnectionPool, series_uid: str) -> str:
     """The collection a series belongs to (UnknownSeries when none is held)."""
     with pool.connection() as conn:

@@ -130,6 +130,13 @@ def ct_series(phi: Phi, count: int, **kwargs: object) -> list[Dataset]:
     return [ct_instance(phi, i + 1, **kwargs) for i in range(count)]  # type: ignore[arg-type]
 
 
+def burned_in_series(count: int = 3) -> list[Dataset]:
+    """A small CT series whose first image says BurnedInAnnotation YES: held for review."""
+    sent = ct_series(Phi(), count, rows=16, columns=16)
+    sent[0].BurnedInAnnotation = "YES"
+    return sent
+
+
 def to_bytes(ds: Dataset) -> bytes:
     """A dataset as a DICOM Part 10 file."""
     buf = BytesIO()

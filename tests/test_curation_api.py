@@ -10,7 +10,7 @@ import requests
 from pydicom import Dataset
 
 from tests.conftest import Server, run_cli, wait_for_series
-from tests.factory import Phi, ct_series
+from tests.factory import Phi, burned_in_series, ct_series
 
 pytestmark = pytest.mark.slow
 DICOM = 'multipart/related; type="application/dicom"'
@@ -23,12 +23,6 @@ def stow(server: Server, datasets: list[Dataset], root: str | None = None) -> tu
     study, _, series = url.split("/")[:3]
     wait_for_series(server.database_url)
     return study, series
-
-
-def burned_in(count: int = 3) -> list[Dataset]:
-    sent = ct_series(Phi(), count, rows=16, columns=16)
-    sent[0].BurnedInAnnotation = "YES"
-    return sent
 
 
 def missing_slice() -> list[Dataset]:
@@ -54,9 +48,9 @@ def held(server: Server, cli: Callable[..., str]) -> dict[str, tuple[str, str]]:
     """Named series: two held in `default`, one held in OTHER, one published."""
     cli("collection", "create", "OTHER")
     return {
-        "burned": stow(server, burned_in()),
+        "burned": stow(server, burned_in_series()),
         "gap": stow(server, missing_slice()),
-        "other": stow(server, burned_in(), f"{server.url}/collections/OTHER/dicomweb"),
+        "other": stow(server, burned_in_series(), f"{server.url}/collections/OTHER/dicomweb"),
         "clean": stow(server, ct_series(Phi(), 3, rows=16, columns=16)),
     }
 

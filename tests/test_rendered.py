@@ -321,7 +321,9 @@ def test_image_whose_palette_cannot_be_applied_is_406(server: Server) -> None:
     ds.PhotometricInterpretation = "PALETTE COLOR"
     ds.BitsAllocated = ds.BitsStored = 8
     ds.HighBit, ds.PixelRepresentation = 7, 0
-    del ds.RescaleIntercept, ds.RescaleSlope
+    # An identity rescale keeps the CT Image module valid (Type 1 in PS3.3 C.8.2.1), so the
+    # IOD rule does not hold the series and the palette is what is tested.
+    ds.RescaleIntercept, ds.RescaleSlope = 0, 1
     ds.PixelData = bytes(range(64))
     for colour in ("Red", "Green", "Blue"):
         setattr(ds, f"{colour}PaletteColorLookupTableDescriptor", [256, 0, 16])

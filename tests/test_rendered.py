@@ -315,8 +315,6 @@ def test_unknown_resources_are_404(server: Server, ct: tuple) -> None:
 
 
 def test_image_whose_palette_cannot_be_applied_is_406(server: Server) -> None:
-    # A palette CT without rescale is no valid CT: the IOD rule would hold it for review.
-    server.set_rules("default", "iod.enabled=false")
     ds = ct_instance(Phi(), 1, rows=8, columns=8)
     ds.PhotometricInterpretation = "PALETTE COLOR"
     ds.BitsAllocated = ds.BitsStored = 8

@@ -110,6 +110,7 @@ def _cli(archive: Archive, *args: str, stdin: str | None = None) -> tuple[int, s
 def _stow(server: Server, collection: str, datasets: list[Dataset]) -> None:
     response = server.client(server.root(collection)).store_instances(datasets)
     assert "FailedSOPSequence" not in response, response
+    server.settled()
 
 
 def _plant(archive: Archive, collection: str, n: int, research_id: str) -> Planted:

@@ -80,6 +80,7 @@ class Runtime:
             profile=default.deid_profile,
             options=default.options,
             settle_seconds=settings.settle_seconds,
+            request_settle_seconds=settings.request_settle_seconds,
         )
         return cls(settings=settings, pool=pool, store=store, intake=intake, embedded=embedded)
 

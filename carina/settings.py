@@ -56,7 +56,14 @@ class Settings(BaseSettings):
         default=5.0,
         ge=0,
         description="Quiet period after a C-STORE before its series is evaluated (the end of "
-        "the association or of a STOW request settles at once)",
+        "the association settles at once)",
+    )
+    request_settle_seconds: float = Field(
+        default=1.0,
+        ge=0,
+        description="Quiet period after a STOW request before its series are evaluated; a "
+        "further request for a series pushes it back, so an upload in many requests is judged "
+        "once, not after each",
     )
     serve_worker: bool = Field(
         default=True,

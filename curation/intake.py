@@ -560,9 +560,11 @@ class Intake:
         profile: str = "basic",
         options: tuple[str, ...] = (),
         settle_seconds: float = 5.0,
+        request_settle_seconds: float = 1.0,
     ) -> None:
         self.db_pool = pool
         self.settle_seconds = settle_seconds
+        self.request_settle_seconds = request_settle_seconds
         self.store = store
         self.master_key = master_key
         self.staging_dir = staging_dir
@@ -683,8 +685,9 @@ class Intake:
             outcomes = list(await asyncio.gather(*tasks))
         result = BatchResult(outcomes)
         if result.stored:
-            # One request is one batch: its end settles its series at once.
-            await asyncio.to_thread(self._commit, result, 0.0)
+            # One request is one batch. Its series are judged after a short quiet period, which
+            # the next request of an upload in many pushes back: judged once, not every time.
+            await asyncio.to_thread(self._commit, result, self.request_settle_seconds)
         return result
 
     def _into_slot(self, payload: bytearray | bytes | str, slot: int) -> Payload:

@@ -191,6 +191,7 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
         "CARINA_SECRET_KEY": "test-key-" + data_dir.name,
         # A short quiet period, so C-STORE tests without an association end settle quickly.
         "CARINA_SETTLE_SECONDS": "0.5",
+        "CARINA_REQUEST_SETTLE_SECONDS": "0",
         **env,
     }
     # Every test server gets an admin token, made as an admin would (before the server starts,

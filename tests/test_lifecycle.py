@@ -359,3 +359,31 @@ def test_end_of_a_c_store_association_settles_its_series_at_once(
             " WHERE st.collection = 'PUSHED'"
         ).fetchall()
     assert states[series] == "published"
+
+
+# ---------------------------------------------------------------------------------------------
+# Settling STOW-RS
+
+
+def test_an_upload_in_several_requests_is_judged_once_after_its_last(
+    server_factory: Callable[..., Server],
+) -> None:
+    """Each request's end starts a short quiet period that the next request of the same series
+    pushes back: the rules run once, on the whole series, not after every request."""
+    server = server_factory(CARINA_REQUEST_SETTLE_SECONDS="3")
+    sent = clean_series(6)
+    client = server.client()
+    for part in (sent[:2], sent[2:4], sent[4:]):
+        response = client.store_instances(part)
+        assert "FailedSOPSequence" not in response
+    series = str(response.ReferencedSOPSequence[0].RetrieveURL).split("/")[-3]
+    assert wait_for_series(server.database_url)[series] == "published"
+    with psycopg.connect(server.database_url) as conn:  # type: ignore[arg-type]
+        judged = conn.execute(
+            "SELECT count(*) FROM audit_log WHERE series_uid = %s AND action = 'evaluate'",
+            (series,),
+        ).fetchone()
+    assert judged == (1,)
+    assert_visible(
+        server, str(response.ReferencedSOPSequence[0].RetrieveURL).split("/")[-5], series, 6
+    )

@@ -24,6 +24,8 @@ from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
 from pydicom.valuerep import PersonName
 
+from carina.archive import derived
+
 from .errors import CurationError
 from .geometry import (
     Geometry,
@@ -734,17 +736,7 @@ def iod_validity(facts: SeriesFacts, settings: IodSettings) -> list[Finding]:
 # (g) Derived objects whose sources are not held
 
 # SOP classes of derived objects (PS3.4 B.5): SEG, SR, parametric map, RT structure set.
-DERIVED_SOP_CLASSES = frozenset(
-    {
-        "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
-        "1.2.840.10008.5.1.4.1.1.88.11",  # Basic Text SR
-        "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
-        "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
-        "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
-        "1.2.840.10008.5.1.4.1.1.30",  # Parametric Map
-        "1.2.840.10008.5.1.4.1.1.481.3",  # RT Structure Set
-    }
-)
+DERIVED_SOP_CLASSES = frozenset(derived.KINDS)
 # Where a derived object names its source series: the Common Instance Reference module
 # (PS3.3 C.12.2), SR evidence (C.17.2) and RT Referenced Series (C.8.8.5).
 _STUDY_REFERENCES = (

@@ -16,7 +16,7 @@ from carina.curation.lifecycle import Worker
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import auth, curation, derived, dicomweb, errors, paths, rendered, shares, web
+from . import auth, curation, derived, dicomweb, errors, paths, rendered, series, shares, web
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -102,6 +102,7 @@ def create_app(settings: Settings) -> FastAPI:
         app.include_router(dicomweb.router(root), dependencies=authenticated)
         app.include_router(rendered.router(root), dependencies=authenticated)
     app.include_router(derived.router("/api"), dependencies=authenticated)
+    app.include_router(series.router("/api"), dependencies=authenticated)
     app.include_router(curation.router("/api/curation"), dependencies=authenticated)
     # The curator's web page: its own login and session cookie, never the Bearer header.
     web.install(app)

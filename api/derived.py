@@ -39,7 +39,7 @@ class BadParameter(ValueError):
     """A query parameter that cannot be used; its message is the 400 answer."""
 
 
-class _Params:
+class Params:
     """The query parameters of one request, each read once and checked."""
 
     def __init__(self, request: Request, allowed: frozenset[str]) -> None:
@@ -98,6 +98,20 @@ class _Params:
             raise BadParameter(f"{key} must be between {low} and {high}")
         return number
 
+    def count(self, key: str) -> int | None:
+        """An optional whole number >= 0."""
+        value = self.text(key)
+        if value is None:
+            return None
+        if not value.isdigit():
+            raise BadParameter(f"{key} must be a whole number >= 0")
+        return int(value)
+
+    def flag(self, key: str) -> bool | None:
+        """An optional true or false."""
+        value = self.choice(key, ("true", "false"))
+        return None if value is None else value == "true"
+
     def output_format(self) -> str | None:
         value = self.text("format")
         if value is not None and value not in ("json", "csv", "parquet"):
@@ -111,9 +125,9 @@ class _Params:
         return value
 
 
-_COMMON = frozenset({"collection", "study", "series", "limit", "offset", "format"})
-_SEGMENT_PARAMS = _COMMON | {"category", "type", "referenced_series", "algorithm"}
-_MEASUREMENT_PARAMS = _COMMON | {
+COMMON = frozenset({"collection", "study", "series", "limit", "offset", "format"})
+_SEGMENT_PARAMS = COMMON | {"category", "type", "referenced_series", "algorithm"}
+_MEASUREMENT_PARAMS = COMMON | {
     "concept",
     "finding",
     "finding_site",
@@ -122,14 +136,14 @@ _MEASUREMENT_PARAMS = _COMMON | {
     "unit",
     "source_series",
 }
-_LANDMARK_PARAMS = _COMMON | {
+_LANDMARK_PARAMS = COMMON | {
     "concept",
     "finding",
     "finding_site",
     "graphic_type",
     "source_series",
 }
-_DERIVED_OBJECT_PARAMS = _COMMON | {"kind", "source_series", "flagged"}
+_DERIVED_OBJECT_PARAMS = COMMON | {"kind", "source_series", "flagged"}
 # PS3.3 C.18.9.1.2: the graphic types of SCOORD3D.
 GRAPHIC_TYPES_3D = ("POINT", "MULTIPOINT", "POLYLINE", "POLYGON", "ELLIPSE", "ELLIPSOID")
 KINDS = tuple(dict.fromkeys(derived.KINDS.values()))  # SEG, SR, PM, RTSTRUCT
@@ -139,12 +153,12 @@ def _runtime(request: Request) -> Runtime:
     return request.app.state.runtime  # type: ignore[no-any-return]
 
 
-def _paging(p: _Params) -> tuple[int, int]:
+def paging(p: Params) -> tuple[int, int]:
     return p.integer("limit", 100, 1, derived.MAX_LIMIT), p.integer("offset", 0, 0, 2**31 - 1)
 
 
-def _segment_query(p: _Params) -> SegmentQuery:
-    limit, offset = _paging(p)
+def _segment_query(p: Params) -> SegmentQuery:
+    limit, offset = paging(p)
     return SegmentQuery(
         category=p.code("category"),
         type=p.code("type"),
@@ -158,8 +172,8 @@ def _segment_query(p: _Params) -> SegmentQuery:
     )
 
 
-def _measurement_query(p: _Params) -> MeasurementQuery:
-    limit, offset = _paging(p)
+def _measurement_query(p: Params) -> MeasurementQuery:
+    limit, offset = paging(p)
     low, high, unit = p.number("min"), p.number("max"), p.text("unit")
     if unit is not None and not _UCUM.match(unit):
         raise BadParameter("unit must be a UCUM code, e.g. mm3")
@@ -184,14 +198,14 @@ def _measurement_query(p: _Params) -> MeasurementQuery:
     )
 
 
-def _series_url(base: str, study: str | None, series: str | None) -> str | None:
+def series_url(base: str, study: str | None, series: str | None) -> str | None:
     if study is None or series is None:
         return None
     return f"{base}/studies/{study}/series/{series}"
 
 
-def _landmark_query(p: _Params) -> LandmarkQuery:
-    limit, offset = _paging(p)
+def _landmark_query(p: Params) -> LandmarkQuery:
+    limit, offset = paging(p)
     return LandmarkQuery(
         concept=p.code("concept"),
         finding=p.code("finding"),
@@ -206,16 +220,15 @@ def _landmark_query(p: _Params) -> LandmarkQuery:
     )
 
 
-def _derived_object_query(p: _Params) -> DerivedObjectQuery:
-    limit, offset = _paging(p)
-    flagged = p.choice("flagged", ("true", "false"))
+def _derived_object_query(p: Params) -> DerivedObjectQuery:
+    limit, offset = paging(p)
     return DerivedObjectQuery(
         kind=p.choice("kind", KINDS),
         collection=p.text("collection"),
         study_uid=p.uid("study"),
         series_uid=p.uid("series"),
         source_series_uid=p.uid("source_series"),
-        flagged=None if flagged is None else flagged == "true",
+        flagged=p.flag("flagged"),
         limit=limit,
         offset=offset,
     )
@@ -229,8 +242,8 @@ def _rows_out(rows: list[dict[str, Any]], base: str, reference: str) -> list[dic
         row = dict(row)
         row.pop("pk", None)
         referenced_study = row.pop("referenced_study_uid")
-        row["object_url"] = _series_url(base, row["study_uid"], row["series_uid"])
-        row["retrieve_url"] = _series_url(base, referenced_study, row[reference])
+        row["object_url"] = series_url(base, row["study_uid"], row["series_uid"])
+        row["retrieve_url"] = series_url(base, referenced_study, row[reference])
         out.append(row)
     return out
 
@@ -238,19 +251,21 @@ def _rows_out(rows: list[dict[str, Any]], base: str, reference: str) -> list[dic
 @dataclass(frozen=True)
 class Endpoint:
     """One search: its parameters, how they become a query, the search, the column holding the
-    source series (whose DICOMweb URL each row carries) and the table's columns."""
+    source series (whose DICOMweb URL each row carries), the table's columns and how rows get
+    their URLs."""
 
     name: str
     allowed: frozenset[str]
-    build: Callable[[_Params], Any]
+    build: Callable[[Params], Any]
     search: Callable[[Any, Any], list[dict[str, Any]]]
     reference: str
     columns: list[Column]
+    shape: Callable[[list[dict[str, Any]], str, str], list[dict[str, Any]]] = _rows_out
 
     def answer(self, request: Request) -> Response:
         """The rows matching the request, in the format it asks for."""
         try:
-            p = _Params(request, self.allowed)
+            p = Params(request, self.allowed)
             query = self.build(p)
             fmt = export.negotiate(p.output_format(), request.headers.get("accept"))
         except BadParameter as e:
@@ -262,10 +277,10 @@ class Endpoint:
         auth.record_access(request, (row["study_uid"] for row in rows))
         root = request.scope.get("root_path", "")
         base = f"{request.url.scheme}://{request.url.netloc}{root}{DICOMWEB_ROOT}"
-        return export.respond(_rows_out(rows, base, self.reference), self.columns, fmt, self.name)
+        return export.respond(self.shape(rows, base, self.reference), self.columns, fmt, self.name)
 
 
-def _columns(*spec: str) -> list[Column]:
+def table_columns(*spec: str) -> list[Column]:
     """Columns from "name" or "name:kind" strings (kind text when not given)."""
     return [Column(*item.split(":")) for item in spec]
 
@@ -276,7 +291,7 @@ def _coded(prefix: str) -> list[str]:
 
 _OBJECT = ["sop_uid", "series_uid", "study_uid", "collection"]
 _URLS = ["object_url", "retrieve_url"]
-SEGMENT_COLUMNS = _columns(
+SEGMENT_COLUMNS = table_columns(
     *_OBJECT,
     "segment_number:int",
     "label",
@@ -292,7 +307,7 @@ SEGMENT_COLUMNS = _columns(
     "frame_count:int",
     *_URLS,
 )
-MEASUREMENT_COLUMNS = _columns(
+MEASUREMENT_COLUMNS = table_columns(
     *_OBJECT,
     "group_index:int",
     "group_template",
@@ -312,7 +327,7 @@ MEASUREMENT_COLUMNS = _columns(
     "evaluations:json",
     *_URLS,
 )
-LANDMARK_COLUMNS = _columns(
+LANDMARK_COLUMNS = table_columns(
     *_OBJECT,
     "item_index:int",
     *_coded("concept"),
@@ -329,7 +344,7 @@ LANDMARK_COLUMNS = _columns(
     "source_series_uid",
     *_URLS,
 )
-DERIVED_OBJECT_COLUMNS = _columns(
+DERIVED_OBJECT_COLUMNS = table_columns(
     *_OBJECT,
     "sop_class_uid",
     "kind",

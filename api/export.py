@@ -27,6 +27,7 @@ _ARROW = {
     "text": pa.string(),
     "int": pa.int64(),
     "float": pa.float64(),
+    "bool": pa.bool_(),
     "json": pa.string(),  # nested objects of varying shape: JSON text in every format but JSON
     "points": pa.list_(pa.list_(pa.float64())),
     "texts": pa.list_(pa.string()),

@@ -12,6 +12,7 @@ from io import BytesIO
 from typing import Any, Protocol
 
 import highdicom as hd
+from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from pydicom import dcmread
@@ -275,6 +276,18 @@ def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
             }
         )
     return rows
+
+
+def derived_from(conn: Connection, source_series_uid: str) -> list[str]:
+    """The series holding derived objects that name source_series_uid as a source."""
+    return [
+        row[0]
+        for row in conn.execute(
+            "SELECT DISTINCT o.series_uid FROM derived_sources s"
+            " JOIN derived_objects o ON o.sop_uid = s.sop_uid WHERE s.source_series_uid = %s",
+            (source_series_uid,),
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -19,14 +19,15 @@ from psycopg import Connection
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from carina.archive import jobs
+from carina.archive import derived, jobs
 
 from . import audit, manifests
 from .deid import load_profile
 from .errors import ProfileError
-from .geometry import Geometry
+from .geometry import Geometry, Metadata, text
 from .rule_settings import RuleSettingError, config_from
 from .rules import (
+    DERIVED_SOP_CLASSES,
     Finding,
     InstanceFacts,
     Manifest,
@@ -34,6 +35,7 @@ from .rules import (
     check_counts,
     parse_manifest,
     quarantined,
+    referenced_series,
     rule_failed,
     run_rules,
     series_facts,
@@ -51,6 +53,7 @@ MAX_ATTEMPTS = 5
 # An idle worker looks at the queue at least this often (NOTIFY usually wakes it first).
 IDLE_WAIT = 2.0
 _MANIFEST_CODES = ("manifest-count", "manifest-unexpected-modality")
+_DERIVED_SOURCE_MISSING = "derived-source-missing"
 
 
 @dataclass(frozen=True)
@@ -115,9 +118,10 @@ def decide(conn: Connection, series_uid: str) -> Evaluation:
         " WHERE series_uid = %s ORDER BY instance_number NULLS LAST, sop_uid",
         (series_uid,),
     ).fetchall()
-    judged, geometry = _judge(collection, rows, config)
+    judged, geometry = _judge(collection, rows, config, _held_sources(conn, rows))
     findings += judged
     findings += _manifest_findings(conn, collection, series_uid)
+    _recheck_derived_holds(conn, series_uid)
     state = QUARANTINED if quarantined(findings) else PUBLISHED
     _store_findings(conn, series_uid, findings)
     if geometry is not None:
@@ -166,7 +170,7 @@ def _with_kept_private(
 
 
 def _judge(
-    collection: str, rows: Sequence[tuple[Any, ...]], config: RulesConfig
+    collection: str, rows: Sequence[tuple[Any, ...]], config: RulesConfig, held: frozenset[str]
 ) -> tuple[list[Finding], Geometry | None]:
     """The rules' findings and the series geometry from the stored instances."""
     instances = [InstanceFacts(sop, sha, meta) for sop, sha, meta, _ in rows]
@@ -177,7 +181,27 @@ def _judge(
         facts = series_facts(collection, instances, config.geometry.tolerances)
     except Exception as e:  # unreadable geometry must hold the series, not lose it
         return [rule_failed("geometry", e)], None
-    return run_rules(facts, config, None, intake_hits), facts.geometry  # type: ignore[arg-type]
+    return run_rules(facts, config, None, intake_hits, held), facts.geometry  # type: ignore[arg-type]
+
+
+def _held_sources(conn: Connection, rows: Sequence[tuple[Any, ...]]) -> frozenset[str]:
+    """The series named as sources by the series' derived objects that Carina holds, in any
+    state but rejected (read from the stored metadata, so it does not wait for the derived
+    index)."""
+    metas: list[Metadata] = [r[2] for r in rows]
+    wanted = {
+        uid
+        for meta in metas
+        if text(meta, "SOPClassUID") in DERIVED_SOP_CLASSES
+        for uid in referenced_series(meta)
+    }
+    if not wanted:
+        return frozenset()
+    found = conn.execute(
+        "SELECT series_uid FROM series WHERE series_uid = ANY(%s) AND state <> %s",
+        (sorted(wanted), REJECTED),
+    )
+    return frozenset(r[0] for r in found)
 
 
 def _manifest_findings(conn: Connection, collection: str, series_uid: str) -> list[Finding]:
@@ -204,6 +228,26 @@ def _recheck_manifest_holds(conn: Connection, collection: str, exclude: str | No
             " AND EXISTS (SELECT 1 FROM series_findings f WHERE f.series_uid = se.series_uid"
             " AND f.code = ANY(%s)) RETURNING se.series_uid",
             (INCOMING, collection, QUARANTINED, exclude, list(_MANIFEST_CODES)),
+        )
+    ]
+    with conn.cursor() as cur:
+        jobs.schedule(cur, held, 0.0)
+
+
+def _recheck_derived_holds(conn: Connection, source_uid: str) -> None:
+    """Send the series held because their derived objects named this (then missing) source
+    series back to the queue, as incoming."""
+    waiting = derived.derived_from(conn, source_uid)
+    if not waiting:
+        return
+    held = [
+        r[0]
+        for r in conn.execute(
+            "UPDATE series se SET state = %s, decided_at = NULL, updated_at = now()"
+            " WHERE se.series_uid = ANY(%s) AND se.state = %s"
+            " AND EXISTS (SELECT 1 FROM series_findings f WHERE f.series_uid = se.series_uid"
+            " AND f.code = %s) RETURNING se.series_uid",
+            (INCOMING, waiting, QUARANTINED, _DERIVED_SOURCE_MISSING),
         )
     ]
     with conn.cursor() as cur:

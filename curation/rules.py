@@ -14,7 +14,7 @@ import io
 import json
 import re
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from importlib import resources
@@ -23,6 +23,8 @@ from typing import Any, Literal
 from pydicom import Dataset
 from pydicom.datadict import keyword_for_tag
 from pydicom.valuerep import PersonName
+
+from carina.archive import derived
 
 from .errors import CurationError
 from .geometry import (
@@ -731,6 +733,82 @@ def iod_validity(facts: SeriesFacts, settings: IodSettings) -> list[Finding]:
 
 
 # ---------------------------------------------------------------------------------------------
+# (g) Derived objects whose sources are not held
+
+# SOP classes of derived objects (PS3.4 B.5): SEG, SR, parametric map, RT structure set.
+DERIVED_SOP_CLASSES = frozenset(derived.KINDS)
+# Where a derived object names its source series: the Common Instance Reference module
+# (PS3.3 C.12.2), SR evidence (C.17.2) and RT Referenced Series (C.8.8.5).
+_STUDY_REFERENCES = (
+    "StudiesContainingOtherReferencedInstancesSequence",
+    "CurrentRequestedProcedureEvidenceSequence",
+    "PertinentOtherEvidenceSequence",
+)
+
+
+@dataclass(frozen=True)
+class DerivedSourcesSettings:
+    """Derived objects whose references resolve to nothing Carina holds."""
+
+    enabled: bool = True
+
+
+def referenced_series(meta: Metadata) -> list[str]:
+    """The source series a derived object names, in order (its own series left out)."""
+    groups = [values(meta, "ReferencedSeriesSequence")]
+    groups += [
+        values(study, "ReferencedSeriesSequence")
+        for key in _STUDY_REFERENCES
+        for study in values(meta, key)
+    ]
+    groups += [
+        values(study, "RTReferencedSeriesSequence")
+        for frame in values(meta, "ReferencedFrameOfReferenceSequence")
+        for study in values(frame, "RTReferencedStudySequence")
+    ]
+    own = text(meta, "SeriesInstanceUID")
+    found = [text(entry, "SeriesInstanceUID") for group in groups for entry in group]
+    return list(dict.fromkeys(uid for uid in found if uid and uid != own))
+
+
+def derived_references(facts: SeriesFacts) -> dict[str, list[str]]:
+    """SOP Instance UID -> source series, for the derived objects of a series."""
+    return {
+        i.sop_uid: referenced_series(i.metadata)
+        for i in facts.instances
+        if text(i.metadata, "SOPClassUID") in DERIVED_SOP_CLASSES
+    }
+
+
+def derived_sources(
+    facts: SeriesFacts, settings: DerivedSourcesSettings, held: Collection[str] | None
+) -> list[Finding]:
+    """Hold derived objects that name a source series Carina does not hold: their segments
+    and measurements would point at nothing. held is the referenced series Carina holds
+    (None: not looked up, so nothing is judged)."""
+    if held is None:
+        return []
+    missing: dict[str, list[str]] = defaultdict(list)
+    for sop_uid, sources in derived_references(facts).items():
+        for series in sources:
+            if series not in held:
+                missing[series].append(sop_uid)
+    if not missing:
+        return []
+    sops = tuple(sorted({sop for found in missing.values() for sop in found}))
+    return [
+        Finding(
+            "derived-source-missing",
+            "hold",
+            f"{len(sops)} derived object(s) reference series that Carina does not hold:"
+            f" {', '.join(sorted(missing))}. The series is evaluated again when one arrives.",
+            "ReferencedSeriesSequence",
+            sops,
+        )
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
 # Running them
 
 
@@ -744,6 +822,7 @@ class RulesConfig:
     geometry: GeometrySettings = GeometrySettings()
     consistency: ConsistencySettings = ConsistencySettings()
     iod: IodSettings = IodSettings()
+    derived_sources: DerivedSourcesSettings = DerivedSourcesSettings()
 
 
 def run_rules(
@@ -751,9 +830,11 @@ def run_rules(
     config: RulesConfig | None = None,
     identifiers: PatientIdentifiers | None = None,
     intake_hits: Mapping[str, Iterable[PhiHit]] | None = None,
+    held_sources: Collection[str] | None = None,
 ) -> list[Finding]:
     """Every enabled rule's findings for one series, each labelled with its rule; identifiers
-    are used, never kept. A rule that raises holds the series with a rule-failed finding
+    are used, never kept; held_sources are the series its derived objects reference that
+    Carina holds. A rule that raises holds the series with a rule-failed finding
     instead of taking the evaluation (and the other rules) down."""
     config = config or RulesConfig()
     checks: list[tuple[str, Callable[[], list[Finding]]]] = [
@@ -766,6 +847,7 @@ def run_rules(
         ("geometry", lambda: geometry(facts, config.geometry)),
         ("consistency", lambda: consistency(facts, config.consistency)),
         ("iod", lambda: iod_validity(facts, config.iod)),
+        ("derived_sources", lambda: derived_sources(facts, config.derived_sources, held_sources)),
     ]
     findings: list[Finding] = []
     for name, check in checks:

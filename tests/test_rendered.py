@@ -296,7 +296,8 @@ def test_several_frames_as_a_single_image_are_406(server: Server, multiframe: tu
 
 
 def test_instance_without_pixel_data_is_406(server: Server) -> None:
-    _, _, sr = build(Phi())
+    cts, _, sr = build(Phi())
+    server.store(cts)  # its source first: an SR naming a series not held is quarantined
     r = server.http.get(url(server, store(server, sr)) + "/rendered")
     assert r.status_code == 406
     assert "pixel data" in r.json()["error"]

@@ -19,6 +19,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 
 from . import sr
+from .index import PUBLISHED
 from .sr import code_columns, code_json
 from .storage import ObjectStore
 
@@ -356,16 +357,24 @@ def _select(
     if readable is not None:
         where = [*where, "d.collection = ANY(%s)"]
         params = [*params, readable]
-    # The referenced series' study comes from the index (None when Carina does not hold it,
-    # or holds it in a collection the requester may not read: its existence is not revealed).
+    # Only derived objects of published series: an incoming or quarantined one (held for
+    # residual PHI, say) is no more searchable here than over QIDO.
+    where = [
+        *where,
+        "EXISTS (SELECT 1 FROM series ds WHERE ds.series_uid = d.series_uid AND ds.state = %s)",
+    ]
+    params = [*params, PUBLISHED]
+    # The referenced series' study comes from the index (None when Carina does not publish
+    # it, or holds it in a collection the requester may not read: its existence is not
+    # revealed).
     sql = (
         f"SELECT d.*, r.study_uid AS referenced_study_uid FROM {table} d"
         f" LEFT JOIN (series r JOIN studies rs ON rs.study_uid = r.study_uid"
-        f" AND (%s::text[] IS NULL OR rs.collection = ANY(%s)))"
+        f" AND r.state = %s AND (%s::text[] IS NULL OR rs.collection = ANY(%s)))"
         f" ON r.series_uid = d.{reference}"
         f" WHERE {' AND '.join(where) or 'true'} ORDER BY {order} LIMIT %s OFFSET %s"
     )
-    return sql, [readable, readable, *params, q.limit, q.offset]
+    return sql, [PUBLISHED, readable, readable, *params, q.limit, q.offset]
 
 
 def _fetch(pool: ConnectionPool, sql: str, params: list[Any]) -> list[dict[str, Any]]:

@@ -206,7 +206,10 @@ def burned_in_text(facts: SeriesFacts, settings: BurnedInSettings) -> list[Findi
         )
     modalities = settings.modalities | ({"CR", "DX"} if settings.include_cr_dx else set())
     why = []
-    if facts.modality in modalities:
+    # Segmentations, SRs, parametric maps and structure sets are computed from their sources,
+    # not captured: their modality (SEG, SR, OT, RTSTRUCT) says nothing of burned-in text.
+    computed = bool(facts.sop_classes) and facts.sop_classes <= DERIVED_SOP_CLASSES
+    if facts.modality in modalities and not computed:
         why.append(f"modality {facts.modality}")
     if facts.sop_classes & settings.sop_classes:
         why.append("a Secondary Capture SOP class")

@@ -343,26 +343,20 @@ def test_malformed_content_tree_indexes_the_valid_groups_and_flags_the_rest(
     assert requests.get(stored.server.url + "/healthz", timeout=5).ok
 
 
-def test_seg_whose_referenced_series_is_missing_is_indexed_and_flagged_until_it_arrives(
+def test_seg_whose_referenced_series_is_missing_is_held_out_of_search_until_it_arrives(
     stored: Stored,
 ) -> None:
     cts, seg, _ = build(Phi())
     found = _stow(stored.server, [seg])  # its CT series is not sent
     study, seg_series, seg_sop = found[str(seg.SOPClassUID)]
+    # Quarantined (derived-source-missing, tests/test_derived_sources.py): not searchable.
+    assert _rows(stored.server, "segments", study=study) == []
+    assert _rows(stored.server, "derived-objects", series=seg_series) == []
+    _stow(stored.server, cts)  # the source arrives: the SEG is published, the link resolves
     [segment] = _rows(stored.server, "segments", study=study)
-    assert (segment["sop_uid"], segment["label"], segment["retrieve_url"]) == (
-        seg_sop,
-        "Lesion 1",
-        None,
-    )
+    assert (segment["sop_uid"], segment["label"]) == (seg_sop, "Lesion 1")
     [row] = _rows(stored.server, "derived-objects", series=seg_series)
     missing = segment["referenced_series_uid"]
-    assert row["problems"] == [f"source series {missing} is not held"]
-    assert row["retrieve_url"] is None
-    flagged = _rows(stored.server, "derived-objects", flagged="true", study=study)
-    assert [r["sop_uid"] for r in flagged] == [seg_sop]
-    _stow(stored.server, cts)  # the source arrives: the flag clears, the link resolves
-    [row] = _rows(stored.server, "derived-objects", series=seg_series)
     assert row["problems"] == []
     assert row["source_series_uid"] == missing
     assert row["retrieve_url"] == f"{stored.server.dicomweb}/studies/{study}/series/{missing}"

@@ -95,6 +95,12 @@ def test_seg_naming_a_series_never_sent_stays_held_with_the_reason(sent: Sent) -
         f"{sent.server.dicomweb}/series", params={"SeriesInstanceUID": seg_series}, timeout=30
     )
     assert r.status_code == 204
+    # Nor do the derived-object searches show what the held series holds.
+    for search in ("segments", "derived-objects"):
+        r = sent.server.http.get(
+            f"{sent.server.url}/api/{search}", params={"series": seg_series}, timeout=30
+        )
+        assert r.status_code == 200 and r.json() == [], (search, r.text)
 
 
 def test_derived_objects_sent_with_their_ct_are_published(sent: Sent) -> None:

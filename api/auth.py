@@ -20,7 +20,8 @@ from limits.strategies import MovingWindowRateLimiter
 from carina.archive import access, audit, collections, shares, tokens
 from carina.archive.access import ANONYMOUS, Principal, Scope
 from carina.archive.errors import NotFound
-from carina.runtime import Runtime
+
+from .context import runtime as _runtime
 
 REALM = 'Bearer realm="carina"'
 
@@ -66,10 +67,6 @@ class FailureLimit:
         """Seconds until client may try a token again."""
         reset = self._window.get_window_stats(self._limit, client).reset_time
         return max(1, int(reset - time.time()) + 1)
-
-
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
 
 
 def _client(request: Request) -> str:

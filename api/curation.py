@@ -16,9 +16,9 @@ from starlette.concurrency import run_in_threadpool
 
 from carina.curation import quarantine
 from carina.curation.errors import UnknownSeries
-from carina.runtime import Runtime
 
 from . import auth
+from .context import runtime as _runtime
 
 State = Literal["incoming", "published", "quarantined", "rejected"]
 
@@ -27,10 +27,6 @@ class Decision(BaseModel):
     """A curator's decision: why, in words (kept in the audit trail)."""
 
     reason: str = Field(min_length=1, max_length=2000)
-
-
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
 
 
 def actor(request: Request) -> str:

@@ -21,9 +21,9 @@ from carina.archive.derived import (
     MeasurementQuery,
     SegmentQuery,
 )
-from carina.runtime import Runtime
 
 from . import auth, export
+from .context import runtime as _runtime
 from .errors import http_error
 from .export import Column
 
@@ -147,10 +147,6 @@ _DERIVED_OBJECT_PARAMS = COMMON | {"kind", "source_series", "flagged"}
 # PS3.3 C.18.9.1.2: the graphic types of SCOORD3D.
 GRAPHIC_TYPES_3D = ("POINT", "MULTIPOINT", "POLYLINE", "POLYGON", "ELLIPSE", "ELLIPSOID")
 KINDS = tuple(dict.fromkeys(derived.KINDS.values()))  # SEG, SR, PM, RTSTRUCT
-
-
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
 
 
 def paging(p: Params) -> tuple[int, int]:

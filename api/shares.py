@@ -11,14 +11,10 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from carina.archive import shares
-from carina.runtime import Runtime
 
 from . import auth
+from .context import runtime as _runtime
 from .errors import http_error
-
-
-def _runtime(request: Request) -> Runtime:
-    return request.app.state.runtime  # type: ignore[no-any-return]
 
 
 def router(prefix: str) -> APIRouter:

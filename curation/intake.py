@@ -20,7 +20,7 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import lru_cache
 from io import BytesIO
 from multiprocessing import resource_tracker, shared_memory
@@ -374,7 +374,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
             )
 
     profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
-    identifiers = rules.patient_identifiers(ds)  # in memory only, for residual_phi_checked
+    identifiers = rules.patient_identifiers(ds)  # in memory only, for _residual_phi
     read = frozenset(ds._dict)
     Deidentifier(profile, pseudo).apply(ds)
     warning = _coercion(ds, read, snapshot)
@@ -391,8 +391,9 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     with open(staging, "wb") as f:
         f.writelines(chunks)
     try:
-        record = _record(ds, ctx, staging, size, digest.hexdigest(), warning)
-        return residual_phi_checked(record, identifiers, ctx.phi)
+        full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
+        findings = _residual_phi(full, identifiers, ctx.phi)
+        return _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
     except Exception:
         staging.unlink(missing_ok=True)
         raise
@@ -413,9 +414,16 @@ def _prepare_file_meta(ds: Dataset) -> None:
 
 
 def _record(
-    ds: Dataset, ctx: IntakeContext, staging: Path, size: int, sha256: str, warning: int
+    ds: Dataset,
+    ctx: IntakeContext,
+    staging: Path,
+    size: int,
+    sha256: str,
+    warning: int,
+    full: dict,
+    intake_findings: str | None,
 ) -> InstanceRecord:
-    full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
+    """The index record of a staged instance; full is its DICOM JSON."""
     return InstanceRecord(
         collection=ctx.collection,
         sop_uid=str(ds.SOPInstanceUID),
@@ -453,21 +461,21 @@ def _record(
         series_attrs=_attrs(full, index.SERIES_TAGS),
         metadata=json.dumps(full, separators=(",", ":")),
         warning=warning,
+        intake_findings=intake_findings,
     )
 
 
-def residual_phi_checked(
-    record: InstanceRecord,
+def _residual_phi(
+    full: dict,
     identifiers: rules.PatientIdentifiers,
     settings: rules.ResidualPhiSettings | None,
-) -> InstanceRecord:
-    """The record with what its de-identified metadata still holds of the original patient's
-    identifiers. Runs in the intake worker, the one place the originals exist; only the hits
-    (codes, kinds, attribute paths: no PHI) travel on with the record."""
+) -> str | None:
+    """What the de-identified metadata (DICOM JSON) still holds of the original patient's
+    identifiers, as JSON; None when the rule is off. Runs in the intake worker, the one place
+    the originals exist; only the hits (codes, kinds, attribute paths: no PHI) travel on."""
     if settings is None:
-        return record
-    hits = rules.instance_residual_phi(json.loads(record.metadata), identifiers, settings)
-    return replace(record, intake_findings=json.dumps(hits))
+        return None
+    return json.dumps(rules.instance_residual_phi(full, identifiers, settings))
 
 
 def quiet_pydicom() -> None:

@@ -16,7 +16,19 @@ from carina.curation.lifecycle import Worker
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import auth, curation, derived, dicomweb, errors, paths, rendered, series, shares, web
+from . import (
+    auth,
+    curation,
+    derived,
+    dicomweb,
+    errors,
+    paths,
+    rendered,
+    series,
+    shares,
+    web,
+    web_reprocess,
+)
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -65,7 +77,7 @@ def create_app(settings: Settings) -> FastAPI:
                 listener = None
         worker = None
         if settings.serve_worker:
-            worker = Worker(runtime.pool)
+            worker = Worker(runtime.pool, originals=settings.originals_area)
             worker.start()
         try:
             yield
@@ -105,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(series.router("/api"), dependencies=authenticated)
     app.include_router(curation.router("/api/curation"), dependencies=authenticated)
     # The curator's web page: its own login and session cookie, never the Bearer header.
+    app.include_router(web_reprocess.router())  # before the page's generic decision route
     web.install(app)
     # A shared cohort: its latest version, or one version, which never changes.
     read_only = [*authenticated, Depends(auth.read_only)]

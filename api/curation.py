@@ -14,7 +14,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from carina.curation import quarantine
+from carina.curation import originals, quarantine
+from carina.curation.deid import OPTIONS
 from carina.curation.errors import UnknownSeries
 
 from . import auth
@@ -27,6 +28,14 @@ class Decision(BaseModel):
     """A curator's decision: why, in words (kept in the audit trail)."""
 
     reason: str = Field(min_length=1, max_length=2000)
+
+
+class Reprocess(Decision):
+    """A reprocessing: with a profile or options, the series' kept originals are
+    de-identified again with them (unset: the collection's); without, the rules run again."""
+
+    profile: str | None = Field(default=None, min_length=1, max_length=64)
+    options: list[str] | None = Field(default=None, max_length=len(OPTIONS))
 
 
 def actor(request: Request) -> str:
@@ -109,12 +118,25 @@ def router(prefix: str = "/api/curation") -> APIRouter:
         return _json({"series_uid": series_uid, "state": "rejected", "deleted": deleted})
 
     @r.post("/series/{series_uid}/reprocess")
-    async def reprocess(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
+    async def reprocess(request: Request, series_uid: str, decision: Reprocess) -> JSONResponse:
         await run_in_threadpool(check, request, series_uid)
-        pool = _runtime(request).pool
-        await run_in_threadpool(
-            quarantine.reprocess, pool, series_uid, actor(request), decision.reason
-        )
-        return _json({"series_uid": series_uid, "state": "incoming"}, status=202)
+        rt = _runtime(request)
+        answer: dict[str, Any] = {"series_uid": series_uid, "state": "incoming"}
+        if decision.profile is None and decision.options is None:
+            await run_in_threadpool(
+                quarantine.reprocess, rt.pool, series_uid, actor(request), decision.reason
+            )
+        else:
+            choice, count = await run_in_threadpool(
+                originals.reprocess,
+                rt.intake,
+                series_uid,
+                actor(request),
+                decision.reason,
+                decision.profile,
+                decision.options,
+            )
+            answer |= {**choice.as_dict(), "instances": count}
+        return _json(answer, status=202)
 
     return r

@@ -9,6 +9,7 @@ from fastapi.responses import JSONResponse, Response
 
 from carina.archive.errors import InvalidQuery, NotFound, OutOfResources, StorageError
 from carina.curation.errors import DecisionRefused, ProfileError, UnknownSeries
+from carina.curation.originals import ProfileChoiceRefused
 
 from . import web
 from .auth import AuthError
@@ -48,6 +49,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DecisionRefused)
     async def _refused(request: Request, exc: DecisionRefused) -> Response:
         return _refusal(request, 409, str(exc))
+
+    @app.exception_handler(ProfileChoiceRefused)
+    async def _choice(request: Request, exc: ProfileChoiceRefused) -> Response:
+        return _refusal(request, 422, str(exc))
 
     @app.exception_handler(InvalidQuery)
     async def _invalid_query(request: Request, exc: InvalidQuery) -> JSONResponse:

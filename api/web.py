@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 
 from carina.archive import render, retrieve, sessions, tokens
 from carina.archive.access import Principal
-from carina.curation import header, quarantine
+from carina.curation import header, originals, quarantine
 from carina.curation.errors import DecisionRefused, UnknownSeries
 from carina.curation.lifecycle import QUARANTINED
 
@@ -161,6 +161,7 @@ def router() -> APIRouter:
                 "shown": shown,
                 "header": rows,
                 "decidable": view["state"] == QUARANTINED,
+                "reprocess": originals.choices(pool, series_uid),
             },
         )
 

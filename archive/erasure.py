@@ -20,6 +20,7 @@ from datetime import datetime
 import psycopg
 from psycopg_pool import ConnectionPool
 
+from . import originals
 from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Counts:
     mapping_entries: int = 0
     audit_rows: int = 0
     curation_audit_rows: int = 0
+    originals: int = 0  # identified originals kept for curation (archive/originals.py)
 
     @property
     def found(self) -> bool:
@@ -150,9 +152,12 @@ def _withdraw(cur: psycopg.Cursor, subject: Subject, actor: str) -> tuple[Counts
     scope = {"studies": studies, "series": series, "derived": derived, "erasure": erasure_id}
     cur.execute(
         "INSERT INTO erasure_objects (erasure_id, sop_uid, object_key)"
-        f" SELECT %(erasure)s, i.sop_uid, i.object_key FROM instances i WHERE {removed}",
+        f" SELECT %(erasure)s, i.sop_uid, i.object_key FROM instances i WHERE {removed}"
+        " RETURNING sop_uid",
         scope,
     )
+    # Their kept originals are due at once (the caller purges them after the commit).
+    counts.originals = originals.drop(cur, sop_uids=[r[0] for r in cur.fetchall()])
     cur.execute(
         "SELECT count(*) FROM derived_objects d JOIN instances i ON i.sop_uid = d.sop_uid"
         f" WHERE {removed}",

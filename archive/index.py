@@ -12,7 +12,7 @@ from typing import Protocol
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from . import jobs
+from . import jobs, originals
 from .access import EVERYTHING, Scope
 from .errors import NotFound
 
@@ -50,6 +50,7 @@ class IndexRecord(Protocol):
     series_attrs: str
     metadata: str
     intake_findings: str | None
+    original: str | None  # file name of its kept original, if one was kept
 
     @property
     def object_key(self) -> str: ...
@@ -165,6 +166,7 @@ def write_batch(
                 for r in by_sop.values()
             ],
         )
+        originals.record(cur, records)
         jobs.schedule(cur, series, settle_after)
 
 

@@ -71,7 +71,7 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     from carina.curation.lifecycle import Worker
 
     with _ae_pool(settings, size=2) as pool:
-        worker = Worker(pool)
+        worker = Worker(pool, originals=settings.originals_area)
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: worker.stop())
         worker.run()
@@ -411,7 +411,7 @@ def _share_list(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _fsck(settings: Settings, args: argparse.Namespace) -> int:
-    from carina.archive import erasure, fsck
+    from carina.archive import erasure, fsck, originals
     from carina.runtime import open_store
 
     with _ae_pool(settings) as pool:
@@ -429,6 +429,7 @@ def _fsck(settings: Settings, args: argparse.Namespace) -> int:
             checksums=args.checksums,
             repair=args.repair,
         )
+        kept = originals.check(pool, settings.originals_area, repair=args.repair)
     print(f"checked {report.checked} indexed instances")
     for label, keys in (
         ("missing object", report.missing),
@@ -439,13 +440,24 @@ def _fsck(settings: Settings, args: argparse.Namespace) -> int:
     ):
         for key in keys:
             print(f"{label}: {key}")
+    print(f"checked {kept.kept} kept originals")
+    for label, names in (
+        ("kept original without its file", kept.missing),
+        ("original file without an index row", kept.orphans),
+    ):
+        for name in names:
+            print(f"{label}: {name}")
+    if kept.due or kept.unowned:
+        print(f"originals due for purging: {kept.due}; of instances no longer held: {kept.unowned}")
     if args.repair:
         print(f"removed {report.repaired} orphan or stale files")
+        print(f"purged or removed {kept.repaired} originals")
     else:
         for erasure_id, objects in unfinished:
             print(f"unfinished erasure {erasure_id}: {objects} objects still to delete")
     # Orphans and stale files are gone after a repair; missing or damaged objects are not.
     unrepaired = report.problems - (report.repaired if args.repair else 0)
+    unrepaired += 0 if args.repair else kept.problems
     return 1 if unrepaired or (unfinished and not args.repair) else 0
 
 
@@ -487,6 +499,7 @@ def _subject_forget(settings: Settings, args: argparse.Namespace) -> int:
             master_key=settings.master_key,
             staging_dir=settings.staging_dir,
             intake_dir=settings.intake_dir,
+            originals=settings.originals_area,
         )
         try:
             report = forgetter.forget(

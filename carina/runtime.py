@@ -81,6 +81,7 @@ class Runtime:
             options=default.options,
             settle_seconds=settings.settle_seconds,
             request_settle_seconds=settings.request_settle_seconds,
+            originals_area=settings.originals_area,
         )
         return cls(settings=settings, pool=pool, store=store, intake=intake, embedded=embedded)
 

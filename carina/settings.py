@@ -6,10 +6,13 @@ import os
 import secrets
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import AliasChoices, Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from carina.archive.originals import Area
 
 
 class Settings(BaseSettings):
@@ -81,6 +84,22 @@ class Settings(BaseSettings):
         "10.5.3): C-STORE 0xB000/0xB006, STOW-RS WarningReason with 202; false: plain success "
         "(0x0000, 200) for senders that take a warning for a failure",
     )
+    originals_dir: Path | None = Field(
+        default=None,
+        description="Where the identified originals are kept, encrypted, until their series is "
+        "decided; unset: data_dir/originals",
+    )
+    originals_key: str | None = Field(
+        default=None,
+        description="Master key of the originals' encryption; unset: generated once into "
+        "data_dir/originals.key",
+    )
+    originals_retention_days: float = Field(
+        default=0.0,
+        ge=0,
+        description="Days the originals of a published series are kept (for a reprocessing "
+        "after release); 0: purged at once. Rejected and forgotten series' go at once",
+    )
     auth_failure_limit: str = Field(
         default="10/minute",
         description="Bad tokens one client address may present in a moving window (e.g. "
@@ -116,6 +135,11 @@ class Settings(BaseSettings):
         return self.data_dir / "objects"
 
     @property
+    def originals_root(self) -> Path:
+        """The originals area (restricted, like the intake area)."""
+        return (self.originals_dir or self.data_dir / "originals").expanduser().resolve()
+
+    @property
     def pg_dir(self) -> Path:
         """Data directory of the embedded PostgreSQL."""
         return self.data_dir / "pg"
@@ -123,9 +147,21 @@ class Settings(BaseSettings):
     @cached_property
     def master_key(self) -> bytes:
         """The key every pseudonym, date offset and remapped UID is derived from."""
-        if self.secret_key:
-            return self.secret_key.encode()
-        path = self.data_dir / "secret.key"
+        return self._key(self.secret_key, "secret.key")
+
+    @cached_property
+    def originals_area(self) -> Area:
+        """The originals area: directory, master key (not the pseudonyms') and retention."""
+        from carina.archive.originals import Area
+
+        key = self._key(self.originals_key, "originals.key")
+        return Area(self.originals_root, key, self.originals_retention_days)
+
+    def _key(self, value: str | None, file_name: str) -> bytes:
+        """A key from its setting, or from its file in the data directory (made once, 0600)."""
+        if value:
+            return value.encode()
+        path = self.data_dir / file_name
         if not path.exists():
             self.data_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -137,5 +173,6 @@ class Settings(BaseSettings):
         """Create the local directories, the intake area readable by this user only."""
         for d in (self.data_dir, self.staging_dir, self.objects_dir):
             d.mkdir(parents=True, exist_ok=True)
-        self.intake_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(self.intake_dir, 0o700)
+        for restricted in (self.intake_dir, self.originals_root):
+            restricted.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(restricted, 0o700)

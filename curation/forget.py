@@ -23,7 +23,7 @@ from pathlib import Path
 from psycopg_pool import ConnectionPool
 from pydicom import dcmread
 
-from carina.archive import erasure, mappings
+from carina.archive import erasure, mappings, originals
 from carina.archive.erasure import Counts, Erasure, Subject
 from carina.archive.storage import ObjectStore
 
@@ -80,6 +80,7 @@ class Report:
                 "curation audit rows unlinked from their series",
                 self.counts.curation_audit_rows,
             ),
+            ("kept originals", self.counts.originals),
             ("staged files", self.staged_files),
             ("intake files", self.intake_files),
         ]
@@ -96,6 +97,7 @@ class Forgetter:
     master_key: bytes
     staging_dir: Path
     intake_dir: Path
+    originals: originals.Area | None = None
 
     def forget(
         self,
@@ -144,6 +146,8 @@ class Forgetter:
             )
         # This erasure, and any that an earlier run left unfinished.
         report.objects_deleted = erasure.finish_pending(self.pool, self.store)
+        if self.originals is not None:  # its kept originals, due since the withdrawal
+            originals.purge_due(self.pool, self.originals)
         if subject.kind == erasure.RESEARCH and counts.mapping_entries:
             report.notes.append(
                 "note: instances stored before the mapping carry the keyed pseudonym, which "

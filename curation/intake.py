@@ -20,7 +20,7 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from io import BytesIO
 from multiprocessing import resource_tracker, shared_memory
@@ -32,7 +32,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from carina import __version__
-from carina.archive import collections, derived, index, jobs
+from carina.archive import collections, derived, index, jobs, originals
 from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
@@ -81,6 +81,8 @@ class IntakeContext:
     recipe_lines: tuple[str, ...] = ()  # the collection's own recipe lines
     # The collection's residual-PHI settings; None when that rule is off.
     phi: rules.ResidualPhiSettings | None = None
+    # Keeps the identified original, encrypted (archive/originals.py); None: not kept.
+    originals: originals.Sealer | None = None
 
 
 @dataclass(frozen=True)
@@ -107,6 +109,7 @@ class InstanceRecord:
     # JSON list of rules.PhiHit found with the original identifiers in hand; None: unchecked.
     intake_findings: str | None = None
     warning: int = 0  # COERCED, DISCARDED or 0: what de-identification did to it
+    original: str | None = None  # file name of its kept original (archive/originals.py)
 
     @property
     def object_key(self) -> str:
@@ -393,7 +396,10 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     try:
         full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
         findings = _residual_phi(full, identifiers, ctx.phi)
-        return _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
+        record = _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
+        if ctx.originals is not None:  # from here, where the identified bytes already are
+            record = replace(record, original=ctx.originals.keep(record.sop_uid, payload))
+        return record
     except Exception:
         staging.unlink(missing_ok=True)
         raise
@@ -569,6 +575,7 @@ class Intake:
         options: tuple[str, ...] = (),
         settle_seconds: float = 5.0,
         request_settle_seconds: float = 1.0,
+        originals_area: originals.Area | None = None,
     ) -> None:
         self.db_pool = pool
         self.settle_seconds = settle_seconds
@@ -577,6 +584,7 @@ class Intake:
         self.master_key = master_key
         self.staging_dir = staging_dir
         self.intake_dir = intake_dir
+        self.originals = originals_area
         self.profile = profile
         self.options = options
         self.workers = max(1, workers)
@@ -644,6 +652,7 @@ class Intake:
             mapping_version=found.mapping_version,
             recipe_lines=found.recipe_lines,
             phi=_phi_settings(found.rules),
+            originals=self.originals.sealer(collection) if self.originals else None,
         )
 
     def _collection(self, name: str) -> collections.Collection:
@@ -721,6 +730,10 @@ class Intake:
             # More may follow on the association: settle after a quiet period or at its end.
             self._commit(result, self.settle_seconds)
         return result.outcomes[0]
+
+    def store_batch(self, result: BatchResult, settle_after: float) -> None:
+        """Store and index the staged instances of result as intake does (a reprocessing's)."""
+        self._commit(result, settle_after)
 
     def _commit(self, result: BatchResult, settle_after: float) -> None:
         """Move staged files into the store (durable as a batch), then index them in one

@@ -19,7 +19,7 @@ from psycopg import Connection
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
-from carina.archive import derived, jobs
+from carina.archive import derived, jobs, originals
 
 from . import audit, manifests
 from .deid import load_profile
@@ -127,6 +127,8 @@ def decide(conn: Connection, series_uid: str) -> Evaluation:
     if geometry is not None:
         _store_qc(conn, series_uid, geometry)
     _set_state(conn, series_uid, state)
+    # A published series' originals have served their purpose; a held one's are kept.
+    (originals.release if state == PUBLISHED else originals.hold)(conn, series_uid)
     holds = sorted({f.code for f in findings if f.severity == "hold"})
     audit.record(
         conn,
@@ -332,6 +334,14 @@ def _store_qc(conn: Connection, series_uid: str, geometry: Geometry) -> None:
     )
 
 
+def _purge(pool: ConnectionPool, area: originals.Area) -> None:
+    """Purge the originals that decisions made due (also finishing an interrupted purge)."""
+    try:
+        originals.purge_due(pool, area)
+    except OSError as e:  # the area is unavailable: the rows stay due, the next pass retries
+        log.error("purging originals failed: %s", type(e).__name__)
+
+
 # ---------------------------------------------------------------------------------------------
 # Manifests
 
@@ -353,9 +363,15 @@ def upload_manifest(pool: ConnectionPool, collection: str, csv_text: str) -> Man
 class Worker:
     """Evaluates due series until stopped: woken by NOTIFY, or by the next due time."""
 
-    def __init__(self, pool: ConnectionPool, idle_wait: float = IDLE_WAIT) -> None:
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        idle_wait: float = IDLE_WAIT,
+        originals: originals.Area | None = None,
+    ) -> None:
         self.pool = pool
         self.idle_wait = idle_wait
+        self.originals = originals  # whose due originals each pass purges
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -389,6 +405,8 @@ class Worker:
         """Evaluate every due series; the seconds to wait before looking again."""
         while not self._stop.is_set() and evaluate_due(self.pool) is not None:
             pass
+        if self.originals is not None:
+            _purge(self.pool, self.originals)
         with self.pool.connection() as conn:
             due_in = jobs.seconds_to_next(conn)
         return self.idle_wait if due_in is None else min(max(due_in, 0.05), self.idle_wait)

@@ -16,7 +16,7 @@ from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 
-from carina.archive import jobs
+from carina.archive import jobs, originals
 from carina.archive.storage import ObjectStore
 
 from . import audit
@@ -199,6 +199,7 @@ def release(pool: ConnectionPool, series_uid: str, actor: str, reason: str) -> N
         state, collection = _lock(conn, series_uid)
         _require(state, (QUARANTINED,), "release")
         _decided_at(conn, series_uid, PUBLISHED)
+        originals.release(conn, series_uid)
         audit.record(
             conn,
             actor=actor,
@@ -226,6 +227,7 @@ def reject(
             )
         ]
         _decided_at(conn, series_uid, REJECTED)
+        originals.drop(conn, [series_uid])
         audit.record(
             conn,
             actor=actor,
@@ -248,19 +250,32 @@ def reject(
     return len(keys)
 
 
-def reprocess(pool: ConnectionPool, series_uid: str, actor: str, reason: str) -> None:
+REPROCESSABLE = (QUARANTINED, PUBLISHED)
+
+
+def reprocess(
+    pool: ConnectionPool,
+    series_uid: str,
+    actor: str,
+    reason: str,
+    *,
+    deid: dict[str, Any] | None = None,
+    delay: float = 0.0,
+) -> None:
     """Send a decided series through the rules again (e.g. after its collection's settings
-    changed); it is incoming, and so hidden, until evaluated."""
+    changed); it is incoming, and so hidden, until evaluated delay seconds from now. deid:
+    the profile and options its originals are being de-identified with again (audited)."""
     with pool.connection() as conn, conn.transaction():
         state, collection = _lock(conn, series_uid)
-        _require(state, (QUARANTINED, PUBLISHED), "reprocess")
+        _require(state, REPROCESSABLE, "reprocess")
         conn.execute(
             "UPDATE series SET state = %s, decided_at = NULL, updated_at = now()"
             " WHERE series_uid = %s",
             (INCOMING, series_uid),
         )
+        originals.hold(conn, series_uid)
         with conn.cursor() as cur:
-            jobs.schedule(cur, [series_uid], 0.0)
+            jobs.schedule(cur, [series_uid], delay)
         audit.record(
             conn,
             actor=actor,
@@ -269,5 +284,5 @@ def reprocess(pool: ConnectionPool, series_uid: str, actor: str, reason: str) ->
             collection=collection,
             reason=reason,
             before={"state": state},
-            after={"state": INCOMING},
+            after={"state": INCOMING, **({"deid": deid} if deid else {})},
         )

@@ -180,12 +180,12 @@ class Kept:
 
 
 def of_series(conn: Connection, series_uid: str) -> list[Kept]:
-    """The newest original of each instance of a series that has one and is not due for
-    purging, in SOP Instance UID order."""
+    """The newest original of each instance of a series that has one and is not to be purged at
+    once (a published series' are, for their retention period), in SOP Instance UID order."""
     rows = conn.execute(
         "SELECT DISTINCT ON (o.sop_uid) o.name, o.sop_uid, o.collection FROM originals o"
         " JOIN instances i ON i.sop_uid = o.sop_uid AND i.series_uid = o.series_uid"
-        " WHERE o.series_uid = %s AND o.purge_after IS NULL"
+        " WHERE o.series_uid = %s AND o.purge_after IS DISTINCT FROM '-infinity'"
         " ORDER BY o.sop_uid, o.stored_at DESC, o.name",
         (series_uid,),
     ).fetchall()

@@ -9,6 +9,7 @@ Figures (median and p95 ms per instance, nearest rank):
   (b) Carina: intake._read + Deidentifier.apply + part10.encode (its writer), bytes to bytes;
   (c) Carina's intake worker, intake.process_part: (b) plus the staged file, its SHA-256 and the
       DICOM JSON of the index;
+  (f) (c) keeping the identified original too, sealed with AES-256-GCM (archive/originals.py);
   (d) deid's DicomParser with its default recipe: dcmread + parse() + dcmwrite, bytes to bytes;
   (e) the same as deid documents it, from the file to a saved file (DicomParser(path), save()).
 The ratio is each figure over (b), so > 1 means Carina did better. See bench/README.md."""
@@ -37,6 +38,7 @@ sys.path.insert(0, str(REPO))
 from pydicom import dcmread  # noqa: E402
 from pydicom.filewriter import dcmwrite  # noqa: E402
 
+from carina.archive.originals import Area  # noqa: E402
 from carina.curation import intake, part10  # noqa: E402
 from carina.curation.deid import Deidentifier, load_profile  # noqa: E402
 from carina.curation.pseudonyms import Pseudonymizer  # noqa: E402
@@ -63,14 +65,16 @@ def carina_deid(data: bytes, path: Path) -> None:
     b"".join(part10.encode(ds, intake._unchanged(ds, snapshot)))
 
 
-def make_intake(staging: Path) -> Callable[[bytes, Path], None]:
-    """(c) the intake worker function, staging into `staging`."""
+def make_intake(staging: Path, kept: Path | None = None) -> Callable[[bytes, Path], None]:
+    """(c) the intake worker function, staging into `staging`; (f) with kept: keeping each
+    original in that originals area."""
     ctx = intake.IntakeContext(
         collection="bench",
         key=KEY,
         profile=PROFILE,
         options=OPTIONS,
         staging_dir=str(staging),
+        originals=Area(kept, KEY).sealer("bench") if kept else None,
     )
 
     def run(data: bytes, path: Path) -> None:
@@ -78,6 +82,8 @@ def make_intake(staging: Path) -> Callable[[bytes, Path], None]:
         if not isinstance(outcome, intake.InstanceRecord):
             raise RuntimeError(f"intake refused a bench instance: {outcome.reason}")
         Path(outcome.staging_path).unlink()
+        if outcome.original and ctx.originals:
+            ctx.originals.path(outcome.original).unlink()
 
     return run
 
@@ -142,6 +148,7 @@ def main() -> int:
         (root / "in").mkdir()
         (root / "out").mkdir()
         (root / "staging").mkdir()
+        (root / "originals").mkdir()
         files = []
         for i, data in enumerate(blobs):
             path = root / "in" / f"ct{i:05d}.dcm"
@@ -152,6 +159,7 @@ def main() -> int:
             ("(a) pydicom read+write (baseline)", pydicom_roundtrip),
             ("(b) Carina parse+deid+write", carina_deid),
             ("(c) Carina intake.process_part", make_intake(root / "staging")),
+            ("(f) (c) keeping the original", make_intake(root / "staging", root / "originals")),
             ("(d) deid DicomParser, bytes to bytes", deid_bytes),
             ("(e) deid DicomParser, file to file", deid_file),
         ]

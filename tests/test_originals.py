@@ -198,6 +198,13 @@ def test_automatically_published_series_keeps_its_originals_for_the_retention_on
     assert state(keeping, series) == "published"
     names = kept(keeping, series)
     assert len(names) == 3 and all(original_path(keeping, n).exists() for n in names)
+    # Within it, the published series can still be de-identified again.
+    r = decide(keeping, series, "reprocess", options=["retain_patient_characteristics"])
+    assert r.status_code == 202, r.text
+    keeping.settled()
+    assert state(keeping, series) == "published"
+    assert {m["00100040"]["Value"][0] for m in metadata(keeping, series)} == {PHI_SEX}
+    assert sorted(kept(keeping, series)) == sorted(names)
     with psycopg.connect(keeping.database_url) as conn:  # type: ignore[arg-type]
         conn.execute(  # as if published two days ago
             "UPDATE originals SET purge_after = now() - interval '2 days' WHERE series_uid = %s",

@@ -13,14 +13,15 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from playwright.sync_api import Browser, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 from psycopg.conninfo import make_conninfo
 from pydicom import Dataset
 
 from carina.archive.originals import Area, OriginalUnreadable, Sealer, collection_key
+from tests import test_curator_web
 from tests.conftest import Server, create_token, run_cli, start_server
 from tests.factory import Phi, ct_series
-from tests.test_curator_web import CHROMIUM, CHROMIUM_FLAGS, log_in, page_url
+from tests.test_curator_web import log_in, page_url
 
 # PatientSex as sent: the Basic Profile blanks it, retain_patient_characteristics keeps it.
 PHI_SEX = "F"
@@ -146,24 +147,15 @@ def test_held_series_keeps_its_originals_encrypted_with_no_clear_phi_on_disk(
     assert leaks(server, phi) == {}
 
 
-def test_release_purges_the_originals(server: Server) -> None:
-    phi = planted(2)
+@pytest.mark.parametrize(("decision", "served"), [("release", 3), ("reject", 0)])
+def test_release_or_reject_purges_the_originals(server: Server, decision: str, served: int) -> None:
+    phi = planted(2 if decision == "release" else 3)
     study, series, _ = server.store(held_series(phi))
     names = kept(server, series)
     assert len(names) == 3
-    assert decide(server, series, "release").status_code == 200
+    assert decide(server, series, decision).status_code == 200
     wait_purged(server, series, names)
-    assert len(server.client().search_for_instances(study, series)) == 3
-    assert leaks(server, phi) == {}
-
-
-def test_reject_purges_the_originals(server: Server) -> None:
-    phi = planted(3)
-    _, series, _ = server.store(held_series(phi))
-    names = kept(server, series)
-    assert len(names) == 3
-    assert decide(server, series, "reject").status_code == 200
-    wait_purged(server, series, names)
+    assert len(server.client().search_for_instances(study, series)) == served
     assert leaks(server, phi) == {}
 
 
@@ -382,13 +374,7 @@ def test_forgetting_the_subject_removes_its_originals(server: Server) -> None:
     assert leaks(server, phi) == {}
 
 
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    assert Path(CHROMIUM).exists(), "chromium is a test requirement (scripts/test installs it)"
-    with sync_playwright() as p:
-        b = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
-        yield b
-        b.close()
+browser = test_curator_web.browser  # Debian's chromium through Playwright (a fixture)
 
 
 def test_curator_reprocesses_with_another_profile_in_the_browser(

@@ -53,6 +53,9 @@ _CHECK = 8
 _NONCE = 12
 _TAG = 16
 _HEADER = len(MAGIC) + _CHECK + _NONCE
+# The most AES-GCM seals in one piece here (the library's limit, 2**31 - 1 bytes, less the
+# associated data): a larger original is not kept, and its series cannot be reprocessed.
+MAX_SIZE = 2**31 - 1 - 4096
 # Files purged per round trip of purge_due().
 _BATCH = 500
 # Files younger than this may belong to an instance whose index transaction is in flight.
@@ -96,9 +99,13 @@ class Sealer:
     def _aad(self, sop_uid: str, name: str) -> bytes:
         return b"\x00".join((MAGIC, self.collection.encode(), sop_uid.encode(), name.encode()))
 
-    def keep(self, sop_uid: str, original: bytes | bytearray | str) -> str:
+    def keep(self, sop_uid: str, original: bytes | bytearray | str) -> str | None:
         """Encrypt the original (its bytes, or the path of a file holding them) into a new file
-        for the de-identified instance sop_uid; the file's name."""
+        for the de-identified instance sop_uid; the file's name (None: too large to keep)."""
+        size = os.path.getsize(original) if isinstance(original, str) else len(original)
+        if size > MAX_SIZE:
+            log.warning("original of instance %s not kept: %d bytes", sop_uid, size)
+            return None
         data = Path(original).read_bytes() if isinstance(original, str) else original
         name = secrets.token_hex(16)
         nonce = os.urandom(_NONCE)

@@ -242,6 +242,8 @@ def test_reprocess_with_another_profile_keeps_what_it_keeps_and_the_uids(
         search_filters={"StudyInstanceUID": study}, fields=["PatientSex"]
     )
     assert found[0]["00100040"]["Value"] == [PHI_SEX]
+    served = server.client().retrieve_series(study, series)
+    assert {str(ds.PatientSex) for ds in served} == {PHI_SEX}  # the stored objects too
     wait_purged(server, series, names)
     again = decide(server, series, "reprocess", options=options)
     assert again.status_code == 409

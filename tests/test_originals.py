@@ -405,3 +405,23 @@ def test_curator_reprocesses_with_another_profile_in_the_browser(
     expect(page.locator("table.audit")).to_contain_text("keep sex for the study")
     server.settled()
     assert {m["00100040"]["Value"][0] for m in metadata(server, series)} == {PHI_SEX}
+
+
+def test_no_planted_value_reached_postgresql_files(server: Server, pg_admin_url: str) -> None:
+    """Raw bytes of the PostgreSQL data directory (tables, indexes, WAL) after the tests
+    above: none of this module's planted values was ever written to the database (values
+    PostgreSQL compresses are out of its sight: leaks() reads every row as text for them)."""
+    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+        conn.execute("CHECKPOINT")
+        data_dir = Path(conn.execute("SHOW data_directory").fetchone()[0])  # type: ignore[index]
+    if not os.access(data_dir, os.R_OK):
+        pytest.skip("the PostgreSQL server's files are not on this machine (DATABASE_URL)")
+    wanted = {n.encode() for i in range(1, 12) for n in needles(planted(i))}
+    found = {}
+    for path in data_dir.rglob("*"):
+        if path.is_file() and os.access(path, os.R_OK):
+            data = path.read_bytes()
+            hits = [n for n in wanted if n in data]
+            if hits:
+                found[str(path.relative_to(data_dir))] = hits
+    assert found == {}

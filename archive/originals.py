@@ -66,6 +66,12 @@ class OriginalUnreadable(ArchiveError):
     """A kept original is missing, or cannot be decrypted (another key, altered, damaged)."""
 
 
+def path(root: Path, name: str) -> Path:
+    """Where the original of that name lives in the area at root (256 sub-directories, never
+    removed, so that a purge never races a write into the same directory)."""
+    return root / name[:2] / name
+
+
 @lru_cache(maxsize=256)
 def collection_key(master_key: bytes, collection: str) -> bytes:
     """The collection's AES-256 key, derived from the originals master key (HKDF-SHA256)."""
@@ -93,8 +99,8 @@ class Sealer:
     key: bytes
 
     def path(self, name: str) -> Path:
-        """Where the file of that name lives (256 sub-directories, never removed)."""
-        return Path(self.root) / name[:2] / name
+        """Where the file of that name lives."""
+        return path(Path(self.root), name)
 
     def _aad(self, sop_uid: str, name: str) -> bytes:
         return b"\x00".join((MAGIC, self.collection.encode(), sop_uid.encode(), name.encode()))
@@ -259,12 +265,11 @@ def purge_due(pool: ConnectionPool, area: Area) -> int:
             ]
         if not names:
             break
-        sealer = area.sealer("")
         dirs = set()
         for name in names:
-            path = sealer.path(name)
-            path.unlink(missing_ok=True)
-            dirs.add(path.parent)
+            file = path(area.root, name)
+            file.unlink(missing_ok=True)
+            dirs.add(file.parent)
         _sync_dirs(dirs)  # the deletions survive a crash before the rows go
         with pool.connection() as conn:
             conn.execute("DELETE FROM originals WHERE name = ANY(%s)", (names,))
@@ -307,7 +312,6 @@ def check(pool: ConnectionPool, area: Area, *, repair: bool = False) -> Check:
     """Compare the originals table with the area; with repair, finish due purges, mark rows
     of instances no longer held, remove rows without a file and files without a row."""
     found = Check()
-    sealer = area.sealer("")
     with pool.connection() as conn:
         rows = conn.execute(
             "SELECT name, purge_after <= now() - %s * interval '1 day',"
@@ -319,7 +323,7 @@ def check(pool: ConnectionPool, area: Area, *, repair: bool = False) -> Check:
     found.kept = len(rows)
     found.due = sum(1 for r in rows if r[1])
     found.unowned = sum(1 for r in rows if r[2])
-    found.missing = sorted(r[0] for r in rows if not r[1] and not sealer.path(r[0]).exists())
+    found.missing = sorted(r[0] for r in rows if not r[1] and not path(area.root, r[0]).exists())
     cutoff = time.time() - ORPHAN_GRACE_SECONDS
     if area.root.is_dir():
         found.orphans = sorted(
@@ -336,6 +340,6 @@ def check(pool: ConnectionPool, area: Area, *, repair: bool = False) -> Check:
         )
         conn.execute("DELETE FROM originals WHERE name = ANY(%s)", (found.missing,))
     for name in found.orphans:
-        sealer.path(name).unlink(missing_ok=True)
+        path(area.root, name).unlink(missing_ok=True)
     found.repaired = purge_due(pool, area) + len(found.missing) + len(found.orphans)
     return found

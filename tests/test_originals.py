@@ -9,6 +9,7 @@ import os
 import secrets
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import psycopg
@@ -17,6 +18,7 @@ from playwright.sync_api import Browser, expect
 from psycopg.conninfo import make_conninfo
 from pydicom import Dataset
 
+from carina.archive import db, originals
 from carina.archive.originals import Area, OriginalUnreadable, Sealer, collection_key
 from tests import test_curator_web
 from tests.conftest import Server, create_token, run_cli, start_server
@@ -159,22 +161,29 @@ def test_release_or_reject_purges_the_originals(server: Server, decision: str, s
     assert leaks(server, phi) == {}
 
 
-@pytest.fixture(scope="module")
-def keeping(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
-    """A Carina that keeps published series' originals for a day, on a database of its own
-    (the servers of one deployment share one originals area)."""
-    name = f"carina_originals_keeping_{secrets.token_hex(3)}"
+@contextmanager
+def own_database(pg_admin_url: str) -> Iterator[str]:
+    """A database no other test's server works on (the series workers of one database purge
+    in their own originals area: the processes of a deployment share one)."""
+    name = f"carina_originals_{secrets.token_hex(4)}"
     with psycopg.connect(pg_admin_url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{name}"')
-    s = start_server(
-        tmp_path_factory.mktemp("keeping") / "data",
-        make_conninfo(pg_admin_url, dbname=name),
-        CARINA_ORIGINALS_RETENTION_DAYS="1",
-    )
-    yield s
-    s.stop()
-    with psycopg.connect(pg_admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    try:
+        yield make_conninfo(pg_admin_url, dbname=name)
+    finally:
+        with psycopg.connect(pg_admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="module")
+def keeping(pg_admin_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """A Carina that keeps published series' originals for a day."""
+    with own_database(pg_admin_url) as url:
+        s = start_server(
+            tmp_path_factory.mktemp("keeping") / "data", url, CARINA_ORIGINALS_RETENTION_DAYS="1"
+        )
+        yield s
+        s.stop()
 
 
 def test_automatically_published_series_keeps_its_originals_for_the_retention_only(
@@ -348,6 +357,43 @@ def test_fsck_reports_and_repairs_an_orphan_original(server: Server) -> None:
     ), done.stdout + done.stderr
     done = run_cli(server.database_url, cwd, "fsck", "--repair", **env)  # type: ignore[arg-type]
     assert not orphan.exists(), done.stdout + done.stderr
+
+
+def test_fsck_repair_finishes_purges_and_mends_the_index_of_originals(
+    pg_admin_url: str, tmp_path: Path
+) -> None:
+    """What a crash can leave, found and mended by `carina fsck --repair` (no worker runs)."""
+    area = Area(tmp_path, b"k" * 32)
+    sealer = area.sealer("default")
+    names = {what: sealer.keep(f"2.25.{i}", b"original") for i, what in enumerate(WHAT)}
+    old = time.time() - 2 * 3600
+    os.utime(sealer.path(names["orphan"]), (old, old))
+    with own_database(pg_admin_url) as url:
+        db.migrate(url)
+        with db.open_pool(url, max_size=2) as pool, pool.connection() as conn:
+            for i, what in enumerate(WHAT):
+                if what != "orphan":
+                    conn.execute(
+                        "INSERT INTO originals (name, sop_uid, series_uid, collection, purge_after)"
+                        " VALUES (%s, %s, '2.25.9', 'default', %s)",
+                        (names[what], f"2.25.{i}", "-infinity" if what == "due" else None),
+                    )
+            conn.commit()
+            sealer.path(names["missing"]).unlink()
+            found = originals.check(pool, area)
+            assert (found.due, found.missing, found.orphans, found.unowned) == (
+                1,
+                [names["missing"]],
+                [names["orphan"]],
+                2,  # neither "unowned" nor "missing" has its instance
+            )
+            originals.check(pool, area, repair=True)
+            assert originals.check(pool, area).problems == 0
+            assert not conn.execute("SELECT name FROM originals").fetchall()
+    assert not list(tmp_path.glob("*/*"))
+
+
+WHAT = ("due", "missing", "orphan", "unowned")
 
 
 def test_forgetting_the_subject_removes_its_originals(server: Server) -> None:

@@ -217,10 +217,10 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
         if proc.poll() is not None:
             raise RuntimeError(f"carina serve exited:\n{log.read_text()[-4000:]}")
         try:
-            if requests.get(server.url + "/healthz", timeout=1).ok:
+            if requests.get(server.url + "/healthz", timeout=5).ok:
                 return server
-        except requests.ConnectionError:
-            pass
+        except (requests.ConnectionError, requests.Timeout):
+            pass  # not listening yet, or slow to answer on a loaded machine: ask again
         time.sleep(0.2)
     server.stop()
     raise RuntimeError(f"carina serve did not start:\n{log.read_text()[-4000:]}")

@@ -16,7 +16,20 @@ from carina.curation.lifecycle import Worker
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import auth, curation, derived, dicomweb, errors, paths, rendered, series, shares, web
+from . import (
+    auth,
+    changes,
+    curation,
+    derived,
+    dicomweb,
+    errors,
+    paths,
+    rendered,
+    series,
+    shares,
+    web,
+    web_changes,
+)
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -104,7 +117,10 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(derived.router("/api"), dependencies=authenticated)
     app.include_router(series.router("/api"), dependencies=authenticated)
     app.include_router(curation.router("/api/curation"), dependencies=authenticated)
-    # The curator's web page: its own login and session cookie, never the Bearer header.
+    app.include_router(changes.router("/api/curation"), dependencies=authenticated)
+    # The curator's web page: its own login and session cookie, never the Bearer header (its
+    # redaction and edit forms first: web's /series/{uid}/{decision} would take their paths).
+    app.include_router(web_changes.router())
     web.install(app)
     # A shared cohort: its latest version, or one version, which never changes.
     read_only = [*authenticated, Depends(auth.read_only)]

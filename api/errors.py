@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from carina.archive.errors import InvalidQuery, NotFound, OutOfResources, StorageError
-from carina.curation.errors import DecisionRefused, ProfileError, UnknownSeries
+from carina.curation.errors import ChangeRefused, DecisionRefused, ProfileError, UnknownSeries
 
 from . import web
 from .auth import AuthError
@@ -48,6 +48,10 @@ def install(app: FastAPI) -> None:
     @app.exception_handler(DecisionRefused)
     async def _refused(request: Request, exc: DecisionRefused) -> Response:
         return _refusal(request, 409, str(exc))
+
+    @app.exception_handler(ChangeRefused)
+    async def _change_refused(request: Request, exc: ChangeRefused) -> Response:
+        return _refusal(request, 422, str(exc))
 
     @app.exception_handler(InvalidQuery)
     async def _invalid_query(request: Request, exc: InvalidQuery) -> JSONResponse:

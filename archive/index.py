@@ -9,6 +9,7 @@ from datetime import datetime
 from importlib import resources
 from typing import Protocol
 
+from psycopg import Connection
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
@@ -166,6 +167,63 @@ def write_batch(
             ],
         )
         jobs.schedule(cur, series, settle_after)
+
+
+def rewrite_instances(conn: Connection, rewritten: Sequence[tuple[IndexRecord, str]]) -> None:
+    """Point the index at rewritten objects (record, object key) of instances it holds (a
+    curator's redaction or edit), in conn's transaction: each instance's object, size,
+    checksum and metadata, and the
+    patient, study and series attributes the objects now carry. Unlike write_batch, no state
+    changes and nothing is scheduled: the series stays where the curator has it."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "UPDATE instances SET transfer_syntax_uid = %s, object_key = %s, size = %s,"
+            " sha256 = %s, metadata = %s::jsonb, updated_at = now() WHERE sop_uid = %s",
+            [
+                (r.transfer_syntax_uid, key, r.size, r.sha256, r.metadata, r.sop_uid)
+                for r, key in rewritten
+            ],
+        )
+        records = [r for r, _ in rewritten]
+        for r in {r.series_uid: r for r in records}.values():
+            se = r.series
+            cur.execute(
+                "UPDATE series SET modality = %s, series_number = %s, series_description = %s,"
+                " pps_start_date = %s, pps_start_time = %s, attrs = %s::jsonb,"
+                " updated_at = now() WHERE series_uid = %s",
+                (
+                    se["modality"],
+                    se["series_number"],
+                    se["series_description"],
+                    se["pps_start_date"],
+                    se["pps_start_time"],
+                    r.series_attrs,
+                    r.series_uid,
+                ),
+            )
+        for r in {r.study_uid: r for r in records}.values():
+            s = r.study
+            cur.execute(
+                "UPDATE studies SET study_date = %s, study_time = %s, accession_number = %s,"
+                " study_id = %s, referring_physician_name = %s, study_description = %s,"
+                " attrs = %s::jsonb, updated_at = now() WHERE study_uid = %s",
+                (
+                    s["study_date"],
+                    s["study_time"],
+                    s["accession_number"],
+                    s["study_id"],
+                    s["referring_physician_name"],
+                    s["study_description"],
+                    r.study_attrs,
+                    r.study_uid,
+                ),
+            )
+            # The patient's key (collection, PatientID) stays: de-identification decides it.
+            cur.execute(
+                "UPDATE patients p SET sex = %s, attrs = %s::jsonb FROM studies st"
+                " WHERE st.study_uid = %s AND p.pk = st.patient_pk",
+                (r.patient["sex"], r.patient_attrs, r.study_uid),
+            )
 
 
 def _scope(

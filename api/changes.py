@@ -4,6 +4,7 @@ a curator of the series' collection or an admin; a series of another collection 
 
 - POST .../redact {"reason", "rectangles": [{"x", "y", "width", "height"}], "frames": [1-based]
   or null (every frame), "instances": [SOP Instance UIDs] or null (every instance)}
+- GET .../changes: the redactions and edits recorded for the series (who, when, what)
 - POST .../edit {"reason", "attribute": keyword or tag, "action": "set" | "remove",
   "value": a value, a list of values, or null/"" (empty), "instance": a SOP UID or null}
 
@@ -19,7 +20,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from carina.curation import edits, redaction
+from carina.curation import edits, quarantine, redaction
 
 from . import auth
 from .context import runtime as _runtime
@@ -102,6 +103,19 @@ def router(prefix: str = "/api/curation") -> APIRouter:
     r = APIRouter(
         prefix=prefix, tags=["curation"], dependencies=[Depends(auth.curated_collections)]
     )
+
+    @r.get("/series/{series_uid}/changes")
+    async def changes(request: Request, series_uid: str) -> JSONResponse:
+        await run_in_threadpool(check, request, series_uid)
+        pool = _runtime(request).pool
+        await run_in_threadpool(quarantine.collection_of, pool, series_uid)  # 404 if unknown
+        return _json(
+            {
+                "series_uid": series_uid,
+                "redactions": await run_in_threadpool(redaction.listed, pool, series_uid),
+                "edits": await run_in_threadpool(edits.listed, pool, series_uid),
+            }
+        )
 
     @r.post("/series/{series_uid}/redact")
     async def redact(request: Request, series_uid: str, body: RedactionIn) -> JSONResponse:

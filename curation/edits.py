@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from psycopg import Connection
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 from pydicom import DataElement, Dataset
@@ -307,3 +308,40 @@ def _collection_settings(
     except RuleSettingError:  # settings stored before a rule changed: the defaults
         config = RulesConfig()
     return load_profile(name, options, lines), config.residual_phi
+
+
+def recorded(conn: Connection, series_uid: str) -> list[tuple[str, Edit]]:
+    """The edits recorded for a series' instances, oldest first, as (SOP Instance UID, edit):
+    what a reprocess that de-identifies the instances anew applies again with reapply."""
+    rows = conn.execute(
+        "SELECT sop_uid, tag, keyword, action, element FROM attribute_edits"
+        " WHERE series_uid = %s ORDER BY pk",
+        (series_uid,),
+    ).fetchall()
+    out = []
+    for sop, tag, keyword, action, element in rows:
+        values = tuple((element or {}).get("Value", ()))
+        if element and element.get("vr") == "PN":  # DICOM JSON PN: {"Alphabetic": ...}
+            values = tuple(v.get("Alphabetic", "") for v in values)
+        vr = element["vr"] if element else DicomDictionary[int(tag, 16)][0]
+        out.append((sop, Edit(Tag(int(tag, 16)), keyword, vr, action, values)))
+    return out
+
+
+def reapply(ds: Dataset, edits: Sequence[tuple[str, Edit]]) -> bool:
+    """Apply again to ds every recorded edit of its SOP Instance UID; whether any was."""
+    mine = [e for sop, e in edits if sop == str(ds.get("SOPInstanceUID", ""))]
+    for edit in mine:
+        apply_edit(ds, edit)
+    return bool(mine)
+
+
+def listed(pool: ConnectionPool, series_uid: str) -> list[dict[str, Any]]:
+    """The attribute edits of a series as recorded, oldest first (for the curator's API)."""
+    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT sop_uid, keyword, tag, action, element, actor, reason, at"
+            " FROM attribute_edits WHERE series_uid = %s ORDER BY pk",
+            (series_uid,),
+        )
+        return cur.fetchall()

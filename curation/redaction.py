@@ -29,9 +29,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from psycopg import Connection
+from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 from pydicom import Dataset
@@ -236,3 +238,14 @@ def reapply(ds: Dataset, redactions: Sequence[tuple[str, Redaction]]) -> bool:
     for redaction in mine:
         redact_dataset(ds, redaction)
     return bool(mine)
+
+
+def listed(pool: ConnectionPool, series_uid: str) -> list[dict[str, Any]]:
+    """The redactions of a series as recorded, oldest first (for the curator's API)."""
+    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT sop_uid, frames, rectangles, actor, reason, at FROM pixel_redactions"
+            " WHERE series_uid = %s ORDER BY pk",
+            (series_uid,),
+        )
+        return cur.fetchall()

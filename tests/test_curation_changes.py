@@ -8,9 +8,10 @@ import numpy as np
 import psycopg
 import pytest
 import requests
-from pydicom import Dataset
+from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
+from carina.curation import edits, redaction
 from tests.conftest import Server, create_token, run_cli
 from tests.factory import TEXT_REGION, Phi, burned_in_series, ct_series, text_series
 
@@ -35,6 +36,11 @@ def rows(server: Server, series: str) -> dict[str, tuple]:
             (series,),
         ).fetchall()
     return {r[0]: tuple(r[1:]) for r in found}
+
+
+def stored_copies(server: Server, indexed: dict[str, tuple]) -> dict[str, Dataset]:
+    """SOP UID -> the stored (de-identified) object as it is now, read from the store."""
+    return {sop: dcmread(server.data_dir / "objects" / key) for sop, (key, *_) in indexed.items()}
 
 
 def by_number(datasets: list[Dataset]) -> dict[int, Dataset]:
@@ -64,6 +70,7 @@ def test_redaction_blanks_the_region_and_leaves_the_rest_as_it_was(server: Serve
     sent = text_series(3)
     study, series = store(server, sent)
     before = rows(server, series)
+    unredacted = stored_copies(server, before)
     r = post(server, series, "redact", reason="name burned in", rectangles=[TEXT])
     assert r.status_code == 200, r.text
     assert r.json() == {"series_uid": series, "redacted": 3}
@@ -96,6 +103,13 @@ def test_redaction_blanks_the_region_and_leaves_the_rest_as_it_was(server: Serve
             "SELECT count(*), min(actor) FROM pixel_redactions WHERE series_uid = %s", (series,)
         ).fetchone()
     assert recorded is not None and recorded[0] == 3 and recorded[1].startswith("tests (token")
+    # What is recorded, applied again to the instances as de-identified, gives what is served
+    # (as a reprocess from the originals would).
+    with psycopg.connect(server.database_url) as conn:  # type: ignore[arg-type]
+        again = redaction.recorded(conn, series)
+    for ds in unredacted.values():
+        assert redaction.reapply(ds, again)
+        assert ds.PixelData == got[int(ds.InstanceNumber)].PixelData
 
 
 def test_redacting_a_compressed_instance_stores_it_explicit_vr_little_endian(
@@ -151,6 +165,7 @@ def test_redacted_instances_no_longer_hold_the_series_when_it_is_reprocessed(
 
 def test_edits_are_seen_in_qido_and_metadata_after_release(server: Server) -> None:
     study, series = store(server, burned_in_series(2))
+    unedited = stored_copies(server, rows(server, series))
     r = post(server, series, "edit", reason="series renumbered", attribute="SeriesNumber", value=42)
     assert r.status_code == 200 and r.json() == {"series_uid": series, "edited": 2}, r.text
     r = post(server, series, "edit", reason="r", attribute="(0018,0015)", value="CHEST")
@@ -173,11 +188,22 @@ def test_edits_are_seen_in_qido_and_metadata_after_release(server: Server) -> No
     assert [s for s, m in metadata.items() if "00080070" not in m] == [sop]
     ds = server.client().retrieve_instance(study, series, sop)
     assert ds.SeriesNumber == 42 and "Manufacturer" not in ds
+    listed = server.http.get(api(server, f"/series/{series}/changes"), timeout=30).json()
+    assert listed["redactions"] == [] and len(listed["edits"]) == 5
+    assert listed["edits"][0]["element"] == {"vr": "IS", "Value": [42]}
+    # Applied again to the instances as de-identified, the edits give what is served.
+    with psycopg.connect(server.database_url) as conn:  # type: ignore[arg-type]
+        again = edits.recorded(conn, series)
+    for uid, copy in unedited.items():
+        assert edits.reapply(copy, again)
+        served = metadata[uid]
+        assert copy.SeriesNumber == 42 and copy.BodyPartExamined == "CHEST"
+        assert ("Manufacturer" in copy) == ("00080070" in served)
     audit = server.http.get(api(server, f"/series/{series}"), timeout=30).json()["audit"]
-    edits = [
+    audited = [
         (a["after"]["attribute"], a["after"]["action"]) for a in audit if a["action"] == "edit"
     ]
-    assert edits == [
+    assert audited == [
         ("SeriesNumber", "set"),
         ("BodyPartExamined", "set"),
         ("Manufacturer", "remove"),

@@ -13,6 +13,7 @@ redaction or edit that does not apply 422 with the reason (curation/redaction.py
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -20,7 +21,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 
-from carina.curation import edits, quarantine, redaction
+from carina.curation import edits, quarantine, redaction, rewrite
 
 from . import auth
 from .context import runtime as _runtime
@@ -68,16 +69,8 @@ class EditIn(Decision):
 def run_redaction(request: Request, series_uid: str, body: RedactionIn) -> int:
     """Redact through the same checks as every curator route (the web page's too)."""
     check(request, series_uid)
-    rt = _runtime(request)
-    return redaction.redact(
-        rt.pool,
-        rt.store,
-        rt.settings.staging_dir,
-        series_uid,
-        actor(request),
-        body.reason,
-        body.redaction(),
-        body.instances,
+    return _run(
+        request, redaction.redact, series_uid, body.reason, body.redaction(), body.instances
     )
 
 
@@ -85,17 +78,14 @@ def run_edit(request: Request, series_uid: str, body: EditIn) -> int:
     """Edit through the same checks as every curator route (the web page's too)."""
     check(request, series_uid)
     edit = edits.parse(body.attribute, body.action, body.value)
+    sops = None if body.instance is None else [body.instance]
+    return _run(request, edits.edit_series, series_uid, body.reason, edit, sops)
+
+
+def _run(request: Request, change: Callable[..., int], series_uid: str, *args: object) -> int:
+    """change(pool, store, staging, series, actor, reason, ...) with the request's runtime."""
     rt = _runtime(request)
-    return edits.edit_series(
-        rt.pool,
-        rt.store,
-        rt.settings.staging_dir,
-        series_uid,
-        actor(request),
-        body.reason,
-        edit,
-        None if body.instance is None else [body.instance],
-    )
+    return change(rt.pool, rt.store, rt.settings.staging_dir, series_uid, actor(request), *args)
 
 
 def router(prefix: str = "/api/curation") -> APIRouter:
@@ -109,13 +99,8 @@ def router(prefix: str = "/api/curation") -> APIRouter:
         await run_in_threadpool(check, request, series_uid)
         pool = _runtime(request).pool
         await run_in_threadpool(quarantine.collection_of, pool, series_uid)  # 404 if unknown
-        return _json(
-            {
-                "series_uid": series_uid,
-                "redactions": await run_in_threadpool(redaction.listed, pool, series_uid),
-                "edits": await run_in_threadpool(edits.listed, pool, series_uid),
-            }
-        )
+        listed = await run_in_threadpool(rewrite.listed, pool, series_uid)
+        return _json({"series_uid": series_uid, **listed})
 
     @r.post("/series/{series_uid}/redact")
     async def redact(request: Request, series_uid: str, body: RedactionIn) -> JSONResponse:

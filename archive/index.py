@@ -169,12 +169,34 @@ def write_batch(
         jobs.schedule(cur, series, settle_after)
 
 
+# The columns of series and studies taken from an IndexRecord's series and study dicts.
+_SERIES_COLUMNS = (
+    "modality",
+    "series_number",
+    "series_description",
+    "pps_start_date",
+    "pps_start_time",
+)
+_STUDY_COLUMNS = (
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_id",
+    "referring_physician_name",
+    "study_description",
+)
+
+
+def _assignments(columns: Sequence[str]) -> str:
+    return ", ".join(f"{c} = %s" for c in columns)
+
+
 def rewrite_instances(conn: Connection, rewritten: Sequence[tuple[IndexRecord, str]]) -> None:
     """Point the index at rewritten objects (record, object key) of instances it holds (a
     curator's redaction or edit), in conn's transaction: each instance's object, size,
-    checksum and metadata, and the
-    patient, study and series attributes the objects now carry. Unlike write_batch, no state
-    changes and nothing is scheduled: the series stays where the curator has it."""
+    checksum and metadata, and the patient, study and series attributes the objects now carry.
+    Unlike write_batch, no state changes and nothing is scheduled: the series stays where the
+    curator has it."""
     with conn.cursor() as cur:
         cur.executemany(
             "UPDATE instances SET transfer_syntax_uid = %s, object_key = %s, size = %s,"
@@ -186,37 +208,16 @@ def rewrite_instances(conn: Connection, rewritten: Sequence[tuple[IndexRecord, s
         )
         records = [r for r, _ in rewritten]
         for r in {r.series_uid: r for r in records}.values():
-            se = r.series
             cur.execute(
-                "UPDATE series SET modality = %s, series_number = %s, series_description = %s,"
-                " pps_start_date = %s, pps_start_time = %s, attrs = %s::jsonb,"
+                f"UPDATE series SET {_assignments(_SERIES_COLUMNS)}, attrs = %s::jsonb,"
                 " updated_at = now() WHERE series_uid = %s",
-                (
-                    se["modality"],
-                    se["series_number"],
-                    se["series_description"],
-                    se["pps_start_date"],
-                    se["pps_start_time"],
-                    r.series_attrs,
-                    r.series_uid,
-                ),
+                [*(r.series[c] for c in _SERIES_COLUMNS), r.series_attrs, r.series_uid],
             )
         for r in {r.study_uid: r for r in records}.values():
-            s = r.study
             cur.execute(
-                "UPDATE studies SET study_date = %s, study_time = %s, accession_number = %s,"
-                " study_id = %s, referring_physician_name = %s, study_description = %s,"
-                " attrs = %s::jsonb, updated_at = now() WHERE study_uid = %s",
-                (
-                    s["study_date"],
-                    s["study_time"],
-                    s["accession_number"],
-                    s["study_id"],
-                    s["referring_physician_name"],
-                    s["study_description"],
-                    r.study_attrs,
-                    r.study_uid,
-                ),
+                f"UPDATE studies SET {_assignments(_STUDY_COLUMNS)}, attrs = %s::jsonb,"
+                " updated_at = now() WHERE study_uid = %s",
+                [*(r.study[c] for c in _STUDY_COLUMNS), r.study_attrs, r.study_uid],
             )
             # The patient's key (collection, PatientID) stays: de-identification decides it.
             cur.execute(

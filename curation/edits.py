@@ -30,7 +30,6 @@ from pathlib import Path
 from typing import Any
 
 from psycopg import Connection
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 from pydicom import DataElement, Dataset
@@ -41,7 +40,7 @@ from pydicom.valuerep import validate_value
 
 from carina.archive.storage import ObjectStore
 
-from . import audit, rewrite
+from . import rewrite
 from .deid import CLEAN, KEEP, Profile, load_profile
 from .errors import ChangeRefused
 from .lifecycle import _series_head
@@ -274,22 +273,14 @@ def edit_series(
                 " WHERE sop_uid = ANY(%(sops)s) AND jsonb_typeof(intake_findings) = 'array'",
                 {"kw": edit.keyword, "below": edit.keyword + ".%", "sops": sops},
             )
-        audit.record(
-            conn,
-            actor=actor,
-            action="edit",
-            series_uid=series_uid,
-            collection=held.collection,
-            reason=reason,
-            before={"state": "quarantined"},
-            after={
-                "attribute": edit.keyword,
-                "tag": key,
-                "action": edit.action,
-                "element": None if element is None else element.obj,
-                "instances": sops,
-            },
-        )
+        after = {
+            "attribute": edit.keyword,
+            "tag": key,
+            "action": edit.action,
+            "element": None if element is None else element.obj,
+            "instances": sops,
+        }
+        rewrite.audited(conn, held, actor, "edit", reason, after)
 
     held = rewrite.apply(pool, store, staging_dir, series_uid, sops, change, record)
     return len(held.targets)
@@ -312,7 +303,8 @@ def _collection_settings(
 
 def recorded(conn: Connection, series_uid: str) -> list[tuple[str, Edit]]:
     """The edits recorded for a series' instances, oldest first, as (SOP Instance UID, edit):
-    what a reprocess that de-identifies the instances anew applies again with reapply."""
+    what a reprocess that de-identifies the instances anew applies again (rewrite.reapply with
+    apply_edit)."""
     rows = conn.execute(
         "SELECT sop_uid, tag, keyword, action, element FROM attribute_edits"
         " WHERE series_uid = %s ORDER BY pk",
@@ -326,22 +318,3 @@ def recorded(conn: Connection, series_uid: str) -> list[tuple[str, Edit]]:
         vr = element["vr"] if element else DicomDictionary[int(tag, 16)][0]
         out.append((sop, Edit(Tag(int(tag, 16)), keyword, vr, action, values)))
     return out
-
-
-def reapply(ds: Dataset, edits: Sequence[tuple[str, Edit]]) -> bool:
-    """Apply again to ds every recorded edit of its SOP Instance UID; whether any was."""
-    mine = [e for sop, e in edits if sop == str(ds.get("SOPInstanceUID", ""))]
-    for edit in mine:
-        apply_edit(ds, edit)
-    return bool(mine)
-
-
-def listed(pool: ConnectionPool, series_uid: str) -> list[dict[str, Any]]:
-    """The attribute edits of a series as recorded, oldest first (for the curator's API)."""
-    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT sop_uid, keyword, tag, action, element, actor, reason, at"
-            " FROM attribute_edits WHERE series_uid = %s ORDER BY pk",
-            (series_uid,),
-        )
-        return cur.fetchall()

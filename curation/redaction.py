@@ -22,18 +22,17 @@ de-identified instances (PS3.15 E.3.1 Clean Pixel Data Option, done by a human o
   Keeping them also keeps references from other objects and the pseudonym mapping valid.
 
 Each redaction is recorded per instance in pixel_redactions (migration 016) and audited, so
-it can be applied again (reapply) to an instance de-identified anew from its original."""
+it can be applied again (recorded, rewrite.reapply) to an instance de-identified anew from its
+original."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from psycopg import Connection
-from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 from pydicom import Dataset
@@ -43,7 +42,7 @@ from pydicom.uid import UID
 from carina.archive.storage import ObjectStore
 from carina.archive.transcode import LOSSY
 
-from . import audit, rewrite
+from . import rewrite
 from .errors import ChangeRefused
 from .rules import CLEAN_PIXEL_DATA
 
@@ -189,21 +188,13 @@ def redact(
                 " reason) VALUES (%s, %s, %s, %s, %s, %s)",
                 [(series_uid, t.sop_uid, frames, rectangles, actor, reason) for t in held.targets],
             )
-        audit.record(
-            conn,
-            actor=actor,
-            action="redact",
-            series_uid=series_uid,
-            collection=held.collection,
-            reason=reason,
-            before={"state": "quarantined"},
-            after={
-                "instances": [t.sop_uid for t in held.targets],
-                "frames": frames or "all",
-                "rectangles": rectangles.obj,
-                "BurnedInAnnotation": "NO",
-            },
-        )
+        after = {
+            "instances": [t.sop_uid for t in held.targets],
+            "frames": frames or "all",
+            "rectangles": rectangles.obj,
+            "BurnedInAnnotation": "NO",
+        }
+        rewrite.audited(conn, held, actor, "redact", reason, after)
 
     held = rewrite.apply(
         pool,
@@ -219,8 +210,8 @@ def redact(
 
 def recorded(conn: Connection, series_uid: str) -> list[tuple[str, Redaction]]:
     """The redactions recorded for a series' instances, oldest first, as (SOP Instance UID,
-    redaction): what a reprocess that de-identifies the instances anew applies again with
-    reapply, so no redacted pixel comes back."""
+    redaction): what a reprocess that de-identifies the instances anew applies again
+    (rewrite.reapply with redact_dataset), so no redacted pixel comes back."""
     rows = conn.execute(
         "SELECT sop_uid, frames, rectangles FROM pixel_redactions WHERE series_uid = %s"
         " ORDER BY pk",
@@ -230,22 +221,3 @@ def recorded(conn: Connection, series_uid: str) -> list[tuple[str, Redaction]]:
         (sop, Redaction(tuple(Rectangle(**r) for r in rects), None if f is None else tuple(f)))
         for sop, f, rects in rows
     ]
-
-
-def reapply(ds: Dataset, redactions: Sequence[tuple[str, Redaction]]) -> bool:
-    """Apply again to ds every recorded redaction of its SOP Instance UID; whether any was."""
-    mine = [r for sop, r in redactions if sop == str(ds.get("SOPInstanceUID", ""))]
-    for redaction in mine:
-        redact_dataset(ds, redaction)
-    return bool(mine)
-
-
-def listed(pool: ConnectionPool, series_uid: str) -> list[dict[str, Any]]:
-    """The redactions of a series as recorded, oldest first (for the curator's API)."""
-    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "SELECT sop_uid, frames, rectangles, actor, reason, at FROM pixel_redactions"
-            " WHERE series_uid = %s ORDER BY pk",
-            (series_uid,),
-        )
-        return cur.fetchall()

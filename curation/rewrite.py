@@ -18,20 +18,23 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
+from typing import Any, TypeVar
 
 from psycopg import Connection
+from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
 from pydicom import Dataset, dcmread
 
 from carina.archive import index
 from carina.archive.storage import ObjectStore
 
-from . import intake
+from . import audit, intake
 from .errors import ChangeRefused, UnknownSeries
 from .lifecycle import QUARANTINED
 from .quarantine import _lock, _require
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -140,6 +143,50 @@ def _rewrite(
         raise
     key = f"{found.study_uid}/{found.series_uid}/{found.sop_uid}.{sha256[:16]}.dcm"
     return found, key, staging
+
+
+def audited(
+    conn: Connection, held: Held, actor: str, action: str, reason: str, after: dict[str, Any]
+) -> None:
+    """Audit a change to a held series, in the change's transaction."""
+    audit.record(
+        conn,
+        actor=actor,
+        action=action,
+        series_uid=held.series_uid,
+        collection=held.collection,
+        reason=reason,
+        before={"state": QUARANTINED},
+        after=after,
+    )
+
+
+def reapply(
+    ds: Dataset, recorded: Sequence[tuple[str, T]], change: Callable[[Dataset, T], None]
+) -> bool:
+    """Apply again to ds, with change, every recorded change (redaction.recorded,
+    edits.recorded) of its SOP Instance UID, oldest first; whether any was."""
+    mine = [c for sop, c in recorded if sop == str(ds.get("SOPInstanceUID", ""))]
+    for c in mine:
+        change(ds, c)
+    return bool(mine)
+
+
+def listed(pool: ConnectionPool, series_uid: str) -> dict[str, list[dict[str, Any]]]:
+    """The redactions and edits recorded for a series (migration 016), oldest first."""
+    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "SELECT sop_uid, frames, rectangles, actor, reason, at FROM pixel_redactions"
+            " WHERE series_uid = %s ORDER BY pk",
+            (series_uid,),
+        )
+        redactions = cur.fetchall()
+        cur.execute(
+            "SELECT sop_uid, keyword, tag, action, element, actor, reason, at"
+            " FROM attribute_edits WHERE series_uid = %s ORDER BY pk",
+            (series_uid,),
+        )
+        return {"redactions": redactions, "edits": cur.fetchall()}
 
 
 def _delete(store: ObjectStore, keys: Sequence[str]) -> None:

@@ -11,7 +11,7 @@ import requests
 from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
-from carina.curation import edits, redaction
+from carina.curation import edits, redaction, rewrite
 from tests.conftest import Server, create_token, run_cli
 from tests.factory import TEXT_REGION, Phi, burned_in_series, ct_series, text_series
 
@@ -108,7 +108,7 @@ def test_redaction_blanks_the_region_and_leaves_the_rest_as_it_was(server: Serve
     with psycopg.connect(server.database_url) as conn:  # type: ignore[arg-type]
         again = redaction.recorded(conn, series)
     for ds in unredacted.values():
-        assert redaction.reapply(ds, again)
+        assert rewrite.reapply(ds, again, redaction.redact_dataset)
         assert ds.PixelData == got[int(ds.InstanceNumber)].PixelData
 
 
@@ -195,7 +195,7 @@ def test_edits_are_seen_in_qido_and_metadata_after_release(server: Server) -> No
     with psycopg.connect(server.database_url) as conn:  # type: ignore[arg-type]
         again = edits.recorded(conn, series)
     for uid, copy in unedited.items():
-        assert edits.reapply(copy, again)
+        assert rewrite.reapply(copy, again, edits.apply_edit)
         served = metadata[uid]
         assert copy.SeriesNumber == 42 and copy.BodyPartExamined == "CHEST"
         assert ("Manufacturer" in copy) == ("00080070" in served)

@@ -12,27 +12,20 @@ import numpy as np
 import pytest
 from playwright.sync_api import Browser, Page, expect
 
-from tests.conftest import Server, create_token
+from tests.conftest import Server
 from tests.factory import TEXT_REGION, text_series
-from tests.test_curator_web import browser, log_in, page_url, series_in_qido  # noqa: F401
+from tests.test_curator_web import (  # noqa: F401 - fixtures used by name
+    browser,
+    curator,
+    log_in,
+    logged_in,
+    page_url,
+    series_in_qido,
+    workdir,
+)
 
 pytestmark = pytest.mark.slow
 COLUMNS = 64
-
-
-@pytest.fixture(scope="module")
-def curator(server: Server, tmp_path_factory: pytest.TempPathFactory) -> str:
-    cwd = tmp_path_factory.mktemp("cli")
-    return create_token(
-        server.database_url,  # type: ignore[arg-type]
-        cwd,
-        "--role",
-        "curator",
-        "--collection",
-        "default",
-        "--name",
-        "web-curator",
-    )
 
 
 def drag(page: Page, start: tuple[int, int], end: tuple[int, int]) -> None:
@@ -53,7 +46,7 @@ def drag(page: Page, start: tuple[int, int], end: tuple[int, int]) -> None:
 
 def test_curator_redacts_releases_rejects_and_edits_in_a_browser(
     server: Server,
-    curator: str,
+    curator: str,  # noqa: F811
     browser: Browser,  # noqa: F811
     tmp_path_factory: pytest.TempPathFactory,
 ) -> None:
@@ -138,9 +131,10 @@ def test_curator_redacts_releases_rejects_and_edits_in_a_browser(
     context.close()
 
 
-def test_page_redaction_without_csrf_or_rectangles_is_refused(server: Server, curator: str) -> None:
-    from tests.test_curator_web import logged_in
-
+def test_page_redaction_without_csrf_or_rectangles_is_refused(
+    server: Server,
+    curator: str,  # noqa: F811
+) -> None:
     _, series, sop = server.store(text_series(1))
     s, csrf = logged_in(server, curator)
     form = {"reason": "r", "sop": sop, "rectangles": "4,4,8,8", "frame": "1"}

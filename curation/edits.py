@@ -9,7 +9,8 @@ patient again:
   that describe the pixel data (PS3.3 C.7.6.3 Image Pixel module, frames, compression) and
   those de-identification writes about itself (PS3.15 E.1.1: PatientIdentityRemoved,
   DeidentificationMethod and its code sequence), and the character set;
-- removing or emptying a Type 1 attribute of the instance's IOD (curation/iod_type1.json);
+- removing or emptying a Type 1 attribute of the instance's IOD, or removing a Type 2 one
+  (PS3.3's module tables as highdicom ships them, and curation/iod_type1.json);
 - a value that does not fit the attribute's VR (pydicom's validate_value) or its VM;
 - a value for an attribute the collection's de-identification profile removes, empties,
   replaces or shifts (only those it keeps, or cleans and are not dates, may get one): an edit
@@ -26,9 +27,15 @@ from __future__ import annotations
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from highdicom._standard_utils import (
+    get_iod_module_map,
+    get_module_attribute_map,
+    get_sop_class_iod_map,
+)
 from psycopg import Connection
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -187,11 +194,16 @@ def _vm_allows(vm: str, count: int) -> bool:
 
 def check(edit: Edit, ds: Dataset, profile: Profile, phi: ResidualPhiSettings) -> None:
     """ChangeRefused when edit would leave ds invalid for its IOD or identify the patient."""
-    sop_class = str(ds.get("SOPClassUID", ""))
-    name, type1 = type1_table().get(sop_class, ("", ()))
-    if edit.keyword in type1 and not edit.values:
+    name, types = required(str(ds.get("SOPClassUID", "")))
+    required_type = types.get(edit.keyword)
+    if required_type == "1" and not edit.values:
         raise ChangeRefused(
             f"{edit.keyword} is Type 1 in {name}: it may not be removed or emptied (PS3.5 7.4.1)"
+        )
+    if required_type == "2" and edit.action == REMOVE:
+        raise ChangeRefused(
+            f"{edit.keyword} is Type 2 in {name}: it may be emptied (set with no value) but not "
+            "removed (PS3.5 7.4.3)"
         )
     if not edit.values:
         return
@@ -210,6 +222,26 @@ def check(edit: Edit, ds: Dataset, profile: Profile, phi: ResidualPhiSettings) -
             f"the value for {edit.keyword} holds what looks like {kinds}, which the "
             "residual-PHI check flags"
         )
+
+
+@lru_cache(maxsize=256)
+def required(sop_class: str) -> tuple[str, dict[str, str]]:
+    """The IOD of a SOP class and its required top-level attributes, keyword -> "1" or "2":
+    the Type 1 and Type 2 attributes of its mandatory modules (PS3.3, from the machine-readable
+    tables highdicom ships), with curation/iod_type1.json's. Conditional types (1C, 2C) and
+    conditional modules are not taken into account."""
+    iod = get_sop_class_iod_map().get(sop_class, "")
+    attributes = get_module_attribute_map()
+    types: dict[str, str] = {}
+    for module in get_iod_module_map().get(iod, []):
+        if module["usage"] != "M":
+            continue
+        for a in attributes.get(module["key"], []):
+            if not a["path"] and a["type"] in ("1", "2"):
+                types[a["keyword"]] = min(a["type"], types.get(a["keyword"], "2"))
+    name, type1 = type1_table().get(sop_class, (iod, ()))
+    types.update(dict.fromkeys(type1, "1"))
+    return name or "its IOD", types
 
 
 def _element(edit: Edit) -> DataElement:

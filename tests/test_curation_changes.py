@@ -4,6 +4,10 @@ QIDO and WADO-RS (dicomweb-client), and the 4xx for what cannot apply, which cha
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+from pathlib import Path
+
 import numpy as np
 import psycopg
 import pytest
@@ -171,7 +175,7 @@ def test_edits_are_seen_in_qido_and_metadata_after_release(server: Server) -> No
     r = post(server, series, "edit", reason="r", attribute="(0018,0015)", value="CHEST")
     assert r.status_code == 200, r.text
     sop = sorted(rows(server, series))[0]
-    r = post(server, series, "edit", reason="r", attribute="Manufacturer", action="remove",
+    r = post(server, series, "edit", reason="r", attribute="AcquisitionDate", action="remove",
              instance=sop)  # fmt: skip
     assert r.status_code == 200 and r.json()["edited"] == 1, r.text
     release(server, series)
@@ -185,9 +189,9 @@ def test_edits_are_seen_in_qido_and_metadata_after_release(server: Server) -> No
     }
     assert {m["00200011"]["Value"][0] for m in metadata.values()} == {42}
     assert {m["00180015"]["Value"][0] for m in metadata.values()} == {"CHEST"}
-    assert [s for s, m in metadata.items() if "00080070" not in m] == [sop]
+    assert [s for s, m in metadata.items() if "00080022" not in m] == [sop]
     ds = server.client().retrieve_instance(study, series, sop)
-    assert ds.SeriesNumber == 42 and "Manufacturer" not in ds
+    assert ds.SeriesNumber == 42 and "AcquisitionDate" not in ds
     listed = server.http.get(api(server, f"/series/{series}/changes"), timeout=30).json()
     assert listed["redactions"] == [] and len(listed["edits"]) == 5
     assert listed["edits"][0]["element"] == {"vr": "IS", "Value": [42]}
@@ -198,7 +202,7 @@ def test_edits_are_seen_in_qido_and_metadata_after_release(server: Server) -> No
         assert rewrite.reapply(copy, again, edits.apply_edit)
         served = metadata[uid]
         assert copy.SeriesNumber == 42 and copy.BodyPartExamined == "CHEST"
-        assert ("Manufacturer" in copy) == ("00080070" in served)
+        assert ("AcquisitionDate" in copy) == ("00080022" in served)
     audit = server.http.get(api(server, f"/series/{series}"), timeout=30).json()["audit"]
     audited = [
         (a["after"]["attribute"], a["after"]["action"]) for a in audit if a["action"] == "edit"
@@ -206,7 +210,7 @@ def test_edits_are_seen_in_qido_and_metadata_after_release(server: Server) -> No
     assert audited == [
         ("SeriesNumber", "set"),
         ("BodyPartExamined", "set"),
-        ("Manufacturer", "remove"),
+        ("AcquisitionDate", "remove"),
     ]
 
 
@@ -228,6 +232,7 @@ def held(server: Server) -> tuple[str, str]:
         ({"attribute": "NoSuchKeyword", "value": "x"}, "neither a DICOM keyword"),
         ({"attribute": "Modality", "action": "remove"}, "Type 1"),
         ({"attribute": "ImageType", "value": ""}, "Type 1"),
+        ({"attribute": "Manufacturer", "action": "remove"}, "Type 2"),
         ({"attribute": "SeriesNumber", "value": "abc"}, "IS"),
         ({"attribute": "BodyPartExamined", "value": "chest"}, "CS"),
         ({"attribute": "ImageOrientationPatient", "value": [1, 0, 0]}, "VM"),
@@ -329,3 +334,30 @@ def test_an_edit_that_removes_a_name_left_in_lets_a_reprocess_publish(server: Se
     [found] = server.client().search_for_series(study, search_filters={"SeriesInstanceUID": series})
     metadata = server.client().retrieve_series_metadata(study, series)
     assert {m["00080070"]["Value"][0] for m in metadata} == {"ACME"} and found
+
+
+def dciodvfy_errors(path: Path) -> set[str]:
+    """The errors dicom3tools' IOD validator finds in a file."""
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return {line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")}
+
+
+def test_redacted_and_edited_objects_have_no_new_dciodvfy_errors(
+    server: Server, tmp_path: Path
+) -> None:
+    assert shutil.which("dciodvfy"), "dicom3tools is installed by scripts/test"
+    sent = text_series(1)
+    sent[0].compress(RLELossless, generate_instance_uid=False)
+    _, series = store(server, sent)
+    [(key, *_)] = rows(server, series).values()
+    shutil.copy(server.data_dir / "objects" / key, tmp_path / "before.dcm")
+    assert post(server, series, "redact", reason="r", rectangles=[TEXT]).ok
+    assert post(server, series, "edit", reason="r", attribute="SeriesNumber", value=9).ok
+    r = post(server, series, "edit", reason="r", attribute="AcquisitionDate", action="remove")
+    assert r.ok, r.text
+    r = post(server, series, "edit", reason="r", attribute="Manufacturer", value=None)
+    assert r.ok, r.text  # Type 2: emptied
+    [(key, *_)] = rows(server, series).values()
+    after = server.data_dir / "objects" / key
+    assert dcmread(after).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert dciodvfy_errors(after) - dciodvfy_errors(tmp_path / "before.dcm") == set()

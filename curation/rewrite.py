@@ -75,10 +75,12 @@ def apply(
     series is not held, ChangeRefused (422) when the change does not apply."""
     rewritten: list[tuple[intake.InstanceRecord, str, Path]] = []
     stored: list[str] = []
+    previous: set[str] = set()
     with pool.connection() as conn:
         try:
             with conn.transaction():
                 held = _held(conn, series_uid, sops)
+                previous = {t.object_key for t in held.targets}
                 for target in held.targets:
                     rewritten.append(_rewrite(store, staging_dir, held, target, change))
                 errors = store.put_files([(key, path) for _, key, path in rewritten])
@@ -91,10 +93,10 @@ def apply(
         except BaseException:
             for _, _, path in rewritten:
                 path.unlink(missing_ok=True)  # those not moved into the store
-            _delete(store, stored)
+            # Never an object the index still points at (unchanged content keeps its key).
+            _delete(store, [key for key in stored if key not in previous])
             raise
-    old = [t.object_key for t in held.targets if t.object_key not in stored]
-    _delete(store, old)
+    _delete(store, sorted(previous - set(stored)))
     log.info("series %s: %d instance(s) rewritten", series_uid, len(held.targets))
     return held
 

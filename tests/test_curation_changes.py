@@ -361,3 +361,21 @@ def test_redacted_and_edited_objects_have_no_new_dciodvfy_errors(
     after = server.data_dir / "objects" / key
     assert dcmread(after).file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
     assert dciodvfy_errors(after) - dciodvfy_errors(tmp_path / "before.dcm") == set()
+
+
+def test_a_redaction_refused_on_one_instance_changes_none_and_leaves_no_file(
+    server: Server,
+) -> None:
+    sent = text_series(2)
+    small = sent[1]
+    small.PixelData = small.pixel_array[:32, :32].copy().tobytes()
+    small.Rows = small.Columns = 32
+    _, series = store(server, sent)
+    before = rows(server, series)
+    objects = {p.name for p in (server.data_dir / "objects").rglob("*.dcm")}
+    wide = {"x": 40, "y": 0, "width": 10, "height": 2}  # inside the first image only
+    r = post(server, series, "redact", reason="r", rectangles=[wide])
+    assert r.status_code == 422 and "outside the 32x32 image" in r.text
+    assert rows(server, series) == before
+    assert {p.name for p in (server.data_dir / "objects").rglob("*.dcm")} == objects
+    assert not any((server.data_dir / "staging").iterdir())

@@ -123,7 +123,7 @@ def parse(attribute: str, action: str, value: Any = None) -> Edit:
             "validated, so it cannot be edited"
         )
     vr = DicomDictionary[tag][0]
-    if vr == "UI" or keyword in PIXEL_DESCRIPTION or keyword in DEIDENTIFICATION_RECORD:
+    if vr == "UI" or _describes_pixels(tag, keyword) or keyword in DEIDENTIFICATION_RECORD:
         raise ChangeRefused(
             f"{keyword} is a UID, describes the pixel data or records the de-identification: "
             "editing it would make the object invalid"
@@ -139,6 +139,16 @@ def parse(attribute: str, action: str, value: Any = None) -> Edit:
     if values and not _vm_allows(vm, len(values)):
         raise ChangeRefused(f"{keyword} takes {vm} value(s) (VM), not {len(values)}")
     return Edit(tag, keyword, vr, SET, values)
+
+
+def _describes_pixels(tag: BaseTag, keyword: str) -> bool:
+    """The pixel data itself (group 7FE0), its description, palettes and ICC profile."""
+    return (
+        tag.group == 0x7FE0
+        or keyword in PIXEL_DESCRIPTION
+        or "PaletteColorLookupTable" in keyword
+        or keyword == "ICCProfile"
+    )
 
 
 def _tag(attribute: str) -> BaseTag:

@@ -227,6 +227,7 @@ def held(server: Server) -> tuple[str, str]:
         ({"attribute": "(0002,0010)", "value": "1.2.840.10008.1.2"}, "file meta"),
         ({"attribute": "Rows", "value": 8}, "pixel data"),
         ({"attribute": "PhotometricInterpretation", "value": "RGB"}, "pixel data"),
+        ({"attribute": "PixelData", "action": "remove"}, "pixel data"),
         ({"attribute": "(0029,1010)", "value": "x"}, "private"),
         ({"attribute": "(0018,FFFF)", "value": "x"}, "not in the DICOM dictionary"),
         ({"attribute": "NoSuchKeyword", "value": "x"}, "neither a DICOM keyword"),

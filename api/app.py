@@ -18,6 +18,7 @@ from carina.settings import Settings
 
 from . import (
     auth,
+    changes,
     curation,
     derived,
     dicomweb,
@@ -27,6 +28,7 @@ from . import (
     series,
     shares,
     web,
+    web_changes,
     web_reprocess,
 )
 from .access_log import AccessLog
@@ -116,8 +118,12 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(derived.router("/api"), dependencies=authenticated)
     app.include_router(series.router("/api"), dependencies=authenticated)
     app.include_router(curation.router("/api/curation"), dependencies=authenticated)
-    # The curator's web page: its own login and session cookie, never the Bearer header.
-    app.include_router(web_reprocess.router())  # before the page's generic decision route
+    app.include_router(changes.router("/api/curation"), dependencies=authenticated)
+    # The curator's web page: its own login and session cookie, never the Bearer header (its
+    # reprocess, redaction and edit forms first: web's /series/{uid}/{decision} would take
+    # their paths).
+    app.include_router(web_reprocess.router())
+    app.include_router(web_changes.router())
     web.install(app)
     # A shared cohort: its latest version, or one version, which never changes.
     read_only = [*authenticated, Depends(auth.read_only)]

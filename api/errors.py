@@ -8,7 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from carina.archive.errors import InvalidQuery, NotFound, OutOfResources, StorageError
-from carina.curation.errors import DecisionRefused, ProfileError, UnknownSeries
+from carina.curation.errors import ChangeRefused, DecisionRefused, ProfileError, UnknownSeries
 from carina.curation.originals import ProfileChoiceRefused
 
 from . import web
@@ -52,6 +52,10 @@ def install(app: FastAPI) -> None:
 
     @app.exception_handler(ProfileChoiceRefused)
     async def _choice(request: Request, exc: ProfileChoiceRefused) -> Response:
+        return _refusal(request, 422, str(exc))
+
+    @app.exception_handler(ChangeRefused)
+    async def _change_refused(request: Request, exc: ChangeRefused) -> Response:
         return _refusal(request, 422, str(exc))
 
     @app.exception_handler(InvalidQuery)

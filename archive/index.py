@@ -9,6 +9,7 @@ from datetime import datetime
 from importlib import resources
 from typing import Protocol
 
+from psycopg import Connection
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
@@ -168,6 +169,64 @@ def write_batch(
         )
         originals.record(cur, records)
         jobs.schedule(cur, series, settle_after)
+
+
+# The columns of series and studies taken from an IndexRecord's series and study dicts.
+_SERIES_COLUMNS = (
+    "modality",
+    "series_number",
+    "series_description",
+    "pps_start_date",
+    "pps_start_time",
+)
+_STUDY_COLUMNS = (
+    "study_date",
+    "study_time",
+    "accession_number",
+    "study_id",
+    "referring_physician_name",
+    "study_description",
+)
+
+
+def _assignments(columns: Sequence[str]) -> str:
+    return ", ".join(f"{c} = %s" for c in columns)
+
+
+def rewrite_instances(conn: Connection, rewritten: Sequence[tuple[IndexRecord, str]]) -> None:
+    """Point the index at rewritten objects (record, object key) of instances it holds (a
+    curator's redaction or edit), in conn's transaction: each instance's object, size,
+    checksum and metadata, and the patient, study and series attributes the objects now carry.
+    Unlike write_batch, no state changes and nothing is scheduled: the series stays where the
+    curator has it."""
+    with conn.cursor() as cur:
+        cur.executemany(
+            "UPDATE instances SET transfer_syntax_uid = %s, object_key = %s, size = %s,"
+            " sha256 = %s, metadata = %s::jsonb, updated_at = now() WHERE sop_uid = %s",
+            [
+                (r.transfer_syntax_uid, key, r.size, r.sha256, r.metadata, r.sop_uid)
+                for r, key in rewritten
+            ],
+        )
+        records = [r for r, _ in rewritten]
+        for r in {r.series_uid: r for r in records}.values():
+            cur.execute(
+                f"UPDATE series SET {_assignments(_SERIES_COLUMNS)}, attrs = %s::jsonb,"
+                " updated_at = now() WHERE series_uid = %s",
+                [*(r.series[c] for c in _SERIES_COLUMNS), r.series_attrs, r.series_uid],
+            )
+        for r in {r.study_uid: r for r in records}.values():
+            cur.execute(
+                f"UPDATE studies SET {_assignments(_STUDY_COLUMNS)}, attrs = %s::jsonb,"
+                " updated_at = now() WHERE study_uid = %s",
+                [*(r.study[c] for c in _STUDY_COLUMNS), r.study_attrs, r.study_uid],
+            )
+            # The patient's key (collection, PatientID) stays: de-identification decides it.
+            cur.execute(
+                "UPDATE patients p SET sex = %s, attrs = %s::jsonb FROM studies st"
+                " WHERE st.study_uid = %s AND p.pk = st.patient_pk",
+                (r.patient["sex"], r.patient_attrs, r.study_uid),
+            )
 
 
 def _scope(

@@ -24,3 +24,8 @@ class UnknownSeries(CurationError):
 
 class DecisionRefused(CurationError):
     """A curator's decision does not apply to the series in its present state."""
+
+
+class ChangeRefused(CurationError):
+    """A curator's redaction or attribute edit is invalid (outside the image, a value that does
+    not fit its VR, an edit that would make the object invalid or identify the patient)."""

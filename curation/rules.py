@@ -185,9 +185,29 @@ class BurnedInSettings:
     detector: TextDetector | None = None
 
 
+# PS3.16 CID 7050: the Clean Pixel Data Option (PS3.15 E.3.1), which a curator's pixel
+# redaction records in DeidentificationMethodCodeSequence (curation/redaction.py).
+CLEAN_PIXEL_DATA = ("113101", "DCM")
+
+
+def pixels_cleaned(meta: Metadata) -> bool:
+    """Whether an instance's pixel data was cleaned of burned-in text (reviewed and redacted
+    by a curator): its de-identification method codes name the Clean Pixel Data Option."""
+    return any(
+        (text(code, "CodeValue"), text(code, "CodingSchemeDesignator")) == CLEAN_PIXEL_DATA
+        for code in values(meta, "DeidentificationMethodCodeSequence")
+        if isinstance(code, Mapping)
+    )
+
+
 def burned_in_text(facts: SeriesFacts, settings: BurnedInSettings) -> list[Finding]:
-    """Hold series declared to have burned-in text, or likely to, unless a detector cleared them."""
+    """Hold series declared to have burned-in text, or likely to, unless a detector cleared them.
+    Instances whose pixel data a curator cleaned (pixels_cleaned) are no longer suspect."""
     findings: list[Finding] = []
+    suspect = tuple(i for i in facts.instances if not pixels_cleaned(i.metadata))
+    if not suspect:
+        return findings
+    facts = replace(facts, instances=suspect)
     yes = [
         i.sop_uid
         for i in facts.instances
@@ -443,6 +463,12 @@ def instance_residual_phi(
     it alone has the original in hand, and only these hits (no PHI) leave it."""
     matchers = _identifier_matchers(identifiers, settings)
     return sorted(_phi_hits(meta, settings, matchers, patterns=False))
+
+
+def text_phi(meta: Metadata, settings: ResidualPhiSettings) -> list[PhiHit]:
+    """What the residual-PHI rule would flag in one instance's metadata without the original
+    identifiers: dates and names in free text (a curator's edit is checked with it)."""
+    return sorted(_phi_hits(meta, settings, _identifier_matchers(None, settings), patterns=True))
 
 
 def residual_phi(

@@ -142,3 +142,23 @@ def to_bytes(ds: Dataset) -> bytes:
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     return buf.getvalue()
+
+
+# Where text_series burns its "text": rows 4-11, columns 4-43 (y, x, height, width).
+TEXT_REGION = (4, 4, 8, 40)
+
+
+def text_series(
+    count: int = 2, modality: str = "CT", rows: int = 64, columns: int = 64
+) -> list[Dataset]:
+    """A series whose images carry burned-in "text" (bright pixels in TEXT_REGION) and say so
+    (BurnedInAnnotation YES): held for review, to be redacted."""
+    sent = ct_series(Phi(), count, rows=rows, columns=columns)
+    y, x, height, width = TEXT_REGION
+    for ds in sent:
+        ds.Modality = modality
+        ds.BurnedInAnnotation = "YES"
+        pixels = ds.pixel_array.copy()
+        pixels[y : y + height, x : x + width : 2] = 2999  # strokes of "letters"
+        ds.PixelData = pixels.tobytes()
+    return sent

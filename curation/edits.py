@@ -24,6 +24,7 @@ new value also clears what the intake's residual-PHI check had found in that att
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -341,6 +342,16 @@ def _collection_settings(
     except RuleSettingError:  # settings stored before a rule changed: the defaults
         config = RulesConfig()
     return load_profile(name, options, lines), config.residual_phi
+
+
+def without_hits(findings: str | None, keywords: set[str]) -> str | None:
+    """An instance's intake residual-PHI hits (JSON list of rules.PhiHit) less those in the
+    edited attributes or below them, as the edit's record drops them in the index."""
+    if findings is None or not keywords:
+        return findings
+    hits = json.loads(findings)
+    kept = [h for h in hits if not any(h[2] == k or h[2].startswith(k + ".") for k in keywords)]
+    return json.dumps(kept)
 
 
 def recorded(conn: Connection, series_uid: str) -> list[tuple[str, Edit]]:

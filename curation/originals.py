@@ -21,12 +21,13 @@ from pathlib import Path
 from typing import Any
 
 from psycopg_pool import ConnectionPool
+from pydicom import dcmread
 
 from carina.archive import collections, originals
 from carina.archive.errors import StorageError
 from carina.archive.originals import Kept, OriginalUnreadable, Sealer
 
-from . import quarantine
+from . import edits, quarantine, redaction, rewrite
 from .deid import OPTIONS, load_profile
 from .errors import CurationError, DecisionRefused, ProfileError
 from .intake import (
@@ -148,6 +149,8 @@ def reprocess(
     records = [o for o in outcomes if isinstance(o, InstanceRecord)]
     try:
         _check(kept, outcomes, series_uid)
+        outcomes = _changed_again(pool, series_uid, name, outcomes)
+        previous = _object_keys(pool, series_uid)
         quarantine.reprocess(
             pool, series_uid, actor, reason, deid=choice.as_dict(), delay=FALLBACK_DELAY
         )
@@ -157,12 +160,48 @@ def reprocess(
         raise
     result = BatchResult(list(outcomes))
     intake.store_batch(result, 0.0)  # the series is incoming again and judged at once
+    # Objects a curator's change had rewritten under keys of their own are replaced now.
+    stored = {r.object_key for r in result.stored}
+    rewrite.delete_objects(intake.store, sorted(previous - stored))
     if result.refused:
         raise StorageError(
             f"{len(result.refused)} of {len(kept)} reprocessed instances were not stored: "
             f"{result.refused[0].reason}"
         )
     return choice, len(kept)
+
+
+def _changed_again(
+    pool: ConnectionPool, series_uid: str, collection: str, outcomes: list[Outcome]
+) -> list[Outcome]:
+    """The curator's recorded redactions and edits (migration 016) applied again to the newly
+    de-identified instances, so no redacted pixel and no edited-out value comes back; the
+    intake's residual-PHI hits in edited attributes are dropped as the edit dropped them."""
+    with pool.connection() as conn:
+        redactions = redaction.recorded(conn, series_uid)
+        edited = edits.recorded(conn, series_uid)
+    if not redactions and not edited:
+        return outcomes
+    out: list[Outcome] = []
+    for o in outcomes:
+        if isinstance(o, InstanceRecord):
+            ds = dcmread(o.staging_path)
+            redacted = rewrite.reapply(ds, redactions, redaction.redact_dataset)
+            if rewrite.reapply(ds, edited, edits.apply_edit) or redacted:
+                keywords = {e.keyword for sop, e in edited if sop == o.sop_uid}
+                findings = edits.without_hits(o.intake_findings, keywords)
+                new = rewrite.staged(ds, collection, Path(o.staging_path), o.warning, findings)
+                o = replace(new, original=o.original)
+        out.append(o)
+    return out
+
+
+def _object_keys(pool: ConnectionPool, series_uid: str) -> set[str]:
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT object_key FROM instances WHERE series_uid = %s", (series_uid,)
+        ).fetchall()
+    return {r[0] for r in rows}
 
 
 def _kept(pool: ConnectionPool, series_uid: str) -> list[Kept]:

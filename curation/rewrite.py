@@ -94,9 +94,9 @@ def apply(
             for _, _, path in rewritten:
                 path.unlink(missing_ok=True)  # those not moved into the store
             # Never an object the index still points at (unchanged content keeps its key).
-            _delete(store, [key for key in stored if key not in previous])
+            delete_objects(store, [key for key in stored if key not in previous])
             raise
-    _delete(store, sorted(previous - set(stored)))
+    delete_objects(store, sorted(previous - set(stored)))
     log.info("series %s: %d instance(s) rewritten", series_uid, len(held.targets))
     return held
 
@@ -127,24 +127,31 @@ def _rewrite(
     change(ds, target)
     if str(ds.SOPInstanceUID) != target.sop_uid:
         raise ChangeRefused("a change may not touch the SOP Instance UID")
+    staging = staging_dir / f"{uuid.uuid4().hex}.dcm"
+    found = staged(ds, held.collection, staging)
+    key = f"{found.study_uid}/{found.series_uid}/{found.sop_uid}.{found.sha256[:16]}.dcm"
+    return found, key, staging
+
+
+def staged(
+    ds: Dataset, collection: str, staging: Path, warning: int = 0, findings: str | None = None
+) -> intake.InstanceRecord:
+    """Write a changed dataset to its staging file and make the record intake would have
+    written for it (warning and the intake's residual-PHI findings carried over)."""
     buf = BytesIO()
     ds.save_as(buf, enforce_file_format=True)
     data = buf.getvalue()
     sha256 = hashlib.sha256(data).hexdigest()
-    staging = staging_dir / f"{uuid.uuid4().hex}.dcm"
     staging.write_bytes(data)
     try:
         full = ds.to_json_dict(
             intake.BULK_THRESHOLD, intake._bulk_uri_handler(ds), suppress_invalid_tags=True
         )
-        # The record intake would have written for the changed instance.
-        ctx = intake.IntakeContext(held.collection, b"", "", (), str(staging_dir))
-        found = intake._record(ds, ctx, staging, len(data), sha256, 0, full, None)
+        ctx = intake.IntakeContext(collection, b"", "", (), str(staging.parent))
+        return intake._record(ds, ctx, staging, len(data), sha256, warning, full, findings)
     except Exception:
         staging.unlink(missing_ok=True)
         raise
-    key = f"{found.study_uid}/{found.series_uid}/{found.sop_uid}.{sha256[:16]}.dcm"
-    return found, key, staging
 
 
 def audited(
@@ -191,7 +198,9 @@ def listed(pool: ConnectionPool, series_uid: str) -> dict[str, list[dict[str, An
         return {"redactions": redactions, "edits": cur.fetchall()}
 
 
-def _delete(store: ObjectStore, keys: Sequence[str]) -> None:
+def delete_objects(store: ObjectStore, keys: Sequence[str]) -> None:
+    """Delete replaced objects no index row points at any more; a failure is logged and left
+    to `carina fsck --repair`."""
     for key in keys:
         try:
             store.delete(key)

@@ -380,3 +380,36 @@ def test_a_redaction_refused_on_one_instance_changes_none_and_leaves_no_file(
     assert rows(server, series) == before
     assert {p.name for p in (server.data_dir / "objects").rglob("*.dcm")} == objects
     assert not any((server.data_dir / "staging").iterdir())
+
+
+def test_reprocess_with_another_profile_applies_the_recorded_changes_again(
+    server: Server,
+) -> None:
+    """De-identified anew from the kept originals, the instances get the curator's redaction
+    and edit back, and the objects the changes had written are replaced, not left behind."""
+    sent = text_series(2, modality="US")
+    study, series = store(server, sent)
+    assert post(server, series, "redact", reason="r", rectangles=[TEXT]).ok
+    assert post(server, series, "edit", reason="r", attribute="SeriesNumber", value=42).ok
+    changed = rows(server, series)
+    r = post(
+        server,
+        series,
+        "reprocess",
+        reason="keep characteristics",
+        profile="basic",
+        options=["retain_patient_characteristics"],
+    )
+    assert r.status_code == 202, r.text
+    server.settled()
+    now = rows(server, series)
+    assert all(not (server.data_dir / "objects" / changed[s][0]).exists() for s in changed)
+    mask = region_mask((64, 64), **TEXT)
+    for ds in stored_copies(server, now).values():
+        assert (ds.pixel_array[mask] == SIGNED_16_MIN).all()
+        assert ds.BurnedInAnnotation == "NO" and ds.SeriesNumber == 42
+        assert "PatientSex" in ds  # what the other profile keeps
+    view = server.http.get(api(server, f"/series/{series}"), timeout=30).json()
+    assert view["state"] == "published", view["findings"]  # redacted: nothing holds it
+    [got] = server.client().search_for_series(study, search_filters={"SeriesNumber": "42"})
+    assert got["0020000E"]["Value"] == [series]

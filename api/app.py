@@ -13,6 +13,7 @@ from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddle
 
 from carina import __version__
 from carina.curation.lifecycle import Worker
+from carina.curation.ocr import OcrEnvironment
 from carina.runtime import Runtime
 from carina.settings import Settings
 
@@ -65,7 +66,7 @@ def create_app(settings: Settings) -> FastAPI:
                 listener = None
         worker = None
         if settings.serve_worker:
-            worker = Worker(runtime.pool)
+            worker = Worker(runtime.pool, ocr_env=OcrEnvironment(runtime.store, settings.tesseract))
             worker.start()
         try:
             yield

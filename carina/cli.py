@@ -69,9 +69,11 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     import signal
 
     from carina.curation.lifecycle import Worker
+    from carina.curation.ocr import OcrEnvironment
+    from carina.runtime import open_store
 
     with _ae_pool(settings, size=2) as pool:
-        worker = Worker(pool)
+        worker = Worker(pool, ocr_env=OcrEnvironment(open_store(settings), settings.tesseract))
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: worker.stop())
         worker.run()

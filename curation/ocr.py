@@ -21,7 +21,7 @@ import re
 import subprocess
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from PIL import Image
 
@@ -36,6 +36,11 @@ log = logging.getLogger(__name__)
 
 # A frame is enlarged at most this much (see the module's docstring).
 MAX_ENLARGE = 2.0
+# Frames smaller than this (pixels, either side) are not read: no legible text fits.
+MIN_SIDE = 32
+# Frames are read stacked in images at most this tall, GAP black rows apart.
+MAX_STACK = 8192
+GAP = 32
 # Seconds one tesseract run may take before the series is reported as not read.
 TIMEOUT = 60.0
 # Text lines kept per series in a finding: enough to redact, bounded for the database.
@@ -113,27 +118,31 @@ def read_series(
     settings: BurnedInSettings,
 ) -> TextDetection:
     """OCR of a sample of the series' frames: the lines of text found, or why it could not
-    run (a frame that cannot be rendered or read leaves the series not read)."""
-    regions: list[TextRegion] = []
-    sample = sample_frames(facts, settings.ocr_frames)
-    rows = {i.sop_uid: i.metadata for i in facts.instances}
+    run (a frame that cannot be rendered or read leaves the series not read). The frames are
+    read stacked in as few tesseract runs as fit MAX_STACK pixels (one for the default 3),
+    as starting tesseract costs more than reading a frame."""
+    metas = {i.sop_uid: i.metadata for i in facts.instances}
+    sample = [
+        (sop, frame)
+        for sop, frame in sample_frames(facts, settings.ocr_frames)
+        # Nothing legible fits a frame this small; reading it would only find noise.
+        if min(_dimensions(metas[sop])) >= MIN_SIDE
+    ]
+    frames: list[_Frame] = []
     for sop_uid, frame in sample:
         key = object_keys.get(sop_uid)
         if key is None:
             return TextDetection(ran=False, reason="an instance's object is not indexed")
         try:
-            png, scale = _render(env.store, key, frame, rows[sop_uid], settings.ocr_size)
-            words = run_tesseract(env.command, png)
-        except OcrUnavailable as e:
-            return TextDetection(ran=False, reason=str(e))
+            frames.append(_render(env.store, key, sop_uid, frame, settings.ocr_size))
         except (retrieve.NotRetrievable, retrieve.InvalidRequest, StorageError) as e:
             return TextDetection(ran=False, reason=f"a frame cannot be rendered: {e}")
-        kept = [
-            w
-            for w in words
-            if w.confidence >= settings.ocr_min_confidence and w.chars >= settings.ocr_min_chars
-        ]
-        regions += lines(kept, sop_uid, frame, scale)
+    regions: list[TextRegion] = []
+    try:
+        for stack in _stacks(frames):
+            regions += _read_stack(env.command, stack, settings)
+    except OcrUnavailable as e:
+        return TextDetection(ran=False, reason=str(e))
     found = tuple(dict.fromkeys(r.instance for r in regions))
     if regions:
         log.info(
@@ -146,21 +155,79 @@ def read_series(
     return TextDetection(True, found, regions=tuple(regions[:MAX_REGIONS]), frames=len(sample))
 
 
-def _render(
-    store: ObjectStore, key: str, frame: int, meta: Mapping, size: int
-) -> tuple[bytes, float]:
-    """One frame as PNG scaled towards size pixels on its longer side, and the factor from
-    the PNG's pixels back to the image's."""
-    rows = int(text(meta, "Rows") or 0)
-    columns = int(text(meta, "Columns") or 0)
-    longer = max(rows, columns, 1)
-    target = max(1, round(longer * min(MAX_ENLARGE, max(size, 16) / longer)))
-    viewport = render.Viewport(target, target) if target != longer else None
+@dataclass(frozen=True)
+class _Frame:
+    """One rendered frame: 8-bit grey, and the factor from its pixels back to the image's."""
+
+    sop_uid: str
+    number: int
+    image: Image.Image
+    scale: float
+
+
+def _dimensions(meta: Mapping) -> tuple[int, int]:
+    """(Rows, Columns) of an instance's metadata; 0 where absent."""
+    return int(text(meta, "Rows") or 0), int(text(meta, "Columns") or 0)
+
+
+def _render(store: ObjectStore, key: str, sop_uid: str, frame: int, size: int) -> _Frame:
+    """One frame rendered by archive/render.py and scaled towards size pixels on its longer
+    side (enlarged MAX_ENLARGE times at most)."""
     with retrieve.StoredObject(store, key) as obj:
-        png = render.render(obj.file, frame, render.Rendering(render.PNG, viewport=viewport))
-    with Image.open(io.BytesIO(png)) as image:  # reads the header only
-        width = image.width
-    return png, (columns or width) / width
+        png = render.render(obj.file, frame, render.Rendering(render.PNG))
+    with Image.open(io.BytesIO(png)) as decoded:
+        image = decoded.convert("L")
+    longer = max(image.size)
+    factor = min(MAX_ENLARGE, max(size, 16) / longer)
+    target = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
+    if target != image.size:
+        image = image.resize(target, Image.Resampling.LANCZOS)
+    return _Frame(sop_uid, frame, image, 1 / factor)
+
+
+def _stacks(frames: Sequence[_Frame]) -> list[list[_Frame]]:
+    """The frames in groups whose stacked height (with GAP between) fits MAX_STACK."""
+    stacks: list[list[_Frame]] = []
+    height = 0
+    for f in frames:
+        if not stacks or height + GAP + f.image.height > MAX_STACK:
+            stacks.append([])
+            height = -GAP
+        stacks[-1].append(f)
+        height += GAP + f.image.height
+    return stacks
+
+
+def _read_stack(
+    command: str, stack: Sequence[_Frame], settings: BurnedInSettings
+) -> list[TextRegion]:
+    """Read frames stacked one under the other (black bands between) in one tesseract run;
+    the lines of confident words, each in its own frame's pixels."""
+    width = max(f.image.width for f in stack)
+    tops = []
+    top = 0
+    for f in stack:
+        tops.append(top)
+        top += f.image.height + GAP
+    canvas = Image.new("L", (width, top - GAP), 0)
+    for f, y in zip(stack, tops, strict=True):
+        canvas.paste(f.image, (0, y))
+    out = io.BytesIO()
+    canvas.save(out, "PNG", compress_level=1)
+    words = [
+        w
+        for w in run_tesseract(command, out.getvalue())
+        if w.confidence >= settings.ocr_min_confidence and w.chars >= settings.ocr_min_chars
+    ]
+    regions = []
+    for f, y in zip(stack, tops, strict=True):
+        mine = [
+            replace(w, top=w.top - y)
+            for w in words
+            if y <= w.top + w.height / 2 < y + f.image.height
+        ]
+        regions += lines(mine, f.sop_uid, f.number, f.scale)
+    return regions
 
 
 def run_tesseract(command: str, image: bytes) -> list[Word]:

@@ -17,7 +17,19 @@ from carina.curation.ocr import OcrEnvironment
 from carina.runtime import Runtime
 from carina.settings import Settings
 
-from . import auth, curation, derived, dicomweb, errors, paths, rendered, series, shares, web
+from . import (
+    auth,
+    curation,
+    derived,
+    dicomweb,
+    errors,
+    paths,
+    rendered,
+    series,
+    shares,
+    submissions,
+    web,
+)
 from .access_log import AccessLog
 
 log = logging.getLogger(__name__)
@@ -105,6 +117,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(derived.router("/api"), dependencies=authenticated)
     app.include_router(series.router("/api"), dependencies=authenticated)
     app.include_router(curation.router("/api/curation"), dependencies=authenticated)
+    app.include_router(submissions.router("/api/submissions"), dependencies=authenticated)
     # The curator's web page: its own login and session cookie, never the Bearer header.
     web.install(app)
     # A shared cohort: its latest version, or one version, which never changes.

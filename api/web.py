@@ -102,6 +102,7 @@ def router() -> APIRouter:
         session: LoggedIn,
         collection: Annotated[str | None, Query(max_length=64)] = None,
         rule: Annotated[str | None, Query(max_length=64)] = None,
+        submitter: Annotated[str | None, Query(max_length=200)] = None,
         min_hours: Annotated[float | None, Query(ge=0)] = None,
         max_hours: Annotated[float | None, Query(ge=0)] = None,
         page: Annotated[int, Query(ge=1, le=100000)] = 1,
@@ -116,9 +117,10 @@ def router() -> APIRouter:
             None if max_hours is None else max_hours * 3600,
             PAGE_SIZE + 1,
             (page - 1) * PAGE_SIZE,
+            submitter=submitter or None,
         )
         rows = quarantine.queue(runtime(request).pool, f)
-        filters = {"collection": collection, "rule": rule}
+        filters = {"collection": collection, "rule": rule, "submitter": submitter}
         filters |= {"min_hours": min_hours, "max_hours": max_hours}
         return _page(
             request,

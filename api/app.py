@@ -18,6 +18,7 @@ from carina.runtime import Runtime
 from carina.settings import Settings
 
 from . import (
+    audit,
     auth,
     curation,
     derived,
@@ -118,6 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(series.router("/api"), dependencies=authenticated)
     app.include_router(curation.router("/api/curation"), dependencies=authenticated)
     app.include_router(submissions.router("/api/submissions"), dependencies=authenticated)
+    app.include_router(audit.router("/api/audit"), dependencies=authenticated)
     # The curator's web page: its own login and session cookie, never the Bearer header.
     web.install(app)
     # A shared cohort: its latest version, or one version, which never changes.

@@ -6,6 +6,7 @@ and the curator's queue filters by submitter."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,11 +15,13 @@ from typing import Any
 
 import pytest
 import requests
+from playwright.sync_api import Browser, expect
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE
 
 from tests.conftest import Server, create_token, free_port, run_cli
 from tests.factory import Phi, burned_in_series, ct_series, to_bytes
+from tests.test_curator_web import browser as chromium  # noqa: F401 - a fixture: Debian's chromium
 
 pytestmark = pytest.mark.slow
 MULTIPART = 'multipart/related; type="application/dicom"; boundary=XyZ'
@@ -250,3 +253,30 @@ def test_queue_filters_by_submitter(setup: Setup) -> None:
     assert all(row["submitters"] == ["SUBSITE"] for row in rows)
     assert setup.get("curator", "/api/curation/queue", submitter="").status_code == 422
     assert json.dumps(rows).count("SUBSITE") == len(rows)
+
+
+def test_queue_page_filters_by_submitter_in_a_browser(
+    setup: Setup,
+    chromium: Browser,  # noqa: F811 - the fixture imported above
+) -> None:
+    expected = {
+        row["series_uid"]
+        for row in setup.get("curator", "/api/curation/queue", submitter="SUBSITE").json()
+    }
+    assert expected, "the association test above left held series"
+    page = chromium.new_page()
+    try:
+        page.goto(f"{setup.server.url}/curation/login")
+        page.fill("input[name=token]", setup.tokens["curator"])
+        page.click("button[type=submit]")
+        expect(page.locator("table.queue")).to_be_visible()
+        page.fill("input[name=submitter]", "SUBSITE")
+        page.click("form.filters button[type=submit]")
+        expect(page).to_have_url(re.compile(r"submitter=SUBSITE"))
+        rows = page.locator("table.queue tbody tr[data-series]")
+        expect(rows).to_have_count(len(expected))
+        shown = {rows.nth(i).get_attribute("data-series") for i in range(rows.count())}
+        assert shown == expected
+        expect(page.locator("table.queue tbody")).not_to_contain_text("siteA")
+    finally:
+        page.close()

@@ -22,6 +22,10 @@ COPY deid_profiles/ deid_profiles/
 RUN /opt/carina/bin/pip install .
 
 FROM python:3.11-slim
+# tesseract reads burned-in text in the pixels (the burned-in text rule; curation/ocr.py).
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends tesseract-ocr tesseract-ocr-eng \
+ && rm -rf /var/lib/apt/lists/*
 # A fixed non-root uid: the embedded PostgreSQL (used when DATABASE_URL is unset) refuses root, and
 # the intake area under /data holds identified bytes while an instance is processed.
 RUN groupadd --system --gid 10001 carina \

@@ -13,10 +13,12 @@ from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddle
 
 from carina import __version__
 from carina.curation.lifecycle import Worker
+from carina.curation.ocr import OcrEnvironment
 from carina.runtime import Runtime
 from carina.settings import Settings
 
 from . import (
+    audit,
     auth,
     changes,
     curation,
@@ -27,6 +29,7 @@ from . import (
     rendered,
     series,
     shares,
+    submissions,
     web,
     web_changes,
     web_reprocess,
@@ -79,7 +82,11 @@ def create_app(settings: Settings) -> FastAPI:
                 listener = None
         worker = None
         if settings.serve_worker:
-            worker = Worker(runtime.pool, originals=settings.originals_area)
+            worker = Worker(
+                runtime.pool,
+                originals=settings.originals_area,
+                ocr_env=OcrEnvironment(runtime.store, settings.tesseract),
+            )
             worker.start()
         try:
             yield
@@ -119,6 +126,8 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(series.router("/api"), dependencies=authenticated)
     app.include_router(curation.router("/api/curation"), dependencies=authenticated)
     app.include_router(changes.router("/api/curation"), dependencies=authenticated)
+    app.include_router(submissions.router("/api/submissions"), dependencies=authenticated)
+    app.include_router(audit.router("/api/audit"), dependencies=authenticated)
     # The curator's web page: its own login and session cookie, never the Bearer header (its
     # reprocess, redaction and edit forms first: web's /series/{uid}/{decision} would take
     # their paths).

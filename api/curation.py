@@ -70,6 +70,9 @@ def router(prefix: str = "/api/curation") -> APIRouter:
         state: State = "quarantined",
         collection: Annotated[str | None, Query(max_length=64)] = None,
         rule: Annotated[str | None, Query(max_length=64)] = None,
+        submitter: Annotated[
+            str | None, Query(min_length=1, max_length=200, description="AE title or token name")
+        ] = None,
         min_age: Annotated[float | None, Query(ge=0, description="seconds since decided")] = None,
         max_age: Annotated[float | None, Query(ge=0, description="seconds since decided")] = None,
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
@@ -84,6 +87,7 @@ def router(prefix: str = "/api/curation") -> APIRouter:
             max_age,
             limit,
             offset,
+            submitter=submitter,
         )
         rows = await run_in_threadpool(quarantine.queue, _runtime(request).pool, f)
         return _json(rows)

@@ -7,6 +7,7 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -15,7 +16,7 @@ from pydicom.uid import UID
 from carina.archive import index, qido, retrieve, transcode
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 
-from . import auth
+from . import auth, submissions
 from .conditional import not_modified, validators
 from .context import base_url, runtime
 from .dicomxml import DICOM_XML, native_xml
@@ -179,10 +180,13 @@ async def _stow(request: Request, study: str | None) -> Response:
         return http_error(400, "multipart/related without a boundary parameter")
 
     intake = runtime(request).intake
-    ctx = intake.context(auth.store_collection(request), expected_study=study)
+    started = datetime.now(UTC)
+    collection = auth.store_collection(request)
+    ctx = intake.context(collection, expected_study=study)
     if part_type == DICOM_JSON:
         body = MetadataAndBulkData(boundary, intake.sink, str(request.url))
         result = await intake.ingest(body.payloads(request.stream()), ctx)
+        await submissions.record_stow(request, collection, started, result)
         if body.unreadable:
             return http_error(400, body.unreadable)
         return _stow_response(result, base_url(request), _warnings(request))
@@ -211,6 +215,7 @@ async def _stow(request: Request, study: str | None) -> Response:
             yield Refusal(CANNOT_UNDERSTAND, malformed)
 
     result = await intake.ingest(payloads(), ctx)
+    await submissions.record_stow(request, collection, started, result)
     if not seen:
         return http_error(400, malformed or "multipart body has no parts")
     return _stow_response(result, base_url(request), _warnings(request))

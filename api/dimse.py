@@ -158,7 +158,8 @@ class _Peer:
     accepted: int = 0
     refused: int = 0
     reasons: Counter[str] = field(default_factory=Counter)
-    series: set[str] = field(default_factory=set)  # de-identified, to settle at the end
+    # De-identified Series Instance UID -> instances stored: settled and reported at the end.
+    series: Counter[str] = field(default_factory=Counter)
 
 
 class Associations:
@@ -279,7 +280,9 @@ def handle_accepted(event: Event, runtime: Runtime, associations: Associations) 
     if peer is None:
         return
     try:
-        peer.submission_id = peers.open_submission(runtime.pool, peer.ae_title, peer.host)
+        peer.submission_id = peers.open_submission(
+            runtime.pool, peer.ae_title, peer.host, peer.collection
+        )
     except Exception as e:
         log.error("could not record a submission: %s", type(e).__name__)
     log.info(
@@ -316,6 +319,7 @@ def handle_ended(event: Event, runtime: Runtime, associations: Associations) -> 
             accepted=peer.accepted,
             refused=peer.refused,
             reasons=peer.reasons,
+            series=peer.series,
         )
     except Exception as e:
         log.error("could not close submission %d: %s", peer.submission_id, type(e).__name__)
@@ -347,7 +351,7 @@ def handle_store(event: Event, runtime: Runtime, associations: Associations) -> 
             )
         else:
             peer.accepted += 1
-            peer.series.add(outcome.series_uid)
+            peer.series[outcome.series_uid] += 1
             log.debug("C-STORE from %s stored %s", peer.ae_title, outcome.sop_uid)
     return status
 

@@ -18,6 +18,7 @@ from fastapi import APIRouter, Depends, Form, Path, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from fastapi.templating import Jinja2Templates
+from pydantic import BeforeValidator
 from starlette.concurrency import run_in_threadpool
 
 from carina.archive import render, retrieve, sessions, tokens
@@ -102,8 +103,9 @@ def router() -> APIRouter:
         session: LoggedIn,
         collection: Annotated[str | None, Query(max_length=64)] = None,
         rule: Annotated[str | None, Query(max_length=64)] = None,
-        min_hours: Annotated[float | None, Query(ge=0)] = None,
-        max_hours: Annotated[float | None, Query(ge=0)] = None,
+        submitter: Annotated[str | None, Query(max_length=200)] = None,
+        min_hours: Annotated[float | None, Query(ge=0), BeforeValidator(_blank)] = None,
+        max_hours: Annotated[float | None, Query(ge=0), BeforeValidator(_blank)] = None,
         page: Annotated[int, Query(ge=1, le=100000)] = 1,
     ) -> Response:
         # One query for the whole page (findings included): nothing is fetched per series.
@@ -116,9 +118,10 @@ def router() -> APIRouter:
             None if max_hours is None else max_hours * 3600,
             PAGE_SIZE + 1,
             (page - 1) * PAGE_SIZE,
+            submitter=submitter or None,
         )
         rows = quarantine.queue(runtime(request).pool, f)
-        filters = {"collection": collection, "rule": rule}
+        filters = {"collection": collection, "rule": rule, "submitter": submitter}
         filters |= {"min_hours": min_hours, "max_hours": max_hours}
         return _page(
             request,
@@ -230,6 +233,11 @@ def router() -> APIRouter:
         )
 
     return r
+
+
+def _blank(value: object) -> object:
+    """An empty form field (the filter form sends every field) as if it were absent."""
+    return None if value == "" else value
 
 
 def install(app: Any) -> None:

@@ -13,7 +13,7 @@ import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from . import collections
+from . import collections, submissions
 from .errors import ArchiveError
 
 # PS3.5 6.2: an AE title is 1 to 16 characters of the default repertoire, no backslash or control
@@ -141,12 +141,15 @@ def list_rejects(pool: ConnectionPool, *, limit: int = 100) -> list[AssociationR
         return cur.fetchall()
 
 
-def open_submission(pool: ConnectionPool, ae_title: str, peer_host: str) -> int:
-    """Record an accepted association; return the submission's id."""
+def open_submission(
+    pool: ConnectionPool, ae_title: str, peer_host: str, collection: str | None = None
+) -> int:
+    """Record an accepted association (its AE title is the submitter); the submission's id."""
     with pool.connection() as conn:
         row = conn.execute(
-            "INSERT INTO submissions (ae_title, peer_host) VALUES (%s, %s) RETURNING id",
-            (ae_title, peer_host),
+            "INSERT INTO submissions (kind, ae_title, submitter, peer_host, collection)"
+            " VALUES (%s, %s, %s, %s, %s) RETURNING id",
+            (submissions.DIMSE, ae_title, ae_title, peer_host, collection),
         ).fetchone()
     assert row is not None
     return int(row[0])
@@ -159,24 +162,27 @@ def close_submission(
     accepted: int,
     refused: int,
     reasons: Mapping[str, int],
+    series: Mapping[str, int] | None = None,
 ) -> None:
-    """Record the end of an association and what happened to its instances."""
-    with pool.connection() as conn:
+    """Record the end of an association, what happened to its instances and the series they
+    went to (de-identified Series Instance UID -> instances stored)."""
+    with pool.connection() as conn, conn.transaction():
         conn.execute(
             "UPDATE submissions SET ended_at = now(), accepted = %s, refused = %s,"
             " reasons = %s::jsonb WHERE id = %s",
             (accepted, refused, json.dumps(dict(reasons)), submission_id),
         )
+        submissions.link_series(conn, submission_id, series or {})
 
 
 def list_submissions(
     pool: ConnectionPool, *, ae_title: str | None = None, limit: int = 100
 ) -> list[Submission]:
-    """The most recent submissions (of one AE title, if given), newest first."""
+    """The most recent associations (of one AE title, if given), newest first."""
     with pool.connection() as conn, conn.cursor(row_factory=class_row(Submission)) as cur:
         cur.execute(
             "SELECT id, ae_title, peer_host, started_at, ended_at, accepted, refused, reasons"
-            " FROM submissions WHERE %(ae)s::text IS NULL OR ae_title = %(ae)s"
+            " FROM submissions WHERE kind = 'dimse' AND (%(ae)s::text IS NULL OR ae_title = %(ae)s)"
             " ORDER BY id DESC LIMIT %(limit)s",
             {"ae": ae_title, "limit": limit},
         )

@@ -69,9 +69,15 @@ def _worker(settings: Settings, args: argparse.Namespace) -> int:
     import signal
 
     from carina.curation.lifecycle import Worker
+    from carina.curation.ocr import OcrEnvironment
+    from carina.runtime import open_store
 
     with _ae_pool(settings, size=2) as pool:
-        worker = Worker(pool, originals=settings.originals_area)
+        worker = Worker(
+            pool,
+            originals=settings.originals_area,
+            ocr_env=OcrEnvironment(open_store(settings), settings.tesseract),
+        )
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: worker.stop())
         worker.run()
@@ -262,14 +268,24 @@ def _token_revoke(settings: Settings, args: argparse.Namespace) -> int:
 
 def _audit_export(settings: Settings, args: argparse.Namespace) -> int:
     from carina.archive import audit
+    from carina.curation import audit as curation_audit
 
     with _ae_pool(settings) as pool:
+        if args.kind == "curation":
+            collections = tuple(args.collection) if args.collection else None
+            columns = curation_audit.EXPORT_COLUMNS
+            rows = curation_audit.export_rows(pool, args.since, args.until, collections)
+        elif args.collection:
+            print("carina: --collection applies to --kind curation only", file=sys.stderr)
+            return 2
+        else:
+            columns, rows = audit.COLUMNS, audit.access_rows(pool, args.since, args.until)
         if args.output:
             with open(args.output, "w", newline="") as out:
-                n = audit.export_csv(pool, out, args.since, args.until)
+                n = audit.write(out, columns, rows, args.format)
         else:
-            n = audit.export_csv(pool, sys.stdout, args.since, args.until)
-    print(f"exported {n} access rows", file=sys.stderr)
+            n = audit.write(sys.stdout, columns, rows, args.format)
+    print(f"exported {n} {args.kind} rows", file=sys.stderr)
     return 0
 
 
@@ -611,9 +627,21 @@ def build_parser() -> argparse.ArgumentParser:
     token_revoke = token_sub.add_parser("revoke", help="revoke a token by its id")
     token_revoke.add_argument("id", help="the token id (12 hex digits, from `carina token list`)")
     token_revoke.set_defaults(func=_token_revoke)
-    audit_p = sub.add_parser("audit", help="the access audit: who read which study, when")
+    audit_p = sub.add_parser(
+        "audit", help="the audits: who read which study (access), every curation decision"
+    )
     audit_sub = audit_p.add_subparsers(dest="audit_command", required=True)
-    export = audit_sub.add_parser("export", help="write the access audit as CSV")
+    export = audit_sub.add_parser("export", help="write an audit as CSV or JSON")
+    export.add_argument(
+        "--kind",
+        choices=("access", "curation"),
+        default="access",
+        help="access: who read which study; curation: every decision on a series",
+    )
+    export.add_argument("--format", choices=("csv", "json"), default="csv")
+    export.add_argument(
+        "--collection", action="append", help="curation: only this collection (repeatable)"
+    )
     export.add_argument("--since", type=_moment, help="from this moment (ISO 8601, UTC)")
     export.add_argument("--until", type=_moment, help="before this moment (ISO 8601, UTC)")
     export.add_argument("--output", "-o", help="file to write (default: standard output)")

@@ -72,6 +72,11 @@ class Settings(BaseSettings):
         default=True,
         description="`carina serve` also evaluates settled series (as `carina worker` does)",
     )
+    tesseract: str = Field(
+        default="tesseract",
+        description="The tesseract command (a name on PATH or a path) the burned-in text rule "
+        "reads frames with",
+    )
     log_level: str = Field(default="info", description="Log level")
     cors_origins: list[str] = Field(
         default=[],

@@ -6,7 +6,7 @@ series by de-identified UIDs and hold Carina's own sentences and states, never P
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -16,8 +16,24 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from carina.archive import audit as access_audit
+
 #: The actor of decisions taken by the series rules.
 WORKER = "carina-worker"
+#: The columns of an export, in order.
+EXPORT_COLUMNS = (
+    "pk",
+    "at",
+    "actor",
+    "action",
+    "series_uid",
+    "collection",
+    "reason",
+    "before",
+    "after",
+    # set, and series_uid empty, where the series was forgotten (`carina subject forget`)
+    "erasure_id",
+)
 
 
 @dataclass(frozen=True)
@@ -71,3 +87,27 @@ def entries(pool: ConnectionPool, series_uid: str | None = None) -> list[AuditEn
             {"s": series_uid},
         )
         return cur.fetchall()
+
+
+def export_rows(
+    pool: ConnectionPool,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    collections: tuple[str, ...] | None = None,
+) -> Iterator[tuple[Any, ...]]:
+    """The decisions in [since, until) (of the given collections; None: all), in
+    EXPORT_COLUMNS order, oldest first, read as they are consumed."""
+    return access_audit.stream_rows(
+        pool,
+        f"SELECT {', '.join(EXPORT_COLUMNS)} FROM audit_log"
+        " WHERE (%(since)s::timestamptz IS NULL OR at >= %(since)s)"
+        " AND (%(until)s::timestamptz IS NULL OR at < %(until)s)"
+        " AND (%(collections)s::text[] IS NULL OR collection = ANY(%(collections)s))"
+        " ORDER BY pk",
+        {
+            "since": since,
+            "until": until,
+            "collections": None if collections is None else list(collections),
+        },
+        "curation_audit",
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import psycopg
@@ -21,7 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from carina.archive import derived, jobs, originals
 
-from . import audit, manifests
+from . import audit, manifests, ocr
 from .deid import load_profile
 from .errors import ProfileError
 from .geometry import Geometry, Metadata, text
@@ -70,9 +70,12 @@ class Evaluation:
 # One job
 
 
-def evaluate_due(pool: ConnectionPool) -> Evaluation | None:
-    """Take one due job and decide its series; None when nothing is due (or all are taken).
-    A failure rolls the whole decision back and retries the job later."""
+def evaluate_due(
+    pool: ConnectionPool, ocr_env: ocr.OcrEnvironment | None = None
+) -> Evaluation | None:
+    """Take one due job and decide its series (OCR reading frames from ocr_env's store);
+    None when nothing is due (or all are taken). A failure rolls the whole decision back and
+    retries the job later."""
     claimed: tuple[str, int] | None = None
     try:
         with pool.connection() as conn, conn.transaction():
@@ -86,7 +89,7 @@ def evaluate_due(pool: ConnectionPool) -> Evaluation | None:
             if attempts >= MAX_ATTEMPTS:
                 result = _hold_unevaluated(conn, series_uid, attempts)
             else:
-                result = decide(conn, series_uid)
+                result = decide(conn, series_uid, ocr_env)
             jobs.finish(conn, series_uid)
     except Exception as e:
         if claimed is None:
@@ -99,9 +102,11 @@ def evaluate_due(pool: ConnectionPool) -> Evaluation | None:
     return result
 
 
-def decide(conn: Connection, series_uid: str) -> Evaluation:
+def decide(
+    conn: Connection, series_uid: str, ocr_env: ocr.OcrEnvironment | None = None
+) -> Evaluation:
     """Run the collection's rules on a series and record the outcome, in conn's transaction
-    (the caller holds the series row)."""
+    (the caller holds the series row). Without ocr_env no pixels are read."""
     before, collection, overrides, deid = _series_head(conn, series_uid)
     findings: list[Finding] = []
     try:
@@ -113,6 +118,7 @@ def decide(conn: Connection, series_uid: str) -> Evaluation:
         config = _with_kept_private(config, *deid)
     except ProfileError as e:
         findings.append(rule_failed("private", e))
+    config = _with_ocr(conn, series_uid, config, ocr_env)
     rows = conn.execute(
         "SELECT sop_uid, sha256, metadata, intake_findings FROM instances"
         " WHERE series_uid = %s ORDER BY instance_number NULLS LAST, sop_uid",
@@ -169,6 +175,23 @@ def _with_kept_private(
         return config
     safe = config.private.safe | {(group, creator, offset) for creator, group, offset in kept}
     return replace(config, private=replace(config.private, safe=frozenset(safe)))
+
+
+def _with_ocr(
+    conn: Connection, series_uid: str, config: RulesConfig, env: ocr.OcrEnvironment | None
+) -> RulesConfig:
+    """The config with an OCR detector reading the series' stored objects, when the
+    collection's burned-in rule wants one."""
+    burned_in = config.burned_in
+    if env is None or not burned_in.enabled or not burned_in.ocr:
+        return config
+    keys = dict(
+        conn.execute(
+            "SELECT sop_uid, object_key FROM instances WHERE series_uid = %s", (series_uid,)
+        ).fetchall()
+    )
+    detector = ocr.detector(env, keys, burned_in)
+    return replace(config, burned_in=replace(burned_in, detector=detector))
 
 
 def _judge(
@@ -301,11 +324,19 @@ def _store_findings(conn: Connection, series_uid: str, findings: Sequence[Findin
                     f.code,
                     f.severity,
                     f.message,
-                    Jsonb({"attribute": f.attribute, "instances": list(f.instances)}),
+                    Jsonb(_details(f)),
                 )
                 for f in findings
             ],
         )
+
+
+def _details(f: Finding) -> dict[str, Any]:
+    """A finding's details column: the attribute, the instances and any text regions."""
+    details: dict[str, Any] = {"attribute": f.attribute, "instances": list(f.instances)}
+    if f.regions:
+        details["regions"] = [asdict(r) for r in f.regions]
+    return details
 
 
 # geometry.Geometry field -> series_qc column, where the names differ.
@@ -368,10 +399,12 @@ class Worker:
         pool: ConnectionPool,
         idle_wait: float = IDLE_WAIT,
         originals: originals.Area | None = None,
+        ocr_env: ocr.OcrEnvironment | None = None,
     ) -> None:
         self.pool = pool
         self.idle_wait = idle_wait
         self.originals = originals  # whose due originals each pass purges
+        self.ocr_env = ocr_env
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -403,7 +436,7 @@ class Worker:
 
     def _drain(self) -> float:
         """Evaluate every due series; the seconds to wait before looking again."""
-        while not self._stop.is_set() and evaluate_due(self.pool) is not None:
+        while not self._stop.is_set() and evaluate_due(self.pool, self.ocr_env) is not None:
             pass
         if self.originals is not None:
             _purge(self.pool, self.originals)

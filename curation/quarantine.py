@@ -40,10 +40,13 @@ class QueueFilter:
     max_age: float | None = None
     limit: int = 100
     offset: int = 0
+    # who submitted the series: an AE title (C-STORE) or a token's name (STOW-RS)
+    submitter: str | None = None
 
 
 def queue(pool: ConnectionPool, f: QueueFilter) -> list[dict[str, Any]]:
-    """Series matching the filter, oldest decision first, each with its hold findings."""
+    """Series matching the filter, oldest decision first, each with its hold findings and
+    who submitted it."""
     with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             "SELECT se.series_uid, se.study_uid, st.collection, se.modality, se.state,"
@@ -52,7 +55,10 @@ def queue(pool: ConnectionPool, f: QueueFilter) -> list[dict[str, Any]]:
             "   AS instances,"
             " coalesce((SELECT jsonb_agg(jsonb_build_object('rule', x.rule, 'code', x.code,"
             "   'severity', x.severity, 'message', x.message) ORDER BY x.pk)"
-            "   FROM series_findings x WHERE x.series_uid = se.series_uid), '[]') AS findings"
+            "   FROM series_findings x WHERE x.series_uid = se.series_uid), '[]') AS findings,"
+            " coalesce((SELECT jsonb_agg(DISTINCT sb.submitter) FROM submission_series ss"
+            "   JOIN submissions sb ON sb.id = ss.submission_id"
+            "   WHERE ss.series_uid = se.series_uid), '[]') AS submitters"
             " FROM series se JOIN studies st ON st.study_uid = se.study_uid"
             " WHERE se.state = %(state)s"
             " AND (%(collection)s::text IS NULL OR st.collection = %(collection)s)"
@@ -60,6 +66,9 @@ def queue(pool: ConnectionPool, f: QueueFilter) -> list[dict[str, Any]]:
             " AND (%(rule)s::text IS NULL OR EXISTS (SELECT 1 FROM series_findings x"
             "   WHERE x.series_uid = se.series_uid AND x.severity = 'hold'"
             "   AND (x.rule = %(rule)s OR x.code = %(rule)s)))"
+            " AND (%(submitter)s::text IS NULL OR EXISTS (SELECT 1 FROM submission_series ss"
+            "   JOIN submissions sb ON sb.id = ss.submission_id"
+            "   WHERE ss.series_uid = se.series_uid AND sb.submitter = %(submitter)s))"
             " AND (%(min_age)s::float IS NULL"
             "   OR se.decided_at <= now() - make_interval(secs => %(min_age)s))"
             " AND (%(max_age)s::float IS NULL"
@@ -70,6 +79,7 @@ def queue(pool: ConnectionPool, f: QueueFilter) -> list[dict[str, Any]]:
                 "collection": f.collection,
                 "curated": None if f.curated is None else list(f.curated),
                 "rule": f.rule,
+                "submitter": f.submitter,
                 "min_age": f.min_age,
                 "max_age": f.max_age,
                 "limit": f.limit,

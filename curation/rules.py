@@ -40,6 +40,20 @@ Severity = Literal["hold", "warn", "info"]
 
 
 @dataclass(frozen=True)
+class TextRegion:
+    """A line of text a detector saw in one frame: where (image pixels, origin top left) and
+    how many words, never what it says (burned-in text may be PHI)."""
+
+    instance: str  # de-identified SOP Instance UID
+    frame: int  # 1-based
+    x: int
+    y: int
+    width: int
+    height: int
+    words: int
+
+
+@dataclass(frozen=True)
 class Finding:
     """One reason about a series: a stable code, how serious, and a sentence without PHI."""
 
@@ -49,6 +63,7 @@ class Finding:
     attribute: str | None = None  # a keyword or private tag description, never a value
     instances: tuple[str, ...] = ()  # de-identified SOP Instance UIDs concerned
     rule: str = ""  # the RulesConfig field of the rule that found it (set by run_rules)
+    regions: tuple[TextRegion, ...] = ()  # where text was seen in the pixels (never the text)
 
 
 @dataclass(frozen=True)
@@ -157,6 +172,8 @@ class TextDetection:
     ran: bool
     instances_with_text: tuple[str, ...] = ()
     reason: str = ""  # why it could not run, e.g. "tesseract not installed"; never pixel text
+    regions: tuple[TextRegion, ...] = ()
+    frames: int = 0  # how many frames it looked at
 
 
 TextDetector = Callable[[SeriesFacts], TextDetection]
@@ -175,14 +192,23 @@ SECONDARY_CAPTURE = frozenset(
 
 @dataclass(frozen=True)
 class BurnedInSettings:
-    """Burned-in text risk: which series are suspect and the optional detector."""
+    """Burned-in text risk: which series are suspect, and OCR of a sample of their frames."""
 
     enabled: bool = True
     # Modalities that usually carry burned-in text (TCIA and IDC review these by eye).
     modalities: frozenset[str] = frozenset({"US", "SC", "XC", "OT"})
     include_cr_dx: bool = False  # CR/DX often carry side markers and site text; per collection
     sop_classes: frozenset[str] = SECONDARY_CAPTURE
-    detector: TextDetector | None = None
+    # OCR (curation/ocr.py, Debian's tesseract) of every image series but computed objects.
+    ocr: bool = True
+    ocr_frames: int = 3  # at most this many frames per series, spread over it
+    ocr_size: int = 1024  # frames are scaled towards this longer side (enlarged 2x at most)
+    ocr_min_confidence: float = 80.0  # tesseract's word confidence, 0-100
+    ocr_min_chars: int = 3  # letters or digits a word needs ("L", "R" side markers are not text)
+    # How serious it is that OCR could not run on a series nothing else makes suspect
+    # (tesseract missing or failing): "hold" keeps such series for a curator.
+    ocr_unavailable: Severity = "warn"
+    detector: TextDetector | None = None  # set by the lifecycle from the settings above
 
 
 # PS3.16 CID 7050: the Clean Pixel Data Option (PS3.15 E.3.1), which a curator's pixel
@@ -201,8 +227,9 @@ def pixels_cleaned(meta: Metadata) -> bool:
 
 
 def burned_in_text(facts: SeriesFacts, settings: BurnedInSettings) -> list[Finding]:
-    """Hold series declared to have burned-in text, or likely to, unless a detector cleared them.
-    Instances whose pixel data a curator cleaned (pixels_cleaned) are no longer suspect."""
+    """Hold series declared to have burned-in text, or in whose pixels OCR found text, or
+    likely to have it when OCR did not clear them; say so when OCR could not run. Instances
+    whose pixel data a curator cleaned (pixels_cleaned) are no longer suspect."""
     findings: list[Finding] = []
     suspect = tuple(i for i in facts.instances if not pixels_cleaned(i.metadata))
     if not suspect:
@@ -233,36 +260,51 @@ def burned_in_text(facts: SeriesFacts, settings: BurnedInSettings) -> list[Findi
         why.append(f"modality {facts.modality}")
     if facts.sop_classes & settings.sop_classes:
         why.append("a Secondary Capture SOP class")
-    if not why and not yes:
-        return findings
-    detection = _detect(facts, settings.detector)
-    if detection.ran and detection.instances_with_text:
+    images = not computed and any(values(m, "Rows") for m in facts.metadata)
+    detection = _detect(facts, settings) if images or why else None
+    if detection is None and why:
+        off = "OCR is off for the collection" if not settings.ocr else "no detector configured"
+        detection = TextDetection(ran=False, reason=off)
+    if detection is not None and detection.ran and detection.instances_with_text:
+        words = sum(r.words for r in detection.regions)
         findings.append(
             Finding(
-                "burned-in-text",
+                "burned-in-ocr",
                 "hold",
-                "The text detector found text in the pixels of "
-                f"{_sentence_count(facts, detection.instances_with_text)}.",
+                f"OCR found {words} word(s) in {len(detection.regions)} line(s) of text in the "
+                f"pixels of {_sentence_count(facts, detection.instances_with_text)} "
+                f"({detection.frames} frame(s) read).",
                 instances=tuple(detection.instances_with_text),
+                regions=detection.regions,
             )
         )
-    elif why and not detection.ran:
+    elif why and detection is not None and not detection.ran:
         findings.append(
             Finding(
                 "burned-in-risk",
                 "hold",
                 f"The series is {' and '.join(why)}, which usually carries burned-in text, and "
-                f"OCR was not run ({detection.reason or 'no detector configured'}).",
+                f"OCR was not run ({detection.reason}).",
+            )
+        )
+    elif detection is not None and not detection.ran:
+        findings.append(
+            Finding(
+                "burned-in-ocr-unavailable",
+                settings.ocr_unavailable,
+                f"OCR could not run ({detection.reason}), so the pixels were not read for "
+                "burned-in text.",
             )
         )
     return findings
 
 
-def _detect(facts: SeriesFacts, detector: TextDetector | None) -> TextDetection:
-    if detector is None:
-        return TextDetection(ran=False, reason="no detector configured")
+def _detect(facts: SeriesFacts, settings: BurnedInSettings) -> TextDetection | None:
+    """What the detector made of the series; None when OCR is off or no detector is set."""
+    if not settings.ocr or settings.detector is None:
+        return None
     try:
-        return detector(facts)
+        return settings.detector(facts)
     except Exception as exc:  # a broken detector must not stop the other rules
         return TextDetection(ran=False, reason=f"detector failed: {type(exc).__name__}")
 

@@ -28,6 +28,7 @@ from carina.curation.rules import (
     RulesConfig,
     SeriesFacts,
     TextDetection,
+    TextRegion,
     check_manifest,
     parse_manifest,
     patient_identifiers,
@@ -177,12 +178,38 @@ def test_detector_that_found_no_text_clears_ultrasound(series: list[Dataset]) ->
     assert findings == []
 
 
-def test_detector_that_found_text_holds_as_burned_in_text(series: list[Dataset]) -> None:
+def test_detector_that_found_text_holds_as_burned_in_ocr(series: list[Dataset]) -> None:
     hit = series[1].SOPInstanceUID
     config = RulesConfig(burned_in=BurnedInSettings(detector=lambda f: TextDetection(True, (hit,))))
     findings = run_rules(facts_of(_as_ultrasound(series)), config, PatientIdentifiers())
-    assert codes(findings) == ["burned-in-text"]
+    assert codes(findings) == ["burned-in-ocr"]
     assert findings[0].instances == (hit,)
+
+
+def test_ct_is_read_by_the_detector_too(series: list[Dataset]) -> None:
+    hit = series[0].SOPInstanceUID
+    region = TextRegion(hit, 1, 4, 4, 60, 12, 2)
+    found = TextDetection(True, (hit,), regions=(region,), frames=3)
+    config = RulesConfig(burned_in=BurnedInSettings(detector=lambda f: found))
+    [finding] = run_rules(facts_of(series), config, PatientIdentifiers())
+    assert (finding.code, finding.severity, finding.regions) == ("burned-in-ocr", "hold", (region,))
+    assert "2 word(s) in 1 line(s)" in finding.message
+
+
+def test_ocr_that_could_not_run_on_ct_says_so_with_the_collections_severity(
+    series: list[Dataset],
+) -> None:
+    missing = TextDetection(False, reason="tesseract not found (tesseract)")
+    warned = BurnedInSettings(detector=lambda f: missing)
+    [finding] = run_rules(facts_of(series), RulesConfig(burned_in=warned), PatientIdentifiers())
+    assert finding.code == "burned-in-ocr-unavailable" and finding.severity == "warn"
+    assert "tesseract not found" in finding.message
+    held = RulesConfig(
+        burned_in=BurnedInSettings(detector=lambda f: missing, ocr_unavailable="hold")
+    )
+    assert quarantined(run_rules(facts_of(series), held, PatientIdentifiers()))
+    off = RulesConfig(burned_in=BurnedInSettings(detector=lambda f: missing, ocr=False))
+    assert run_rules(facts_of(series), off, PatientIdentifiers()) == []
 
 
 def test_detector_that_failed_is_reported_as_ocr_not_run(series: list[Dataset]) -> None:

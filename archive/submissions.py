@@ -1,0 +1,161 @@
+"""Submissions and their reports: one row per C-STORE association or STOW-RS request
+(table submissions, migrations 002 and 018), linked to the series it brought.
+
+A report says what arrived and what became of it: instances accepted and refused (with
+Carina's reasons, which never quote a value of the dataset), the studies and series by their
+de-identified UIDs, and each series' state with the codes of the findings that hold it."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from psycopg import Connection
+from psycopg.rows import dict_row
+from psycopg_pool import ConnectionPool
+
+from .errors import NotFound
+
+DIMSE = "dimse"
+STOW = "stow"
+
+
+def link_series(conn: Connection, submission_id: int, series: Mapping[str, int]) -> None:
+    """Record how many instances of each series a submission brought (added to what it
+    brought before), in conn's transaction; series no longer held are left out."""
+    if not series:
+        return
+    uids = sorted(series)
+    conn.execute(
+        "INSERT INTO submission_series (submission_id, series_uid, instances)"
+        " SELECT %s, u.uid, u.n FROM unnest(%s::text[], %s::int[]) AS u(uid, n)"
+        " JOIN series se ON se.series_uid = u.uid WHERE u.n > 0"
+        " ON CONFLICT (submission_id, series_uid)"
+        " DO UPDATE SET instances = submission_series.instances + EXCLUDED.instances",
+        (submission_id, uids, [series[u] for u in uids]),
+    )
+
+
+@dataclass(frozen=True)
+class StowRequest:
+    """One STOW-RS request as a submission: who sent it into which collection, and what
+    happened to its instances."""
+
+    collection: str
+    submitter: str  # the token's identity name
+    token_id: str | None
+    peer_host: str
+    started_at: datetime
+    accepted: int
+    refused: int
+    reasons: Mapping[str, int]  # "<status hex> <reason>" -> count
+    series: Mapping[str, int]  # de-identified Series Instance UID -> instances stored
+
+
+def record_stow(pool: ConnectionPool, request: StowRequest) -> int:
+    """Record a finished STOW-RS request and the series it brought; its submission id."""
+    with pool.connection() as conn, conn.transaction():
+        row = conn.execute(
+            "INSERT INTO submissions (kind, collection, submitter, token_id, peer_host,"
+            " started_at, ended_at, accepted, refused, reasons)"
+            " VALUES (%s, %s, %s, %s, %s, %s, now(), %s, %s, %s::jsonb) RETURNING id",
+            (
+                STOW,
+                request.collection,
+                request.submitter,
+                request.token_id,
+                request.peer_host,
+                request.started_at,
+                request.accepted,
+                request.refused,
+                json.dumps(dict(request.reasons)),
+            ),
+        ).fetchone()
+        assert row is not None
+        link_series(conn, int(row[0]), request.series)
+    return int(row[0])
+
+
+@dataclass(frozen=True)
+class SubmissionFilter:
+    """Which submissions to list; None matches anything. visible is the collections the
+    caller may see (None: every one); submissions of the others are never listed."""
+
+    visible: tuple[str, ...] | None = None
+    collection: str | None = None
+    submitter: str | None = None
+    since: datetime | None = None
+    until: datetime | None = None
+    limit: int = 100
+    offset: int = 0
+
+
+# Per submission: the series it brought and their states (one query for a whole page).
+_SUMMARY = (
+    "s.id, s.kind, s.collection, s.submitter, s.ae_title, s.peer_host, s.started_at,"
+    " s.ended_at, s.accepted, s.refused,"
+    " (SELECT count(*) FROM submission_series ss WHERE ss.submission_id = s.id) AS series,"
+    " coalesce((SELECT jsonb_object_agg(x.state, x.n) FROM (SELECT se.state, count(*) AS n"
+    "   FROM submission_series ss JOIN series se ON se.series_uid = ss.series_uid"
+    "   WHERE ss.submission_id = s.id GROUP BY se.state) x), '{}') AS states"
+)
+
+
+def list_reports(pool: ConnectionPool, f: SubmissionFilter) -> list[dict[str, Any]]:
+    """Summaries of the submissions matching the filter, newest first."""
+    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"SELECT {_SUMMARY} FROM submissions s"
+            " WHERE (%(visible)s::text[] IS NULL OR s.collection = ANY(%(visible)s))"
+            " AND (%(collection)s::text IS NULL OR s.collection = %(collection)s)"
+            " AND (%(submitter)s::text IS NULL OR s.submitter = %(submitter)s)"
+            " AND (%(since)s::timestamptz IS NULL OR s.started_at >= %(since)s)"
+            " AND (%(until)s::timestamptz IS NULL OR s.started_at < %(until)s)"
+            " ORDER BY s.id DESC LIMIT %(limit)s OFFSET %(offset)s",
+            {
+                "visible": None if f.visible is None else list(f.visible),
+                "collection": f.collection,
+                "submitter": f.submitter,
+                "since": f.since,
+                "until": f.until,
+                "limit": f.limit,
+                "offset": f.offset,
+            },
+        )
+        return cur.fetchall()
+
+
+def report(
+    pool: ConnectionPool, submission_id: int, visible: tuple[str, ...] | None
+) -> dict[str, Any]:
+    """One submission's report (NotFound when there is none the caller may see)."""
+    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            f"SELECT {_SUMMARY}, s.reasons AS refusals FROM submissions s WHERE s.id = %(id)s"
+            " AND (%(visible)s::text[] IS NULL OR s.collection = ANY(%(visible)s))",
+            {"id": submission_id, "visible": None if visible is None else list(visible)},
+        )
+        found = cur.fetchone()
+        if found is None:
+            raise NotFound(f"no submission {submission_id}")
+        cur.execute(
+            "SELECT se.series_uid, se.study_uid, se.modality, ss.instances, se.state,"
+            # The codes that hold (or held, before a rejection) the series; none once released.
+            " coalesce((SELECT jsonb_agg(DISTINCT f.code) FROM series_findings f"
+            "   WHERE f.series_uid = se.series_uid AND f.severity = 'hold'"
+            "   AND se.state IN ('quarantined', 'rejected')), '[]') AS findings"
+            " FROM submission_series ss JOIN series se ON se.series_uid = ss.series_uid"
+            " WHERE ss.submission_id = %s ORDER BY se.study_uid, se.series_uid",
+            (submission_id,),
+        )
+        series = cur.fetchall()
+    refusals = found.pop("refusals") or {}
+    found["refusals"] = [
+        {"reason": reason, "count": count} for reason, count in sorted(refusals.items())
+    ]
+    found["studies"] = len({s["study_uid"] for s in series})
+    found["series"] = series
+    return found

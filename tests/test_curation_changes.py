@@ -146,7 +146,7 @@ def test_redacted_instances_no_longer_hold_the_series_when_it_is_reprocessed(
     study, series = store(server, text_series(2, modality="US"))
     view = server.http.get(api(server, f"/series/{series}"), timeout=30).json()
     codes = {f["code"] for f in view["findings"] if f["severity"] == "hold"}
-    assert codes == {"burned-in-annotation", "burned-in-risk"}
+    assert codes == {"burned-in-annotation"}  # OCR read the pixels: no burned-in-risk
     sops = sorted(rows(server, series))
 
     def reprocess() -> dict:
@@ -155,7 +155,7 @@ def test_redacted_instances_no_longer_hold_the_series_when_it_is_reprocessed(
         server.settled()
         return server.http.get(api(server, f"/series/{series}"), timeout=30).json()
 
-    # One instance redacted: the other still holds the series, for both reasons.
+    # One instance redacted: the other still holds the series.
     assert post(server, series, "redact", reason="r", rectangles=[TEXT], instances=sops[:1]).ok
     view = reprocess()
     assert view["state"] == "quarantined"

@@ -126,7 +126,13 @@ class Params:
 
 
 COMMON = frozenset({"collection", "study", "series", "limit", "offset", "format"})
-_SEGMENT_PARAMS = COMMON | {"category", "type", "referenced_series", "algorithm"}
+_SEGMENT_PARAMS = COMMON | {
+    "category",
+    "type",
+    "referenced_series",
+    "referenced_instance",
+    "algorithm",
+}
 _MEASUREMENT_PARAMS = COMMON | {
     "concept",
     "finding",
@@ -162,6 +168,7 @@ def _segment_query(p: Params) -> SegmentQuery:
         study_uid=p.uid("study"),
         series_uid=p.uid("series"),
         referenced_series_uid=p.uid("referenced_series"),
+        referenced_sop_uid=p.uid("referenced_instance"),
         algorithm_name=p.text("algorithm"),
         limit=limit,
         offset=offset,
@@ -301,6 +308,8 @@ SEGMENT_COLUMNS = table_columns(
     "tracking_uid",
     "referenced_series_uid",
     "frame_count:int",
+    "frames:ints",
+    "frame_sop_uids:texts",
     *_URLS,
 )
 MEASUREMENT_COLUMNS = table_columns(

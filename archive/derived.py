@@ -12,6 +12,7 @@ from io import BytesIO
 from typing import Any, Protocol
 
 import highdicom as hd
+import numpy as np
 from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -25,12 +26,12 @@ from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION = sr.SEGMENTATION
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 # SOP class -> kind of derived object (PS3.4 B.5). Basic Text SR cannot hold NUM or SCOORD3D
 # items (PS3.3 A.35.1), so it yields no rows, but its sources are still indexed.
 KINDS = {
-    SEGMENTATION: "SEG",
+    sr.SEGMENTATION: "SEG",  # BINARY and FRACTIONAL
+    sr.LABEL_MAP_SEGMENTATION: "SEG",
     "1.2.840.10008.5.1.4.1.1.88.11": "SR",  # Basic Text SR
     "1.2.840.10008.5.1.4.1.1.88.22": "SR",  # Enhanced SR
     "1.2.840.10008.5.1.4.1.1.88.33": "SR",  # Comprehensive SR
@@ -140,7 +141,7 @@ def _read(record: StoredObject, store: ObjectStore, indexed: _Indexed) -> None:
     indexed.sources = _source_series(ds)
     if indexed.kind == "SEG":
         indexed.label = _text(ds, "ContentLabel")
-        indexed.segments = _segment_rows(record, ds)
+        indexed.segments = _segment_rows(record, ds, indexed.problems)
     elif indexed.kind == "SR":
         indexed.label = sr.label(ds)
         content = sr.read(record, ds)
@@ -225,8 +226,8 @@ def _replace(pool: ConnectionPool, record: StoredObject, indexed: _Indexed) -> N
             )
 
 
-def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
-    """One row per segment of a SEG (PS3.3 C.8.20.4)."""
+def _segment_rows(record: StoredObject, ds: Dataset, problems: list[str]) -> list[dict[str, Any]]:
+    """One row per segment of a SEG (PS3.3 C.8.20.4), with the frames it occupies."""
     seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
     source_series = {series for _, series, _ in seg.get_source_image_uids()}
     referenced = None
@@ -234,17 +235,11 @@ def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
         referenced = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
     elif source_series:
         referenced = str(sorted(source_series)[0])
-    frames: dict[int, int] = {}
-    # PS3.3 C.7.6.16: Segment Identification is per frame, or shared by every frame.
-    shared = seg.get("SharedFunctionalGroupsSequence")
-    if shared and "SegmentIdentificationSequence" in shared[0]:
-        number = int(shared[0].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        frames[number] = int(seg.get("NumberOfFrames") or 1)
-    for item in seg.get("PerFrameFunctionalGroupsSequence", []):
-        ident = item.get("SegmentIdentificationSequence")
-        if ident:
-            number = int(ident[0].ReferencedSegmentNumber)
-            frames[number] = frames.get(number, 0) + 1
+    try:
+        frames: dict[int, list[tuple[int, str | None]]] | None = _segment_frames(seg)
+    except Exception as e:  # a frame that does not decode: the segments without their frames
+        problems.append(f"segment frames not read: {sr.why(e)}")
+        frames = None
     rows = []
     for number in seg.segment_numbers:
         desc = seg.get_segment_description(number)
@@ -256,6 +251,7 @@ def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
             if modifiers is not None
             else []
         )
+        occupied = None if frames is None else frames.get(number, [])
         rows.append(
             {
                 "sop_uid": record.sop_uid,
@@ -273,10 +269,52 @@ def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
                 "tracking_id": desc.tracking_id,
                 "tracking_uid": desc.tracking_uid,
                 "referenced_series_uid": referenced,
-                "frame_count": frames.get(number),
+                "frame_count": None if occupied is None else len(occupied),
+                "frames": None if occupied is None else [n for n, _ in occupied],
+                "frame_sop_uids": None if occupied is None else [uid for _, uid in occupied],
             }
         )
     return rows
+
+
+def _segment_frames(seg: hd.seg.Segmentation) -> dict[int, list[tuple[int, str | None]]]:
+    """segment number -> [(frame number, source SOP instance UID), ...]: the frames in which
+    the segment has a pixel, in frame order, each with the image it was derived from.
+
+    A BINARY or FRACTIONAL frame belongs to the one segment its Segment Identification names
+    (PS3.3 C.8.20.3.1), per frame or shared by every frame; a LABELMAP frame holds every
+    segment whose number is one of its pixel values (PS3.3 C.8.20.2, Sup 243). Frames are
+    decoded one at a time (a SEG can be large) and an all-zero frame occupies nothing."""
+    shared = (seg.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence", [])
+    labels = set(seg.segment_numbers)  # without a LABELMAP's background (PixelPaddingValue)
+    labelmap = seg.segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP
+    found: dict[int, list[tuple[int, str | None]]] = {}
+    for number in range(1, seg.number_of_frames + 1):
+        item = per_frame[number - 1] if number <= len(per_frame) else Dataset()
+        pixels = seg.get_stored_frame(number)
+        if labelmap:
+            present = [int(v) for v in np.unique(pixels) if int(v) in labels]
+        else:
+            ident = item.get("SegmentIdentificationSequence") or shared.get(
+                "SegmentIdentificationSequence"
+            )
+            present = [int(ident[0].ReferencedSegmentNumber)] if ident and pixels.any() else []
+        source = _frame_source(item) or _frame_source(shared)
+        for segment in present:
+            found.setdefault(segment, []).append((number, source))
+    return found
+
+
+def _frame_source(group: Dataset) -> str | None:
+    """The first source image a frame was derived from (PS3.3 C.7.6.16.2.6 Derivation Image
+    functional group), if it names one."""
+    for derivation in group.get("DerivationImageSequence", []):
+        for source in derivation.get("SourceImageSequence", []):
+            uid = str(source.get("ReferencedSOPInstanceUID") or "")
+            if uid:
+                return uid
+    return None
 
 
 def derived_from(conn: Connection, source_series_uid: str) -> list[str]:
@@ -305,6 +343,8 @@ class SegmentQuery:
     study_uid: str | None = None
     series_uid: str | None = None
     referenced_series_uid: str | None = None
+    #: an image one of the segment's frames was derived from
+    referenced_sop_uid: str | None = None
     algorithm_name: str | None = None
     #: the collections searched (None: all); callers pass those the requester may read
     readable: tuple[str, ...] | None = None
@@ -398,6 +438,9 @@ def segment_sql(q: SegmentQuery) -> tuple[str, list[Any]]:
     _match(where, params, "study_uid", q.study_uid)
     _match(where, params, "series_uid", q.series_uid)
     _match(where, params, "referenced_series_uid", q.referenced_series_uid)
+    if q.referenced_sop_uid is not None:
+        where.append("d.frame_sop_uids @> ARRAY[%s]::text[]")
+        params.append(q.referenced_sop_uid)
     _match(where, params, "algorithm_name", q.algorithm_name)
     return _select(
         "segments",

@@ -242,3 +242,52 @@ def _image_refs(cts: list[Dataset]) -> list[Dataset]:
         ref.ReferencedSOPInstanceUID = ct.SOPInstanceUID
         refs.append(ref)
     return refs
+
+
+# Where the two segments of two_segment_seg lie: 0-based CT slice indices of a 4-slice series.
+# They share slice 2 (side by side, so a LABELMAP can hold both) and occupy different frames.
+SEGMENT_SLICES = {1: (1, 2), 2: (2, 3)}
+
+
+def two_segment_seg(
+    cts: list[Dataset], segmentation_type: str, *, omit_empty_frames: bool = True
+) -> Dataset:
+    """A highdicom SEG of the given type (BINARY, FRACTIONAL or LABELMAP) with two
+    SNOMED-coded segments on the slices SEGMENT_SLICES names; with omit_empty_frames=False a
+    BINARY or FRACTIONAL SEG also carries every all-zero frame."""
+    rows, columns = int(cts[0].Rows), int(cts[0].Columns)
+    mask = np.zeros((len(cts), rows, columns, 2), dtype=np.float32)
+    for slices in SEGMENT_SLICES[1]:
+        mask[slices, 2:6, 2:6, 0] = 1.0
+    for slices in SEGMENT_SLICES[2]:
+        mask[slices, 9:14, 9:14, 1] = 1.0
+    if segmentation_type != "FRACTIONAL":
+        mask = mask.astype(bool)  # type: ignore[assignment]
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=kind,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name="Segmenter", family=codes.DCM.ArtificialIntelligence, version="1"
+            ),
+        )
+        for number, label, kind in ((1, "Liver", codes.SCT.Liver), (2, "Kidney", codes.SCT.Kidney))
+    ]
+    return hd.seg.Segmentation(
+        source_images=cts,
+        pixel_array=mask,
+        segmentation_type=segmentation_type,
+        segment_descriptions=descriptions,
+        series_instance_uid=hd.UID(),
+        series_number=20,
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ACME",
+        manufacturer_model_name="Seg",
+        software_versions="1",
+        device_serial_number="SN-3",
+        omit_empty_frames=omit_empty_frames,
+    )

@@ -334,18 +334,12 @@ def derived_from(conn: Connection, source_series_uid: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class SegmentQuery:
-    """Filters of a segment search; None matches anything."""
+class _Scope:
+    """What every search filters by and how it pages; None matches anything."""
 
-    category: Code | None = None
-    type: Code | None = None
     collection: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
-    referenced_series_uid: str | None = None
-    #: an image one of the segment's frames was derived from
-    referenced_sop_uid: str | None = None
-    algorithm_name: str | None = None
     #: the collections searched (None: all); callers pass those the requester may read
     readable: tuple[str, ...] | None = None
     limit: int = 100
@@ -353,7 +347,19 @@ class SegmentQuery:
 
 
 @dataclass(frozen=True)
-class MeasurementQuery:
+class SegmentQuery(_Scope):
+    """Filters of a segment search; None matches anything."""
+
+    category: Code | None = None
+    type: Code | None = None
+    referenced_series_uid: str | None = None
+    #: an image one of the segment's frames was derived from
+    referenced_sop_uid: str | None = None
+    algorithm_name: str | None = None
+
+
+@dataclass(frozen=True)
+class MeasurementQuery(_Scope):
     """Filters of a measurement search; None matches anything. min/max bound the value
     (inclusive) in unit (a UCUM code)."""
 
@@ -363,123 +369,11 @@ class MeasurementQuery:
     min_value: float | None = None
     max_value: float | None = None
     unit: str | None = None
-    collection: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
     source_series_uid: str | None = None
-    #: the collections searched (None: all); callers pass those the requester may read
-    readable: tuple[str, ...] | None = None
-    limit: int = 100
-    offset: int = 0
-
-
-def _match_code(where: list[str], params: list[Any], prefix: str, code: Code | None) -> None:
-    if code is not None:
-        where.append(f"d.{prefix}_scheme = %s AND d.{prefix}_value = %s")
-        params += [code.scheme, code.value]
-
-
-def _match(where: list[str], params: list[Any], column: str, value: Any) -> None:
-    if value is not None:
-        where.append(f"d.{column} = %s")
-        params.append(value)
-
-
-def _select(
-    table: str,
-    reference: str,
-    where: list[str],
-    params: list[Any],
-    order: str,
-    q: SegmentQuery | MeasurementQuery | LandmarkQuery | DerivedObjectQuery,
-) -> tuple[str, list[Any]]:
-    readable = list(q.readable) if q.readable is not None else None
-    if readable is not None:
-        where = [*where, "d.collection = ANY(%s)"]
-        params = [*params, readable]
-    # Only derived objects of published series: an incoming or quarantined one (held for
-    # residual PHI, say) is no more searchable here than over QIDO.
-    where = [
-        *where,
-        "EXISTS (SELECT 1 FROM series ds WHERE ds.series_uid = d.series_uid AND ds.state = %s)",
-    ]
-    params = [*params, PUBLISHED]
-    # The referenced series' study comes from the index (None when Carina does not publish
-    # it, or holds it in a collection the requester may not read: its existence is not
-    # revealed).
-    sql = (
-        f"SELECT d.*, r.study_uid AS referenced_study_uid FROM {table} d"
-        f" LEFT JOIN (series r JOIN studies rs ON rs.study_uid = r.study_uid"
-        f" AND r.state = %s AND (%s::text[] IS NULL OR rs.collection = ANY(%s)))"
-        f" ON r.series_uid = d.{reference}"
-        f" WHERE {' AND '.join(where) or 'true'} ORDER BY {order} LIMIT %s OFFSET %s"
-    )
-    return sql, [PUBLISHED, readable, readable, *params, q.limit, q.offset]
-
-
-def _fetch(pool: ConnectionPool, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql, params)  # type: ignore[arg-type]
-        return cur.fetchall()
-
-
-def search_segments(pool: ConnectionPool, q: SegmentQuery) -> list[dict[str, Any]]:
-    """Segments matching q, ordered by SEG instance and segment number."""
-    return _fetch(pool, *segment_sql(q))
-
-
-def segment_sql(q: SegmentQuery) -> tuple[str, list[Any]]:
-    """The SQL and parameters of a segment search."""
-    where: list[str] = []
-    params: list[Any] = []
-    _match_code(where, params, "category", q.category)
-    _match_code(where, params, "type", q.type)
-    _match(where, params, "collection", q.collection)
-    _match(where, params, "study_uid", q.study_uid)
-    _match(where, params, "series_uid", q.series_uid)
-    _match(where, params, "referenced_series_uid", q.referenced_series_uid)
-    if q.referenced_sop_uid is not None:
-        where.append("d.frame_sop_uids @> ARRAY[%s]::text[]")
-        params.append(q.referenced_sop_uid)
-    _match(where, params, "algorithm_name", q.algorithm_name)
-    return _select(
-        "segments",
-        "referenced_series_uid",
-        where,
-        params,
-        "d.sop_uid, d.segment_number",
-        q,
-    )
-
-
-def search_measurements(pool: ConnectionPool, q: MeasurementQuery) -> list[dict[str, Any]]:
-    """Measurements matching q, in the order they were indexed."""
-    return _fetch(pool, *measurement_sql(q))
-
-
-def measurement_sql(q: MeasurementQuery) -> tuple[str, list[Any]]:
-    """The SQL and parameters of a measurement search."""
-    where: list[str] = []
-    params: list[Any] = []
-    _match_code(where, params, "concept", q.concept)
-    _match_code(where, params, "finding", q.finding)
-    _match_code(where, params, "finding_site", q.finding_site)
-    _match(where, params, "unit_value", q.unit)
-    if q.min_value is not None:
-        where.append("d.value >= %s")
-        params.append(q.min_value)
-    if q.max_value is not None:
-        where.append("d.value <= %s")
-        params.append(q.max_value)
-    _match(where, params, "collection", q.collection)
-    _match(where, params, "study_uid", q.study_uid)
-    _match(where, params, "series_uid", q.series_uid)
-    _match(where, params, "source_series_uid", q.source_series_uid)
-    return _select("measurements", "source_series_uid", where, params, "d.pk", q)
 
 
 @dataclass(frozen=True)
-class LandmarkQuery:
+class LandmarkQuery(_Scope):
     """Filters of a landmark search; None matches anything. concept is the SCOORD3D item's
     name; finding and finding_site those of its measurement group."""
 
@@ -487,77 +381,137 @@ class LandmarkQuery:
     finding: Code | None = None
     finding_site: Code | None = None
     graphic_type: str | None = None
-    collection: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
     source_series_uid: str | None = None
-    limit: int = 100
-    offset: int = 0
-    #: the collections searched (None: all); callers pass those the requester may read
-    readable: tuple[str, ...] | None = None
-
-
-def search_landmarks(pool: ConnectionPool, q: LandmarkQuery) -> list[dict[str, Any]]:
-    """Landmarks matching q, in document order."""
-    return _fetch(pool, *landmark_sql(q))
-
-
-def landmark_sql(q: LandmarkQuery) -> tuple[str, list[Any]]:
-    """The SQL and parameters of a landmark search."""
-    where: list[str] = []
-    params: list[Any] = []
-    _match_code(where, params, "concept", q.concept)
-    _match_code(where, params, "finding", q.finding)
-    _match_code(where, params, "finding_site", q.finding_site)
-    _match(where, params, "graphic_type", q.graphic_type)
-    _match(where, params, "collection", q.collection)
-    _match(where, params, "study_uid", q.study_uid)
-    _match(where, params, "series_uid", q.series_uid)
-    _match(where, params, "source_series_uid", q.source_series_uid)
-    return _select("landmarks", "source_series_uid", where, params, "d.pk", q)
 
 
 @dataclass(frozen=True)
-class DerivedObjectQuery:
+class DerivedObjectQuery(_Scope):
     """Filters of a derived-object search; None matches anything. flagged=True keeps the
     objects with problems, False those without."""
 
     kind: str | None = None
-    collection: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
     source_series_uid: str | None = None
     flagged: bool | None = None
-    limit: int = 100
-    offset: int = 0
-    #: the collections searched (None: all); callers pass those the requester may read
-    readable: tuple[str, ...] | None = None
 
 
-def search_derived_objects(pool: ConnectionPool, q: DerivedObjectQuery) -> list[dict[str, Any]]:
-    """One row per derived object and source series, ordered by object and source."""
-    return _fetch(pool, *derived_object_sql(q))
+Query = SegmentQuery | MeasurementQuery | LandmarkQuery | DerivedObjectQuery
 
 
-def derived_object_sql(q: DerivedObjectQuery) -> tuple[str, list[Any]]:
-    """The SQL and parameters of a derived-object search."""
-    where: list[str] = []
-    params: list[Any] = []
-    _match(where, params, "kind", q.kind)
-    _match(where, params, "collection", q.collection)
-    _match(where, params, "study_uid", q.study_uid)
-    _match(where, params, "series_uid", q.series_uid)
-    _match(where, params, "source_series_uid", q.source_series_uid)
-    if q.flagged is not None:
-        where.append(f"jsonb_array_length(d.problems) {'>' if q.flagged else '='} 0")
-    return _select(
+def _code(prefix: str) -> str:
+    return f"d.{prefix}_scheme = %s AND d.{prefix}_value = %s"
+
+
+def _equal(column: str) -> str:
+    return f"d.{column} = %s"
+
+
+@dataclass(frozen=True)
+class _Table:
+    """How one kind of query is answered: the table (or view) read, the column naming the
+    series the rows were derived from, the row order, and the SQL condition of each query
+    field (a Code fills two parameters: scheme and value)."""
+
+    name: str
+    reference: str
+    order: str
+    conditions: dict[str, str]
+
+
+_SCOPE = {key: _equal(key) for key in ("collection", "study_uid", "series_uid")}
+_SOURCE = {"source_series_uid": _equal("source_series_uid")}
+_TABLES: dict[type, _Table] = {
+    SegmentQuery: _Table(
+        "segments",
+        "referenced_series_uid",
+        "d.sop_uid, d.segment_number",
+        {
+            "category": _code("category"),
+            "type": _code("type"),
+            **_SCOPE,
+            "referenced_series_uid": _equal("referenced_series_uid"),
+            "referenced_sop_uid": "d.frame_sop_uids @> ARRAY[%s]::text[]",
+            "algorithm_name": _equal("algorithm_name"),
+        },
+    ),
+    MeasurementQuery: _Table(
+        "measurements",
+        "source_series_uid",
+        "d.pk",
+        {
+            **{key: _code(key) for key in ("concept", "finding", "finding_site")},
+            "unit": _equal("unit_value"),
+            "min_value": "d.value >= %s",
+            "max_value": "d.value <= %s",
+            **_SCOPE,
+            **_SOURCE,
+        },
+    ),
+    LandmarkQuery: _Table(
+        "landmarks",
+        "source_series_uid",
+        "d.pk",
+        {
+            **{key: _code(key) for key in ("concept", "finding", "finding_site")},
+            "graphic_type": _equal("graphic_type"),
+            **_SCOPE,
+            **_SOURCE,
+        },
+    ),
+    DerivedObjectQuery: _Table(
         "derived_object_sources",
         "source_series_uid",
-        where,
-        params,
         "d.sop_uid, d.source_series_uid",
-        q,
+        {
+            "kind": _equal("kind"),
+            **_SCOPE,
+            **_SOURCE,
+            "flagged": "(jsonb_array_length(d.problems) > 0) = %s",
+        },
+    ),
+}
+
+
+def search(pool: ConnectionPool, q: Query) -> list[dict[str, Any]]:
+    """Rows matching q: segments by SEG instance and segment number, measurements and
+    landmarks in the order they were indexed, derived objects one row per source series."""
+    sql, params = search_sql(q)
+    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql, params)  # type: ignore[arg-type]
+        return cur.fetchall()
+
+
+def search_sql(q: Query) -> tuple[str, list[Any]]:
+    """The SQL and parameters of a search; each row carries referenced_study_uid, the study
+    of the series it was derived from."""
+    table = _TABLES[type(q)]
+    where: list[str] = []
+    params: list[Any] = []
+    for key, condition in table.conditions.items():
+        value = getattr(q, key)
+        if value is not None:
+            where.append(condition)
+            params += [value.scheme, value.value] if isinstance(value, Code) else [value]
+    readable = list(q.readable) if q.readable is not None else None
+    if readable is not None:
+        where.append("d.collection = ANY(%s)")
+        params.append(readable)
+    # Only derived objects of published series: an incoming or quarantined one (held for
+    # residual PHI, say) is no more searchable here than over QIDO.
+    where.append(
+        "EXISTS (SELECT 1 FROM series ds WHERE ds.series_uid = d.series_uid AND ds.state = %s)"
     )
+    params.append(PUBLISHED)
+    # The referenced series' study comes from the index (None when Carina does not publish
+    # it, or holds it in a collection the requester may not read: its existence is not
+    # revealed).
+    sql = (
+        f"SELECT d.*, r.study_uid AS referenced_study_uid FROM {table.name} d"
+        f" LEFT JOIN (series r JOIN studies rs ON rs.study_uid = r.study_uid"
+        f" AND r.state = %s AND (%s::text[] IS NULL OR rs.collection = ANY(%s)))"
+        f" ON r.series_uid = d.{table.reference}"
+        f" WHERE {' AND '.join(where)} ORDER BY {table.order} LIMIT %s OFFSET %s"
+    )
+    return sql, [PUBLISHED, readable, readable, *params, q.limit, q.offset]
 
 
 def analyze(pool: ConnectionPool) -> None:

@@ -17,6 +17,21 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_
 from tests.factory import Phi, ct_series
 
 
+def new_instance(series_number: int, model: str, serial: str) -> dict[str, Any]:
+    """The identity and equipment arguments of a highdicom SEG or parametric map: a new
+    series of one instance, made by an ACME device."""
+    return {
+        "series_instance_uid": hd.UID(),
+        "series_number": series_number,
+        "sop_instance_uid": hd.UID(),
+        "instance_number": 1,
+        "manufacturer": "ACME",
+        "manufacturer_model_name": model,
+        "software_versions": "1",
+        "device_serial_number": serial,
+    }
+
+
 def build(phi: Phi) -> tuple[list[Dataset], Dataset, Dataset]:
     """(CT series of 3, SEG of one segment on the middle slice, SR with one measurement)."""
     cts = ct_series(phi, 3, rows=16, columns=16)
@@ -40,14 +55,7 @@ def build(phi: Phi) -> tuple[list[Dataset], Dataset, Dataset]:
         pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[desc],
-        series_instance_uid=hd.UID(),
-        series_number=10,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ACME",
-        manufacturer_model_name="Seg",
-        software_versions="1",
-        device_serial_number="SN-1",
+        **new_instance(10, "Seg", "SN-1"),
     )
     tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="lesion 1")
     volume = hd.sr.Measurement(name=codes.SCT.Volume, value=1.5, unit=codes.UCUM.CubicMillimeter)
@@ -145,14 +153,7 @@ def parametric_map(cts: list[Dataset]) -> Dataset:
     return hd.pm.ParametricMap(
         source_images=cts,
         pixel_array=np.linspace(0, 1, 3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16),
-        series_instance_uid=hd.UID(),
-        series_number=13,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ACME",
-        manufacturer_model_name="Maps",
-        software_versions="1",
-        device_serial_number="SN-2",
+        **new_instance(13, "Maps", "SN-2"),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
@@ -281,13 +282,6 @@ def two_segment_seg(
         pixel_array=mask,
         segmentation_type=segmentation_type,
         segment_descriptions=descriptions,
-        series_instance_uid=hd.UID(),
-        series_number=20,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ACME",
-        manufacturer_model_name="Seg",
-        software_versions="1",
-        device_serial_number="SN-3",
+        **new_instance(20, "Seg", "SN-3"),
         omit_empty_frames=omit_empty_frames,
     )

@@ -246,11 +246,13 @@ def _segment_rows(record: StoredObject, ds: Dataset, problems: list[str]) -> lis
         algorithm = desc.algorithm_identification
         regions = desc.anatomic_regions
         modifiers = desc.get("SegmentedPropertyTypeCodeSequence", [None])[0]
-        modifier_codes = (
-            list(modifiers.get("SegmentedPropertyTypeModifierCodeSequence", []))
-            if modifiers is not None
-            else []
-        )
+        # Plain items when read from a file: highdicom's CodedConcept gives them value/scheme.
+        modifier_codes = [
+            hd.sr.CodedConcept.from_dataset(item)
+            for item in (modifiers or Dataset()).get(
+                "SegmentedPropertyTypeModifierCodeSequence", []
+            )
+        ]
         occupied = None if frames is None else frames.get(number, [])
         rows.append(
             {

@@ -107,6 +107,14 @@ class PatientIdentifiers:
         # Never let a traceback or log line print the identifiers.
         return "PatientIdentifiers(<redacted>)"
 
+    def without(self, other: PatientIdentifiers) -> PatientIdentifiers:
+        """These identifiers, less those other has."""
+        return PatientIdentifiers(
+            tuple(n for n in self.names if n not in other.names),
+            tuple(i for i in self.ids if i not in other.ids),
+            tuple(b for b in self.birth_dates if b not in other.birth_dates),
+        )
+
     def union(self, other: PatientIdentifiers) -> PatientIdentifiers:
         """The identifiers of both (a series may hold originals with different spellings)."""
         return PatientIdentifiers(

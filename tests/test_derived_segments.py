@@ -178,3 +178,38 @@ def test_reindex_fills_the_frames_of_segments_indexed_without_them(
     done = run_cli(database_url, server.data_dir.parent, "reindex-derived")
     assert done.returncode == 0, done.stderr
     assert {name: _segments(server, study=s.study) for name, s in stored.items()} == before
+
+
+def test_seg_made_from_the_published_ct_keeps_its_references_and_joins_the_ct_study(
+    server: Server, stored: dict[str, StoredSeg]
+) -> None:
+    s = stored["binary"]
+    client = server.client()
+    published = sorted(
+        client.retrieve_series(s.study, s.ct_series), key=lambda ds: int(ds.InstanceNumber)
+    )
+    assert {str(ds.SOPInstanceUID) for ds in published} == set(s.ct_uids.values())
+    seg = two_segment_seg(published, "BINARY")  # as a tool segmenting the published CT does
+    response = client.store_instances([seg])
+    assert "FailedSOPSequence" not in response
+    server.settled()
+    states = wait_for_series(server.database_url)
+    [item] = response.ReferencedSOPSequence
+    study, _, series, _, sop = str(item.RetrieveURL).split("/")[-5:]
+    # Kept as they are: its own study (the CT's) and every reference to the published CT.
+    assert (study, states[series]) == (s.study, "published")
+    assert sop != str(seg.SOPInstanceUID)  # its own new UIDs are still Carina's
+    rows = _segments(server, series=series)
+    assert [r["label"] for r in rows] == ["Liver", "Kidney"]
+    published_uids = {str(ds.SOPInstanceUID) for ds in published}
+    for row in rows:
+        assert row["referenced_series_uid"] == s.ct_series
+        assert len(row["frames"]) == 2
+        assert set(row["frame_sop_uids"]) <= published_uids
+    [seg_meta] = client.retrieve_series_metadata(study, series)
+    ct_meta = client.retrieve_series_metadata(study, s.ct_series)[0]
+    # Filed under the CT's patient, in the CT's frame of reference.
+    for tag in ("00100010", "00100020", "00100030", "00200052"):
+        assert seg_meta.get(tag) == ct_meta.get(tag), tag
+    [study_row] = client.search_for_studies(search_filters={"StudyInstanceUID": study})
+    assert study_row["00100020"] == ct_meta["00100020"]

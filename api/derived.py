@@ -16,7 +16,17 @@ from carina.archive.derived import (
     SegmentQuery,
 )
 
-from .search import SCOPE, SERIES, BadParameter, Endpoint, Filter, Params, one_of, table_columns
+from .search import (
+    SCOPE,
+    SERIES,
+    SOURCE_STUDY,
+    BadParameter,
+    Endpoint,
+    Filter,
+    Params,
+    one_of,
+    table_columns,
+)
 
 # UCUM codes are printable ASCII without spaces.
 _UCUM = re.compile(r"^[\x21-\x7e]{1,64}$")
@@ -127,6 +137,7 @@ ENDPOINTS = [
             _code("type"),
             *SCOPE,
             SERIES,
+            SOURCE_STUDY,
             Filter("referenced_series", Params.uid, "referenced_series_uid"),
             Filter("referenced_instance", Params.uid, "referenced_sop_uid"),
             Filter("algorithm", Params.text, "algorithm_name"),
@@ -145,6 +156,7 @@ ENDPOINTS = [
             Filter("unit", _unit, "unit"),
             *SCOPE,
             SERIES,
+            SOURCE_STUDY,
             _SOURCE,
         ),
         derived.search,
@@ -161,6 +173,7 @@ ENDPOINTS = [
             Filter("graphic_type", one_of(*GRAPHIC_TYPES_3D), "graphic_type"),
             *SCOPE,
             SERIES,
+            SOURCE_STUDY,
             _SOURCE,
         ),
         derived.search,
@@ -174,6 +187,7 @@ ENDPOINTS = [
             Filter("kind", one_of(*KINDS), "kind"),
             *SCOPE,
             SERIES,
+            SOURCE_STUDY,
             _SOURCE,
             Filter("flagged", Params.flag, "flagged"),
         ),

@@ -137,6 +137,7 @@ class Filter:
 # The filters of every search: collection and study (and series, where rows have one).
 SCOPE = (Filter("collection", Params.text, "collection"), Filter("study", Params.uid, "study_uid"))
 SERIES = Filter("series", Params.uid, "series_uid")
+SOURCE_STUDY = Filter("source_study", Params.uid, "source_study_uid")
 
 
 def series_url(base: str, study: str | None, series: str | None) -> str | None:

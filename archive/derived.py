@@ -342,6 +342,8 @@ class _Scope:
     collection: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
+    #: the study of the series the rows were derived from (held, published and readable)
+    source_study_uid: str | None = None
     #: the collections searched (None: all); callers pass those the requester may read
     readable: tuple[str, ...] | None = None
     limit: int = 100
@@ -419,7 +421,10 @@ class _Table:
     conditions: dict[str, str]
 
 
-_SCOPE = {key: _equal(key) for key in ("collection", "study_uid", "series_uid")}
+_SCOPE = {
+    **{key: _equal(key) for key in ("collection", "study_uid", "series_uid")},
+    "source_study_uid": "r.study_uid = %s",  # r: the source series, joined in search_sql
+}
 _SOURCE = {"source_series_uid": _equal("source_series_uid")}
 _TABLES: dict[type, _Table] = {
     SegmentQuery: _Table(

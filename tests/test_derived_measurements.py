@@ -204,3 +204,17 @@ def test_measurements_found_by_source_series_finding_and_site(stored: Stored) ->
         _rows(stored, "measurements", finding_site="SCT:39607008", study=stored.study)
     ) == len(IBSI)
     assert _rows(stored, "measurements", finding_site="SCT:10200004", study=stored.study) == []
+
+
+@pytest.mark.parametrize(
+    ("path", "count"),
+    [("measurements", len(IBSI)), ("segments", 2), ("derived-objects", 3), ("landmarks", 0)],
+)
+def test_rows_found_by_the_study_of_their_source_series(
+    stored: Stored, path: str, count: int
+) -> None:
+    rows = _rows(stored, path, source_study=stored.study)
+    assert len(rows) == count
+    # The SEG made from the CT; the SR made from the CT and from the SEG (its evidence).
+    assert all(f"/studies/{stored.study}/series/" in r["retrieve_url"] for r in rows)
+    assert _rows(stored, path, source_study="1.2.3.4") == []

@@ -285,3 +285,76 @@ def two_segment_seg(
         **new_instance(20, "Seg", "SN-3"),
         omit_empty_frames=omit_empty_frames,
     )
+
+
+# IBSI shape features as PS3.16 CID 7477 codes them, with their UCUM units and values.
+IBSI = [
+    ("RNU0", "Volume of Mesh", "mm3", "cubic millimeter", 4188.79),
+    ("C0JK", "Surface Area of Mesh", "mm2", "square millimeter", 1256.64),
+    ("2PR5", "Surface to Volume Ratio", "/mm", "per millimeter", 0.3),
+    ("QCFX", "Sphericity", "1", "no units", 0.98),
+    ("SKGS", "Compactness 1", "1", "no units", 0.0398),
+    ("L0JK", "Maximum 3D Diameter of a Mesh", "mm", "millimeter", 20.1),
+    ("TDIC", "Major Axis in 3D Length", "mm", "millimeter", 19.5),
+    ("Q3CK", "Elongation", "1", "no units", 0.97),
+    ("N17B", "Flatness", "1", "no units", 0.95),
+]
+MARGIN = hd.sr.CodedConcept("RID5972", "RADLEX", "Margin")
+SPICULATED = hd.sr.CodedConcept("112136", "DCM", "Spiculated")
+VOXEL_SUM = hd.sr.CodedConcept("126030", "DCM", "Sum of segmented voxel volumes")
+
+
+def radiomics(cts: list[Dataset]) -> tuple[Dataset, Dataset]:
+    """(SEG, SR) as IDC publishes radiomics: two_segment_seg, its first segment with a type
+    modifier, an anatomic region and a tracking identifier, and a TID 1500 report whose
+    volumetric group references that segment and its source series and holds the IBSI shape
+    features with a derivation, a method, a finding site with laterality and a qualitative
+    evaluation."""
+    seg = two_segment_seg(cts, "BINARY")
+    first = seg.SegmentSequence[0]
+    first.TrackingID = "nodule 1"
+    first.TrackingUID = hd.UID()
+    first.AnatomicRegionSequence = [hd.sr.CodedConcept.from_code(codes.SCT.Lung)]
+    first.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.SCT.Right)
+    ]
+    measurements = [
+        hd.sr.Measurement(
+            name=hd.sr.CodedConcept(code, "IBSI", meaning),
+            value=value,
+            unit=hd.sr.CodedConcept(unit, "UCUM", unit_meaning),
+            method=VOXEL_SUM if code == "RNU0" else None,
+            derivation=codes.SCT.Maximum if code == "L0JK" else None,
+        )
+        for code, meaning, unit, unit_meaning, value in IBSI
+    ]
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=first.TrackingUID, identifier=first.TrackingID
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=1,
+            source_series=hd.sr.SourceSeriesForSegmentation(cts[0].SeriesInstanceUID),
+        ),
+        finding_type=codes.SCT.Neoplasm,
+        finding_sites=[hd.sr.FindingSite(codes.SCT.Lung, laterality=codes.SCT.Right)],
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(MARGIN, SPICULATED)],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=[group],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*cts, seg],
+        content=report,
+        series_number=30,
+        series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ACME",
+    )
+    return seg, sr

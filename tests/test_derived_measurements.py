@@ -11,31 +11,14 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import highdicom as hd
 import pytest
-from pydicom.sr.codedict import codes
 
 from tests.conftest import Server, wait_for_series
-from tests.derived import two_segment_seg
+from tests.derived import IBSI, radiomics
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
 KEEP_STRUCTURED_CONTENT = '["retain_long_modified_dates","clean_structured_content"]'
-# IBSI shape features as PS3.16 CID 7477 codes them, with their UCUM units and values.
-IBSI = [
-    ("RNU0", "Volume of Mesh", "mm3", "cubic millimeter", 4188.79),
-    ("C0JK", "Surface Area of Mesh", "mm2", "square millimeter", 1256.64),
-    ("2PR5", "Surface to Volume Ratio", "/mm", "per millimeter", 0.3),
-    ("QCFX", "Sphericity", "1", "no units", 0.98),
-    ("SKGS", "Compactness 1", "1", "no units", 0.0398),
-    ("L0JK", "Maximum 3D Diameter of a Mesh", "mm", "millimeter", 20.1),
-    ("TDIC", "Major Axis in 3D Length", "mm", "millimeter", 19.5),
-    ("Q3CK", "Elongation", "1", "no units", 0.97),
-    ("N17B", "Flatness", "1", "no units", 0.95),
-]
-MARGIN = hd.sr.CodedConcept("RID5972", "RADLEX", "Margin")
-SPICULATED = hd.sr.CodedConcept("112136", "DCM", "Spiculated")
-MARCHING_CUBES = hd.sr.CodedConcept("126030", "DCM", "Sum of segmented voxel volumes")
 
 
 @dataclass(frozen=True)
@@ -51,53 +34,7 @@ class Stored:
 def stored(server_factory: Callable[..., Server]) -> Stored:
     server = server_factory(CARINA_DEID_OPTIONS=KEEP_STRUCTURED_CONTENT)
     cts = ct_series(Phi(), 4, rows=16, columns=16)
-    seg = two_segment_seg(cts, "BINARY")
-    first = seg.SegmentSequence[0]
-    first.TrackingID = "nodule 1"
-    first.TrackingUID = hd.UID()
-    first.AnatomicRegionSequence = [hd.sr.CodedConcept(*_code(codes.SCT.Lung))]
-    first.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
-        hd.sr.CodedConcept(*_code(codes.SCT.Right))
-    ]
-    measurements = [
-        hd.sr.Measurement(
-            name=hd.sr.CodedConcept(code, "IBSI", meaning),
-            value=value,
-            unit=hd.sr.CodedConcept(unit, "UCUM", unit_meaning),
-            method=MARCHING_CUBES if code == "RNU0" else None,
-            derivation=codes.SCT.Maximum if code == "L0JK" else None,
-        )
-        for code, meaning, unit, unit_meaning, value in IBSI
-    ]
-    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
-        tracking_identifier=hd.sr.TrackingIdentifier(
-            uid=first.TrackingUID, identifier=first.TrackingID
-        ),
-        referenced_segment=hd.sr.ReferencedSegment(
-            sop_class_uid=seg.SOPClassUID,
-            sop_instance_uid=seg.SOPInstanceUID,
-            segment_number=1,
-            source_series=hd.sr.SourceSeriesForSegmentation(cts[0].SeriesInstanceUID),
-        ),
-        finding_type=codes.SCT.Neoplasm,
-        finding_sites=[hd.sr.FindingSite(codes.SCT.Lung, laterality=codes.SCT.Right)],
-        measurements=measurements,
-        qualitative_evaluations=[hd.sr.QualitativeEvaluation(MARGIN, SPICULATED)],
-    )
-    report = hd.sr.MeasurementReport(
-        observation_context=hd.sr.ObservationContext(),
-        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
-        imaging_measurements=[group],
-    )
-    sr = hd.sr.Comprehensive3DSR(
-        evidence=[*cts, seg],
-        content=report,
-        series_number=30,
-        series_instance_uid=hd.UID(),
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ACME",
-    )
+    seg, sr = radiomics(cts)
     response = server.client().store_instances([*cts, seg, sr])
     assert "FailedSOPSequence" not in response
     server.settled()
@@ -114,10 +51,6 @@ def stored(server_factory: Callable[..., Server]) -> Stored:
         urls[str(seg.SOPClassUID)].split("/")[-1],
         urls[str(sr.SOPClassUID)].split("/")[-1],
     )
-
-
-def _code(code: object) -> tuple[str, str, str]:
-    return code.value, code.scheme_designator, code.meaning  # type: ignore[attr-defined]
 
 
 def _rows(s: Stored, path: str, **params: str | float) -> list[dict]:

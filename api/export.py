@@ -31,6 +31,7 @@ _ARROW = {
     "json": pa.string(),  # nested objects of varying shape: JSON text in every format but JSON
     "points": pa.list_(pa.list_(pa.float64())),
     "texts": pa.list_(pa.string()),
+    "ints": pa.list_(pa.int64()),
 }
 
 

@@ -11,46 +11,30 @@ from fastapi import APIRouter
 from carina.archive import qc
 from carina.archive.qc import SeriesQuery
 
-from .derived import COMMON, BadParameter, Endpoint, Params, paging, series_url, table_columns
+from .search import SCOPE, BadParameter, Endpoint, Filter, Params, series_url, table_columns
 
-_SERIES_PARAMS = (COMMON - {"series"}) | {
-    "modality",
-    "slices_min",
-    "slices_max",
-    "thickness_min",
-    "thickness_max",
-    "spacing_uniform",
-    "localizer",
-    "tilted",
-}
 # PS3.3 C.7.3.1.1.1: Modality is a CS (upper-case letters, digits, space, underscore).
 _MODALITY_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_ ")
 
 
-def _series_query(p: Params) -> SeriesQuery:
-    limit, offset = paging(p)
-    modality = p.text("modality")
+def _modality(p: Params, key: str) -> str | None:
+    modality = p.text(key)
     if modality is not None and (len(modality) > 16 or not set(modality) <= _MODALITY_CHARS):
         raise BadParameter("modality must be a DICOM modality code, e.g. CT")
-    query = SeriesQuery(
-        modality=modality,
-        collection=p.text("collection"),
-        study_uid=p.uid("study"),
-        slices_min=p.count("slices_min"),
-        slices_max=p.count("slices_max"),
-        thickness_min=p.number("thickness_min"),
-        thickness_max=p.number("thickness_max"),
-        spacing_uniform=p.flag("spacing_uniform"),
-        localizer=p.flag("localizer"),
-        tilted=p.flag("tilted"),
-        limit=limit,
-        offset=offset,
-    )
-    for low, high in (("slices_min", "slices_max"), ("thickness_min", "thickness_max")):
-        a, b = getattr(query, low), getattr(query, high)
-        if a is not None and b is not None and a > b:
-            raise BadParameter(f"{low} is greater than {high}")
-    return query
+    return modality
+
+
+_FILTERS = (
+    Filter("modality", _modality, "modality"),
+    *SCOPE,
+    Filter("slices_min", Params.count, "slices_min"),
+    Filter("slices_max", Params.count, "slices_max"),
+    Filter("thickness_min", Params.number, "thickness_min"),
+    Filter("thickness_max", Params.number, "thickness_max"),
+    Filter("spacing_uniform", Params.flag, "spacing_uniform"),
+    Filter("localizer", Params.flag, "localizer"),
+    Filter("tilted", Params.flag, "tilted"),
+)
 
 
 def _series_rows(rows: list[dict[str, Any]], base: str, _reference: str) -> list[dict[str, Any]]:
@@ -84,12 +68,13 @@ SERIES_COLUMNS = table_columns(
 )
 ENDPOINT = Endpoint(
     "series",
-    _SERIES_PARAMS,
-    _series_query,
+    SeriesQuery,
+    _FILTERS,
     qc.search_series,
     "series_uid",
     SERIES_COLUMNS,
-    _series_rows,
+    ranges=(("slices_min", "slices_max"), ("thickness_min", "thickness_max")),
+    shape=_series_rows,
 )
 
 

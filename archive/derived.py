@@ -12,6 +12,7 @@ from io import BytesIO
 from typing import Any, Protocol
 
 import highdicom as hd
+import numpy as np
 from psycopg import Connection
 from psycopg.rows import dict_row
 from psycopg_pool import ConnectionPool
@@ -25,12 +26,12 @@ from .storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
-SEGMENTATION = sr.SEGMENTATION
 COMPREHENSIVE_3D_SR = "1.2.840.10008.5.1.4.1.1.88.34"
 # SOP class -> kind of derived object (PS3.4 B.5). Basic Text SR cannot hold NUM or SCOORD3D
 # items (PS3.3 A.35.1), so it yields no rows, but its sources are still indexed.
 KINDS = {
-    SEGMENTATION: "SEG",
+    sr.SEGMENTATION: "SEG",  # BINARY and FRACTIONAL
+    sr.LABEL_MAP_SEGMENTATION: "SEG",
     "1.2.840.10008.5.1.4.1.1.88.11": "SR",  # Basic Text SR
     "1.2.840.10008.5.1.4.1.1.88.22": "SR",  # Enhanced SR
     "1.2.840.10008.5.1.4.1.1.88.33": "SR",  # Comprehensive SR
@@ -140,7 +141,7 @@ def _read(record: StoredObject, store: ObjectStore, indexed: _Indexed) -> None:
     indexed.sources = _source_series(ds)
     if indexed.kind == "SEG":
         indexed.label = _text(ds, "ContentLabel")
-        indexed.segments = _segment_rows(record, ds)
+        indexed.segments = _segment_rows(record, ds, indexed.problems)
     elif indexed.kind == "SR":
         indexed.label = sr.label(ds)
         content = sr.read(record, ds)
@@ -225,8 +226,8 @@ def _replace(pool: ConnectionPool, record: StoredObject, indexed: _Indexed) -> N
             )
 
 
-def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
-    """One row per segment of a SEG (PS3.3 C.8.20.4)."""
+def _segment_rows(record: StoredObject, ds: Dataset, problems: list[str]) -> list[dict[str, Any]]:
+    """One row per segment of a SEG (PS3.3 C.8.20.4), with the frames it occupies."""
     seg = hd.seg.Segmentation.from_dataset(ds, copy=False)
     source_series = {series for _, series, _ in seg.get_source_image_uids()}
     referenced = None
@@ -234,28 +235,25 @@ def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
         referenced = str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
     elif source_series:
         referenced = str(sorted(source_series)[0])
-    frames: dict[int, int] = {}
-    # PS3.3 C.7.6.16: Segment Identification is per frame, or shared by every frame.
-    shared = seg.get("SharedFunctionalGroupsSequence")
-    if shared and "SegmentIdentificationSequence" in shared[0]:
-        number = int(shared[0].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        frames[number] = int(seg.get("NumberOfFrames") or 1)
-    for item in seg.get("PerFrameFunctionalGroupsSequence", []):
-        ident = item.get("SegmentIdentificationSequence")
-        if ident:
-            number = int(ident[0].ReferencedSegmentNumber)
-            frames[number] = frames.get(number, 0) + 1
+    try:
+        frames: dict[int, list[tuple[int, str | None]]] | None = _segment_frames(seg)
+    except Exception as e:  # a frame that does not decode: the segments without their frames
+        problems.append(f"segment frames not read: {sr.why(e)}")
+        frames = None
     rows = []
     for number in seg.segment_numbers:
         desc = seg.get_segment_description(number)
         algorithm = desc.algorithm_identification
         regions = desc.anatomic_regions
         modifiers = desc.get("SegmentedPropertyTypeCodeSequence", [None])[0]
-        modifier_codes = (
-            list(modifiers.get("SegmentedPropertyTypeModifierCodeSequence", []))
-            if modifiers is not None
-            else []
-        )
+        # Plain items when read from a file: highdicom's CodedConcept gives them value/scheme.
+        modifier_codes = [
+            hd.sr.CodedConcept.from_dataset(item)
+            for item in (modifiers or Dataset()).get(
+                "SegmentedPropertyTypeModifierCodeSequence", []
+            )
+        ]
+        occupied = None if frames is None else frames.get(number, [])
         rows.append(
             {
                 "sop_uid": record.sop_uid,
@@ -273,10 +271,52 @@ def _segment_rows(record: StoredObject, ds: Dataset) -> list[dict[str, Any]]:
                 "tracking_id": desc.tracking_id,
                 "tracking_uid": desc.tracking_uid,
                 "referenced_series_uid": referenced,
-                "frame_count": frames.get(number),
+                "frame_count": None if occupied is None else len(occupied),
+                "frames": None if occupied is None else [n for n, _ in occupied],
+                "frame_sop_uids": None if occupied is None else [uid for _, uid in occupied],
             }
         )
     return rows
+
+
+def _segment_frames(seg: hd.seg.Segmentation) -> dict[int, list[tuple[int, str | None]]]:
+    """segment number -> [(frame number, source SOP instance UID), ...]: the frames in which
+    the segment has a pixel, in frame order, each with the image it was derived from.
+
+    A BINARY or FRACTIONAL frame belongs to the one segment its Segment Identification names
+    (PS3.3 C.8.20.3.1), per frame or shared by every frame; a LABELMAP frame holds every
+    segment whose number is one of its pixel values (PS3.3 C.8.20.2, Sup 243). Frames are
+    decoded one at a time (a SEG can be large) and an all-zero frame occupies nothing."""
+    shared = (seg.get("SharedFunctionalGroupsSequence") or [Dataset()])[0]
+    per_frame = seg.get("PerFrameFunctionalGroupsSequence", [])
+    labels = set(seg.segment_numbers)  # without a LABELMAP's background (PixelPaddingValue)
+    labelmap = seg.segmentation_type == hd.seg.SegmentationTypeValues.LABELMAP
+    found: dict[int, list[tuple[int, str | None]]] = {}
+    for number in range(1, seg.number_of_frames + 1):
+        item = per_frame[number - 1] if number <= len(per_frame) else Dataset()
+        pixels = seg.get_stored_frame(number)
+        if labelmap:
+            present = [int(v) for v in np.unique(pixels) if int(v) in labels]
+        else:
+            ident = item.get("SegmentIdentificationSequence") or shared.get(
+                "SegmentIdentificationSequence"
+            )
+            present = [int(ident[0].ReferencedSegmentNumber)] if ident and pixels.any() else []
+        source = _frame_source(item) or _frame_source(shared)
+        for segment in present:
+            found.setdefault(segment, []).append((number, source))
+    return found
+
+
+def _frame_source(group: Dataset) -> str | None:
+    """The first source image a frame was derived from (PS3.3 C.7.6.16.2.6 Derivation Image
+    functional group), if it names one."""
+    for derivation in group.get("DerivationImageSequence", []):
+        for source in derivation.get("SourceImageSequence", []):
+            uid = str(source.get("ReferencedSOPInstanceUID") or "")
+            if uid:
+                return uid
+    return None
 
 
 def derived_from(conn: Connection, source_series_uid: str) -> list[str]:
@@ -296,16 +336,14 @@ def derived_from(conn: Connection, source_series_uid: str) -> list[str]:
 
 
 @dataclass(frozen=True)
-class SegmentQuery:
-    """Filters of a segment search; None matches anything."""
+class _Scope:
+    """What every search filters by and how it pages; None matches anything."""
 
-    category: Code | None = None
-    type: Code | None = None
     collection: str | None = None
     study_uid: str | None = None
     series_uid: str | None = None
-    referenced_series_uid: str | None = None
-    algorithm_name: str | None = None
+    #: the study of the series the rows were derived from (held, published and readable)
+    source_study_uid: str | None = None
     #: the collections searched (None: all); callers pass those the requester may read
     readable: tuple[str, ...] | None = None
     limit: int = 100
@@ -313,7 +351,19 @@ class SegmentQuery:
 
 
 @dataclass(frozen=True)
-class MeasurementQuery:
+class SegmentQuery(_Scope):
+    """Filters of a segment search; None matches anything."""
+
+    category: Code | None = None
+    type: Code | None = None
+    referenced_series_uid: str | None = None
+    #: an image one of the segment's frames was derived from
+    referenced_sop_uid: str | None = None
+    algorithm_name: str | None = None
+
+
+@dataclass(frozen=True)
+class MeasurementQuery(_Scope):
     """Filters of a measurement search; None matches anything. min/max bound the value
     (inclusive) in unit (a UCUM code)."""
 
@@ -323,120 +373,11 @@ class MeasurementQuery:
     min_value: float | None = None
     max_value: float | None = None
     unit: str | None = None
-    collection: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
     source_series_uid: str | None = None
-    #: the collections searched (None: all); callers pass those the requester may read
-    readable: tuple[str, ...] | None = None
-    limit: int = 100
-    offset: int = 0
-
-
-def _match_code(where: list[str], params: list[Any], prefix: str, code: Code | None) -> None:
-    if code is not None:
-        where.append(f"d.{prefix}_scheme = %s AND d.{prefix}_value = %s")
-        params += [code.scheme, code.value]
-
-
-def _match(where: list[str], params: list[Any], column: str, value: Any) -> None:
-    if value is not None:
-        where.append(f"d.{column} = %s")
-        params.append(value)
-
-
-def _select(
-    table: str,
-    reference: str,
-    where: list[str],
-    params: list[Any],
-    order: str,
-    q: SegmentQuery | MeasurementQuery | LandmarkQuery | DerivedObjectQuery,
-) -> tuple[str, list[Any]]:
-    readable = list(q.readable) if q.readable is not None else None
-    if readable is not None:
-        where = [*where, "d.collection = ANY(%s)"]
-        params = [*params, readable]
-    # Only derived objects of published series: an incoming or quarantined one (held for
-    # residual PHI, say) is no more searchable here than over QIDO.
-    where = [
-        *where,
-        "EXISTS (SELECT 1 FROM series ds WHERE ds.series_uid = d.series_uid AND ds.state = %s)",
-    ]
-    params = [*params, PUBLISHED]
-    # The referenced series' study comes from the index (None when Carina does not publish
-    # it, or holds it in a collection the requester may not read: its existence is not
-    # revealed).
-    sql = (
-        f"SELECT d.*, r.study_uid AS referenced_study_uid FROM {table} d"
-        f" LEFT JOIN (series r JOIN studies rs ON rs.study_uid = r.study_uid"
-        f" AND r.state = %s AND (%s::text[] IS NULL OR rs.collection = ANY(%s)))"
-        f" ON r.series_uid = d.{reference}"
-        f" WHERE {' AND '.join(where) or 'true'} ORDER BY {order} LIMIT %s OFFSET %s"
-    )
-    return sql, [PUBLISHED, readable, readable, *params, q.limit, q.offset]
-
-
-def _fetch(pool: ConnectionPool, sql: str, params: list[Any]) -> list[dict[str, Any]]:
-    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
-        cur.execute(sql, params)  # type: ignore[arg-type]
-        return cur.fetchall()
-
-
-def search_segments(pool: ConnectionPool, q: SegmentQuery) -> list[dict[str, Any]]:
-    """Segments matching q, ordered by SEG instance and segment number."""
-    return _fetch(pool, *segment_sql(q))
-
-
-def segment_sql(q: SegmentQuery) -> tuple[str, list[Any]]:
-    """The SQL and parameters of a segment search."""
-    where: list[str] = []
-    params: list[Any] = []
-    _match_code(where, params, "category", q.category)
-    _match_code(where, params, "type", q.type)
-    _match(where, params, "collection", q.collection)
-    _match(where, params, "study_uid", q.study_uid)
-    _match(where, params, "series_uid", q.series_uid)
-    _match(where, params, "referenced_series_uid", q.referenced_series_uid)
-    _match(where, params, "algorithm_name", q.algorithm_name)
-    return _select(
-        "segments",
-        "referenced_series_uid",
-        where,
-        params,
-        "d.sop_uid, d.segment_number",
-        q,
-    )
-
-
-def search_measurements(pool: ConnectionPool, q: MeasurementQuery) -> list[dict[str, Any]]:
-    """Measurements matching q, in the order they were indexed."""
-    return _fetch(pool, *measurement_sql(q))
-
-
-def measurement_sql(q: MeasurementQuery) -> tuple[str, list[Any]]:
-    """The SQL and parameters of a measurement search."""
-    where: list[str] = []
-    params: list[Any] = []
-    _match_code(where, params, "concept", q.concept)
-    _match_code(where, params, "finding", q.finding)
-    _match_code(where, params, "finding_site", q.finding_site)
-    _match(where, params, "unit_value", q.unit)
-    if q.min_value is not None:
-        where.append("d.value >= %s")
-        params.append(q.min_value)
-    if q.max_value is not None:
-        where.append("d.value <= %s")
-        params.append(q.max_value)
-    _match(where, params, "collection", q.collection)
-    _match(where, params, "study_uid", q.study_uid)
-    _match(where, params, "series_uid", q.series_uid)
-    _match(where, params, "source_series_uid", q.source_series_uid)
-    return _select("measurements", "source_series_uid", where, params, "d.pk", q)
 
 
 @dataclass(frozen=True)
-class LandmarkQuery:
+class LandmarkQuery(_Scope):
     """Filters of a landmark search; None matches anything. concept is the SCOORD3D item's
     name; finding and finding_site those of its measurement group."""
 
@@ -444,77 +385,140 @@ class LandmarkQuery:
     finding: Code | None = None
     finding_site: Code | None = None
     graphic_type: str | None = None
-    collection: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
     source_series_uid: str | None = None
-    limit: int = 100
-    offset: int = 0
-    #: the collections searched (None: all); callers pass those the requester may read
-    readable: tuple[str, ...] | None = None
-
-
-def search_landmarks(pool: ConnectionPool, q: LandmarkQuery) -> list[dict[str, Any]]:
-    """Landmarks matching q, in document order."""
-    return _fetch(pool, *landmark_sql(q))
-
-
-def landmark_sql(q: LandmarkQuery) -> tuple[str, list[Any]]:
-    """The SQL and parameters of a landmark search."""
-    where: list[str] = []
-    params: list[Any] = []
-    _match_code(where, params, "concept", q.concept)
-    _match_code(where, params, "finding", q.finding)
-    _match_code(where, params, "finding_site", q.finding_site)
-    _match(where, params, "graphic_type", q.graphic_type)
-    _match(where, params, "collection", q.collection)
-    _match(where, params, "study_uid", q.study_uid)
-    _match(where, params, "series_uid", q.series_uid)
-    _match(where, params, "source_series_uid", q.source_series_uid)
-    return _select("landmarks", "source_series_uid", where, params, "d.pk", q)
 
 
 @dataclass(frozen=True)
-class DerivedObjectQuery:
+class DerivedObjectQuery(_Scope):
     """Filters of a derived-object search; None matches anything. flagged=True keeps the
     objects with problems, False those without."""
 
     kind: str | None = None
-    collection: str | None = None
-    study_uid: str | None = None
-    series_uid: str | None = None
     source_series_uid: str | None = None
     flagged: bool | None = None
-    limit: int = 100
-    offset: int = 0
-    #: the collections searched (None: all); callers pass those the requester may read
-    readable: tuple[str, ...] | None = None
 
 
-def search_derived_objects(pool: ConnectionPool, q: DerivedObjectQuery) -> list[dict[str, Any]]:
-    """One row per derived object and source series, ordered by object and source."""
-    return _fetch(pool, *derived_object_sql(q))
+Query = SegmentQuery | MeasurementQuery | LandmarkQuery | DerivedObjectQuery
 
 
-def derived_object_sql(q: DerivedObjectQuery) -> tuple[str, list[Any]]:
-    """The SQL and parameters of a derived-object search."""
-    where: list[str] = []
-    params: list[Any] = []
-    _match(where, params, "kind", q.kind)
-    _match(where, params, "collection", q.collection)
-    _match(where, params, "study_uid", q.study_uid)
-    _match(where, params, "series_uid", q.series_uid)
-    _match(where, params, "source_series_uid", q.source_series_uid)
-    if q.flagged is not None:
-        where.append(f"jsonb_array_length(d.problems) {'>' if q.flagged else '='} 0")
-    return _select(
+def _code(prefix: str) -> str:
+    return f"d.{prefix}_scheme = %s AND d.{prefix}_value = %s"
+
+
+def _equal(column: str) -> str:
+    return f"d.{column} = %s"
+
+
+@dataclass(frozen=True)
+class _Table:
+    """How one kind of query is answered: the table (or view) read, the column naming the
+    series the rows were derived from, the row order, and the SQL condition of each query
+    field (a Code fills two parameters: scheme and value)."""
+
+    name: str
+    reference: str
+    order: str
+    conditions: dict[str, str]
+
+
+_SCOPE = {
+    **{key: _equal(key) for key in ("collection", "study_uid", "series_uid")},
+    "source_study_uid": "r.study_uid = %s",  # r: the source series, joined in search_sql
+}
+_SOURCE = {"source_series_uid": _equal("source_series_uid")}
+_TABLES: dict[type, _Table] = {
+    SegmentQuery: _Table(
+        "segments",
+        "referenced_series_uid",
+        "d.sop_uid, d.segment_number",
+        {
+            "category": _code("category"),
+            "type": _code("type"),
+            **_SCOPE,
+            "referenced_series_uid": _equal("referenced_series_uid"),
+            "referenced_sop_uid": "d.frame_sop_uids @> ARRAY[%s]::text[]",
+            "algorithm_name": _equal("algorithm_name"),
+        },
+    ),
+    MeasurementQuery: _Table(
+        "measurements",
+        "source_series_uid",
+        "d.pk",
+        {
+            **{key: _code(key) for key in ("concept", "finding", "finding_site")},
+            "unit": _equal("unit_value"),
+            "min_value": "d.value >= %s",
+            "max_value": "d.value <= %s",
+            **_SCOPE,
+            **_SOURCE,
+        },
+    ),
+    LandmarkQuery: _Table(
+        "landmarks",
+        "source_series_uid",
+        "d.pk",
+        {
+            **{key: _code(key) for key in ("concept", "finding", "finding_site")},
+            "graphic_type": _equal("graphic_type"),
+            **_SCOPE,
+            **_SOURCE,
+        },
+    ),
+    DerivedObjectQuery: _Table(
         "derived_object_sources",
         "source_series_uid",
-        where,
-        params,
         "d.sop_uid, d.source_series_uid",
-        q,
+        {
+            "kind": _equal("kind"),
+            **_SCOPE,
+            **_SOURCE,
+            "flagged": "(jsonb_array_length(d.problems) > 0) = %s",
+        },
+    ),
+}
+
+
+def search(pool: ConnectionPool, q: Query) -> list[dict[str, Any]]:
+    """Rows matching q: segments by SEG instance and segment number, measurements and
+    landmarks in the order they were indexed, derived objects one row per source series."""
+    sql, params = search_sql(q)
+    with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
+        cur.execute(sql, params)  # type: ignore[arg-type]
+        return cur.fetchall()
+
+
+def search_sql(q: Query) -> tuple[str, list[Any]]:
+    """The SQL and parameters of a search; each row carries referenced_study_uid, the study
+    of the series it was derived from."""
+    table = _TABLES[type(q)]
+    where: list[str] = []
+    params: list[Any] = []
+    for key, condition in table.conditions.items():
+        value = getattr(q, key)
+        if value is not None:
+            where.append(condition)
+            params += [value.scheme, value.value] if isinstance(value, Code) else [value]
+    readable = list(q.readable) if q.readable is not None else None
+    if readable is not None:
+        where.append("d.collection = ANY(%s)")
+        params.append(readable)
+    # Only derived objects of published series: an incoming or quarantined one (held for
+    # residual PHI, say) is no more searchable here than over QIDO.
+    where.append(
+        "EXISTS (SELECT 1 FROM series ds WHERE ds.series_uid = d.series_uid AND ds.state = %s)"
     )
+    params.append(PUBLISHED)
+    # The referenced series' study comes from the index (None when Carina does not publish
+    # it, or holds it in a collection the requester may not read: its existence is not
+    # revealed).
+    sql = (
+        f"SELECT d.*, r.study_uid AS referenced_study_uid FROM {table.name} d"
+        f" LEFT JOIN (series r JOIN studies rs ON rs.study_uid = r.study_uid"
+        f" AND r.state = %s AND (%s::text[] IS NULL OR rs.collection = ANY(%s)))"
+        f" ON r.series_uid = d.{table.reference}"
+        f" WHERE {' AND '.join(where)} ORDER BY {table.order} LIMIT %s OFFSET %s"
+    )
+    return sql, [PUBLISHED, readable, readable, *params, q.limit, q.offset]
 
 
 def analyze(pool: ConnectionPool) -> None:

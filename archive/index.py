@@ -7,8 +7,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
-from typing import Protocol
+from typing import Any, Protocol
 
+import psycopg
 from psycopg import Connection
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
@@ -424,3 +425,43 @@ def retrievable_instances(
             },
         )
         return cur.fetchall()
+
+
+def held_uids(conninfo: str, collection: str, uids: Sequence[str]) -> set[str]:
+    """The UIDs among uids that Carina itself wrote in collection: those of a study, series or
+    instance it holds, and the frame of reference of a held series among them."""
+    with psycopg.connect(conninfo) as conn:
+        found = {
+            row[0]
+            for row in conn.execute(
+                "SELECT s.study_uid FROM studies s"
+                " WHERE s.collection = %(c)s AND s.study_uid = ANY(%(u)s)"
+                " UNION SELECT se.series_uid FROM series se JOIN studies s USING (study_uid)"
+                " WHERE s.collection = %(c)s AND se.series_uid = ANY(%(u)s)"
+                " UNION SELECT i.sop_uid FROM instances i JOIN studies s USING (study_uid)"
+                " WHERE s.collection = %(c)s AND i.sop_uid = ANY(%(u)s)",
+                {"c": collection, "u": list(uids)},
+            )
+        }
+        if found:
+            found |= {
+                row[0]
+                for row in conn.execute(
+                    "SELECT DISTINCT i.metadata->'00200052'->'Value'->>0 FROM instances i"
+                    " WHERE i.series_uid = ANY(%s) OR i.sop_uid = ANY(%s)",
+                    (list(found), list(found)),
+                )
+                if row[0] in uids
+            }
+    return found
+
+
+def study_attributes(conninfo: str, study_uid: str) -> dict[str, Any]:
+    """The patient and study attributes (DICOM JSON) of a held study, as its instances hold
+    them (de-identified)."""
+    with psycopg.connect(conninfo) as conn:
+        row = conn.execute(
+            "SELECT metadata FROM instances WHERE study_uid = %s LIMIT 1", (study_uid,)
+        ).fetchone()
+    metadata = row[0] if row else {}
+    return {tag: metadata[tag] for tag in sorted(PATIENT_TAGS | STUDY_TAGS) if tag in metadata}

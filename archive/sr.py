@@ -16,6 +16,8 @@ import highdicom as hd
 from pydicom.dataset import Dataset
 
 SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.4"
+LABEL_MAP_SEGMENTATION = "1.2.840.10008.5.1.4.1.1.66.7"  # PS3.4 B.5 (Sup 243)
+SEGMENTATIONS = frozenset({SEGMENTATION, LABEL_MAP_SEGMENTATION})
 # PS3.16 concept names of the TID 1500 structure.
 _IMAGING_MEASUREMENTS = ("126010", "DCM")
 _MEASUREMENT_GROUP = ("125007", "DCM")
@@ -203,7 +205,7 @@ def _group_source_series(group: Any, evidence: dict[str, str]) -> str | None:
                 return str(item.UID)
         elif kind == "IMAGE" and "ReferencedSOPSequence" in item:
             ref = item.ReferencedSOPSequence[0]
-            if ref.ReferencedSOPClassUID != SEGMENTATION:
+            if ref.ReferencedSOPClassUID not in SEGMENTATIONS:
                 images.append(str(ref.ReferencedSOPInstanceUID))
     for sop in images:
         if sop in evidence:

@@ -7,20 +7,16 @@ import argparse
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
+from _timing import embedded_database, percentile, print_plans, print_timings
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from carina.api import export  # noqa: E402
-from carina.api.derived import MEASUREMENT_COLUMNS  # noqa: E402
-from carina.archive import db, derived  # noqa: E402
-from carina.archive.derived import Code, MeasurementQuery  # noqa: E402
+from carina.api import export
+from carina.api.derived import MEASUREMENT_COLUMNS
+from carina.archive import db, derived
+from carina.archive.derived import Code, MeasurementQuery
 
 COLLECTIONS = ["lung-ct", "liver-mr", "brain-mr", "prostate-mr"]
 # (SCT code, meaning, UCUM unit, typical value): the measurements of a lesion's group.
@@ -39,11 +35,6 @@ CONCEPTS = [
 # Finding sites (SCT codes of anatomic structures).
 SITES = [f"{1000000 + i}" for i in range(40)]
 FINDINGS = ["108369006", "4147007", "52988006", "1240601000000102"]
-
-
-def _percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, round(p * len(ordered) + 0.5) - 1)]  # nearest rank
 
 
 def _uid(prefix: str, n: int) -> str:
@@ -65,10 +56,11 @@ def populate(url: str, rows: int, per_report: int, seed: int) -> None:
         with cur.copy("COPY studies (study_uid, patient_pk, collection) FROM STDIN") as copy:
             for r in range(reports):
                 copy.write_row((_uid("1", r), r + 1, COLLECTIONS[r % 4]))
-        with cur.copy("COPY series (series_uid, study_uid, modality) FROM STDIN") as copy:
+        # Published: searches answer derived objects of published series only.
+        with cur.copy("COPY series (series_uid, study_uid, modality, state) FROM STDIN") as copy:
             for r in range(reports):
-                copy.write_row((_uid("2", r), _uid("1", r), "CT"))
-                copy.write_row((_uid("3", r), _uid("1", r), "SR"))
+                copy.write_row((_uid("2", r), _uid("1", r), "CT", "published"))
+                copy.write_row((_uid("3", r), _uid("1", r), "SR", "published"))
         with cur.copy(
             "COPY instances (sop_uid, series_uid, study_uid, sop_class_uid,"
             " transfer_syntax_uid, object_key, size, sha256, metadata) FROM STDIN"
@@ -138,18 +130,6 @@ def _rows(rng: random.Random, reports: int, per_report: int) -> Iterator[tuple]:
             )
 
 
-def timed(pool: object, q: MeasurementQuery, runs: int) -> tuple[float, float, int]:
-    """(median ms, p95 ms, rows) of runs searches, after 2 untimed ones."""
-    for _ in range(2):
-        derived.search_measurements(pool, q)  # type: ignore[arg-type]
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        found = derived.search_measurements(pool, q)  # type: ignore[arg-type]
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times), _percentile(times, 0.95), len(found)
-
-
 def timed_export(pool: object, runs: int) -> list[tuple[str, float, float, int]]:
     """(figure, median ms, p95 ms, bytes) of a 10,000-row search written as CSV and Parquet
     (api/export.py, as /api/measurements?format= does; rows get their two DICOMweb URLs)."""
@@ -160,7 +140,7 @@ def timed_export(pool: object, runs: int) -> list[tuple[str, float, float, int]]
             "object_url": f"http://127.0.0.1:8080/dicomweb/studies/{row['study_uid']}/series/x",
             "retrieve_url": f"http://127.0.0.1:8080/dicomweb/studies/{row['study_uid']}/series/y",
         }
-        for row in derived.search_measurements(pool, q)  # type: ignore[arg-type]
+        for row in derived.search(pool, q)  # type: ignore[arg-type]
     ]
     out = []
     for fmt in ("csv", "parquet"):
@@ -173,19 +153,11 @@ def timed_export(pool: object, runs: int) -> list[tuple[str, float, float, int]]
             (
                 f"write {len(rows):,} rows as {fmt}",
                 statistics.median(times),
-                _percentile(times, 0.95),
+                percentile(times, 0.95),
                 size,
             )
         )
     return out
-
-
-def explain(url: str, q: MeasurementQuery) -> str:
-    """EXPLAIN (ANALYZE, BUFFERS) of the search's SQL."""
-    sql, params = derived.measurement_sql(q)
-    with psycopg.connect(url) as conn:
-        plan = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", params).fetchall()  # type: ignore[arg-type]
-    return "\n".join(r[0] for r in plan)
 
 
 def main() -> int:
@@ -198,51 +170,36 @@ def main() -> int:
     parser.add_argument("--no-explain", action="store_true")
     args = parser.parse_args()
 
-    with tempfile.TemporaryDirectory(prefix="carina-bench-derived-") as tmp:
-        server = db.embedded_server(Path(tmp) / "pg")
+    queries = [
+        ("concept = SCT:118565006 (Volume)", MeasurementQuery(concept=Code("SCT", "118565006"))),
+        (
+            "Volume in [5000, 5050] mm3",
+            MeasurementQuery(
+                concept=Code("SCT", "118565006"), min_value=5000, max_value=5050, unit="mm3"
+            ),
+        ),
+        (
+            f"collection lung-ct + site SCT:{SITES[7]}",
+            MeasurementQuery(collection="lung-ct", finding_site=Code("SCT", SITES[7])),
+        ),
+    ]
+    with embedded_database("carina-bench-derived-") as url:
+        t = time.perf_counter()
+        populate(url, args.rows, args.per_report, args.seed)
+        load = time.perf_counter() - t
+        print(f"{args.rows:,} measurement rows in {args.rows // args.per_report:,} reports;")
+        print(f"COPY + VACUUM ANALYZE: {load:.1f} s\n")
+        print_timings(url, derived.search, queries, args.runs)
+        pool = db.open_pool(url, max_size=2)
         try:
-            url = server.get_uri()
-            db.migrate(url)
-            t = time.perf_counter()
-            populate(url, args.rows, args.per_report, args.seed)
-            load = time.perf_counter() - t
-            print(f"{args.rows:,} measurement rows in {args.rows // args.per_report:,} reports;")
-            print(f"COPY + VACUUM ANALYZE: {load:.1f} s\n")
-            queries = [
-                (
-                    "concept = SCT:118565006 (Volume)",
-                    MeasurementQuery(concept=Code("SCT", "118565006")),
-                ),
-                (
-                    "Volume in [5000, 5050] mm3",
-                    MeasurementQuery(
-                        concept=Code("SCT", "118565006"), min_value=5000, max_value=5050, unit="mm3"
-                    ),
-                ),
-                (
-                    f"collection lung-ct + site SCT:{SITES[7]}",
-                    MeasurementQuery(collection="lung-ct", finding_site=Code("SCT", SITES[7])),
-                ),
-            ]
-            pool = db.open_pool(url, max_size=2)
-            try:
-                print(f"{'figure (limit 100)':<44} {'median ms':>10} {'p95 ms':>8} {'rows':>6}")
-                results = []
-                for name, q in queries:
-                    median, p95, n = timed(pool, q, args.runs)
-                    results.append((name, q))
-                    print(f"{name:<44} {median:>10.2f} {p95:>8.2f} {n:>6}")
-                print(f"\n{'export':<44} {'median ms':>10} {'p95 ms':>8} {'bytes':>10}")
-                for name, median, p95, size in timed_export(pool, max(3, args.runs // 4)):
-                    print(f"{name:<44} {median:>10.2f} {p95:>8.2f} {size:>10,}")
-            finally:
-                pool.close()
-            print("\n(Orthanc has no index of SEG/SR content: no peer column.)")
-            if not args.no_explain:
-                for name, q in results:
-                    print(f"\n--- EXPLAIN ANALYZE: {name}\n{explain(url, q)}")
+            print(f"\n{'export':<44} {'median ms':>10} {'p95 ms':>8} {'bytes':>10}")
+            for name, median, p95, size in timed_export(pool, max(3, args.runs // 4)):
+                print(f"{name:<44} {median:>10.2f} {p95:>8.2f} {size:>10,}")
         finally:
-            server.cleanup()
+            pool.close()
+        print("\n(Orthanc has no index of SEG/SR content: no peer column.)")
+        if not args.no_explain:
+            print_plans(url, derived.search_sql, queries)
     return 0
 
 

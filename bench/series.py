@@ -5,19 +5,14 @@ selections through archive/qc.py (GET /api/series), timed and EXPLAINed."""
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import tempfile
 import time
-from pathlib import Path
 
 import psycopg
+from _timing import embedded_database, print_plans, print_timings
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
-
-from carina.archive import db, qc  # noqa: E402
-from carina.archive.qc import SeriesQuery  # noqa: E402
+from carina.archive import qc
+from carina.archive.qc import SeriesQuery
 
 COLLECTIONS = ["lung-ct", "liver-mr", "brain-mr", "prostate-mr"]
 
@@ -59,31 +54,6 @@ def populate(url: str, n: int) -> None:
             conn.execute(statement, {"collections": COLLECTIONS, "n": n})  # type: ignore[arg-type]
 
 
-def _percentile(values: list[float], p: float) -> float:
-    ordered = sorted(values)
-    return ordered[max(0, round(p * len(ordered) + 0.5) - 1)]  # nearest rank
-
-
-def timed(pool: object, q: SeriesQuery, runs: int) -> tuple[float, float, int]:
-    """(median ms, p95 ms, rows) of runs selections, after 2 untimed ones."""
-    for _ in range(2):
-        qc.search_series(pool, q)  # type: ignore[arg-type]
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        found = qc.search_series(pool, q)  # type: ignore[arg-type]
-        times.append((time.perf_counter() - t) * 1000)
-    return statistics.median(times), _percentile(times, 0.95), len(found)
-
-
-def explain(url: str, q: SeriesQuery) -> str:
-    """EXPLAIN (ANALYZE, BUFFERS) of the selection's SQL."""
-    sql, params = qc.series_sql(q)
-    with psycopg.connect(url) as conn:
-        plan = conn.execute(f"EXPLAIN (ANALYZE, BUFFERS) {sql}", params).fetchall()  # type: ignore[arg-type]
-    return "\n".join(r[0] for r in plan)
-
-
 QUERIES = [
     (
         "CT, >100 slices, 1.5-2.5 mm, uniform",
@@ -115,31 +85,17 @@ def main() -> int:
         (name, q or SeriesQuery(**{**vars(first), "readable": ("lung-ct",)})) for name, q in QUERIES
     ]
 
-    with tempfile.TemporaryDirectory(prefix="carina-bench-series-") as tmp:
-        server = db.embedded_server(Path(tmp) / "pg")
-        try:
-            url = server.get_uri()
-            db.migrate(url)
-            t = time.perf_counter()
-            populate(url, args.series)
-            print(
-                f"{args.series:,} series with QC figures; INSERT + VACUUM ANALYZE: "
-                f"{time.perf_counter() - t:.1f} s\n"
-            )
-            pool = db.open_pool(url, max_size=2)
-            try:
-                print(f"{'figure (limit 100)':<40} {'median ms':>10} {'p95 ms':>8} {'rows':>6}")
-                for name, q in queries:
-                    median, p95, n = timed(pool, q, args.runs)
-                    print(f"{name:<40} {median:>10.2f} {p95:>8.2f} {n:>6}")
-            finally:
-                pool.close()
-            print("\n(Orthanc keeps no per-series geometry figures: no peer column.)")
-            if not args.no_explain:
-                for name, q in queries:
-                    print(f"\n--- EXPLAIN ANALYZE: {name}\n{explain(url, q)}")
-        finally:
-            server.cleanup()
+    with embedded_database("carina-bench-series-") as url:
+        t = time.perf_counter()
+        populate(url, args.series)
+        print(
+            f"{args.series:,} series with QC figures; INSERT + VACUUM ANALYZE: "
+            f"{time.perf_counter() - t:.1f} s\n"
+        )
+        print_timings(url, qc.search_series, queries, args.runs, width=40)
+        print("\n(Orthanc keeps no per-series geometry figures: no peer column.)")
+        if not args.no_explain:
+            print_plans(url, qc.series_sql, queries)
     return 0
 
 

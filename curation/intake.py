@@ -25,6 +25,7 @@ from functools import lru_cache
 from io import BytesIO
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
+from typing import Any
 
 from pydicom import config, dcmread
 from pydicom.dataelem import DataElement, RawDataElement
@@ -376,10 +377,22 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
                 original_sop,
             )
 
+    held: set[str] = set()
+    if sop_class in derived.KINDS and _DATABASE:
+        # A derived object made from what Carina published (a SEG of a published CT) names
+        # UIDs Carina wrote: kept as they are, so its references land on the published series.
+        held = index.held_uids(_DATABASE[0], ctx.collection, _uids_in(ds))
+        pseudo = pseudo.keeping(held)
     profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
     identifiers = rules.patient_identifiers(ds)  # in memory only, for _residual_phi
     read = frozenset(ds._dict)
     Deidentifier(profile, pseudo).apply(ds)
+    if str(ds.StudyInstanceUID) in held:
+        # Filed in the held study: under its patient and study attributes as Carina holds
+        # them, not those the object carries (pseudonyms mapped again, dates shifted again).
+        _file_under(ds, index.study_attributes(_DATABASE[0], str(ds.StudyInstanceUID)))
+        # The patient's pseudonyms the object carried are Carina's, not the patient's PHI.
+        identifiers = identifiers.without(rules.patient_identifiers(ds))
     warning = _coercion(ds, read, snapshot)
 
     _prepare_file_meta(ds)
@@ -403,6 +416,24 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     except Exception:
         staging.unlink(missing_ok=True)
         raise
+
+
+def _uids_in(ds: Dataset) -> list[str]:
+    """Every UID value in ds, nested sequences included."""
+    found: list[str] = []
+    for elem in ds.iterall():
+        if elem.VR == "UI" and elem.value:
+            values = elem.value if isinstance(elem.value, list | tuple) else [elem.value]
+            found += [str(v).strip().rstrip("\x00") for v in values]
+    return list(dict.fromkeys(found))
+
+
+def _file_under(ds: Dataset, attributes: dict[str, Any]) -> None:
+    """Replace ds's patient and study attributes with attributes (DICOM JSON)."""
+    for tag in index.PATIENT_TAGS | index.STUDY_TAGS:
+        if int(tag, 16) in ds:
+            del ds[int(tag, 16)]
+    ds.update(Dataset.from_json(attributes))
 
 
 def _prepare_file_meta(ds: Dataset) -> None:

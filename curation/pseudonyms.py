@@ -7,10 +7,11 @@ without the key can map back."""
 from __future__ import annotations
 
 import base64
+import copy
 import hashlib
 import hmac
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from carina.archive import mappings
 from carina.archive.mappings import Subject
@@ -35,6 +36,13 @@ class Pseudonymizer:
         # UUIDs in a namespace that only this key knows.
         self._namespace = uuid.UUID(bytes=self._digest(b"uid-namespace")[:16])
         self._uids: dict[str, str] = {}
+        self._kept: frozenset[str] = frozenset()
+
+    def keeping(self, uids: Iterable[str]) -> Pseudonymizer:
+        """This pseudonymizer, but leaving uids as they are (UIDs Carina already wrote)."""
+        other = copy.copy(self)
+        other._kept = frozenset(uids)
+        return other
 
     def _digest(self, data: bytes) -> bytes:
         return hmac.new(self._key, data, hashlib.sha256).digest()
@@ -42,6 +50,8 @@ class Pseudonymizer:
     def uid(self, original: str) -> str:
         """The `2.25.` UID that replaces original."""
         original = original.strip().rstrip("\x00")
+        if original in self._kept:
+            return original
         new = self._uids.get(original)
         if new is None:
             new = f"2.25.{uuid.uuid5(self._namespace, original).int}"

@@ -122,6 +122,14 @@ class PatientIdentifiers:
         # Never let a traceback or log line print the identifiers.
         return "PatientIdentifiers(<redacted>)"
 
+    def without(self, other: PatientIdentifiers) -> PatientIdentifiers:
+        """These identifiers, less those other has."""
+        return PatientIdentifiers(
+            tuple(n for n in self.names if n not in other.names),
+            tuple(i for i in self.ids if i not in other.ids),
+            tuple(b for b in self.birth_dates if b not in other.birth_dates),
+        )
+
     def union(self, other: PatientIdentifiers) -> PatientIdentifiers:
         """The identifiers of both (a series may hold originals with different spellings)."""
         return PatientIdentifiers(
@@ -253,10 +261,8 @@ def burned_in_text(facts: SeriesFacts, settings: BurnedInSettings) -> list[Findi
         )
     modalities = settings.modalities | ({"CR", "DX"} if settings.include_cr_dx else set())
     why = []
-    # Segmentations, SRs, parametric maps and structure sets are computed from their sources,
-    # not captured: their modality (SEG, SR, OT, RTSTRUCT) says nothing of burned-in text.
-    computed = bool(facts.sop_classes) and facts.sop_classes <= DERIVED_SOP_CLASSES
-    if facts.modality in modalities and not computed:
+    # Their modality (SEG, SR, OT, RTSTRUCT) says nothing of burned-in text.
+    if facts.modality in modalities and not computed(facts):
         why.append(f"modality {facts.modality}")
     if facts.sop_classes & settings.sop_classes:
         why.append("a Secondary Capture SOP class")
@@ -645,9 +651,13 @@ class GeometrySettings:
 
 
 def geometry(facts: SeriesFacts, settings: GeometrySettings) -> list[Finding]:
-    """Hold series whose geometry would not make a clean volume, or is outside the limits."""
+    """Hold series whose geometry would not make a clean volume, or is outside the limits.
+    Derived objects are not judged: a SEG's frames lie where its segments do (two segments on
+    one slice share a position; a lesion skips slices), and their sources are judged."""
     g = facts.geometry
     findings: list[Finding] = []
+    if computed(facts):
+        return findings
 
     def hold(code: str, message: str) -> None:
         findings.append(Finding(code, "hold", message))
@@ -808,6 +818,14 @@ def iod_validity(facts: SeriesFacts, settings: IodSettings) -> list[Finding]:
 
 # SOP classes of derived objects (PS3.4 B.5): SEG, SR, parametric map, RT structure set.
 DERIVED_SOP_CLASSES = frozenset(derived.KINDS)
+
+
+def computed(facts: SeriesFacts) -> bool:
+    """Whether a series holds derived objects only (segmentations, SRs, parametric maps,
+    structure sets): computed from their sources, not captured."""
+    return bool(facts.sop_classes) and facts.sop_classes <= DERIVED_SOP_CLASSES
+
+
 # Where a derived object names its source series: the Common Instance Reference module
 # (PS3.3 C.12.2), SR evidence (C.17.2) and RT Referenced Series (C.8.8.5).
 _STUDY_REFERENCES = (

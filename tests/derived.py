@@ -17,6 +17,21 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_
 from tests.factory import Phi, ct_series
 
 
+def new_instance(series_number: int, model: str, serial: str) -> dict[str, Any]:
+    """The identity and equipment arguments of a highdicom SEG or parametric map: a new
+    series of one instance, made by an ACME device."""
+    return {
+        "series_instance_uid": hd.UID(),
+        "series_number": series_number,
+        "sop_instance_uid": hd.UID(),
+        "instance_number": 1,
+        "manufacturer": "ACME",
+        "manufacturer_model_name": model,
+        "software_versions": "1",
+        "device_serial_number": serial,
+    }
+
+
 def build(phi: Phi) -> tuple[list[Dataset], Dataset, Dataset]:
     """(CT series of 3, SEG of one segment on the middle slice, SR with one measurement)."""
     cts = ct_series(phi, 3, rows=16, columns=16)
@@ -40,14 +55,7 @@ def build(phi: Phi) -> tuple[list[Dataset], Dataset, Dataset]:
         pixel_array=mask,
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=[desc],
-        series_instance_uid=hd.UID(),
-        series_number=10,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ACME",
-        manufacturer_model_name="Seg",
-        software_versions="1",
-        device_serial_number="SN-1",
+        **new_instance(10, "Seg", "SN-1"),
     )
     tracking = hd.sr.TrackingIdentifier(uid=hd.UID(), identifier="lesion 1")
     volume = hd.sr.Measurement(name=codes.SCT.Volume, value=1.5, unit=codes.UCUM.CubicMillimeter)
@@ -145,14 +153,7 @@ def parametric_map(cts: list[Dataset]) -> Dataset:
     return hd.pm.ParametricMap(
         source_images=cts,
         pixel_array=np.linspace(0, 1, 3 * 16 * 16, dtype=np.float32).reshape(3, 16, 16),
-        series_instance_uid=hd.UID(),
-        series_number=13,
-        sop_instance_uid=hd.UID(),
-        instance_number=1,
-        manufacturer="ACME",
-        manufacturer_model_name="Maps",
-        software_versions="1",
-        device_serial_number="SN-2",
+        **new_instance(13, "Maps", "SN-2"),
         contains_recognizable_visual_features=False,
         real_world_value_mappings=[mapping],
         voi_lut_transformations=[hd.VOILUTTransformation(window_center=0.5, window_width=1.0)],
@@ -242,3 +243,118 @@ def _image_refs(cts: list[Dataset]) -> list[Dataset]:
         ref.ReferencedSOPInstanceUID = ct.SOPInstanceUID
         refs.append(ref)
     return refs
+
+
+# Where the two segments of two_segment_seg lie: 0-based CT slice indices of a 4-slice series.
+# They share slice 2 (side by side, so a LABELMAP can hold both) and occupy different frames.
+SEGMENT_SLICES = {1: (1, 2), 2: (2, 3)}
+
+
+def two_segment_seg(
+    cts: list[Dataset], segmentation_type: str, *, omit_empty_frames: bool = True
+) -> Dataset:
+    """A highdicom SEG of the given type (BINARY, FRACTIONAL or LABELMAP) with two
+    SNOMED-coded segments on the slices SEGMENT_SLICES names; with omit_empty_frames=False a
+    BINARY or FRACTIONAL SEG also carries every all-zero frame."""
+    rows, columns = int(cts[0].Rows), int(cts[0].Columns)
+    mask = np.zeros((len(cts), rows, columns, 2), dtype=np.float32)
+    for slices in SEGMENT_SLICES[1]:
+        mask[slices, 2:6, 2:6, 0] = 1.0
+    for slices in SEGMENT_SLICES[2]:
+        mask[slices, 9:14, 9:14, 1] = 1.0
+    if segmentation_type != "FRACTIONAL":
+        mask = mask.astype(bool)  # type: ignore[assignment]
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=number,
+            segment_label=label,
+            segmented_property_category=codes.SCT.Tissue,
+            segmented_property_type=kind,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=hd.AlgorithmIdentificationSequence(
+                name="Segmenter", family=codes.DCM.ArtificialIntelligence, version="1"
+            ),
+        )
+        for number, label, kind in ((1, "Liver", codes.SCT.Liver), (2, "Kidney", codes.SCT.Kidney))
+    ]
+    return hd.seg.Segmentation(
+        source_images=cts,
+        pixel_array=mask,
+        segmentation_type=segmentation_type,
+        segment_descriptions=descriptions,
+        **new_instance(20, "Seg", "SN-3"),
+        omit_empty_frames=omit_empty_frames,
+    )
+
+
+# IBSI shape features as PS3.16 CID 7477 codes them, with their UCUM units and values.
+IBSI = [
+    ("RNU0", "Volume of Mesh", "mm3", "cubic millimeter", 4188.79),
+    ("C0JK", "Surface Area of Mesh", "mm2", "square millimeter", 1256.64),
+    ("2PR5", "Surface to Volume Ratio", "/mm", "per millimeter", 0.3),
+    ("QCFX", "Sphericity", "1", "no units", 0.98),
+    ("SKGS", "Compactness 1", "1", "no units", 0.0398),
+    ("L0JK", "Maximum 3D Diameter of a Mesh", "mm", "millimeter", 20.1),
+    ("TDIC", "Major Axis in 3D Length", "mm", "millimeter", 19.5),
+    ("Q3CK", "Elongation", "1", "no units", 0.97),
+    ("N17B", "Flatness", "1", "no units", 0.95),
+]
+MARGIN = hd.sr.CodedConcept("RID5972", "RADLEX", "Margin")
+SPICULATED = hd.sr.CodedConcept("112136", "DCM", "Spiculated")
+VOXEL_SUM = hd.sr.CodedConcept("126030", "DCM", "Sum of segmented voxel volumes")
+
+
+def radiomics(cts: list[Dataset]) -> tuple[Dataset, Dataset]:
+    """(SEG, SR) as IDC publishes radiomics: two_segment_seg, its first segment with a type
+    modifier, an anatomic region and a tracking identifier, and a TID 1500 report whose
+    volumetric group references that segment and its source series and holds the IBSI shape
+    features with a derivation, a method, a finding site with laterality and a qualitative
+    evaluation."""
+    seg = two_segment_seg(cts, "BINARY")
+    first = seg.SegmentSequence[0]
+    first.TrackingID = "nodule 1"
+    first.TrackingUID = hd.UID()
+    first.AnatomicRegionSequence = [hd.sr.CodedConcept.from_code(codes.SCT.Lung)]
+    first.SegmentedPropertyTypeCodeSequence[0].SegmentedPropertyTypeModifierCodeSequence = [
+        hd.sr.CodedConcept.from_code(codes.SCT.Right)
+    ]
+    measurements = [
+        hd.sr.Measurement(
+            name=hd.sr.CodedConcept(code, "IBSI", meaning),
+            value=value,
+            unit=hd.sr.CodedConcept(unit, "UCUM", unit_meaning),
+            method=VOXEL_SUM if code == "RNU0" else None,
+            derivation=codes.SCT.Maximum if code == "L0JK" else None,
+        )
+        for code, meaning, unit, unit_meaning, value in IBSI
+    ]
+    group = hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=hd.sr.TrackingIdentifier(
+            uid=first.TrackingUID, identifier=first.TrackingID
+        ),
+        referenced_segment=hd.sr.ReferencedSegment(
+            sop_class_uid=seg.SOPClassUID,
+            sop_instance_uid=seg.SOPInstanceUID,
+            segment_number=1,
+            source_series=hd.sr.SourceSeriesForSegmentation(cts[0].SeriesInstanceUID),
+        ),
+        finding_type=codes.SCT.Neoplasm,
+        finding_sites=[hd.sr.FindingSite(codes.SCT.Lung, laterality=codes.SCT.Right)],
+        measurements=measurements,
+        qualitative_evaluations=[hd.sr.QualitativeEvaluation(MARGIN, SPICULATED)],
+    )
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(),
+        procedure_reported=codes.LN.CTUnspecifiedBodyRegion,
+        imaging_measurements=[group],
+    )
+    sr = hd.sr.Comprehensive3DSR(
+        evidence=[*cts, seg],
+        content=report,
+        series_number=30,
+        series_instance_uid=hd.UID(),
+        sop_instance_uid=hd.UID(),
+        instance_number=1,
+        manufacturer="ACME",
+    )
+    return seg, sr

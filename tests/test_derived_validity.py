@@ -1,7 +1,9 @@
-"""The derived objects Carina stores and serves are valid DICOM: a SEG and two TID 1500 SRs
-(measurements; 3D landmarks), STOWed with their CT series and retrieved over WADO-RS, pass
-dicom3tools' dciodvfy with no error, and the SRs pass PixelMed's DicomSRValidator (IOD and
-TID 1500 template rules)."""
+"""The derived objects Carina stores and serves are valid DICOM: two SEGs (one segment; two
+with a type modifier and an anatomic region) and three TID 1500 SRs (measurements; 3D
+landmarks; IBSI shape features of a referenced segment), STOWed with their CT series and
+retrieved over WADO-RS, pass dicom3tools' dciodvfy with no error, and the SRs pass PixelMed's
+DicomSRValidator (IOD and TID 1500 template rules). (dciodvfy does not know the Label Map
+Segmentation IOD of Sup 243 yet, so label-map SEGs are not checked here.)"""
 
 from __future__ import annotations
 
@@ -13,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Server
-from tests.derived import build, landmark_sr
-from tests.factory import Phi
+from tests.derived import build, landmark_sr, radiomics
+from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
 # Keep the SR content tree (ContentSequence is X under the Basic Profile).
@@ -40,7 +42,16 @@ def retrieved(
     assert "FailedSOPSequence" not in client.store_instances(cts)
     tmp = tmp_path_factory.mktemp("stored")
     out = {}
-    for name, ds in (("seg", seg), ("sr", sr), ("landmarks", landmark_sr(cts))):
+    others = ct_series(Phi(), 4, rows=16, columns=16)
+    assert "FailedSOPSequence" not in client.store_instances(others)
+    radiomics_seg, radiomics_sr = radiomics(others)
+    for name, ds in (
+        ("seg", seg),
+        ("sr", sr),
+        ("landmarks", landmark_sr(cts)),
+        ("radiomics_seg", radiomics_seg),  # two segments, a modifier, an anatomic region
+        ("radiomics_sr", radiomics_sr),  # IBSI shape features of a referenced segment
+    ):
         [item] = client.store_instances([ds]).ReferencedSOPSequence
         study, _, series, _, sop = str(item.RetrieveURL).split("/")[-5:]
         server.settled()
@@ -54,7 +65,7 @@ def _dciodvfy_errors(path: Path) -> list[str]:
     return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
 
 
-@pytest.mark.parametrize("name", ["seg", "sr", "landmarks"])
+@pytest.mark.parametrize("name", ["seg", "sr", "landmarks", "radiomics_seg", "radiomics_sr"])
 def test_stored_derived_object_passes_dciodvfy(retrieved: dict[str, Path], name: str) -> None:
     assert shutil.which("dciodvfy"), "dicom3tools is installed by scripts/test"
     assert _dciodvfy_errors(retrieved[name]) == []
@@ -79,13 +90,13 @@ def sr_validator(retrieved: dict[str, Path]) -> dict[str, tuple[int, str]]:
             stderr=subprocess.STDOUT,
             text=True,
         )
-        for name in ("sr", "landmarks")
+        for name in ("sr", "landmarks", "radiomics_sr")
     }
     outputs = {name: run.communicate(timeout=600)[0] for name, run in runs.items()}
     return {name: (runs[name].returncode, output) for name, output in outputs.items()}
 
 
-@pytest.mark.parametrize("name", ["sr", "landmarks"])
+@pytest.mark.parametrize("name", ["sr", "landmarks", "radiomics_sr"])
 def test_stored_sr_passes_pixelmed_sr_validator(
     sr_validator: dict[str, tuple[int, str]], name: str
 ) -> None:

@@ -9,13 +9,15 @@ from pydicom import Dataset
 
 from carina.curation.rules import (
     DerivedSourcesSettings,
+    GeometrySettings,
     RulesConfig,
     derived_sources,
+    geometry,
     referenced_series,
     run_rules,
 )
-from tests.derived import build, rt_structure_set
-from tests.factory import Phi
+from tests.derived import build, rt_structure_set, two_segment_seg
+from tests.factory import Phi, ct_series
 from tests.test_rules import facts_of
 
 ON = DerivedSourcesSettings()
@@ -59,3 +61,15 @@ def test_run_rules_applies_it_by_default_and_not_when_disabled() -> None:
     off = RulesConfig(derived_sources=DerivedSourcesSettings(enabled=False))
     codes = {f.code for f in run_rules(facts, off, held_sources=frozenset())}
     assert "derived-source-missing" not in codes
+
+
+def test_a_seg_with_two_segments_on_one_slice_is_not_held_for_geometry() -> None:
+    cts = ct_series(Phi(), 4, rows=16, columns=16)
+    facts = facts_of([two_segment_seg(cts, "BINARY")])
+    assert not facts.geometry.positions_unique  # one frame per segment on the shared slice
+    assert geometry(facts, GeometrySettings()) == []
+    # The rule itself is on: a CT series missing a slice is held.
+    del cts[1]
+    assert "geometry-missing-slices" in {
+        f.code for f in geometry(facts_of(cts), GeometrySettings())
+    }

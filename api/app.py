@@ -104,6 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(derived.router("/api"), dependencies=authenticated)
     app.include_router(series.router("/api"), dependencies=authenticated)
     app.include_router(curation.router("/api/curation"), dependencies=authenticated)
+    app.include_router(shares.api_router("/api/shares"), dependencies=authenticated)
     # The curator's web page: its own login and session cookie, never the Bearer header.
     web.install(app)
     # A shared cohort: its latest version, or one version, which never changes.

@@ -36,7 +36,7 @@ class AuthError(Exception):
         self.headers = headers or {}
 
 
-def _challenge(error: str | None = None, description: str | None = None) -> dict[str, str]:
+def challenge(error: str | None = None, description: str | None = None) -> dict[str, str]:
     """The WWW-Authenticate header of RFC 6750 3: the scheme, and why a token was refused."""
     value = REALM
     if error:
@@ -105,7 +105,7 @@ def verify(request: Request, presented: str | None) -> tokens.Token:
         token = tokens.verify(_runtime(request).pool, presented)
     except tokens.InvalidToken as e:
         limit.failed(client)
-        raise AuthError(401, str(e), _challenge("invalid_token", str(e))) from None
+        raise AuthError(401, str(e), challenge("invalid_token", str(e))) from None
     return token
 
 
@@ -146,14 +146,14 @@ def curated_by(who: Principal) -> tuple[str, ...] | None:
     """The collections who curates (None: every one, for admin); AuthError 401 for anonymous,
     403 for a principal that curates nothing."""
     if who is ANONYMOUS:
-        raise AuthError(401, "curation needs a curator or admin token", _challenge())
+        raise AuthError(401, "curation needs a curator or admin token", challenge())
     if who.is_admin:
         return None
     curated = tuple(
         sorted({g.collection for g in who.grants if g.role == "curator" and g.collection})
     )
     if not curated:
-        raise AuthError(403, "this token may not curate", _challenge("insufficient_scope"))
+        raise AuthError(403, "this token may not curate", challenge("insufficient_scope"))
     return curated
 
 
@@ -167,7 +167,7 @@ def store_collection(request: Request) -> str:
     """The collection a STOW-RS request stores into, once its principal may store there."""
     who = principal(request)
     if who is ANONYMOUS:
-        raise AuthError(401, "storing needs a submitter or admin token", _challenge())
+        raise AuthError(401, "storing needs a submitter or admin token", challenge())
     root = request.path_params.get("collection")
     name = root or collections.DEFAULT
     if not who.may_store(name):
@@ -176,7 +176,7 @@ def store_collection(request: Request) -> str:
         raise AuthError(
             403,
             f"this token may not store into collection {name}",
-            _challenge("insufficient_scope"),
+            challenge("insufficient_scope"),
         )
     return collections.get(_runtime(request).pool, name).name
 

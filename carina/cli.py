@@ -367,17 +367,12 @@ def _manifest_upload(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _share_save(settings: Settings, args: argparse.Namespace) -> int:
-    from urllib.parse import parse_qsl
-
     from carina.archive import shares
     from carina.archive.errors import InvalidQuery, NotFound
 
     with _ae_pool(settings) as pool:
         try:
-            studies = list(args.study)
-            if args.query is not None:
-                query = parse_qsl(args.query, keep_blank_values=True)
-                studies += shares.studies_matching(pool, query)
+            studies = shares.chosen_studies(pool, args.study, args.query)
             if args.share_command == "create":
                 made = shares.create(
                     pool, args.name, created_by="admin", studies=studies, series=args.series

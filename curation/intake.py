@@ -20,11 +20,12 @@ import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field
-from functools import lru_cache
+from dataclasses import dataclass, field, replace
+from functools import lru_cache, partial
 from io import BytesIO
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
+from typing import Any
 
 from pydicom import config, dcmread
 from pydicom.dataelem import DataElement, RawDataElement
@@ -32,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from carina import __version__
-from carina.archive import collections, derived, index, jobs
+from carina.archive import collections, derived, erasure, index, jobs
 from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
@@ -49,6 +50,10 @@ PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+# PS3.7 C.5.4 (general status): Refused: Not Authorized; an instance of a forgotten subject.
+NOT_AUTHORIZED = 0x0124
+# Short enough for a C-STORE ErrorComment (LO, 64 characters); quotes no identifier.
+FORGOTTEN = "subject forgotten (erased): refused until an admin allows it"
 # Warning statuses (PS3.4 Table B.2-1): what de-identification did to a stored instance.
 COERCED = 0xB000  # Coercion of Data Elements
 DISCARDED = 0xB006  # Elements Discarded
@@ -107,6 +112,8 @@ class InstanceRecord:
     # JSON list of rules.PhiHit found with the original identifiers in hand; None: unchecked.
     intake_findings: str | None = None
     warning: int = 0  # COERCED, DISCARDED or 0: what de-identification did to it
+    # Keyed digests that recognise the instance's subject among erasures (never stored).
+    forgotten_marks: tuple[bytes, ...] = ()
 
     @property
     def object_key(self) -> str:
@@ -375,8 +382,12 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
 
     profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
     identifiers = rules.patient_identifiers(ds)  # in memory only, for _residual_phi
+    original_id = _str(ds, "PatientID")
     read = frozenset(ds._dict)
     Deidentifier(profile, pseudo).apply(ds)
+    marks = (pseudo.forgotten_research_id(_str(ds, "PatientID") or ""),)
+    if original_id:
+        marks += (pseudo.forgotten_original(pseudo.subject_digest(original_id)),)
     warning = _coercion(ds, read, snapshot)
 
     _prepare_file_meta(ds)
@@ -393,7 +404,8 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     try:
         full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
         findings = _residual_phi(full, identifiers, ctx.phi)
-        return _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
+        record = _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
+        return replace(record, forgotten_marks=marks)
     except Exception:
         staging.unlink(missing_ok=True)
         raise
@@ -726,6 +738,7 @@ class Intake:
         """Move staged files into the store (durable as a batch), then index them in one
         transaction, their series incoming and due for evaluation settle_after seconds from
         now; only what is both stored and indexed is acknowledged."""
+        self._refuse_forgotten(result)
         positions = [i for i, o in enumerate(result.outcomes) if isinstance(o, InstanceRecord)]
         records: list[InstanceRecord] = [result.outcomes[i] for i in positions]  # type: ignore[misc]
         errors = self.store.put_files([(r.object_key, Path(r.staging_path)) for r in records])
@@ -740,7 +753,7 @@ class Intake:
         if not stored:
             return
         try:
-            index.write_batch(self.db_pool, stored, settle_after)  # type: ignore[arg-type]
+            stored = self._index(result, stored, settle_after)
         except Exception as e:  # the index is down: nothing of this batch is acknowledged
             log.exception("index write failed for %d instances", len(stored))
             failed = {id(r) for r in stored}
@@ -758,6 +771,40 @@ class Intake:
             log.warning("derived-object indexing failed: %s", type(e).__name__)
         log.info("stored %d instances", len(stored))
         self._refresh_statistics(len(stored))
+
+    def _refuse_forgotten(self, result: BatchResult) -> None:
+        """Refuse the instances of result whose subject an erasure in force forgot."""
+        try:
+            with self.db_pool.connection() as conn, conn.cursor() as cur:  # type: ignore[attr-defined]
+                forgotten = _forgotten_marks(cur, result.stored)
+        except Exception:  # noqa: BLE001 - the index transaction checks again, or fails
+            return
+        for i, outcome in enumerate(result.outcomes):
+            if isinstance(outcome, InstanceRecord) and not forgotten.isdisjoint(
+                outcome.forgotten_marks
+            ):
+                Path(outcome.staging_path).unlink(missing_ok=True)
+                result.outcomes[i] = _refused(outcome, NOT_AUTHORIZED, FORGOTTEN)
+
+    def _index(
+        self, result: BatchResult, stored: list[InstanceRecord], settle_after: float
+    ) -> list[InstanceRecord]:
+        """Index stored in one transaction that an erasure of their collection cannot overlap
+        (archive/erasure.py); those whose subject an erasure forgot meanwhile are refused and
+        their objects deleted. Returns what was indexed."""
+        while stored:
+            try:
+                guard = partial(_admit, stored)
+                index.write_batch(self.db_pool, stored, settle_after, guard=guard)  # type: ignore[arg-type]
+                return stored
+            except _ForgottenMeanwhile as e:
+                refused = {id(r) for r in stored if not e.marks.isdisjoint(r.forgotten_marks)}
+                for i, outcome in enumerate(result.outcomes):
+                    if id(outcome) in refused:
+                        self.store.delete(outcome.object_key)  # type: ignore[union-attr]
+                        result.outcomes[i] = _refused(outcome, NOT_AUTHORIZED, FORGOTTEN)  # type: ignore[arg-type]
+                stored = [r for r in stored if id(r) not in refused]
+        return stored
 
     def _refresh_statistics(self, added: int) -> None:
         """After every index.ANALYZE_EVERY new instances, ANALYZE in the background."""
@@ -783,6 +830,33 @@ def _phi_settings(overrides: dict) -> rules.ResidualPhiSettings | None:
     except RuleSettingError:
         config = rules.RulesConfig()
     return config.residual_phi if config.residual_phi.enabled else None
+
+
+class _ForgottenMeanwhile(Exception):
+    """An erasure forgot the subject of an instance between its check and its indexing."""
+
+    def __init__(self, marks: set[bytes]) -> None:
+        super().__init__("subject forgotten meanwhile")
+        self.marks = marks
+
+
+def _admit(records: list[InstanceRecord], cur: Any) -> None:
+    """In the transaction that indexes records: hold off erasures of their collections, then
+    check again that none of their subjects is forgotten (_ForgottenMeanwhile if one is)."""
+    for collection in sorted({r.collection for r in records}):
+        erasure.hold_off(cur, collection)
+    forgotten = _forgotten_marks(cur, records)
+    if forgotten:
+        raise _ForgottenMeanwhile(forgotten)
+
+
+def _forgotten_marks(cur: Any, records: list[InstanceRecord]) -> set[bytes]:
+    """The forgotten marks of records that an erasure in force of their collection holds."""
+    found: set[bytes] = set()
+    for collection in sorted({r.collection for r in records}):
+        marks = {m for r in records if r.collection == collection for m in r.forgotten_marks}
+        found |= erasure.in_force(cur, collection, sorted(marks))
+    return found
 
 
 def _refused(record: InstanceRecord, code: int, reason: str) -> Refusal:

@@ -50,7 +50,7 @@ PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
-# PS3.7 C.5.4 (general status): Refused: Not Authorized; an instance of a forgotten subject.
+# PS3.7 Annex C general status Refused: Not Authorized: an instance of a forgotten subject.
 NOT_AUTHORIZED = 0x0124
 # Short enough for a C-STORE ErrorComment (LO, 64 characters); quotes no identifier.
 FORGOTTEN = "subject forgotten (erased): refused until an admin allows it"

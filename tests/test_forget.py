@@ -587,7 +587,7 @@ def _study_rows(archive: Archive, collection: str) -> int:
         return int(row.fetchone()[0])  # type: ignore[index]
 
 
-NOT_AUTHORIZED = 0x0124  # PS3.7 C.5.4: Refused: Not Authorized
+NOT_AUTHORIZED = 0x0124  # PS3.7 Annex C: Refused: Not Authorized
 
 
 def _new_study(n: int, count: int = 1) -> list[Dataset]:

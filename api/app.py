@@ -18,6 +18,7 @@ from carina.settings import Settings
 
 from . import auth, curation, derived, dicomweb, errors, paths, rendered, series, shares, web
 from .access_log import AccessLog
+from .oidc import OidcVerifier
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,8 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=CORS_EXPOSED,
         )
     app.state.auth_failures = auth.FailureLimit(settings.auth_failure_limit)
+    # Bearer JWTs of an OpenID Connect issuer, when one is configured (api/oidc.py).
+    app.state.oidc = OidcVerifier(settings) if settings.oidc_issuer else None
     # Every data route refuses impossible path values, then knows who asks (anonymous, or a
     # verified Bearer token), before it runs.
     authenticated = [Depends(paths.check_path), Depends(auth.authenticate)]

@@ -10,7 +10,8 @@ exist (404, and absent from searches), so restricted collections do not reveal w
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from fastapi import Request
 from limits import parse
@@ -24,6 +25,7 @@ from carina.archive.errors import NotFound
 from .context import runtime as _runtime
 
 REALM = 'Bearer realm="carina"'
+T = TypeVar("T")
 
 
 class AuthError(Exception):
@@ -83,14 +85,28 @@ def authenticate(request: Request) -> Principal:
 
 def _bearer(request: Request, header: str) -> Principal:
     scheme, _, credentials = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
-        return Principal.of_token(verify(request, None))
-    return Principal.of_token(verify(request, credentials.strip()))
+    presented = credentials.strip() if scheme.lower() == "bearer" else ""
+    oidc = request.app.state.oidc
+    if presented and oidc is not None and not presented.startswith(tokens.PREFIX):
+        return _checked(request, lambda: oidc.principal(presented))
+    return Principal.of_token(verify(request, presented or None))
 
 
 def verify(request: Request, presented: str | None) -> tokens.Token:
     """The active token of a presented one (None: a malformed header), or AuthError: 401 for a
     bad token (counted against the client), 429 once the client has sent too many."""
+
+    def check() -> tokens.Token:
+        if presented is None:
+            raise tokens.InvalidToken("the Authorization header must be 'Bearer <token>'")
+        return tokens.verify(_runtime(request).pool, presented)
+
+    return _checked(request, check)
+
+
+def _checked(request: Request, check: Callable[[], T]) -> T:
+    """What check proves of a presented token, or AuthError: 401 when it raises InvalidToken
+    (counted against the client), 429 once the client has sent too many bad tokens."""
     limit: FailureLimit = request.app.state.auth_failures
     client = _client(request)
     if limit.blocked(client):
@@ -100,13 +116,10 @@ def verify(request: Request, presented: str | None) -> tokens.Token:
             {"Retry-After": str(limit.retry_after(client))},
         )
     try:
-        if presented is None:
-            raise tokens.InvalidToken("the Authorization header must be 'Bearer <token>'")
-        token = tokens.verify(_runtime(request).pool, presented)
+        return check()
     except tokens.InvalidToken as e:
         limit.failed(client)
         raise AuthError(401, str(e), challenge("invalid_token", str(e))) from None
-    return token
 
 
 def principal(request: Request) -> Principal:

@@ -21,7 +21,7 @@ from carina.archive import access, shares, tokens
 from carina.archive.access import Principal, Scope
 from carina.archive.errors import NotFound
 
-from . import auth
+from . import auth, curation
 from .context import runtime as _runtime
 from .errors import http_error
 
@@ -137,7 +137,7 @@ def api_router(prefix: str = "/api/shares") -> APIRouter:
         scope = Scope(None if readable is None else tuple(readable))
         try:
             studies = shares.chosen_studies(pool, body.studies, body.query, scope)
-            made_by = f"{who.name} (token {who.token_id})"
+            made_by = curation.actor(request)
             if share_id is None:
                 assert isinstance(body, NewShare)
                 made = shares.create(

@@ -464,6 +464,16 @@ def _read_original_id() -> str:
     return sys.stdin.readline().strip()
 
 
+def _original_id(args: argparse.Namespace) -> str | None:
+    """The original PatientID when --original-id names the subject (read from standard input);
+    exits with status 1 when none is given there."""
+    original = _read_original_id() if args.original_id else None
+    if original is not None and not original:
+        print("carina: no original PatientID given on standard input", file=sys.stderr)
+        raise SystemExit(1)
+    return original
+
+
 def _subject_forget(settings: Settings, args: argparse.Namespace) -> int:
     import getpass
 
@@ -471,10 +481,7 @@ def _subject_forget(settings: Settings, args: argparse.Namespace) -> int:
     from carina.curation.forget import Forgetter, UnknownSubject, WrongKey
     from carina.runtime import open_store
 
-    original = _read_original_id() if args.original_id else None
-    if original is not None and not original:
-        print("carina: no original PatientID given on standard input", file=sys.stderr)
-        return 1
+    original = _original_id(args)
     with _ae_pool(settings) as pool:
         forgetter = Forgetter(
             pool=pool,
@@ -513,10 +520,7 @@ def _subject_allow(settings: Settings, args: argparse.Namespace) -> int:
     from carina.archive.errors import NotFound
     from carina.curation.forget import WrongKey, resolve
 
-    original = _read_original_id() if args.original_id else None
-    if original is not None and not original:
-        print("carina: no original PatientID given on standard input", file=sys.stderr)
-        return 1
+    original = _original_id(args)
     with _ae_pool(settings) as pool:
         try:
             subject, _ = resolve(

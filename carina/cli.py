@@ -400,7 +400,7 @@ def _share_list(settings: Settings, args: argparse.Namespace) -> int:
         for s in shares.list_all(pool):
             print(
                 f"{s.share_id}\t{s.name}\tversion {s.version}\t{s.instances} instances"
-                f"\t{','.join(s.collections)}"
+                f"\t{','.join(s.collections)}\towner {s.owner or '(admin)'}"
             )
     return 0
 

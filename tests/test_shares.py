@@ -280,6 +280,8 @@ def test_reader_makes_a_share_of_what_it_reads_over_http_and_opens_it_with_a_lin
         f"{cohort.server.url}/api/shares", headers=cohort.server.auth, timeout=30
     ).json()
     assert {made["share_id"], cohort.share} <= {s["share_id"] for s in everything}
+    listed = run_cli(cohort.database_url, tmp_path, "share", "list").stdout.splitlines()
+    assert f"{made['share_id']}\tmine\tversion 2\t2 instances\tA\towner alice" in listed
 
 
 def test_only_the_owner_or_an_admin_changes_a_share_and_only_readers_make_them(

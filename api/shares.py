@@ -135,6 +135,8 @@ def api_router(prefix: str = "/api/shares") -> APIRouter:
         pool = _runtime(request).pool
         readable = access.readable_collections(pool, who)
         scope = Scope(None if readable is None else tuple(readable))
+        if share_id is not None:
+            _owned(pool, who, share_id)  # before anything is said of the selection
         try:
             studies = shares.chosen_studies(pool, body.studies, body.query, scope)
             made_by = curation.actor(request)
@@ -150,7 +152,6 @@ def api_router(prefix: str = "/api/shares") -> APIRouter:
                     owner=who.name,
                 )
             else:
-                _owned(pool, who, share_id)
                 made = shares.new_version(
                     pool,
                     share_id,

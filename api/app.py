@@ -35,6 +35,7 @@ from . import (
     web_reprocess,
 )
 from .access_log import AccessLog
+from .oidc import OidcVerifier
 
 log = logging.getLogger(__name__)
 
@@ -115,6 +116,8 @@ def create_app(settings: Settings) -> FastAPI:
             expose_headers=CORS_EXPOSED,
         )
     app.state.auth_failures = auth.FailureLimit(settings.auth_failure_limit)
+    # Bearer JWTs of an OpenID Connect issuer, when one is configured (api/oidc.py).
+    app.state.oidc = OidcVerifier(settings) if settings.oidc_issuer else None
     # Every data route refuses impossible path values, then knows who asks (anonymous, or a
     # verified Bearer token), before it runs.
     authenticated = [Depends(paths.check_path), Depends(auth.authenticate)]
@@ -126,6 +129,7 @@ def create_app(settings: Settings) -> FastAPI:
     app.include_router(series.router("/api"), dependencies=authenticated)
     app.include_router(curation.router("/api/curation"), dependencies=authenticated)
     app.include_router(changes.router("/api/curation"), dependencies=authenticated)
+    app.include_router(shares.api_router("/api/shares"), dependencies=authenticated)
     app.include_router(submissions.router("/api/submissions"), dependencies=authenticated)
     app.include_router(audit.router("/api/audit"), dependencies=authenticated)
     # The curator's web page: its own login and session cookie, never the Bearer header (its

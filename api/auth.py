@@ -10,7 +10,8 @@ exist (404, and absent from searches), so restricted collections do not reveal w
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import TypeVar
 
 from fastapi import Request
 from limits import parse
@@ -24,6 +25,7 @@ from carina.archive.errors import NotFound
 from .context import runtime as _runtime
 
 REALM = 'Bearer realm="carina"'
+T = TypeVar("T")
 
 
 class AuthError(Exception):
@@ -36,7 +38,7 @@ class AuthError(Exception):
         self.headers = headers or {}
 
 
-def _challenge(error: str | None = None, description: str | None = None) -> dict[str, str]:
+def challenge(error: str | None = None, description: str | None = None) -> dict[str, str]:
     """The WWW-Authenticate header of RFC 6750 3: the scheme, and why a token was refused."""
     value = REALM
     if error:
@@ -83,14 +85,28 @@ def authenticate(request: Request) -> Principal:
 
 def _bearer(request: Request, header: str) -> Principal:
     scheme, _, credentials = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not credentials.strip():
-        return Principal.of_token(verify(request, None))
-    return Principal.of_token(verify(request, credentials.strip()))
+    presented = credentials.strip() if scheme.lower() == "bearer" else ""
+    oidc = request.app.state.oidc
+    if presented and oidc is not None and not presented.startswith(tokens.PREFIX):
+        return _checked(request, lambda: oidc.principal(presented))
+    return Principal.of_token(verify(request, presented or None))
 
 
 def verify(request: Request, presented: str | None) -> tokens.Token:
     """The active token of a presented one (None: a malformed header), or AuthError: 401 for a
     bad token (counted against the client), 429 once the client has sent too many."""
+
+    def check() -> tokens.Token:
+        if presented is None:
+            raise tokens.InvalidToken("the Authorization header must be 'Bearer <token>'")
+        return tokens.verify(_runtime(request).pool, presented)
+
+    return _checked(request, check)
+
+
+def _checked(request: Request, check: Callable[[], T]) -> T:
+    """What check proves of a presented token, or AuthError: 401 when it raises InvalidToken
+    (counted against the client), 429 once the client has sent too many bad tokens."""
     limit: FailureLimit = request.app.state.auth_failures
     client = _client(request)
     if limit.blocked(client):
@@ -100,13 +116,10 @@ def verify(request: Request, presented: str | None) -> tokens.Token:
             {"Retry-After": str(limit.retry_after(client))},
         )
     try:
-        if presented is None:
-            raise tokens.InvalidToken("the Authorization header must be 'Bearer <token>'")
-        token = tokens.verify(_runtime(request).pool, presented)
+        return check()
     except tokens.InvalidToken as e:
         limit.failed(client)
-        raise AuthError(401, str(e), _challenge("invalid_token", str(e))) from None
-    return token
+        raise AuthError(401, str(e), challenge("invalid_token", str(e))) from None
 
 
 def principal(request: Request) -> Principal:
@@ -146,14 +159,14 @@ def curated_by(who: Principal) -> tuple[str, ...] | None:
     """The collections who curates (None: every one, for admin); AuthError 401 for anonymous,
     403 for a principal that curates nothing."""
     if who is ANONYMOUS:
-        raise AuthError(401, "curation needs a curator or admin token", _challenge())
+        raise AuthError(401, "curation needs a curator or admin token", challenge())
     if who.is_admin:
         return None
     curated = tuple(
         sorted({g.collection for g in who.grants if g.role == "curator" and g.collection})
     )
     if not curated:
-        raise AuthError(403, "this token may not curate", _challenge("insufficient_scope"))
+        raise AuthError(403, "this token may not curate", challenge("insufficient_scope"))
     return curated
 
 
@@ -167,7 +180,7 @@ def store_collection(request: Request) -> str:
     """The collection a STOW-RS request stores into, once its principal may store there."""
     who = principal(request)
     if who is ANONYMOUS:
-        raise AuthError(401, "storing needs a submitter or admin token", _challenge())
+        raise AuthError(401, "storing needs a submitter or admin token", challenge())
     root = request.path_params.get("collection")
     name = root or collections.DEFAULT
     if not who.may_store(name):
@@ -176,7 +189,7 @@ def store_collection(request: Request) -> str:
         raise AuthError(
             403,
             f"this token may not store into collection {name}",
-            _challenge("insufficient_scope"),
+            challenge("insufficient_scope"),
         )
     return collections.get(_runtime(request).pool, name).name
 

@@ -39,9 +39,10 @@ class Reprocess(Decision):
 
 
 def actor(request: Request) -> str:
-    """Who decided, as the audit records it: the token's name and id."""
+    """Who acts, as the audit records it: the identity's name and its token's id (an OpenID
+    Connect identity has no Carina token)."""
     who = auth.principal(request)
-    return f"{who.name} (token {who.token_id})"
+    return f"{who.name} (token {who.token_id})" if who.token_id else who.name
 
 
 def check(request: Request, series_uid: str) -> None:

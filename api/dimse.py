@@ -68,6 +68,7 @@ from carina.curation.intake import (
     COERCED,
     DISCARDED,
     DOES_NOT_MATCH,
+    NOT_AUTHORIZED,
     OUT_OF_RESOURCES,
     PROCESSING_FAILURE,
     IntakeContext,
@@ -212,6 +213,8 @@ def failure_status(code: int) -> int:
         return DOES_NOT_MATCH
     if code & 0xFF00 == OUT_OF_RESOURCES:
         return OUT_OF_RESOURCES
+    if code == NOT_AUTHORIZED:
+        return NOT_AUTHORIZED
     return PROCESSING_FAILURE
 
 

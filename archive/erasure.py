@@ -7,6 +7,13 @@ keys of the removed instances are listed in erasure_objects in the same transact
 are the objects deleted from the store. A crash between the two leaves objects that no index
 row serves, and the list that finish() (from a rerun or `carina fsck --repair`) works through.
 
+A forgotten subject stays forgotten: intake recognises a later instance of it by the keyed
+digests of its erasure (in_force) and refuses it until an admin lifts the erasure (lift). An
+erasure and the indexing of new instances of its collection exclude each other (an advisory
+lock, exclusive for the erasure, shared for intake), so an instance arriving while a subject is
+forgotten is either indexed before the erasure (and withdrawn by it) or checked after it (and
+refused): none survives.
+
 Nothing here holds or logs an identifier: the caller passes research IDs and keyed digests."""
 
 from __future__ import annotations
@@ -29,6 +36,9 @@ ORIGINAL = "original"
 RESEARCH = "research"
 # Objects deleted per round trip of finish().
 _BATCH = 500
+# First key of the advisory locks between erasures and intake (the second: the collection's
+# hashtext); archive/db.py's migration lock is a single bigint key, so they never meet.
+_LOCK_CLASS = 7007
 
 
 @dataclass(frozen=True)
@@ -113,6 +123,10 @@ def withdraw(
     record_empty (the caller removes files of the subject). A dry run does the same work and
     rolls it back, so its counts are exactly what a real run would remove."""
     with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        # Waits for intake batches of the collection being indexed, and holds off new ones.
+        cur.execute(
+            "SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (_LOCK_CLASS, subject.collection)
+        )
         counts, erasure_id = _withdraw(cur, subject, actor)
         keep = not dry_run and (counts.found or record_empty)
         if not keep:
@@ -324,3 +338,37 @@ def record_files(pool: ConnectionPool, erasure_id: int, files: dict[str, int]) -
             "UPDATE subject_erasures SET counts = counts || %s::jsonb WHERE id = %s",
             (json.dumps(files), erasure_id),
         )
+
+
+def hold_off(cur: psycopg.Cursor, collection: str) -> None:
+    """In an intake transaction: no erasure of collection runs until it ends (see above)."""
+    cur.execute("SELECT pg_advisory_xact_lock_shared(%s, hashtext(%s))", (_LOCK_CLASS, collection))
+
+
+def in_force(cur: psycopg.Cursor, collection: str, marks: Sequence[bytes]) -> set[bytes]:
+    """Those of marks (keyed digests intake computed for its instances) that an erasure of
+    collection recorded and no admin lifted."""
+    if not marks:
+        return set()
+    cur.execute(
+        "SELECT DISTINCT d FROM subject_erasures, unnest(forgotten) AS d"
+        " WHERE collection = %s AND lifted_at IS NULL AND forgotten && %s::bytea[]",
+        (collection, list(marks)),
+    )
+    return {bytes(r[0]) for r in cur.fetchall()} & set(marks)
+
+
+def lift(pool: ConnectionPool, subject: Subject, actor: str) -> list[int]:
+    """Let intake take the subject's instances again: mark every erasure in force of it
+    lifted, by whom and when (kept with the erasure); return their ids."""
+    with pool.connection() as conn:
+        rows = conn.execute(
+            "UPDATE subject_erasures SET lifted_at = now(), lifted_by = %s"
+            " WHERE collection = %s AND lifted_at IS NULL AND forgotten && %s::bytea[]"
+            " RETURNING id",
+            (actor, subject.collection, list(subject.forgotten)),
+        ).fetchall()
+    ids = sorted(r[0] for r in rows)
+    if ids:
+        log.info("erasures %s lifted: intake takes the subject again", ids)
+    return ids

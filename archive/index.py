@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from importlib import resources
@@ -59,18 +59,24 @@ class IndexRecord(Protocol):
 
 
 def write_batch(
-    pool: ConnectionPool, records: Sequence[IndexRecord], settle_after: float = 0.0
+    pool: ConnectionPool,
+    records: Sequence[IndexRecord],
+    settle_after: float = 0.0,
+    guard: Callable[[psycopg.Cursor], None] | None = None,
 ) -> None:
     """Upsert the patients, studies, series and instances of records in one transaction.
 
     Every series touched becomes incoming (hidden from QIDO/WADO until evaluated again) and its
-    evaluation is (re)scheduled settle_after seconds from now, in the same transaction."""
+    evaluation is (re)scheduled settle_after seconds from now, in the same transaction. guard,
+    when given, runs first in that transaction (it may lock, check and raise to abort)."""
     # Last one wins when a request carries the same object twice.
     by_sop = {r.sop_uid: r for r in records}
     studies = {r.study_uid: r for r in by_sop.values()}
     series = {r.series_uid: r for r in by_sop.values()}
     patients = {(r.collection, r.patient["patient_id"]): r for r in studies.values()}
     with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
+        if guard is not None:
+            guard(cur)
         patient_pk: dict[tuple[str, str | None], int] = {}
         for key, r in sorted(patients.items()):
             p = r.patient

@@ -3,7 +3,8 @@
 A version records each instance it holds, with its collection, size and SHA-256 as they were
 when the version was made, so a published version never changes (its manifest stays true);
 changing a cohort makes a new version. Members are chosen by study or series UIDs, or by a
-QIDO-RS study query.
+QIDO-RS study query, among the collections the maker may read. A share made over HTTP has an
+owner (the identity that made it), who lists it and makes its next versions and link tokens.
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from urllib.parse import parse_qsl
 
 import psycopg
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
 from . import qido
+from .access import EVERYTHING, Scope
 from .errors import ArchiveError, NotFound
 from .index import PUBLISHED
 
@@ -39,6 +42,7 @@ class ShareVersion:
     created_at: datetime
     instances: int
     collections: list[str]
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -59,8 +63,8 @@ _VERSION = (
     " (SELECT count(*) FROM share_instances si WHERE si.share_id = v.share_id"
     "   AND si.version = v.version)::int AS instances,"
     " ARRAY(SELECT DISTINCT si.collection FROM share_instances si"
-    "   WHERE si.share_id = v.share_id AND si.version = v.version ORDER BY 1) AS collections"
-    " FROM share_versions v JOIN shares s ON s.id = v.share_id"
+    "   WHERE si.share_id = v.share_id AND si.version = v.version ORDER BY 1) AS collections,"
+    " s.owner FROM share_versions v JOIN shares s ON s.id = v.share_id"
 )
 
 
@@ -71,12 +75,17 @@ def create(
     created_by: str,
     studies: Sequence[str] = (),
     series: Sequence[str] = (),
+    readable: Sequence[str] | None = None,
+    owner: str | None = None,
 ) -> ShareVersion:
-    """A new share, version 1, of the given published studies and series."""
+    """A new share, version 1, of the given published studies and series of the readable
+    collections (None: every one); owner is the identity that made it over HTTP."""
     share_id = secrets.token_hex(_SHARE_ID_HEX)
     with pool.connection() as conn, conn.transaction():
-        conn.execute("INSERT INTO shares (id, name) VALUES (%s, %s)", (share_id, name))
-        _add_version(conn, share_id, 1, created_by, studies, series)
+        conn.execute(
+            "INSERT INTO shares (id, name, owner) VALUES (%s, %s, %s)", (share_id, name, owner)
+        )
+        _add_version(conn, share_id, 1, created_by, studies, series, readable)
     return get(pool, share_id, 1)
 
 
@@ -87,8 +96,10 @@ def new_version(
     created_by: str,
     studies: Sequence[str] = (),
     series: Sequence[str] = (),
+    readable: Sequence[str] | None = None,
 ) -> ShareVersion:
-    """The next version of a share, holding exactly the given studies and series."""
+    """The next version of a share, holding exactly the given studies and series of the
+    readable collections (None: every one)."""
     with pool.connection() as conn, conn.transaction():
         # The share's row is locked so two updates at once make versions n+1 and n+2.
         if conn.execute("SELECT 1 FROM shares WHERE id = %s FOR UPDATE", (share_id,)).fetchone():
@@ -98,7 +109,7 @@ def new_version(
         else:
             raise NotFound(f"no share {share_id}")
         version = latest + 1
-        _add_version(conn, share_id, version, created_by, studies, series)
+        _add_version(conn, share_id, version, created_by, studies, series, readable)
     return get(pool, share_id, version)
 
 
@@ -109,6 +120,7 @@ def _add_version(
     created_by: str,
     studies: Sequence[str],
     series: Sequence[str],
+    readable: Sequence[str] | None,
 ) -> None:
     conn.execute(
         "INSERT INTO share_versions (share_id, version, created_by) VALUES (%s, %s, %s)",
@@ -121,6 +133,7 @@ def _add_version(
         " i.sha256 FROM instances i JOIN series se ON se.series_uid = i.series_uid"
         " JOIN studies s ON s.study_uid = i.study_uid"
         " WHERE se.state = %(published)s"
+        " AND (%(readable)s::text[] IS NULL OR s.collection = ANY(%(readable)s))"
         " AND (i.study_uid = ANY(%(studies)s) OR i.series_uid = ANY(%(series)s))"
         " RETURNING study_uid, series_uid",
         {
@@ -129,9 +142,11 @@ def _add_version(
             "published": PUBLISHED,
             "studies": list(studies),
             "series": list(series),
+            "readable": None if readable is None else list(readable),
         },
     )
     found = cur.fetchall()
+    # A UID of a collection the maker may not read is missing too: the answer is the same.
     missing = (set(studies) - {r[0] for r in found}) | (set(series) - {r[1] for r in found})
     if missing:
         raise ShareRefused(f"{len(missing)} of the UIDs given name no published study or series")
@@ -139,10 +154,12 @@ def _add_version(
         raise ShareRefused("a share needs at least one study or series")
 
 
-def studies_matching(pool: ConnectionPool, params: Sequence[tuple[str, str]]) -> list[str]:
-    """Study Instance UIDs of every study a QIDO-RS study query (PS3.18 8.3.4) matches, all
-    pages; InvalidQuery for a query it cannot understand."""
-    q = qido.parse_query("study", params)
+def studies_matching(
+    pool: ConnectionPool, params: Sequence[tuple[str, str]], scope: Scope = EVERYTHING
+) -> list[str]:
+    """Study Instance UIDs of every study in scope a QIDO-RS study query (PS3.18 8.3.4)
+    matches, all pages; InvalidQuery for a query it cannot understand."""
+    q = qido.parse_query("study", params, scope=scope)
     q.limit = qido.MAX_LIMIT
     found: list[str] = []
     while True:
@@ -151,6 +168,17 @@ def studies_matching(pool: ConnectionPool, params: Sequence[tuple[str, str]]) ->
         if not result.more:
             return found
         q.offset += len(result.items)
+
+
+def chosen_studies(
+    pool: ConnectionPool, studies: Sequence[str], query: str | None, scope: Scope = EVERYTHING
+) -> list[str]:
+    """The studies a share is asked to hold: those named, and every study in scope that a
+    QIDO-RS study query string (e.g. 'ModalitiesInStudy=CT&StudyDate=2020-') matches."""
+    chosen = list(studies)
+    if query is not None:
+        chosen += studies_matching(pool, parse_qsl(query, keep_blank_values=True), scope)
+    return chosen
 
 
 def get(pool: ConnectionPool, share_id: str, version: int | None = None) -> ShareVersion:
@@ -167,12 +195,14 @@ def get(pool: ConnectionPool, share_id: str, version: int | None = None) -> Shar
     return row
 
 
-def list_all(pool: ConnectionPool) -> list[ShareVersion]:
-    """The latest version of every share, by name."""
+def list_all(pool: ConnectionPool, owner: str | None = None) -> list[ShareVersion]:
+    """The latest version of every share (of one owner, when given), by name."""
     with pool.connection() as conn, conn.cursor(row_factory=class_row(ShareVersion)) as cur:
         cur.execute(
             f"{_VERSION} WHERE v.version = (SELECT max(version) FROM share_versions w"
-            " WHERE w.share_id = v.share_id) ORDER BY s.name, v.share_id"
+            " WHERE w.share_id = v.share_id) AND (%s::text IS NULL OR s.owner = %s)"
+            " ORDER BY s.name, v.share_id",
+            (owner, owner),
         )
         return cur.fetchall()
 

@@ -383,17 +383,12 @@ def _manifest_upload(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _share_save(settings: Settings, args: argparse.Namespace) -> int:
-    from urllib.parse import parse_qsl
-
     from carina.archive import shares
     from carina.archive.errors import InvalidQuery, NotFound
 
     with _ae_pool(settings) as pool:
         try:
-            studies = list(args.study)
-            if args.query is not None:
-                query = parse_qsl(args.query, keep_blank_values=True)
-                studies += shares.studies_matching(pool, query)
+            studies = shares.chosen_studies(pool, args.study, args.query)
             if args.share_command == "create":
                 made = shares.create(
                     pool, args.name, created_by="admin", studies=studies, series=args.series
@@ -421,7 +416,7 @@ def _share_list(settings: Settings, args: argparse.Namespace) -> int:
         for s in shares.list_all(pool):
             print(
                 f"{s.share_id}\t{s.name}\tversion {s.version}\t{s.instances} instances"
-                f"\t{','.join(s.collections)}"
+                f"\t{','.join(s.collections)}\towner {s.owner or '(admin)'}"
             )
     return 0
 
@@ -497,6 +492,16 @@ def _read_original_id() -> str:
     return sys.stdin.readline().strip()
 
 
+def _original_id(args: argparse.Namespace) -> str | None:
+    """The original PatientID when --original-id names the subject (read from standard input);
+    exits with status 1 when none is given there."""
+    original = _read_original_id() if args.original_id else None
+    if original is not None and not original:
+        print("carina: no original PatientID given on standard input", file=sys.stderr)
+        raise SystemExit(1)
+    return original
+
+
 def _subject_forget(settings: Settings, args: argparse.Namespace) -> int:
     import getpass
 
@@ -504,10 +509,7 @@ def _subject_forget(settings: Settings, args: argparse.Namespace) -> int:
     from carina.curation.forget import Forgetter, UnknownSubject, WrongKey
     from carina.runtime import open_store
 
-    original = _read_original_id() if args.original_id else None
-    if original is not None and not original:
-        print("carina: no original PatientID given on standard input", file=sys.stderr)
-        return 1
+    original = _original_id(args)
     with _ae_pool(settings) as pool:
         forgetter = Forgetter(
             pool=pool,
@@ -537,6 +539,41 @@ def _subject_forget(settings: Settings, args: argparse.Namespace) -> int:
             )
             return 1
     print("\n".join(report.lines()))
+    return 0
+
+
+def _subject_allow(settings: Settings, args: argparse.Namespace) -> int:
+    import getpass
+
+    from carina.archive import erasure
+    from carina.archive.errors import NotFound
+    from carina.curation.forget import WrongKey, resolve
+
+    original = _original_id(args)
+    with _ae_pool(settings) as pool:
+        try:
+            subject, _ = resolve(
+                pool,
+                settings.master_key,
+                args.collection,
+                original_id=original,
+                research_id=args.research_id,
+            )
+        except (NotFound, WrongKey) as e:
+            print(f"carina: {e}", file=sys.stderr)
+            return 1
+        lifted = erasure.lift(pool, subject, args.by or getpass.getuser())
+    if not lifted:
+        print(
+            f"carina: collection {args.collection} has no erasure in force of that subject",
+            file=sys.stderr,
+        )
+        return 1
+    ids = ", ".join(str(i) for i in lifted)
+    print(
+        f"collection {args.collection}: erasure {ids} lifted; the subject's instances are "
+        "taken in again"
+    )
     return 0
 
 
@@ -714,22 +751,29 @@ def build_parser() -> argparse.ArgumentParser:
         help="remove one subject everywhere (right to be forgotten): instances, index rows, "
         "derived objects, pseudonym mapping, staged and intake files",
     )
-    forget.add_argument("collection", help="the collection")
-    who = forget.add_mutually_exclusive_group(required=True)
-    who.add_argument(
-        "--original-id",
-        action="store_true",
-        help="the subject is named by its original PatientID, read from standard input (or "
-        "typed at a prompt that does not echo it), never from the command line",
+    allow = subject_sub.add_parser(
+        "allow",
+        help="lift a subject's erasure: intake refuses a forgotten subject's instances until "
+        "then (recorded with the erasure: who, when)",
     )
-    who.add_argument(
-        "--research-id", metavar="ID", help="the subject's research PatientID (as served)"
-    )
+    for p in (forget, allow):
+        p.add_argument("collection", help="the collection")
+        who = p.add_mutually_exclusive_group(required=True)
+        who.add_argument(
+            "--original-id",
+            action="store_true",
+            help="the subject is named by its original PatientID, read from standard input "
+            "(or typed at a prompt that does not echo it), never from the command line",
+        )
+        who.add_argument(
+            "--research-id", metavar="ID", help="the subject's research PatientID (as served)"
+        )
+        p.add_argument("--by", help="who asks (recorded; default: the user running it)")
     forget.add_argument(
         "--dry-run", action="store_true", help="report what would be removed; change nothing"
     )
-    forget.add_argument("--by", help="who asks (recorded; default: the user running it)")
     forget.set_defaults(func=_subject_forget)
+    allow.set_defaults(func=_subject_allow)
     ae = sub.add_parser("ae", help="AE titles allowed to push by C-STORE")
     ae_sub = ae.add_subparsers(dest="ae_command", required=True)
     ae_add = ae_sub.add_parser("add", help="register an AE title for a collection")

@@ -8,7 +8,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import AliasChoices, Field, field_validator
+from pydantic import AliasChoices, Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 if TYPE_CHECKING:
@@ -110,6 +110,35 @@ class Settings(BaseSettings):
         description="Bad tokens one client address may present in a moving window (e.g. "
         '"10/minute", "100/hour") before its token requests get 429',
     )
+
+    oidc_issuer: str | None = Field(
+        default=None,
+        description="OpenID Connect issuer (the JWT `iss`) whose bearer JWTs are accepted "
+        "besides Carina's tokens; unset: none are",
+    )
+    oidc_audience: str | None = Field(
+        default=None, description="The JWT `aud` Carina requires (its client id at the issuer)"
+    )
+    oidc_jwks_url: str | None = Field(
+        default=None, description="The issuer's JWKS URL (its keys; fetched and cached)"
+    )
+    oidc_roles_claim: str = Field(
+        default="roles",
+        description="Claim holding the roles (admin, curator, submitter, reader); a dotted "
+        "path reaches into objects, e.g. realm_access.roles",
+    )
+    oidc_collection_claim: str = Field(
+        default="collections",
+        description="Claim holding the collection(s) the roles other than admin apply to",
+    )
+
+    @model_validator(mode="after")
+    def _oidc_complete(self) -> Settings:
+        if self.oidc_issuer and not (self.oidc_audience and self.oidc_jwks_url):
+            raise ValueError(
+                "CARINA_OIDC_ISSUER needs CARINA_OIDC_AUDIENCE and CARINA_OIDC_JWKS_URL"
+            )
+        return self
 
     @field_validator("auth_failure_limit")
     @classmethod

@@ -13,8 +13,6 @@ and counts, and the erasure record adds only keyed digests (see migrations/012).
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -184,7 +182,7 @@ def resolve(
         ids = frozenset({research_id.strip()})
         # A mapped research ID names its subject's original ID digest in the mapping.
         digest = next((d for d, s in mapping.subjects.items() if s.research_id in ids), None)
-        forgotten = _forgotten(key, ids) + ((_original(key, digest),) if digest else ())
+        forgotten = _forgotten(keyed, ids) + ((keyed.forgotten_original(digest),) if digest else ())
         subject = Subject(collection, erasure.RESEARCH, ids, forgotten, digest)
     else:
         assert original_id is not None
@@ -192,31 +190,23 @@ def resolve(
         # mapped research ID: both are the subject's.
         ids = frozenset({keyed.patient_id(original_id), mapped.patient_id(original_id)})
         digest = mapped.subject_digest(original_id)
-        forgotten = (*_forgotten(key, ids), _original(key, digest))
+        forgotten = (*_forgotten(keyed, ids), keyed.forgotten_original(digest))
         subject = Subject(collection, erasure.ORIGINAL, ids, forgotten, digest)
 
     def matches(original: str | None, known: frozenset[bytes] = frozenset()) -> bool:
         return original is not None and (
             keyed.patient_id(original) in ids
             or mapped.patient_id(original) in ids
-            or _original(key, keyed.subject_digest(original)) in {*subject.forgotten, *known}
+            or keyed.forgotten_original(keyed.subject_digest(original))
+            in {*subject.forgotten, *known}
         )
 
     return subject, matches
 
 
-def _digest(key: bytes, data: bytes) -> bytes:
-    return hmac.new(key, data, hashlib.sha256).digest()
-
-
-def _original(key: bytes, subject_digest: bytes) -> bytes:
-    """The keyed digest that recognises a forgotten original ID (by its mapping digest)."""
-    return _digest(key, b"original:" + subject_digest)
-
-
-def _forgotten(key: bytes, research_ids: frozenset[str]) -> tuple[bytes, ...]:
+def _forgotten(keyed: Pseudonymizer, research_ids: frozenset[str]) -> tuple[bytes, ...]:
     """Keyed digests that recognise these research IDs as forgotten, and reveal nothing."""
-    return tuple(_digest(key, b"forgotten:" + i.encode()) for i in sorted(research_ids))
+    return tuple(keyed.forgotten_research_id(i) for i in sorted(research_ids))
 
 
 def _patient_id(path: Path) -> str | None:

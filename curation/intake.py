@@ -21,7 +21,7 @@ import warnings
 from collections.abc import AsyncIterator, Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
+from functools import lru_cache, partial
 from io import BytesIO
 from multiprocessing import resource_tracker, shared_memory
 from pathlib import Path
@@ -33,7 +33,7 @@ from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
 from carina import __version__
-from carina.archive import collections, derived, index, jobs, originals
+from carina.archive import collections, derived, erasure, index, jobs, originals
 from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
@@ -50,6 +50,10 @@ PROCESSING_FAILURE = 0x0110
 OUT_OF_RESOURCES = 0xA700
 DOES_NOT_MATCH = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+# PS3.7 Annex C general status Refused: Not Authorized: an instance of a forgotten subject.
+NOT_AUTHORIZED = 0x0124
+# Short enough for a C-STORE ErrorComment (LO, 64 characters); quotes no identifier.
+FORGOTTEN = "subject forgotten (erased): refused until an admin allows it"
 # Warning statuses (PS3.4 Table B.2-1): what de-identification did to a stored instance.
 COERCED = 0xB000  # Coercion of Data Elements
 DISCARDED = 0xB006  # Elements Discarded
@@ -111,6 +115,8 @@ class InstanceRecord:
     intake_findings: str | None = None
     warning: int = 0  # COERCED, DISCARDED or 0: what de-identification did to it
     original: str | None = None  # file name of its kept original (archive/originals.py)
+    # Keyed digests that recognise the instance's subject among erasures (never stored).
+    forgotten_marks: tuple[bytes, ...] = ()
 
     @property
     def object_key(self) -> str:
@@ -385,6 +391,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
         pseudo = pseudo.keeping(held)
     profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
     identifiers = rules.patient_identifiers(ds)  # in memory only, for _residual_phi
+    original_id = _str(ds, "PatientID")
     read = frozenset(ds._dict)
     Deidentifier(profile, pseudo).apply(ds)
     if str(ds.StudyInstanceUID) in held:
@@ -393,6 +400,9 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
         _file_under(ds, index.study_attributes(_DATABASE[0], str(ds.StudyInstanceUID)))
         # The patient's pseudonyms the object carried are Carina's, not the patient's PHI.
         identifiers = identifiers.without(rules.patient_identifiers(ds))
+    marks = (pseudo.forgotten_research_id(_str(ds, "PatientID") or ""),)
+    if original_id:
+        marks += (pseudo.forgotten_original(pseudo.subject_digest(original_id)),)
     warning = _coercion(ds, read, snapshot)
 
     _prepare_file_meta(ds)
@@ -410,6 +420,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
         full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
         findings = _residual_phi(full, identifiers, ctx.phi)
         record = _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
+        record = replace(record, forgotten_marks=marks)
         if ctx.originals is not None:  # from here, where the identified bytes already are
             record = replace(record, original=ctx.originals.keep(record.sop_uid, payload))
         return record
@@ -770,6 +781,7 @@ class Intake:
         """Move staged files into the store (durable as a batch), then index them in one
         transaction, their series incoming and due for evaluation settle_after seconds from
         now; only what is both stored and indexed is acknowledged."""
+        self._refuse_forgotten(result)
         positions = [i for i, o in enumerate(result.outcomes) if isinstance(o, InstanceRecord)]
         records: list[InstanceRecord] = [result.outcomes[i] for i in positions]  # type: ignore[misc]
         errors = self.store.put_files([(r.object_key, Path(r.staging_path)) for r in records])
@@ -778,18 +790,19 @@ class Intake:
             if error is None:
                 stored.append(record)
                 continue
-            Path(record.staging_path).unlink(missing_ok=True)
+            self._discard(record)
             code = OUT_OF_RESOURCES if isinstance(error, OutOfResources) else PROCESSING_FAILURE
             result.outcomes[i] = _refused(record, code, str(error))
         if not stored:
             return
         try:
-            index.write_batch(self.db_pool, stored, settle_after)  # type: ignore[arg-type]
+            stored = self._index(result, stored, settle_after)
         except Exception as e:  # the index is down: nothing of this batch is acknowledged
             log.exception("index write failed for %d instances", len(stored))
             failed = {id(r) for r in stored}
             for i, outcome in enumerate(result.outcomes):
                 if id(outcome) in failed:
+                    self._discard(outcome)  # type: ignore[arg-type]
                     result.outcomes[i] = _refused(
                         outcome,  # type: ignore[arg-type]
                         PROCESSING_FAILURE,
@@ -802,6 +815,48 @@ class Intake:
             log.warning("derived-object indexing failed: %s", type(e).__name__)
         log.info("stored %d instances", len(stored))
         self._refresh_statistics(len(stored))
+
+    def _discard(self, record: InstanceRecord) -> None:
+        """Remove what intake wrote for an instance it refuses after all: its staged file and
+        its kept original (a forgotten subject's above all)."""
+        Path(record.staging_path).unlink(missing_ok=True)
+        if record.original and self.originals is not None:
+            originals.path(self.originals.root, record.original).unlink(missing_ok=True)
+
+    def _refuse_forgotten(self, result: BatchResult) -> None:
+        """Refuse the instances of result whose subject an erasure in force forgot."""
+        try:
+            with self.db_pool.connection() as conn, conn.cursor() as cur:  # type: ignore[attr-defined]
+                forgotten = _forgotten_marks(cur, result.stored)
+        except Exception:  # noqa: BLE001 - the index transaction checks again, or fails
+            return
+        for i, outcome in enumerate(result.outcomes):
+            if isinstance(outcome, InstanceRecord) and not forgotten.isdisjoint(
+                outcome.forgotten_marks
+            ):
+                self._discard(outcome)
+                result.outcomes[i] = _refused(outcome, NOT_AUTHORIZED, FORGOTTEN)
+
+    def _index(
+        self, result: BatchResult, stored: list[InstanceRecord], settle_after: float
+    ) -> list[InstanceRecord]:
+        """Index stored in one transaction that an erasure of their collection cannot overlap
+        (archive/erasure.py); those whose subject an erasure forgot meanwhile are refused and
+        their objects deleted. Returns what was indexed."""
+        while stored:
+            try:
+                guard = partial(_admit, stored)
+                index.write_batch(self.db_pool, stored, settle_after, guard=guard)  # type: ignore[arg-type]
+                return stored
+            except _ForgottenMeanwhile as e:
+                refused = {id(r) for r in stored if not e.marks.isdisjoint(r.forgotten_marks)}
+                for i, outcome in enumerate(result.outcomes):
+                    if id(outcome) in refused:
+                        self.store.delete(outcome.object_key)  # type: ignore[union-attr]
+                        self._discard(outcome)  # type: ignore[arg-type]
+                        result.outcomes[i] = _refused(outcome, NOT_AUTHORIZED, FORGOTTEN)  # type: ignore[arg-type]
+                stored = [r for r in stored if id(r) not in refused]
+        return stored
 
     def _refresh_statistics(self, added: int) -> None:
         """After every index.ANALYZE_EVERY new instances, ANALYZE in the background."""
@@ -827,6 +882,33 @@ def _phi_settings(overrides: dict) -> rules.ResidualPhiSettings | None:
     except RuleSettingError:
         config = rules.RulesConfig()
     return config.residual_phi if config.residual_phi.enabled else None
+
+
+class _ForgottenMeanwhile(Exception):
+    """An erasure forgot the subject of an instance between its check and its indexing."""
+
+    def __init__(self, marks: set[bytes]) -> None:
+        super().__init__("subject forgotten meanwhile")
+        self.marks = marks
+
+
+def _admit(records: list[InstanceRecord], cur: Any) -> None:
+    """In the transaction that indexes records: hold off erasures of their collections, then
+    check again that none of their subjects is forgotten (_ForgottenMeanwhile if one is)."""
+    for collection in sorted({r.collection for r in records}):
+        erasure.hold_off(cur, collection)
+    forgotten = _forgotten_marks(cur, records)
+    if forgotten:
+        raise _ForgottenMeanwhile(forgotten)
+
+
+def _forgotten_marks(cur: Any, records: list[InstanceRecord]) -> set[bytes]:
+    """The forgotten marks of records that an erasure in force of their collection holds."""
+    found: set[bytes] = set()
+    for collection in sorted({r.collection for r in records}):
+        marks = {m for r in records if r.collection == collection for m in r.forgotten_marks}
+        found |= erasure.in_force(cur, collection, sorted(marks))
+    return found
 
 
 def _refused(record: InstanceRecord, code: int, reason: str) -> Refusal:

@@ -64,6 +64,16 @@ class Pseudonymizer:
         """The keyed digest that stands for an original PatientID in a pseudonym mapping."""
         return self._digest(b"subject:" + original_id.strip().encode())
 
+    def forgotten_research_id(self, research_id: str) -> bytes:
+        """The keyed digest an erasure records for a research PatientID it forgot: intake
+        recognises a later instance of the subject by it, and it reveals nothing."""
+        return self._digest(b"forgotten:" + research_id.encode())
+
+    def forgotten_original(self, subject_digest: bytes) -> bytes:
+        """The keyed digest an erasure records for a forgotten original PatientID, from its
+        subject_digest (which a mapping holds, or intake computes from the original)."""
+        return self._digest(b"original:" + subject_digest)
+
     def key_check(self) -> bytes:
         """A value that says which key made a mapping's digests, and reveals nothing of it."""
         return self._digest(b"mapping-key-check")

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -583,3 +585,160 @@ def _study_rows(archive: Archive, collection: str) -> int:
     with psycopg.connect(archive.database_url) as conn:
         row = conn.execute("SELECT count(*) FROM studies WHERE collection = %s", (collection,))
         return int(row.fetchone()[0])  # type: ignore[index]
+
+
+NOT_AUTHORIZED = 0x0124  # PS3.7 Annex C: Refused: Not Authorized
+
+
+def _new_study(n: int, count: int = 1) -> list[Dataset]:
+    """A new study of subject n (same identifiers, new UIDs)."""
+    phi = dataclasses.replace(
+        _phi(n), study_uid=generate_uid(), series_uid=generate_uid(), frame_uid=generate_uid()
+    )
+    return ct_series(phi, count, rows=8, columns=8)
+
+
+def _stow_answer(archive: Archive, collection: str, datasets: list[Dataset]) -> Dataset:
+    """The Store Instances Response of a STOW-RS of datasets (PS3.18 10.5.3)."""
+    body = b"".join(
+        b"--XyZ\r\nContent-Type: application/dicom\r\n\r\n" + to_bytes(ds) + b"\r\n"
+        for ds in datasets
+    )
+    r = archive.server.http.post(
+        f"{archive.server.root(collection)}/studies",
+        data=body + b"--XyZ--\r\n",
+        headers={
+            "Content-Type": 'multipart/related; type="application/dicom"; boundary=XyZ',
+            "Accept": "application/dicom+json",
+        },
+        timeout=120,
+    )
+    assert r.status_code in (200, 202, 409), r.text
+    return Dataset.from_json(r.json())
+
+
+def _c_store(archive: Archive, collection: str, ds: Dataset) -> Dataset:
+    """The C-STORE response status dataset of ds, sent from the collection's AE title."""
+    ae = AE(ae_title=_aet(collection))
+    ae.add_requested_context(ds.SOPClassUID, [str(ds.file_meta.TransferSyntaxUID)])
+    assoc = ae.associate("127.0.0.1", archive.dimse_port, ae_title="CARINA")
+    assert assoc.is_established
+    try:
+        return assoc.send_c_store(ds)
+    finally:
+        assoc.release()
+
+
+def _refused_as_forgotten(answer: Dataset, needles: list[str]) -> None:
+    """A STOW answer that refused every part as a forgotten subject's, quoting nothing."""
+    assert "ReferencedSOPSequence" not in answer
+    failed = answer.FailedSOPSequence
+    assert failed and {item.FailureReason for item in failed} == {NOT_AUTHORIZED}
+    assert not [n for n in needles if n in str(answer)]
+
+
+@pytest.mark.parametrize("by_original", [True, False], ids=["original ID", "research ID"])
+def test_forgotten_subject_is_refused_on_every_later_send_until_an_admin_allows_it(
+    archive: Archive, by_original: bool
+) -> None:
+    collection = f"forget-again-{'o' if by_original else 'r'}"
+    research_id = f"{collection}-0004"
+    _setup_collection(archive, collection, {4: research_id})
+    _stow(archive.server, collection, _new_study(4, 2))
+    args = ("--original-id",) if by_original else ("--research-id", research_id)
+    stdin = _phi(4).patient_id + "\n" if by_original else None
+    code, out = _cli(archive, "subject", "forget", collection, *args, stdin=stdin)
+    assert code == 0 and "  instances: 2\n" in out, out
+    keyed = Pseudonymizer(collection_key(SECRET.encode(), collection)).patient_id(
+        _phi(4).patient_id
+    )
+    needles = [*_phi(4).strings(), research_id, keyed]
+
+    # STOW-RS and C-STORE of a new study of the subject: refused, saying why, quoting nothing.
+    later = _new_study(4)
+    _refused_as_forgotten(_stow_answer(archive, collection, later), needles)
+    status = _c_store(archive, collection, _new_study(4)[0])
+    assert status.Status == NOT_AUTHORIZED
+    assert "forgotten" in status.ErrorComment
+    assert not [n for n in needles if n in str(status.ErrorComment)]
+    # Another subject is taken in as before.
+    assert "FailedSOPSequence" not in _stow_answer(archive, collection, _new_study(5))
+    archive.server.settled()
+    server = archive.server
+    for rid in (research_id, keyed):
+        r = server.http.get(f"{server.dicomweb}/studies", params={"PatientID": rid}, timeout=30)
+        assert r.status_code == 204, r.text
+    assert [n for n in needles if n in _database_text(archive.database_url)] == []
+    refused_uids = sorted(_deid_uids(collection, later))
+    assert _holding(archive.objects(), refused_uids) == {}
+    assert _holding(_files_bytes(server.data_dir / "staging"), refused_uids) == {}
+
+    # An admin lifts the erasure (recorded); the subject's instances are taken in again.
+    code, out = _cli(archive, "subject", "allow", collection, *args, "--by", "dpo", stdin=stdin)
+    assert code == 0 and "lifted" in out, out
+    with psycopg.connect(archive.database_url) as conn:
+        lifted = conn.execute(
+            "SELECT lifted_by, lifted_at IS NOT NULL FROM subject_erasures WHERE collection = %s",
+            (collection,),
+        ).fetchall()
+    assert lifted == [("dpo", True)]
+    assert "FailedSOPSequence" not in _stow_answer(archive, collection, later)
+    code, out = _cli(archive, "subject", "allow", collection, *args, stdin=stdin)
+    assert code == 1 and "no erasure in force" in out
+    assert not [n for n in _phi(4).strings() if n in server.log.read_text()]
+
+
+def test_instances_sent_while_the_subject_is_forgotten_do_not_survive(archive: Archive) -> None:
+    collection = "forget-race"
+    _setup_collection(archive, collection, {6: f"{collection}-0006"})
+    _stow(archive.server, collection, _new_study(6))
+    sent: list[Dataset] = []
+    answers: list[Dataset] = []
+    forgotten = threading.Event()
+
+    def sender() -> None:
+        # Keeps sending new studies of the subject until a few after the erasure ended.
+        after = 0
+        while after < 3:
+            after += forgotten.is_set()
+            study = _new_study(6)
+            sent.extend(study)
+            answers.append(_stow_answer(archive, collection, study))
+
+    thread = threading.Thread(target=sender)
+    thread.start()
+    try:
+        time.sleep(1.0)  # some sends are indexed before the erasure starts
+        code, out = _cli(
+            archive,
+            "subject",
+            "forget",
+            collection,
+            "--original-id",
+            stdin=_phi(6).patient_id + "\n",
+        )
+        forgotten.set()
+    finally:
+        thread.join(timeout=300)
+    assert code == 0, out
+    assert not thread.is_alive()
+    # Those answered after the erasure was recorded were refused; none of any survives.
+    assert {item.FailureReason for a in answers[-3:] for item in a.FailedSOPSequence} == {
+        NOT_AUTHORIZED
+    }
+    archive.server.settled()
+    keyed = Pseudonymizer(collection_key(SECRET.encode(), collection)).patient_id(
+        _phi(6).patient_id
+    )
+    for rid in (f"{collection}-0006", keyed):
+        r = archive.server.http.get(
+            f"{archive.server.dicomweb}/studies", params={"PatientID": rid}, timeout=30
+        )
+        assert r.status_code == 204, r.text
+    uids = sorted(_deid_uids(collection, sent))
+    assert len(sent) > 3 and _holding(archive.objects(), uids) == {}
+    with psycopg.connect(archive.database_url) as conn:
+        rows = conn.execute(
+            "SELECT count(*) FROM instances WHERE sop_uid = ANY(%s)", (uids,)
+        ).fetchone()
+    assert rows == (0,)

@@ -8,6 +8,7 @@ import hashlib
 import io
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -215,3 +216,118 @@ def test_includefield_through_a_share_shows_only_its_instances(
     )
     [study] = r.json()
     assert study["0020000E"]["Value"] == [cohort.left]
+
+
+def _post(cohort: Cohort, path: str, who: dict[str, str], body: dict) -> requests.Response:
+    return requests.post(
+        f"{cohort.server.url}/api/shares{path}", json=body, headers=who, timeout=60
+    )
+
+
+def test_reader_makes_a_share_of_what_it_reads_over_http_and_opens_it_with_a_link(
+    cohort: Cohort, tmp_path: Path
+) -> None:
+    reader_a = _bearer(
+        create_token(
+            cohort.database_url,
+            tmp_path,
+            "--role",
+            "reader",
+            "--collection",
+            "A",
+            "--name",
+            "alice",
+        )
+    )
+    # B's series and a UID of nothing get one answer: the caller learns nothing of B.
+    hidden = _post(
+        cohort, "", reader_a, {"name": "x", "studies": [cohort.whole], "series": [cohort.part]}
+    )
+    missing = _post(
+        cohort, "", reader_a, {"name": "x", "studies": [cohort.whole], "series": ["1.2.3.4"]}
+    )
+    assert hidden.status_code == missing.status_code == 400
+    assert hidden.json() == missing.json()
+    # A query selects among the collections the caller reads only: A's two studies, not B's.
+    r = _post(cohort, "", reader_a, {"name": "mine", "query": "ModalitiesInStudy=CT"})
+    assert r.status_code == 201, r.text
+    made = r.json()
+    assert (made["version"], made["owner"], made["collections"]) == (1, "alice", ["A"])
+    assert made["created_by"].startswith("alice (token ")
+    r = _post(cohort, f"/{made['share_id']}/links", reader_a, {"days": 2})
+    assert r.status_code == 201 and r.headers["cache-control"] == "no-store"
+    link = r.json()
+    expires = datetime.fromisoformat(link["expires_at"])
+    assert (
+        timedelta(days=2) - timedelta(minutes=5) < expires - datetime.now(UTC) <= timedelta(days=2)
+    )
+    root = f"{cohort.server.url}/shares/{made['share_id']}"
+    client = DICOMwebClient(f"{root}/dicomweb", headers=_bearer(link["token"]))
+    assert set(_studies(client)) == {cohort.whole, cohort.other}
+    assert len(client.retrieve_study(cohort.other)) == 1
+
+    # A new version; the first one never changes.
+    r = _post(cohort, f"/{made['share_id']}/versions", reader_a, {"studies": [cohort.whole]})
+    assert r.status_code == 201 and r.json()["version"] == 2
+    assert set(_studies(client)) == {cohort.whole}
+    first = DICOMwebClient(f"{root}/versions/1/dicomweb", headers=_bearer(link["token"]))
+    assert set(_studies(first)) == {cohort.whole, cohort.other}
+
+    # Listed as the caller's own; an admin sees every share, the CLI's too.
+    listed = requests.get(f"{cohort.server.url}/api/shares", headers=reader_a, timeout=30).json()
+    assert [(s["share_id"], s["version"]) for s in listed] == [(made["share_id"], 2)]
+    everything = requests.get(
+        f"{cohort.server.url}/api/shares", headers=cohort.server.auth, timeout=30
+    ).json()
+    assert {made["share_id"], cohort.share} <= {s["share_id"] for s in everything}
+    listed = run_cli(cohort.database_url, tmp_path, "share", "list").stdout.splitlines()
+    assert f"{made['share_id']}\tmine\tversion 2\t2 instances\tA\towner alice" in listed
+
+
+def test_only_the_owner_or_an_admin_changes_a_share_and_only_readers_make_them(
+    cohort: Cohort, tmp_path: Path
+) -> None:
+    def token(*args: str) -> dict[str, str]:
+        return _bearer(create_token(cohort.database_url, tmp_path, *args))
+
+    owner = token("--role", "reader", "--collection", "A", "--name", "owner")
+    made = _post(cohort, "", owner, {"name": "o", "studies": [cohort.other]}).json()
+    share = made["share_id"]
+    someone = token("--role", "curator", "--collection", "A", "--name", "someone")
+    for path, body in (
+        (f"/{share}/versions", {"studies": [cohort.whole]}),
+        (f"/{share}/links", {}),
+    ):
+        # Another's share, the CLI's share and no share at all: one answer, 404.
+        for share_path in (path, path.replace(share, cohort.share), path.replace(share, "0" * 16)):
+            r = _post(cohort, share_path, someone, body)
+            assert r.status_code == 404, (share_path, r.status_code)
+        assert _post(cohort, path, cohort.server.auth, body).status_code == 201
+    assert requests.get(f"{cohort.server.url}/api/shares", headers=someone, timeout=30).json() == []
+    link = _post(cohort, f"/{share}/links", owner, {}).json()["token"]
+    refused = {
+        "anonymous": ({}, 401),
+        "submitter": (token("--role", "submitter", "--collection", "A"), 403),
+        "link token": (_bearer(link), 403),
+    }
+    for who, (headers, status) in refused.items():
+        assert (
+            _post(cohort, "", headers, {"name": "n", "studies": [cohort.other]}).status_code
+            == status
+        ), who
+        assert (
+            requests.get(f"{cohort.server.url}/api/shares", headers=headers, timeout=30).status_code
+            == status
+        )
+        assert _post(cohort, f"/{share}/links", headers, {}).status_code == status, who
+    for body in (
+        {"name": "", "studies": [cohort.other]},
+        {"name": "n", "studies": ["../x"]},
+        {"name": "n", "studies": ["1" * 65]},
+        {"name": "n"},
+        {"name": "n", "query": "StudyDate=soon"},
+    ):
+        r = _post(cohort, "", owner, body)
+        assert 400 <= r.status_code < 500 and r.status_code != 404, (body, r.status_code)
+    for days in (0, 366, "x"):
+        assert _post(cohort, f"/{share}/links", owner, {"days": days}).status_code == 422

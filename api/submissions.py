@@ -2,8 +2,9 @@
 brought and what became of it (accepted and refused instances with reasons, studies, series
 and their states with the codes of the findings that hold them), by de-identified UIDs only.
 
-A submitter reads the reports of its collection, a curator those of the collections it
-curates, an admin all; a report of another collection is not found, as if it did not exist.
+A submitter reads the reports of the STOW-RS requests made with its own token, a curator
+every report of the collections it curates, an admin all; any other report is not found, as
+if it did not exist.
 Readers and share tokens may not read reports (403). STOW-RS requests are recorded here too."""
 
 from __future__ import annotations
@@ -28,27 +29,26 @@ from .errors import http_error
 
 log = logging.getLogger(__name__)
 
-#: Roles that read their collection's submission reports (admin reads every one).
-REPORT_ROLES = frozenset({"submitter", "curator"})
 
-
-def reporting_collections(who: Principal) -> tuple[str, ...] | None:
-    """The collections whose reports who may read (None: every one, for admin); AuthError
-    401 for anonymous, 403 for a principal that neither submits nor curates."""
+def reporting(who: Principal) -> submissions.Visible:
+    """The submissions who may read: admins every one, curators those of their collections,
+    submitters their own token's STOW-RS requests; AuthError 401 for anonymous, 403 for a
+    principal that neither submits nor curates."""
     if who is ANONYMOUS:
         raise auth.AuthError(
             401, "submission reports need a token", {"WWW-Authenticate": auth.REALM}
         )
     if who.is_admin:
-        return None
-    names = sorted({g.collection for g in who.grants if g.role in REPORT_ROLES and g.collection})
-    if not names:
+        return submissions.EVERY
+    curated = sorted({g.collection for g in who.grants if g.role == "curator" and g.collection})
+    own = sorted({g.collection for g in who.grants if g.role == "submitter" and g.collection})
+    if not curated and not own:
         raise auth.AuthError(
             403,
             "this token may not read submission reports (submitter, curator or admin)",
             {"WWW-Authenticate": f'{auth.REALM}, error="insufficient_scope"'},
         )
-    return tuple(names)
+    return submissions.Visible(tuple(curated), tuple(own), who.token_id)
 
 
 async def record_stow(
@@ -98,7 +98,7 @@ def router(prefix: str = "/api/submissions") -> APIRouter:
         limit: Annotated[int, Query(ge=1, le=1000)] = 100,
         offset: Annotated[int, Query(ge=0, le=10_000_000)] = 0,
     ) -> JSONResponse:
-        visible = reporting_collections(auth.principal(request))
+        visible = reporting(auth.principal(request))
         since, until = utc(since), utc(until)
         if since is not None and until is not None and since >= until:
             return http_error(400, "since must be before until")
@@ -112,7 +112,7 @@ def router(prefix: str = "/api/submissions") -> APIRouter:
     async def show_submission(
         request: Request, submission_id: Annotated[int, Path(ge=1, le=2**63 - 1)]
     ) -> JSONResponse:
-        visible = reporting_collections(auth.principal(request))
+        visible = reporting(auth.principal(request))
         found = await run_in_threadpool(
             submissions.report, _runtime(request).pool, submission_id, visible
         )

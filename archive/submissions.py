@@ -80,11 +80,36 @@ def record_stow(pool: ConnectionPool, request: StowRequest) -> int:
 
 
 @dataclass(frozen=True)
-class SubmissionFilter:
-    """Which submissions to list; None matches anything. visible is the collections the
-    caller may see (None: every one); submissions of the others are never listed."""
+class Visible:
+    """The submissions a caller may see: every one of the collections it curates (None: of
+    every collection, for admins), and in those it only submits to, the STOW-RS requests made
+    with its own token (a site does not see what other sites sent)."""
 
-    visible: tuple[str, ...] | None = None
+    collections: tuple[str, ...] | None = None
+    own: tuple[str, ...] = ()
+    token_id: str | None = None
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "visible": None if self.collections is None else list(self.collections),
+            "own": list(self.own),
+            "token_id": self.token_id,
+        }
+
+
+EVERY = Visible()
+_VISIBLE = (
+    "(%(visible)s::text[] IS NULL OR s.collection = ANY(%(visible)s)"
+    " OR (s.collection = ANY(%(own)s) AND s.token_id = %(token_id)s))"
+)
+
+
+@dataclass(frozen=True)
+class SubmissionFilter:
+    """Which submissions to list; None matches anything. Submissions the caller may not see
+    (visible) are never listed."""
+
+    visible: Visible = EVERY
     collection: str | None = None
     submitter: str | None = None
     since: datetime | None = None
@@ -109,14 +134,14 @@ def list_reports(pool: ConnectionPool, f: SubmissionFilter) -> list[dict[str, An
     with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             f"SELECT {_SUMMARY} FROM submissions s"
-            " WHERE (%(visible)s::text[] IS NULL OR s.collection = ANY(%(visible)s))"
+            f" WHERE {_VISIBLE}"
             " AND (%(collection)s::text IS NULL OR s.collection = %(collection)s)"
             " AND (%(submitter)s::text IS NULL OR s.submitter = %(submitter)s)"
             " AND (%(since)s::timestamptz IS NULL OR s.started_at >= %(since)s)"
             " AND (%(until)s::timestamptz IS NULL OR s.started_at < %(until)s)"
             " ORDER BY s.id DESC LIMIT %(limit)s OFFSET %(offset)s",
             {
-                "visible": None if f.visible is None else list(f.visible),
+                **f.visible.params(),
                 "collection": f.collection,
                 "submitter": f.submitter,
                 "since": f.since,
@@ -128,15 +153,13 @@ def list_reports(pool: ConnectionPool, f: SubmissionFilter) -> list[dict[str, An
         return cur.fetchall()
 
 
-def report(
-    pool: ConnectionPool, submission_id: int, visible: tuple[str, ...] | None
-) -> dict[str, Any]:
+def report(pool: ConnectionPool, submission_id: int, visible: Visible) -> dict[str, Any]:
     """One submission's report (NotFound when there is none the caller may see)."""
     with pool.connection() as conn, conn.cursor(row_factory=dict_row) as cur:
         cur.execute(
             f"SELECT {_SUMMARY}, s.reasons AS refusals FROM submissions s WHERE s.id = %(id)s"
-            " AND (%(visible)s::text[] IS NULL OR s.collection = ANY(%(visible)s))",
-            {"id": submission_id, "visible": None if visible is None else list(visible)},
+            f" AND {_VISIBLE}",
+            {"id": submission_id, **visible.params()},
         )
         found = cur.fetchone()
         if found is None:

@@ -90,6 +90,14 @@ def _version_body(world: World, who: str) -> dict[str, Any]:
     return {"json": {"studies": [world.params["study"]]}}
 
 
+def _redaction_body(world: World, who: str) -> dict[str, Any]:
+    return {"json": {"reason": "matrix", "rectangles": [{"x": 0, "y": 0, "width": 2, "height": 2}]}}
+
+
+def _edit_body(world: World, who: str) -> dict[str, Any]:
+    return {"json": {"reason": "matrix", "attribute": "SeriesNumber", "value": 7}}
+
+
 def _login_body(world: World, who: str) -> dict[str, Any]:
     return {"data": {"token": world.tokens.get(who, "")}}
 
@@ -177,6 +185,14 @@ SHARE_MAKERS = _each(403, anonymous=401, reader=200, other_reader=200, curator=2
 SHARE_MAKERS |= {"other_curator": 200, "admin": 200}
 # The owner of the share (reader) and admins; others' shares are not found.
 SHARE_OWNER = _each(404, anonymous=401, submitter=403, link=403, reader=201, admin=201)
+# Submission reports: curators of the collection and admins see all of it, a submitter its own
+# token's requests (SECRET's was made by the admin: not found), a curator of another collection
+# lists only its own (none here).
+SUBMISSIONS = _each(403, anonymous=401, submitter=200, curator=200, other_curator=200, admin=200)
+SUBMISSION = SUBMISSIONS | {"other_curator": 404, "submitter": 404}
+# A curator page's change posts (redact, edit, reprocess): without a session 401; done, back
+# to the series page (303).
+PAGE_CHANGE = _each(401, curator=303, other_curator=404, admin=303)
 # Curator pages: a page without a session goes to the login page (303); an image or a
 # post without one is refused (401); a curator of another collection finds no such series.
 PAGE = _each(303, curator=200, other_curator=200, admin=200, revoked=303)
@@ -197,6 +213,17 @@ ROUTES: dict[tuple[str, str], Row] = {
     ("GET", "/api/series"): Row(SEARCH),
     ("GET", "/api/curation/queue"): Row(CURATION),
     ("GET", "/api/curation/series/{series_uid}"): Row(CURATED_SERIES),
+    ("GET", "/api/curation/series/{series_uid}/changes"): Row(CURATED_SERIES),
+    ("POST", "/api/curation/series/{series_uid}/redact"): Row(
+        CURATED_SERIES, body=_redaction_body, fresh=("series_uid",)
+    ),
+    ("POST", "/api/curation/series/{series_uid}/edit"): Row(
+        CURATED_SERIES, body=_edit_body, fresh=("series_uid",)
+    ),
+    ("GET", "/api/submissions"): Row(SUBMISSIONS),
+    ("GET", "/api/submissions/{submission_id}"): Row(SUBMISSION),
+    # The curation audit: admins all of it, curators their collections' (none: an empty file).
+    ("GET", "/api/audit/curation"): Row(CURATION),
     **{
         ("POST", f"/api/curation/series/{{series_uid}}/{decision}"): Row(
             CURATED_SERIES | {"curator": ok, "admin": ok}, body=_reason, fresh=("series_uid",)
@@ -234,6 +261,21 @@ ROUTES: dict[tuple[str, str], Row] = {
         body=_form(reason="matrix"),
         fresh=("series_uid",),
         web=True,
+    ),
+    ("POST", "/curation/series/{series_uid}/redact"): Row(
+        PAGE_CHANGE,
+        body=_form(reason="matrix", sop="matrix", rectangles="0,0,2,2", scope="series"),
+        fresh=("series_uid",),
+        web=True,
+    ),
+    ("POST", "/curation/series/{series_uid}/edit"): Row(
+        PAGE_CHANGE,
+        body=_form(reason="matrix", sop="matrix", attribute="SeriesNumber", value="7"),
+        fresh=("series_uid",),
+        web=True,
+    ),
+    ("POST", "/curation/series/{series_uid}/reprocess"): Row(
+        PAGE_CHANGE, body=_form(reason="matrix", profile="basic"), fresh=("series_uid",), web=True
     ),
     ("POST", "/curation/bulk"): Row(
         _each(401, curator=200, other_curator=409, admin=200), body=_bulk_body, web=True
@@ -314,12 +356,12 @@ def world(
         done = run_cli(database_url, cwd, "collection", "create", name)  # restricted
         assert done.returncode == 0, done.stderr
     study, series, sop = server.store(ct_series(Phi(), 2, rows=16, columns=16), "SECRET")
-    server.store([ds for _ in range(12) for ds in burned_in_series(1)], "SECRET")
+    server.store([ds for _ in range(24) for ds in burned_in_series(1)], "SECRET")
     queue = server.http.get(
         f"{server.url}/api/curation/queue", params={"collection": "SECRET"}, timeout=30
     ).json()
     held = [row["series_uid"] for row in queue]
-    assert len(held) == 12
+    assert len(held) == 24
 
     def token(role: str, collection: str | None = None, name: str | None = None) -> str:
         args = ["--role", role, *(["--collection", collection] if collection else [])]
@@ -352,6 +394,9 @@ def world(
         (held_sop,) = conn.execute(  # type: ignore[misc]
             "SELECT sop_uid FROM instances WHERE series_uid = %s LIMIT 1", (held_series,)
         ).fetchone()
+        (submission,) = conn.execute(  # type: ignore[misc]
+            "SELECT min(id) FROM submissions WHERE collection = 'SECRET'"
+        ).fetchone()
     params = {
         "study": study,
         "series": series,
@@ -365,6 +410,7 @@ def world(
         "series_uid": held_series,
         "held": held_series,
         "held_sop": held_sop,
+        "submission_id": str(submission),
         "decision": "release",
         "path": "curation.css",  # a file of the curator page's static mount
     }

@@ -69,6 +69,10 @@ def setup(
         "other": create_token(
             database_url, cwd, "--role", "submitter", "--collection", OTHER, "--name", "siteB"
         ),
+        # Another site sending to the same collection: it sees its own requests only.
+        "sibling": create_token(
+            database_url, cwd, "--role", "submitter", "--collection", COLLECTION, "--name", "siteC"
+        ),
         "admin": server.token,
     }
     return Setup(server, port, tokens)
@@ -163,6 +167,27 @@ def test_another_collections_submission_is_not_found(setup: Setup) -> None:
     assert setup.get("admin", f"/api/submissions/{theirs['id']}").status_code == 200
 
 
+def test_a_site_sees_its_own_submissions_not_another_sites_in_the_same_collection(
+    setup: Setup,
+) -> None:
+    one = [to_bytes(ds) for ds in ct_series(Phi(), 1, rows=16, columns=16)]
+    stow(setup, "submitter", COLLECTION, *one)
+    mine = newest(setup, "submitter")
+    assert mine["submitter"] == "siteA"
+    assert setup.get("sibling", f"/api/submissions/{mine['id']}").status_code == 404
+    assert mine["id"] not in {s["id"] for s in setup.get("sibling", "/api/submissions").json()}
+    assert setup.get("curator", f"/api/submissions/{mine['id']}").status_code == 200
+    stow(
+        setup,
+        "sibling",
+        COLLECTION,
+        *[to_bytes(ds) for ds in ct_series(Phi(), 1, rows=16, columns=16)],
+    )
+    theirs = newest(setup, "sibling")
+    assert theirs["submitter"] == "siteC"
+    assert setup.get("submitter", f"/api/submissions/{theirs['id']}").status_code == 404
+
+
 def test_readers_and_anonymous_may_not_read_reports(setup: Setup) -> None:
     r = setup.get("reader", "/api/submissions")
     assert r.status_code == 403 and "submission reports" in r.json()["error"]
@@ -214,12 +239,14 @@ def test_association_report_names_the_ae_title_and_its_series(setup: Setup, tmp_
     _c_store(setup, tmp_path)
     deadline = time.monotonic() + 30
     while True:
-        summary = newest(setup, "submitter", submitter="SUBSITE")
+        summary = newest(setup, "curator", submitter="SUBSITE")
         if summary["ended_at"] and summary["series"] == 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     setup.server.settled()
-    report = setup.get("submitter", f"/api/submissions/{summary['id']}").json()
+    # An association's report is the curators' (and admins'): a token is not an AE title.
+    assert setup.get("submitter", f"/api/submissions/{summary['id']}").status_code == 404
+    report = setup.get("curator", f"/api/submissions/{summary['id']}").json()
     assert (report["kind"], report["ae_title"], report["collection"]) == (
         "dimse",
         "SUBSITE",

@@ -26,6 +26,7 @@ from .multipart import (
     PartReader,
     body_length,
     closing,
+    negotiate,
     new_boundary,
     parse_media_type,
     part_head,
@@ -61,26 +62,17 @@ def _dicom_accept(request: Request) -> list[str]:
     """Negotiate multipart/related; type=application/dicom (PS3.18 8.7.3.5): the acceptable
     transfer syntaxes ("*" for as stored), highest q-value first, in header order among equals;
     empty when no Accept item admits DICOM instances."""
-    header = request.headers.get("accept") or "*/*"
-    ranked: list[tuple[float, int, str]] = []
-    for n, item in enumerate(header.split(",")):
-        mtype, params = parse_media_type(item.strip())
-        try:
-            q = float(params.get("q", "1"))
-        except ValueError:
-            q = 1.0
-        if q <= 0:  # RFC 9110 12.4.2: q=0 means "not acceptable"
-            continue
+
+    def syntax(mtype: str, params: dict[str, str]) -> str | None:
         if mtype in ("*/*", "multipart/*"):
-            ts = transcode.DEFAULT
-        elif mtype == "multipart/related" and params.get("type", DICOM).lower() == DICOM:
+            return transcode.DEFAULT
+        if mtype == "multipart/related" and params.get("type", DICOM).lower() == DICOM:
             # PS3.18 8.7.8.2: no transfer-syntax parameter selects the default syntax, Explicit
             # VR Little Endian (8.7.3.4); "*" asks for the stored form, never decoded.
-            ts = params.get("transfer-syntax", transcode.DEFAULT).strip()
-        else:
-            continue
-        ranked.append((-q, n, ts))
-    return [ts for _, _, ts in sorted(ranked)]
+            return params.get("transfer-syntax", transcode.DEFAULT).strip()
+        return None
+
+    return negotiate(request.headers.get("accept"), syntax)
 
 
 def router(prefix: str) -> APIRouter:
@@ -532,21 +524,16 @@ def _frame_form(request: Request, stored: str) -> _FrameForm | None:
     """The first acceptable form of the frames of an instance stored in stored, highest q
     first (PS3.18 8.7.3.3): native pixels as application/octet-stream (Table 8.7.3-4), or
     compressed frames as stored, in their own media type (Table 8.7.3-5); None if none fits."""
-    header = request.headers.get("accept") or "*/*"
-    ranked: list[tuple[float, int, _FrameForm]] = []
-    for n, item in enumerate(header.split(",")):
-        mtype, params = parse_media_type(item.strip())
-        try:
-            q = float(params.get("q", "1"))
-        except ValueError:
-            q = 1.0
+
+    def form(mtype: str, params: dict[str, str]) -> _FrameForm | None:
         multipart = mtype in ("*/*", "multipart/*", "multipart/related")
         if mtype == "multipart/related":
             mtype = params.get("type", OCTET).lower()
-        form = _frame_ctype(mtype, params.get("transfer-syntax"), stored)
-        if q > 0 and form is not None:
-            ranked.append((-q, n, _FrameForm(form[0], multipart, form[1])))
-    return min(ranked, key=lambda t: t[:2])[2] if ranked else None
+        found = _frame_ctype(mtype, params.get("transfer-syntax"), stored)
+        return None if found is None else _FrameForm(found[0], multipart, found[1])
+
+    forms = negotiate(request.headers.get("accept"), form)
+    return forms[0] if forms else None
 
 
 def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, str] | None:
@@ -589,13 +576,16 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
         return http_error(406, _frames_unavailable(syntax))
     if not form.multipart and len(numbers) > 1:
         return http_error(406, "several frames need a multipart/related response")
+    cache = _instance_validators(request, study, series, sop, form.ctype, str(form.multipart))
+    if (unchanged := not_modified(request, cache)) is not None:
+        return unchanged
     auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
         if form.source == _BY_RANGE:
             ranges = retrieve.frame_ranges(obj, syntax, numbers)
             mode = "multipart" if form.multipart else "single"
-            return _octet_response(obj, [({}, r) for r in ranges], mode)
+            return _octet_response(obj, [({}, r) for r in ranges], mode, cache)
         with obj:
             if form.source == _AS_STORED:
                 frames = retrieve.encapsulated_frames(obj, numbers)
@@ -604,7 +594,17 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     except BaseException as e:
         obj.close()
         return _retrieve_error(e)
-    return _bytes_response(frames, form)
+    return _bytes_response(frames, form, cache)
+
+
+def _instance_validators(
+    request: Request, study: str, series: str, sop: str, *variant: str
+) -> dict[str, str]:
+    """ETag and Last-Modified of a resource of one instance (frames, bulk data): besides the
+    instance, the bytes depend on the resource path (which frames, which element) and on the
+    negotiated form (variant)."""
+    version = index.version(runtime(request).pool, study, series, sop, auth.read_scope(request))
+    return validators(version, request.url.path, *variant)
 
 
 def _frames_unavailable(stored: str) -> str:
@@ -622,16 +622,17 @@ def _frames_unavailable(stored: str) -> str:
     )
 
 
-def _bytes_response(bodies: list[bytes], form: _FrameForm) -> Response:
+def _bytes_response(bodies: list[bytes], form: _FrameForm, headers: dict[str, str]) -> Response:
     """Frames already in memory, as one part each (or one bare body)."""
     if not form.multipart:
-        return Response(bodies[0], media_type=form.ctype)
+        return Response(bodies[0], media_type=form.ctype, headers=headers)
     boundary = new_boundary()
     body = b"".join(part_head(boundary, form.ctype, len(f)) + f + b"\r\n" for f in bodies)
     mtype = form.ctype.split(";")[0]
     return Response(
         body + closing(boundary),
         media_type=f'multipart/related; type="{mtype}"; boundary={boundary}',
+        headers=headers,
     )
 
 
@@ -646,6 +647,11 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     [(key, syntax, _)] = index.instance_objects(
         rt.pool, study, series, sop, auth.read_scope(request)
     )
+    url = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
+    # The part's Content-Location is absolute, so the root the request came through counts.
+    cache = _instance_validators(request, study, series, sop, mode, url)
+    if (unchanged := not_modified(request, cache)) is not None:
+        return unchanged
     auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
@@ -653,9 +659,9 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     except BaseException as e:
         obj.close()
         return _retrieve_error(e)
-    url = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
     # PS3.18 10.4.3.3.5: each part carries the Content-Location of its BulkDataURI.
-    return _octet_response(obj, [({"Content-Location": f"{url}/bulkdata/{tag}"}, r)], mode)
+    location = {"Content-Location": f"{url}/bulkdata/{tag}"}
+    return _octet_response(obj, [(location, r)], mode, cache)
 
 
 def _retrieve_error(e: BaseException) -> Response:
@@ -670,10 +676,14 @@ def _retrieve_error(e: BaseException) -> Response:
 
 
 def _octet_response(
-    obj: retrieve.StoredObject, parts: list[tuple[dict[str, str], retrieve.ByteRange]], mode: str
+    obj: retrieve.StoredObject,
+    parts: list[tuple[dict[str, str], retrieve.ByteRange]],
+    mode: str,
+    cache: dict[str, str],
 ) -> Response:
     """Byte ranges of obj as one multipart/related part each (or one bare body): read here
-    and sent in one piece when small (a frame or two), else streamed."""
+    and sent in one piece when small (a frame or two), else streamed; with the validators
+    in cache."""
     if mode == "single":
         headers, r = parts[0]
 
@@ -697,6 +707,7 @@ def _octet_response(
 
         body, media_type = multipart(), f'multipart/related; type="{OCTET}"; boundary={boundary}'
         headers = {}
+    headers = {**headers, **cache}
     if sum(r.length for _, r in parts) <= WHOLE_OBJECT_MAX:
         # Each streamed piece costs a worker-thread hop; a small answer is cheaper whole.
         return Response(b"".join(body), media_type=media_type, headers=headers)

@@ -17,7 +17,7 @@ from . import auth
 from .conditional import not_modified, validators
 from .context import runtime
 from .errors import http_error
-from .multipart import Loaded, new_boundary, parse_media_type, write_parts
+from .multipart import Loaded, negotiate, new_boundary, write_parts
 
 MULTIPART = "multipart/related"
 
@@ -73,22 +73,18 @@ def router(prefix: str) -> APIRouter:
 def _negotiate(request: Request) -> _Choice | None:
     """The rendered media type to answer in (PS3.18 8.7.4): the `accept` query parameter if
     given (8.3.3.1), else the Accept header; highest q first; JPEG for wildcards and no header."""
-    header = request.query_params.get("accept") or request.headers.get("accept") or "*/*"
-    ranked: list[tuple[float, int, _Choice]] = []
-    for n, item in enumerate(header.split(",")):
-        mtype, params = parse_media_type(item.strip())
-        try:
-            q = float(params.get("q", "1"))
-        except ValueError:
-            q = 1.0
+
+    def choice(mtype: str, params: dict[str, str]) -> _Choice | None:
         multipart = mtype == MULTIPART
         if multipart:
             mtype = params.get("type", "").lower()
         if mtype in ("*/*", "image/*", "multipart/*"):
             mtype = render.JPEG
-        if q > 0 and mtype in render.MEDIA_TYPES:
-            ranked.append((-q, n, _Choice(mtype, multipart)))
-    return min(ranked, key=lambda t: t[:2])[2] if ranked else None
+        return _Choice(mtype, multipart) if mtype in render.MEDIA_TYPES else None
+
+    header = request.query_params.get("accept") or request.headers.get("accept")
+    choices = negotiate(header, choice)
+    return choices[0] if choices else None
 
 
 def _not_acceptable() -> Response:

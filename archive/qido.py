@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -67,6 +67,9 @@ _CONTROL = {
     "emptyvaluematching",
     "multiplevaluematching",
 }
+# PS3.4 C.2.2.2.1 (Empty Value Matching): with emptyvaluematching=true this value, two quotation
+# marks, matches only entities whose attribute is empty or absent.
+EMPTY_VALUE = '""'
 # PS3.4 C.2.2.2: Specific Character Set says how values are encoded; it is never matched.
 _NEVER_MATCHED = {"00080005"}
 # Values kept as DICOM JSON numbers (PS3.18 F.2.3.1); matched as numbers.
@@ -101,6 +104,10 @@ class Query:
     include: set[str] = field(default_factory=set)
     include_all: bool = False
     fuzzy: bool = False
+    #: emptyvaluematching=true (PS3.18 8.3.4.1): empty attributes also match
+    empty_values: bool = False
+    #: multiplevaluematching=true (PS3.18 8.3.4.1): backslash-separated values are alternatives
+    multiple_values: bool = False
     limit: int = DEFAULT_LIMIT
     offset: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -179,8 +186,10 @@ def _control(q: Query, name: str, value: str) -> None:
         q.offset = _int_param(name, value)
     elif name == "fuzzymatching":
         q.fuzzy = _boolean(name, value)
-    elif _boolean(name, value):
-        q.warnings.append(f"The {name} parameter is not supported; it was ignored")
+    elif name == "emptyvaluematching":
+        q.empty_values = _boolean(name, value)
+    else:
+        q.multiple_values = _boolean(name, value)
 
 
 def _check_level(level: Level, keyword: str, top_tag: str) -> None:
@@ -229,7 +238,7 @@ def parse_query(
             q.warnings.append(f"matching on {name} ({key.vr}) is not supported; ignored")
         else:
             for value in values:
-                _meta_condition(key, value, q.fuzzy)  # malformed values: 400 before the query
+                _meta_matching(q, key, value)  # malformed values: 400 before the query
             q.meta_matches.append((key, values))
     return q
 
@@ -292,6 +301,57 @@ def _fuzzy_pn(expr: str, value: str) -> tuple[str, list[object]]:
         for _ in words
     ]
     return " AND ".join(conds) or "TRUE", list(words)
+
+
+Condition = tuple[str, list[object]]
+
+
+def _extended(
+    q: Query, value: str, one: Callable[[str], Condition | None], empty: Condition
+) -> Condition | None:
+    """The condition of one matching value with the query's extended matching (PS3.18
+    8.3.4.1): with multiplevaluematching=true each backslash-separated value is an alternative
+    (PS3.4 C.2.2.2.1: any of them may match); with emptyvaluematching=true an entity whose
+    attribute is empty or absent (`empty`) matches too, and the value `""` matches only such
+    entities. one(value) is the plain condition of a value, None for universal matching."""
+    if q.empty_values and value == EMPTY_VALUE:
+        return empty
+    alternatives = [value]
+    if q.multiple_values and "\\" in value:
+        alternatives = [v for v in value.split("\\") if v] or [value]
+    conds = [one(v) for v in alternatives]
+    if any(c is None for c in conds):
+        return None
+    found = [c for c in conds if c is not None]
+    if q.empty_values:
+        found.append(empty)
+    if len(found) == 1:
+        return found[0]
+    return "(" + " OR ".join(f"({sql})" for sql, _ in found) + ")", [
+        a for _, args in found for a in args
+    ]
+
+
+def _matching(q: Query, keyword: str, value: str) -> Condition | None:
+    """SQL for one matching value of an indexed attribute, extended matching included."""
+    column, kind = _KEYS[keyword]
+    if kind == "modalities":
+        empty = (
+            "NOT EXISTS (SELECT 1 FROM series m WHERE m.study_uid = s.study_uid"
+            " AND m.state = %s AND coalesce(m.modality, '') <> '')",
+            [PUBLISHED],
+        )
+    else:
+        empty = (f"({column} IS NULL OR {column}::text = '')", [])
+    return _extended(q, value, lambda v: _condition(keyword, v, q.fuzzy), empty)
+
+
+def _meta_matching(q: Query, key: MetaKey, value: str) -> Condition | None:
+    """SQL over `{m}` for one matching value of a metadata key, extended matching included:
+    empty is no value at the key's path (absent, or present without a value)."""
+    values = "$" + "".join(f'."{tag}".Value[*]' for tag in key.path)
+    empty = ("NOT jsonb_path_exists({m}, %s::jsonpath)", [values])
+    return _extended(q, value, lambda v: _meta_condition(key, v, q.fuzzy), empty)
 
 
 def _condition(keyword: str, value: str, fuzzy: bool) -> tuple[str, list[object]] | None:
@@ -420,7 +480,7 @@ def _where(q: Query) -> tuple[list[str], list[object]]:
         args.extend(q.scope.share)
     for keyword, values in q.matches:
         for value in values:
-            c = _condition(keyword, value, q.fuzzy)
+            c = _matching(q, keyword, value)
             if c is not None:
                 conds.append(c[0])
                 args.extend(c[1])
@@ -428,7 +488,7 @@ def _where(q: Query) -> tuple[list[str], list[object]]:
     column = "i.metadata" if q.level == "instance" else "r.metadata"
     for key, values in q.meta_matches:
         for value in values:
-            c = _meta_condition(key, value, q.fuzzy)
+            c = _meta_matching(q, key, value)
             if c is not None:
                 meta.append(c[0].replace("{m}", column))
                 args.extend(c[1])

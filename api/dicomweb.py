@@ -32,7 +32,7 @@ from .multipart import (
     part_head,
     write_parts,
 )
-from .stow_json import MetadataAndBulkData
+from .stow_json import COMPRESSED, MetadataAndBulkData
 
 log = logging.getLogger(__name__)
 
@@ -508,6 +508,7 @@ def _octet_accept(request: Request) -> str | None:
 _BY_RANGE = "range"  # native pixel data, read by offset
 _AS_STORED = "stored"  # a compressed frame, as stored
 _DECODED = "decoded"  # a compressed frame, decoded to native pixels
+_ENCODED = "encoded"  # a frame (decoded if compressed) encoded in another compressed syntax
 
 
 @dataclass(frozen=True)
@@ -518,6 +519,7 @@ class _FrameForm:
     ctype: str
     multipart: bool
     source: str
+    syntax: str  # the transfer syntax of the bytes sent
 
 
 def _frame_form(request: Request, stored: str) -> _FrameForm | None:
@@ -530,14 +532,15 @@ def _frame_form(request: Request, stored: str) -> _FrameForm | None:
         if mtype == "multipart/related":
             mtype = params.get("type", OCTET).lower()
         found = _frame_ctype(mtype, params.get("transfer-syntax"), stored)
-        return None if found is None else _FrameForm(found[0], multipart, found[1])
+        return None if found is None else _FrameForm(found[0], multipart, *found[1:])
 
     forms = negotiate(request.headers.get("accept"), form)
     return forms[0] if forms else None
 
 
-def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, str] | None:
-    """(part Content-Type, source) for one Accept item, or None if it cannot be served."""
+def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, str, str] | None:
+    """(part Content-Type, source, transfer syntax sent) for one Accept item, or None if it
+    cannot be served."""
     native_ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
     if stored in retrieve.NATIVE_LITTLE_ENDIAN:
         if mtype in (OCTET, "application/*", "*/*", "multipart/*") and ts in (
@@ -545,20 +548,32 @@ def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, str] | N
             "*",
             EXPLICIT_LE,
         ):
-            return native_ctype, _BY_RANGE
-        return None
+            return native_ctype, _BY_RANGE, EXPLICIT_LE
+        return _frame_encoding(mtype, ts, stored)
     own = retrieve.FRAME_MEDIA_TYPES.get(stored)
     if own is not None and ts in (None, "*", stored):
         if mtype in (own, "image/*", "*/*", "multipart/*"):
-            return f"{own}; transfer-syntax={stored}", _AS_STORED
+            return f"{own}; transfer-syntax={stored}", _AS_STORED, stored
         if mtype in (OCTET, "application/*") and ts is not None:
             # transfer-syntax=* (or the stored one) on octet-stream asks for the frames as
             # stored, as OHIF does; the parameter then names what the bytes are.
-            return f"{OCTET}; transfer-syntax={stored}", _AS_STORED
+            return f"{OCTET}; transfer-syntax={stored}", _AS_STORED, stored
     decodable = own is not None and transcode.can_decode(stored)
     if decodable and mtype in (OCTET, "application/*") and ts in (None, EXPLICIT_LE):
-        return native_ctype, _DECODED
-    return None
+        return native_ctype, _DECODED, EXPLICIT_LE
+    return _frame_encoding(mtype, ts, stored) if decodable else None
+
+
+def _frame_encoding(mtype: str, ts: str | None, stored: str) -> tuple[str, str, str] | None:
+    """Frames re-encoded in a compressed media type the instance is not stored in (PS3.18
+    8.7.3.3.2): in the transfer-syntax asked for, or with none (or "*") the media type's
+    default (Table 8.7.3-5); only the lossless syntaxes an encoder is installed for."""
+    target = COMPRESSED.get(mtype) if ts in (None, "*") else ts
+    if target is None or target == stored or retrieve.FRAME_MEDIA_TYPES.get(target) != mtype:
+        return None
+    if target not in transcode.targets():
+        return None
+    return f"{mtype}; transfer-syntax={target}", _ENCODED, target
 
 
 def _frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
@@ -589,6 +604,8 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
         with obj:
             if form.source == _AS_STORED:
                 frames = retrieve.encapsulated_frames(obj, numbers)
+            elif form.source == _ENCODED:
+                frames = retrieve.encoded_frames(obj, numbers, form.syntax)
             else:
                 frames = retrieve.decoded_frames(obj, numbers)
     except BaseException as e:
@@ -609,16 +626,23 @@ def _instance_validators(
 
 def _frames_unavailable(stored: str) -> str:
     """Why no acceptable form exists, naming the forms that do."""
+    encodings = ", ".join(
+        f"{retrieve.FRAME_MEDIA_TYPES[ts]} ({_ts_name(ts)})"
+        for ts in transcode.targets()
+        if ts in retrieve.FRAME_MEDIA_TYPES and ts != stored
+    )
+    encoded = f"or re-encoded (grey images only) as {encodings}; lossy encodings are not made"
     if stored in retrieve.NATIVE_LITTLE_ENDIAN:
-        return f'frames of this instance are served as multipart/related; type="{OCTET}"'
+        return f'frames of this instance are served as multipart/related; type="{OCTET}", {encoded}'
     own = retrieve.FRAME_MEDIA_TYPES.get(stored)
     name = _ts_name(stored)
     if own is None:
-        return f"frames of an instance stored as {name} cannot be served (no transcoding yet)"
+        return f"frames of an instance stored as {name} cannot be served"
+    if not transcode.can_decode(stored):
+        return f"frames of an instance stored as {name} can only be served as stored, as {own}"
     return (
         f"the instance is stored as {name}; its frames are served as stored, as {own} (or "
-        f"{OCTET} with transfer-syntax=*), or decoded to {OCTET} (grey images only); no "
-        "transcoding to other syntaxes yet"
+        f"{OCTET} with transfer-syntax=*), decoded to {OCTET} (grey images only), {encoded}"
     )
 
 

@@ -35,6 +35,10 @@ def router(prefix: str) -> APIRouter:
     r = APIRouter(prefix=prefix)
     instance = "/studies/{study}/series/{series}/instances/{sop}"
 
+    @r.get("/studies/{study}/rendered")
+    def study_rendered(request: Request, study: str) -> Response:
+        return _rendered(request, study)
+
     @r.get("/studies/{study}/series/{series}/rendered")
     def series_rendered(request: Request, study: str, series: str) -> Response:
         return _rendered(request, study, series)
@@ -95,7 +99,7 @@ def _not_acceptable() -> Response:
 def _rendered(
     request: Request,
     study: str,
-    series: str,
+    series: str | None = None,
     sop: str | None = None,
     frame_list: str | None = None,
 ) -> Response:
@@ -114,8 +118,8 @@ def _rendered(
         return unchanged
     auth.record_access(request, [study])
     if sop is None:
-        # Series: every instance's first frame as parts, or the first instance alone (as
-        # Orthanc answers, and as dicomweb-client reads a single image).
+        # Study or series: every instance's first frame as parts, or the first instance
+        # alone (as Orthanc answers, and as dicomweb-client reads a single image).
         targets = [(key, 1) for key, _, _ in objects]
         if not choice.multipart:
             targets = targets[:1]
@@ -175,6 +179,18 @@ def _rendering(request: Request, media_type: str, thumbnail: bool = False) -> Re
     """The rendering the query parameters ask for (PS3.18 8.3.5.1); InvalidRequest if a value
     is malformed. Thumbnails take only `viewport` (8.3.5.2) and fit in THUMBNAIL_SIZE."""
     q = request.query_params
+    # PS3.18 8.3.5.1.1, 8.3.5.1.5: burned-in annotations and ICC profiles are not rendered;
+    # asking for them is refused rather than answered with an image that lacks them.
+    if q.get("annotation"):
+        raise retrieve.InvalidRequest(
+            f"annotation={q['annotation']!r} is not supported: images are rendered without "
+            "burned-in annotation"
+        )
+    if q.get("iccprofile", "no").lower() != "no":
+        raise retrieve.InvalidRequest(
+            f"iccprofile={q['iccprofile']!r} is not supported: rendered images carry no ICC "
+            "profile (iccprofile=no)"
+        )
     viewport = render.parse_viewport(q["viewport"]) if "viewport" in q else None
     if thumbnail:
         return Rendering(media_type, viewport=viewport).fitted(render.THUMBNAIL_SIZE)

@@ -32,7 +32,7 @@ from .multipart import (
     part_head,
     write_parts,
 )
-from .stow_json import COMPRESSED, MetadataAndBulkData
+from .stow_json import COMPRESSED, JSON_METADATA, XML_METADATA, MetadataAndBulkData
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +42,8 @@ OCTET = "application/octet-stream"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # Objects up to this size are read whole and sent in one write; larger ones are streamed.
 WHOLE_OBJECT_MAX = 16 << 20
+# STOW-RS metadata and bulk data requests (PS3.18 10.5.1.2), by the type of the body.
+METADATA_FORMS = {DICOM_JSON: JSON_METADATA, DICOM_XML: XML_METADATA}
 # Private block used to say, in words, why a part was refused (next to the FailureReason code).
 _CREATOR = {"vr": "LO", "Value": ["CARINA"]}
 
@@ -161,10 +163,7 @@ async def _stow(request: Request, study: str | None) -> Response:
     if mtype != "multipart/related":
         return http_error(415, 'STOW-RS takes multipart/related; type="application/dicom"')
     part_type = params.get("type", DICOM).lower()
-    if part_type == DICOM_XML:
-        # PS3.19 Native DICOM Model XML: no maintained Python library reads it.
-        return http_error(415, f"{DICOM_XML} metadata is not supported; use {DICOM_JSON}")
-    if part_type not in (DICOM, DICOM_JSON):
+    if part_type not in (DICOM, DICOM_JSON, DICOM_XML):
         return http_error(415, f"parts of type {part_type} are not supported; use {DICOM}")
     boundary = params.get("boundary")
     if not boundary:
@@ -172,8 +171,9 @@ async def _stow(request: Request, study: str | None) -> Response:
 
     intake = runtime(request).intake
     ctx = intake.context(auth.store_collection(request), expected_study=study)
-    if part_type == DICOM_JSON:
-        body = MetadataAndBulkData(boundary, intake.sink, str(request.url))
+    if part_type in METADATA_FORMS:
+        form = METADATA_FORMS[part_type]
+        body = MetadataAndBulkData(boundary, intake.sink, str(request.url), form)
         result = await intake.ingest(body.payloads(request.stream()), ctx)
         if body.unreadable:
             return http_error(400, body.unreadable)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Literal
 
 from psycopg_pool import ConnectionPool
@@ -57,7 +59,15 @@ SERIES_KEYS = {
 INSTANCE_KEYS = {"SOPClassUID", "SOPInstanceUID", "InstanceNumber"}
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+# PS3.5 Table 6.2-1 DT: YYYY[MM[DD[HH[MM[SS[.F{1-6}]]]]]][&ZZXX]
+_DT = r"[0-9]{4}(?:[0-9]{2}){0,5}(?:\.[0-9]{1,6})?(?:[+-][0-9]{4})?"
+_DATETIME = re.compile(f"({_DT})")
+_DATETIME_RANGE = re.compile(f"({_DT})?-({_DT})?")
+_DT_PARTS = re.compile(r"([0-9]{4}(?:[0-9]{2}){0,5})(\.[0-9]{1,6})?([+-][0-9]{4})?")
+_OFFSET = re.compile(r"[+-][0-9]{4}")
+# PS3.18 8.3.4.1 / PS3.4 C.2.2.2.5: a TimezoneOffsetFromUTC key is not matched; it says which
+# offset the query's date-time values without one are in.
+_TIMEZONE_KEYS = {"TimezoneOffsetFromUTC", "00080201"}
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = {
     "includefield",
@@ -108,6 +118,8 @@ class Query:
     empty_values: bool = False
     #: multiplevaluematching=true (PS3.18 8.3.4.1): backslash-separated values are alternatives
     multiple_values: bool = False
+    #: TimezoneOffsetFromUTC of the query (+HHMM/-HHMM): the offset of its DT values without one
+    timezone: str | None = None
     limit: int = DEFAULT_LIMIT
     offset: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -221,6 +233,8 @@ def parse_query(
             raise InvalidQuery(f"the value of {name} contains a NUL character")
         if name in _CONTROL:
             _control(q, name, value)
+        elif name in _TIMEZONE_KEYS:
+            q.timezone = _offset(value, "TimezoneOffsetFromUTC")
         else:
             grouped.setdefault(name, []).append(value)
     for name, values in grouped.items():
@@ -268,7 +282,73 @@ def _range(
     if hi:
         conds.append(f"{column} <= %s")
         # A partial time as upper bound covers its whole hour or minute: "10" admits "1059".
-        args.append(hi + "~" if what in ("time", "datetime") else hi)
+        args.append(hi + "~" if what == "time" else hi)
+    return " AND ".join(conds), args
+
+
+def _offset(text: str, what: str) -> str:
+    """A UTC offset &ZZXX (PS3.5 Table 6.2-1: -1200 to +1400)."""
+    if not _OFFSET.fullmatch(text) or int(text[3:]) > 59 or abs(int(text[:3])) > 14:
+        raise InvalidQuery(f"{what} {text!r} is not a UTC offset (+HHMM or -HHMM)")
+    return text
+
+
+def _instant(text: str, upper: bool, timezone: str | None) -> str:
+    """A DT value as a UTC text comparable with dicom_dt_utc() (migration 021): the start of
+    the period it names, or its end (upper: "2020" ends at 20201231235959.999999); in its own
+    offset, else the query's TimezoneOffsetFromUTC, else UTC."""
+    digits, fraction, offset = _DT_PARTS.fullmatch(text).groups()  # type: ignore[union-attr]
+    fields = [int(digits[0:4])] + [int(digits[i : i + 2]) for i in range(4, len(digits), 2)]
+    micro = int(fraction[1:].ljust(6, "9" if upper else "0")) if fraction else 0
+    try:
+        start = datetime(*fields, *[1, 1][: max(0, 3 - len(fields))], microsecond=micro)
+        if upper and not fraction:
+            start = _period_end(start, len(fields))
+    except (ValueError, OverflowError):
+        raise InvalidQuery(f"date-time {text!r} is not valid") from None
+    zone = _offset(offset, "offset") if offset else timezone
+    if zone:
+        sign = -1 if zone[0] == "-" else 1
+        start -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:]))
+    return start.strftime("%Y%m%d%H%M%S.%f")
+
+
+def _period_end(start: datetime, precision: int) -> datetime:
+    """The last microsecond of the year, month, day, hour, minute or second start begins."""
+    if precision == 1:
+        return start.replace(month=12, day=31, hour=23, minute=59, second=59, microsecond=999999)
+    if precision == 2:
+        last = calendar.monthrange(start.year, start.month)[1]
+        return start.replace(day=last, hour=23, minute=59, second=59, microsecond=999999)
+    unit = (timedelta(days=1), timedelta(hours=1), timedelta(minutes=1), timedelta(seconds=1))
+    return start + unit[precision - 3] - timedelta(microseconds=1)
+
+
+# PS3.3 C.12.1.1.8: an instance's Timezone Offset From UTC is the offset of its DT values that
+# have none of their own.
+_STORED_OFFSET = "{m} -> '00080201' -> 'Value' ->> 0"
+
+
+def _datetime(expr: str, value: str, timezone: str | None) -> Condition:
+    """DT single value or range matching (PS3.4 C.2.2.2.5) on instants, over `{m}`: stored
+    values and query values are both brought to UTC, each by its own offset, else (stored) the
+    instance's TimezoneOffsetFromUTC or (query) the query's, else taken as UTC; so
+    `20200101120000+0100` matches `20200101110000+0000`. A value that reads both as one
+    date-time with an offset and as a range is the former."""
+    utc = f"dicom_dt_utc({expr}, {_STORED_OFFSET})"
+    if _DATETIME.fullmatch(value):
+        return f"{utc} BETWEEN %s AND %s", [
+            _instant(value, False, timezone),
+            _instant(value, True, timezone),
+        ]
+    m = _DATETIME_RANGE.fullmatch(value)
+    if m is None or not (m[1] or m[2]):
+        raise InvalidQuery(f"datetime {value!r} is not a valid value or range")
+    conds, args = [], []
+    for bound, upper, op in ((m[1], False, ">="), (m[2], True, "<=")):
+        if bound:
+            conds.append(f"{utc} {op} %s")
+            args.append(_instant(bound, upper, timezone))
     return " AND ".join(conds), args
 
 
@@ -351,7 +431,7 @@ def _meta_matching(q: Query, key: MetaKey, value: str) -> Condition | None:
     empty is no value at the key's path (absent, or present without a value)."""
     values = "$" + "".join(f'."{tag}".Value[*]' for tag in key.path)
     empty = ("NOT jsonb_path_exists({m}, %s::jsonpath)", [values])
-    return _extended(q, value, lambda v: _meta_condition(key, v, q.fuzzy), empty)
+    return _extended(q, value, lambda v: _meta_condition(key, v, q.fuzzy, q.timezone), empty)
 
 
 def _condition(keyword: str, value: str, fuzzy: bool) -> tuple[str, list[object]] | None:
@@ -415,7 +495,9 @@ def _number(key: MetaKey, value: str) -> int | float:
     return n
 
 
-def _meta_condition(key: MetaKey, value: str, fuzzy: bool) -> tuple[str, list[object]] | None:
+def _meta_condition(
+    key: MetaKey, value: str, fuzzy: bool, timezone: str | None = None
+) -> Condition | None:
     """SQL over `{m}` (an instance's metadata) for one matching value of a key not held in a
     column; None for universal matching. Exact values (and UID lists) are containment, which
     the GIN index answers; wildcards, ranges and person names look at each value in turn.
@@ -434,9 +516,10 @@ def _meta_condition(key: MetaKey, value: str, fuzzy: bool) -> tuple[str, list[ob
     if key.vr == "PN":
         cond, args = _pn("v.x", value, fuzzy)
         path += ".Alphabetic"
-    elif key.vr in ("DA", "TM", "DT"):
-        pattern = {"DA": _DATE, "TM": _TIME, "DT": _DATETIME}[key.vr]
-        what = {"DA": "date", "TM": "time"}.get(key.vr, "datetime")
+    elif key.vr == "DT":
+        cond, args = _datetime("v.x", value, timezone)
+    elif key.vr in ("DA", "TM"):
+        pattern, what = (_DATE, "date") if key.vr == "DA" else (_TIME, "time")
         cond, args = _range("v.x", value, pattern, what)
     elif "*" in value or "?" in value:
         cond, args = "v.x LIKE %s", [_like(value)]

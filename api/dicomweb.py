@@ -584,14 +584,15 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     except retrieve.InvalidRequest as e:
         return http_error(400, str(e))
     rt = runtime(request)
-    scope = auth.read_scope(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, scope)
+    key, syntax, _, version = index.instance_object(
+        rt.pool, study, series, sop, auth.read_scope(request)
+    )
     form = _frame_form(request, syntax)
     if form is None:
         return http_error(406, _frames_unavailable(syntax))
     if not form.multipart and len(numbers) > 1:
         return http_error(406, "several frames need a multipart/related response")
-    cache = _instance_validators(request, study, series, sop, form.ctype, str(form.multipart))
+    cache = validators(version, request.url.path, form.ctype, str(form.multipart))
     if (unchanged := not_modified(request, cache)) is not None:
         return unchanged
     auth.record_access(request, [study])
@@ -612,16 +613,6 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
         obj.close()
         return _retrieve_error(e)
     return _bytes_response(frames, form, cache)
-
-
-def _instance_validators(
-    request: Request, study: str, series: str, sop: str, *variant: str
-) -> dict[str, str]:
-    """ETag and Last-Modified of a resource of one instance (frames, bulk data): besides the
-    instance, the bytes depend on the resource path (which frames, which element) and on the
-    negotiated form (variant)."""
-    version = index.version(runtime(request).pool, study, series, sop, auth.read_scope(request))
-    return validators(version, request.url.path, *variant)
 
 
 def _frames_unavailable(stored: str) -> str:
@@ -668,12 +659,13 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
     rt = runtime(request)
-    [(key, syntax, _)] = index.instance_objects(
+    key, syntax, _, version = index.instance_object(
         rt.pool, study, series, sop, auth.read_scope(request)
     )
     url = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
-    # The part's Content-Location is absolute, so the root the request came through counts.
-    cache = _instance_validators(request, study, series, sop, mode, url)
+    # The validators name the resource path (which frames, which element) and the form; the
+    # part's Content-Location is absolute, so the root the request came through counts too.
+    cache = validators(version, request.url.path, mode, url)
     if (unchanged := not_modified(request, cache)) is not None:
         return unchanged
     auth.record_access(request, [study])

@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from carina.archive import index, render, retrieve
+from carina.archive.index import Version
 from carina.archive.render import Rendering
 from carina.archive.storage import ObjectStore
 
@@ -112,22 +113,25 @@ def _rendered(
     except retrieve.InvalidRequest as e:
         return http_error(400, str(e))
     rt = runtime(request)
-    objects = index.instance_objects(rt.pool, study, series, sop, auth.read_scope(request))
-    cache = _validators(request, choice, study, series, sop)
-    if (unchanged := not_modified(request, cache)) is not None:
-        return unchanged
-    auth.record_access(request, [study])
+    scope = auth.read_scope(request)
     if sop is None:
         # Study or series: every instance's first frame as parts, or the first instance
         # alone (as Orthanc answers, and as dicomweb-client reads a single image).
+        objects = index.instance_objects(rt.pool, study, series, sop, scope)
+        version = index.version(rt.pool, study, series, sop, scope)
         targets = [(key, 1) for key, _, _ in objects]
         if not choice.multipart:
             targets = targets[:1]
     else:
-        [(key, _, _)] = objects
+        assert series is not None  # the instance routes name their series
+        key, _, _, version = index.instance_object(rt.pool, study, series, sop, scope)
         targets = [(key, n) for n in numbers]
-        if len(targets) > 1 and not choice.multipart:
-            return http_error(406, "several frames need a multipart/related response")
+    cache = _validators(request, choice, version)
+    if (unchanged := not_modified(request, cache)) is not None:
+        return unchanged
+    if len(targets) > 1 and not choice.multipart:
+        return http_error(406, "several frames need a multipart/related response")
+    auth.record_access(request, [study])
     return _answer(rt.store, targets, rendering, choice, frame_list is not None, cache)
 
 
@@ -152,7 +156,7 @@ def _thumbnail(
         return http_error(400, "a thumbnail is of one frame")
     rt = runtime(request)
     scope = auth.read_scope(request)
-    cache = _validators(request, choice, study, series, sop)
+    cache = _validators(request, choice, index.version(rt.pool, study, series, sop, scope))
     if (unchanged := not_modified(request, cache)) is not None:
         return unchanged
     if series is None:
@@ -163,13 +167,10 @@ def _thumbnail(
     return _answer(rt.store, [(key, numbers[0])], rendering, choice, True, cache)
 
 
-def _validators(
-    request: Request, choice: _Choice, study: str, series: str | None, sop: str | None
-) -> dict[str, str]:
-    """ETag and Last-Modified of a rendered resource: besides the instances in scope, the image
-    depends on the resource path (frames, thumbnail or not), the rendering parameters in the
-    query and the negotiated media type."""
-    version = index.version(runtime(request).pool, study, series, sop, auth.read_scope(request))
+def _validators(request: Request, choice: _Choice, version: Version) -> dict[str, str]:
+    """ETag and Last-Modified of a rendered resource: besides the instances in scope (version),
+    the image depends on the resource path (frames, thumbnail or not), the rendering parameters
+    in the query and the negotiated media type."""
     return validators(
         version, choice.media_type, str(choice.multipart), request.url.path, request.url.query
     )

@@ -288,9 +288,11 @@ def _range(
 
 def _offset(text: str, what: str) -> str:
     """A UTC offset &ZZXX (PS3.5 Table 6.2-1: -1200 to +1400)."""
-    if not _OFFSET.fullmatch(text) or int(text[3:]) > 59 or abs(int(text[:3])) > 14:
-        raise InvalidQuery(f"{what} {text!r} is not a UTC offset (+HHMM or -HHMM)")
-    return text
+    if _OFFSET.fullmatch(text) and int(text[3:]) < 60:
+        minutes = int(text[1:3]) * 60 + int(text[3:])
+        if minutes <= (720 if text[0] == "-" else 840):
+            return text
+    raise InvalidQuery(f"{what} {text!r} is not a UTC offset from -1200 to +1400")
 
 
 def _instant(text: str, upper: bool, timezone: str | None) -> str:

@@ -106,6 +106,8 @@ def test_timezone_offset_from_utc_applies_to_values_without_offset(
         {"AcquisitionDateTime": "-"},
         {"AcquisitionDateTime": "2020", "TimezoneOffsetFromUTC": "0100"},
         {"AcquisitionDateTime": "2020", "TimezoneOffsetFromUTC": "+1500"},
+        {"AcquisitionDateTime": "2020", "TimezoneOffsetFromUTC": "-1300"},
+        {"AcquisitionDateTime": "2020", "TimezoneOffsetFromUTC": "+0160"},
     ],
 )
 def test_malformed_date_times_and_offsets_are_400(

@@ -27,12 +27,13 @@ from .multipart import (
     PartReader,
     body_length,
     closing,
+    negotiate,
     new_boundary,
     parse_media_type,
     part_head,
     write_parts,
 )
-from .stow_json import MetadataAndBulkData
+from .stow_json import COMPRESSED, JSON_METADATA, XML_METADATA, MetadataAndBulkData
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,8 @@ OCTET = "application/octet-stream"
 EXPLICIT_LE = "1.2.840.10008.1.2.1"
 # Objects up to this size are read whole and sent in one write; larger ones are streamed.
 WHOLE_OBJECT_MAX = 16 << 20
+# STOW-RS metadata and bulk data requests (PS3.18 10.5.1.2), by the type of the body.
+METADATA_FORMS = {DICOM_JSON: JSON_METADATA, DICOM_XML: XML_METADATA}
 # Private block used to say, in words, why a part was refused (next to the FailureReason code).
 _CREATOR = {"vr": "LO", "Value": ["CARINA"]}
 
@@ -62,26 +65,17 @@ def _dicom_accept(request: Request) -> list[str]:
     """Negotiate multipart/related; type=application/dicom (PS3.18 8.7.3.5): the acceptable
     transfer syntaxes ("*" for as stored), highest q-value first, in header order among equals;
     empty when no Accept item admits DICOM instances."""
-    header = request.headers.get("accept") or "*/*"
-    ranked: list[tuple[float, int, str]] = []
-    for n, item in enumerate(header.split(",")):
-        mtype, params = parse_media_type(item.strip())
-        try:
-            q = float(params.get("q", "1"))
-        except ValueError:
-            q = 1.0
-        if q <= 0:  # RFC 9110 12.4.2: q=0 means "not acceptable"
-            continue
+
+    def syntax(mtype: str, params: dict[str, str]) -> str | None:
         if mtype in ("*/*", "multipart/*"):
-            ts = transcode.DEFAULT
-        elif mtype == "multipart/related" and params.get("type", DICOM).lower() == DICOM:
+            return transcode.DEFAULT
+        if mtype == "multipart/related" and params.get("type", DICOM).lower() == DICOM:
             # PS3.18 8.7.8.2: no transfer-syntax parameter selects the default syntax, Explicit
             # VR Little Endian (8.7.3.4); "*" asks for the stored form, never decoded.
-            ts = params.get("transfer-syntax", transcode.DEFAULT).strip()
-        else:
-            continue
-        ranked.append((-q, n, ts))
-    return [ts for _, _, ts in sorted(ranked)]
+            return params.get("transfer-syntax", transcode.DEFAULT).strip()
+        return None
+
+    return negotiate(request.headers.get("accept"), syntax)
 
 
 def router(prefix: str) -> APIRouter:
@@ -170,10 +164,7 @@ async def _stow(request: Request, study: str | None) -> Response:
     if mtype != "multipart/related":
         return http_error(415, 'STOW-RS takes multipart/related; type="application/dicom"')
     part_type = params.get("type", DICOM).lower()
-    if part_type == DICOM_XML:
-        # PS3.19 Native DICOM Model XML: no maintained Python library reads it.
-        return http_error(415, f"{DICOM_XML} metadata is not supported; use {DICOM_JSON}")
-    if part_type not in (DICOM, DICOM_JSON):
+    if part_type not in (DICOM, DICOM_JSON, DICOM_XML):
         return http_error(415, f"parts of type {part_type} are not supported; use {DICOM}")
     boundary = params.get("boundary")
     if not boundary:
@@ -183,8 +174,9 @@ async def _stow(request: Request, study: str | None) -> Response:
     started = datetime.now(UTC)
     collection = auth.store_collection(request)
     ctx = intake.context(collection, expected_study=study)
-    if part_type == DICOM_JSON:
-        body = MetadataAndBulkData(boundary, intake.sink, str(request.url))
+    if part_type in METADATA_FORMS:
+        form = METADATA_FORMS[part_type]
+        body = MetadataAndBulkData(boundary, intake.sink, str(request.url), form)
         result = await intake.ingest(body.payloads(request.stream()), ctx)
         await submissions.record_stow(request, collection, started, result)
         if body.unreadable:
@@ -521,6 +513,7 @@ def _octet_accept(request: Request) -> str | None:
 _BY_RANGE = "range"  # native pixel data, read by offset
 _AS_STORED = "stored"  # a compressed frame, as stored
 _DECODED = "decoded"  # a compressed frame, decoded to native pixels
+_ENCODED = "encoded"  # a frame (decoded if compressed) encoded in another compressed syntax
 
 
 @dataclass(frozen=True)
@@ -531,31 +524,28 @@ class _FrameForm:
     ctype: str
     multipart: bool
     source: str
+    syntax: str  # the transfer syntax of the bytes sent
 
 
 def _frame_form(request: Request, stored: str) -> _FrameForm | None:
     """The first acceptable form of the frames of an instance stored in stored, highest q
     first (PS3.18 8.7.3.3): native pixels as application/octet-stream (Table 8.7.3-4), or
     compressed frames as stored, in their own media type (Table 8.7.3-5); None if none fits."""
-    header = request.headers.get("accept") or "*/*"
-    ranked: list[tuple[float, int, _FrameForm]] = []
-    for n, item in enumerate(header.split(",")):
-        mtype, params = parse_media_type(item.strip())
-        try:
-            q = float(params.get("q", "1"))
-        except ValueError:
-            q = 1.0
+
+    def form(mtype: str, params: dict[str, str]) -> _FrameForm | None:
         multipart = mtype in ("*/*", "multipart/*", "multipart/related")
         if mtype == "multipart/related":
             mtype = params.get("type", OCTET).lower()
-        form = _frame_ctype(mtype, params.get("transfer-syntax"), stored)
-        if q > 0 and form is not None:
-            ranked.append((-q, n, _FrameForm(form[0], multipart, form[1])))
-    return min(ranked, key=lambda t: t[:2])[2] if ranked else None
+        found = _frame_ctype(mtype, params.get("transfer-syntax"), stored)
+        return None if found is None else _FrameForm(found[0], multipart, *found[1:])
+
+    forms = negotiate(request.headers.get("accept"), form)
+    return forms[0] if forms else None
 
 
-def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, str] | None:
-    """(part Content-Type, source) for one Accept item, or None if it cannot be served."""
+def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, str, str] | None:
+    """(part Content-Type, source, transfer syntax sent) for one Accept item, or None if it
+    cannot be served."""
     native_ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
     if stored in retrieve.NATIVE_LITTLE_ENDIAN:
         if mtype in (OCTET, "application/*", "*/*", "multipart/*") and ts in (
@@ -563,20 +553,32 @@ def _frame_ctype(mtype: str, ts: str | None, stored: str) -> tuple[str, str] | N
             "*",
             EXPLICIT_LE,
         ):
-            return native_ctype, _BY_RANGE
-        return None
+            return native_ctype, _BY_RANGE, EXPLICIT_LE
+        return _frame_encoding(mtype, ts, stored)
     own = retrieve.FRAME_MEDIA_TYPES.get(stored)
     if own is not None and ts in (None, "*", stored):
         if mtype in (own, "image/*", "*/*", "multipart/*"):
-            return f"{own}; transfer-syntax={stored}", _AS_STORED
+            return f"{own}; transfer-syntax={stored}", _AS_STORED, stored
         if mtype in (OCTET, "application/*") and ts is not None:
             # transfer-syntax=* (or the stored one) on octet-stream asks for the frames as
             # stored, as OHIF does; the parameter then names what the bytes are.
-            return f"{OCTET}; transfer-syntax={stored}", _AS_STORED
+            return f"{OCTET}; transfer-syntax={stored}", _AS_STORED, stored
     decodable = own is not None and transcode.can_decode(stored)
     if decodable and mtype in (OCTET, "application/*") and ts in (None, EXPLICIT_LE):
-        return native_ctype, _DECODED
-    return None
+        return native_ctype, _DECODED, EXPLICIT_LE
+    return _frame_encoding(mtype, ts, stored) if decodable else None
+
+
+def _frame_encoding(mtype: str, ts: str | None, stored: str) -> tuple[str, str, str] | None:
+    """Frames re-encoded in a compressed media type the instance is not stored in (PS3.18
+    8.7.3.3.2): in the transfer-syntax asked for, or with none (or "*") the media type's
+    default (Table 8.7.3-5); only the lossless syntaxes an encoder is installed for."""
+    target = COMPRESSED.get(mtype) if ts in (None, "*") else ts
+    if target is None or target == stored or retrieve.FRAME_MEDIA_TYPES.get(target) != mtype:
+        return None
+    if target not in transcode.targets():
+        return None
+    return f"{mtype}; transfer-syntax={target}", _ENCODED, target
 
 
 def _frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
@@ -587,56 +589,70 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     except retrieve.InvalidRequest as e:
         return http_error(400, str(e))
     rt = runtime(request)
-    scope = auth.read_scope(request)
-    [(key, syntax, _)] = index.instance_objects(rt.pool, study, series, sop, scope)
+    key, syntax, _, version = index.instance_object(
+        rt.pool, study, series, sop, auth.read_scope(request)
+    )
     form = _frame_form(request, syntax)
     if form is None:
         return http_error(406, _frames_unavailable(syntax))
     if not form.multipart and len(numbers) > 1:
         return http_error(406, "several frames need a multipart/related response")
+    cache = validators(version, request.url.path, form.ctype, str(form.multipart))
+    if (unchanged := not_modified(request, cache)) is not None:
+        return unchanged
     auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
         if form.source == _BY_RANGE:
             ranges = retrieve.frame_ranges(obj, syntax, numbers)
             mode = "multipart" if form.multipart else "single"
-            return _octet_response(obj, [({}, r) for r in ranges], mode)
+            return _octet_response(obj, [({}, r) for r in ranges], mode, cache)
         with obj:
             if form.source == _AS_STORED:
                 frames = retrieve.encapsulated_frames(obj, numbers)
+            elif form.source == _ENCODED:
+                frames = retrieve.encoded_frames(obj, numbers, form.syntax)
             else:
                 frames = retrieve.decoded_frames(obj, numbers)
     except BaseException as e:
         obj.close()
         return _retrieve_error(e)
-    return _bytes_response(frames, form)
+    return _bytes_response(frames, form, cache)
 
 
 def _frames_unavailable(stored: str) -> str:
     """Why no acceptable form exists, naming the forms that do."""
+    encodings = ", ".join(
+        f"{retrieve.FRAME_MEDIA_TYPES[ts]} ({_ts_name(ts)})"
+        for ts in transcode.targets()
+        if ts in retrieve.FRAME_MEDIA_TYPES and ts != stored
+    )
+    encoded = f"or re-encoded (grey images only) as {encodings}; lossy encodings are not made"
     if stored in retrieve.NATIVE_LITTLE_ENDIAN:
-        return f'frames of this instance are served as multipart/related; type="{OCTET}"'
+        return f'frames of this instance are served as multipart/related; type="{OCTET}", {encoded}'
     own = retrieve.FRAME_MEDIA_TYPES.get(stored)
     name = _ts_name(stored)
     if own is None:
-        return f"frames of an instance stored as {name} cannot be served (no transcoding yet)"
+        return f"frames of an instance stored as {name} cannot be served"
+    if not transcode.can_decode(stored):
+        return f"frames of an instance stored as {name} can only be served as stored, as {own}"
     return (
         f"the instance is stored as {name}; its frames are served as stored, as {own} (or "
-        f"{OCTET} with transfer-syntax=*), or decoded to {OCTET} (grey images only); no "
-        "transcoding to other syntaxes yet"
+        f"{OCTET} with transfer-syntax=*), decoded to {OCTET} (grey images only), {encoded}"
     )
 
 
-def _bytes_response(bodies: list[bytes], form: _FrameForm) -> Response:
+def _bytes_response(bodies: list[bytes], form: _FrameForm, headers: dict[str, str]) -> Response:
     """Frames already in memory, as one part each (or one bare body)."""
     if not form.multipart:
-        return Response(bodies[0], media_type=form.ctype)
+        return Response(bodies[0], media_type=form.ctype, headers=headers)
     boundary = new_boundary()
     body = b"".join(part_head(boundary, form.ctype, len(f)) + f + b"\r\n" for f in bodies)
     mtype = form.ctype.split(";")[0]
     return Response(
         body + closing(boundary),
         media_type=f'multipart/related; type="{mtype}"; boundary={boundary}',
+        headers=headers,
     )
 
 
@@ -648,9 +664,15 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
     rt = runtime(request)
-    [(key, syntax, _)] = index.instance_objects(
+    key, syntax, _, version = index.instance_object(
         rt.pool, study, series, sop, auth.read_scope(request)
     )
+    url = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
+    # The validators name the resource path (which frames, which element) and the form; the
+    # part's Content-Location is absolute, so the root the request came through counts too.
+    cache = validators(version, request.url.path, mode, url)
+    if (unchanged := not_modified(request, cache)) is not None:
+        return unchanged
     auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
@@ -658,9 +680,9 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     except BaseException as e:
         obj.close()
         return _retrieve_error(e)
-    url = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
     # PS3.18 10.4.3.3.5: each part carries the Content-Location of its BulkDataURI.
-    return _octet_response(obj, [({"Content-Location": f"{url}/bulkdata/{tag}"}, r)], mode)
+    location = {"Content-Location": f"{url}/bulkdata/{tag}"}
+    return _octet_response(obj, [(location, r)], mode, cache)
 
 
 def _retrieve_error(e: BaseException) -> Response:
@@ -675,10 +697,14 @@ def _retrieve_error(e: BaseException) -> Response:
 
 
 def _octet_response(
-    obj: retrieve.StoredObject, parts: list[tuple[dict[str, str], retrieve.ByteRange]], mode: str
+    obj: retrieve.StoredObject,
+    parts: list[tuple[dict[str, str], retrieve.ByteRange]],
+    mode: str,
+    cache: dict[str, str],
 ) -> Response:
     """Byte ranges of obj as one multipart/related part each (or one bare body): read here
-    and sent in one piece when small (a frame or two), else streamed."""
+    and sent in one piece when small (a frame or two), else streamed; with the validators
+    in cache."""
     if mode == "single":
         headers, r = parts[0]
 
@@ -702,6 +728,7 @@ def _octet_response(
 
         body, media_type = multipart(), f'multipart/related; type="{OCTET}"; boundary={boundary}'
         headers = {}
+    headers = {**headers, **cache}
     if sum(r.length for _, r in parts) <= WHOLE_OBJECT_MAX:
         # Each streamed piece costs a worker-thread hop; a small answer is cheaper whole.
         return Response(b"".join(body), media_type=media_type, headers=headers)

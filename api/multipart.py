@@ -8,6 +8,7 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import Message
+from typing import TypeVar
 
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
@@ -26,6 +27,27 @@ def parse_media_type(header: str | None) -> tuple[str, dict[str, str]]:
     msg["content-type"] = header
     params = {k.lower(): v for k, v in msg.get_params(failobj=[])[1:]}
     return msg.get_content_type().lower(), params
+
+
+T = TypeVar("T")
+
+
+def negotiate(header: str | None, choose: Callable[[str, dict[str, str]], T | None]) -> list[T]:
+    """Content negotiation (RFC 9110 12.5.1) over an Accept header ("*/*" when absent): what
+    choose makes of each item (media type, parameters) it does not refuse with None, highest
+    q-value first and in header order among equals. q=0 means "not acceptable" (12.4.2) and
+    drops the item; a malformed q counts as 1."""
+    ranked: list[tuple[float, int, T]] = []
+    for n, item in enumerate((header or "*/*").split(",")):
+        mtype, params = parse_media_type(item.strip())
+        try:
+            q = float(params.get("q", "1"))
+        except ValueError:
+            q = 1.0
+        if q > 0 and (choice := choose(mtype, params)) is not None:
+            ranked.append((-q, n, choice))
+    ranked.sort(key=lambda t: t[:2])
+    return [choice for _, _, choice in ranked]
 
 
 class PartReader:

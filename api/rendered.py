@@ -10,6 +10,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
 from carina.archive import index, render, retrieve
+from carina.archive.index import Version
 from carina.archive.render import Rendering
 from carina.archive.storage import ObjectStore
 
@@ -17,7 +18,7 @@ from . import auth
 from .conditional import not_modified, validators
 from .context import runtime
 from .errors import http_error
-from .multipart import Loaded, new_boundary, parse_media_type, write_parts
+from .multipart import Loaded, negotiate, new_boundary, write_parts
 
 MULTIPART = "multipart/related"
 
@@ -34,6 +35,10 @@ def router(prefix: str) -> APIRouter:
     """The rendered and thumbnail routes of one DICOMweb root."""
     r = APIRouter(prefix=prefix)
     instance = "/studies/{study}/series/{series}/instances/{sop}"
+
+    @r.get("/studies/{study}/rendered")
+    def study_rendered(request: Request, study: str) -> Response:
+        return _rendered(request, study)
 
     @r.get("/studies/{study}/series/{series}/rendered")
     def series_rendered(request: Request, study: str, series: str) -> Response:
@@ -73,22 +78,18 @@ def router(prefix: str) -> APIRouter:
 def _negotiate(request: Request) -> _Choice | None:
     """The rendered media type to answer in (PS3.18 8.7.4): the `accept` query parameter if
     given (8.3.3.1), else the Accept header; highest q first; JPEG for wildcards and no header."""
-    header = request.query_params.get("accept") or request.headers.get("accept") or "*/*"
-    ranked: list[tuple[float, int, _Choice]] = []
-    for n, item in enumerate(header.split(",")):
-        mtype, params = parse_media_type(item.strip())
-        try:
-            q = float(params.get("q", "1"))
-        except ValueError:
-            q = 1.0
+
+    def choice(mtype: str, params: dict[str, str]) -> _Choice | None:
         multipart = mtype == MULTIPART
         if multipart:
             mtype = params.get("type", "").lower()
         if mtype in ("*/*", "image/*", "multipart/*"):
             mtype = render.JPEG
-        if q > 0 and mtype in render.MEDIA_TYPES:
-            ranked.append((-q, n, _Choice(mtype, multipart)))
-    return min(ranked, key=lambda t: t[:2])[2] if ranked else None
+        return _Choice(mtype, multipart) if mtype in render.MEDIA_TYPES else None
+
+    header = request.query_params.get("accept") or request.headers.get("accept")
+    choices = negotiate(header, choice)
+    return choices[0] if choices else None
 
 
 def _not_acceptable() -> Response:
@@ -99,7 +100,7 @@ def _not_acceptable() -> Response:
 def _rendered(
     request: Request,
     study: str,
-    series: str,
+    series: str | None = None,
     sop: str | None = None,
     frame_list: str | None = None,
 ) -> Response:
@@ -112,22 +113,25 @@ def _rendered(
     except retrieve.InvalidRequest as e:
         return http_error(400, str(e))
     rt = runtime(request)
-    objects = index.instance_objects(rt.pool, study, series, sop, auth.read_scope(request))
-    cache = _validators(request, choice, study, series, sop)
-    if (unchanged := not_modified(request, cache)) is not None:
-        return unchanged
-    auth.record_access(request, [study])
+    scope = auth.read_scope(request)
     if sop is None:
-        # Series: every instance's first frame as parts, or the first instance alone (as
-        # Orthanc answers, and as dicomweb-client reads a single image).
+        # Study or series: every instance's first frame as parts, or the first instance
+        # alone (as Orthanc answers, and as dicomweb-client reads a single image).
+        objects = index.instance_objects(rt.pool, study, series, sop, scope)
+        version = index.version(rt.pool, study, series, sop, scope)
         targets = [(key, 1) for key, _, _ in objects]
         if not choice.multipart:
             targets = targets[:1]
     else:
-        [(key, _, _)] = objects
+        assert series is not None  # the instance routes name their series
+        key, _, _, version = index.instance_object(rt.pool, study, series, sop, scope)
         targets = [(key, n) for n in numbers]
-        if len(targets) > 1 and not choice.multipart:
-            return http_error(406, "several frames need a multipart/related response")
+    cache = _validators(request, choice, version)
+    if (unchanged := not_modified(request, cache)) is not None:
+        return unchanged
+    if len(targets) > 1 and not choice.multipart:
+        return http_error(406, "several frames need a multipart/related response")
+    auth.record_access(request, [study])
     return _answer(rt.store, targets, rendering, choice, frame_list is not None, cache)
 
 
@@ -152,7 +156,7 @@ def _thumbnail(
         return http_error(400, "a thumbnail is of one frame")
     rt = runtime(request)
     scope = auth.read_scope(request)
-    cache = _validators(request, choice, study, series, sop)
+    cache = _validators(request, choice, index.version(rt.pool, study, series, sop, scope))
     if (unchanged := not_modified(request, cache)) is not None:
         return unchanged
     if series is None:
@@ -163,13 +167,10 @@ def _thumbnail(
     return _answer(rt.store, [(key, numbers[0])], rendering, choice, True, cache)
 
 
-def _validators(
-    request: Request, choice: _Choice, study: str, series: str | None, sop: str | None
-) -> dict[str, str]:
-    """ETag and Last-Modified of a rendered resource: besides the instances in scope, the image
-    depends on the resource path (frames, thumbnail or not), the rendering parameters in the
-    query and the negotiated media type."""
-    version = index.version(runtime(request).pool, study, series, sop, auth.read_scope(request))
+def _validators(request: Request, choice: _Choice, version: Version) -> dict[str, str]:
+    """ETag and Last-Modified of a rendered resource: besides the instances in scope (version),
+    the image depends on the resource path (frames, thumbnail or not), the rendering parameters
+    in the query and the negotiated media type."""
     return validators(
         version, choice.media_type, str(choice.multipart), request.url.path, request.url.query
     )
@@ -179,6 +180,18 @@ def _rendering(request: Request, media_type: str, thumbnail: bool = False) -> Re
     """The rendering the query parameters ask for (PS3.18 8.3.5.1); InvalidRequest if a value
     is malformed. Thumbnails take only `viewport` (8.3.5.2) and fit in THUMBNAIL_SIZE."""
     q = request.query_params
+    # PS3.18 8.3.5.1.1, 8.3.5.1.5: burned-in annotations and ICC profiles are not rendered;
+    # asking for them is refused rather than answered with an image that lacks them.
+    if q.get("annotation"):
+        raise retrieve.InvalidRequest(
+            f"annotation={q['annotation']!r} is not supported: images are rendered without "
+            "burned-in annotation"
+        )
+    if q.get("iccprofile", "no").lower() != "no":
+        raise retrieve.InvalidRequest(
+            f"iccprofile={q['iccprofile']!r} is not supported: rendered images carry no ICC "
+            "profile (iccprofile=no)"
+        )
     viewport = render.parse_viewport(q["viewport"]) if "viewport" in q else None
     if thumbnail:
         return Rendering(media_type, viewport=viewport).fitted(render.THUMBNAIL_SIZE)

@@ -1,6 +1,8 @@
 """STOW-RS of metadata and bulk data (PS3.18 10.5.1.2): a multipart/related body of
-type="application/dicom+json" whose first part is a DICOM JSON array of instances and whose
-further parts hold their bulk data, each under the Content-Location its BulkDataURI names.
+type="application/dicom+json" whose first part is a DICOM JSON array of instances, or of
+type="application/dicom+xml" whose first parts are one Native DICOM Model document per instance
+(PS3.19 A.1), and whose further parts hold their bulk data, each under the Content-Location its
+BulkDataURI names.
 
 Instances are made into PS3.10 files (curation/dicom_json) as soon as every part they reference
 has arrived, so a request is streamed as a Part 10 one is: bulk parts wait in the intake area's
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urljoin
 
@@ -18,6 +21,7 @@ from carina.curation import dicom_json
 from carina.curation.errors import InstanceRefused
 from carina.curation.intake import CANNOT_UNDERSTAND, PartSink, Refusal
 
+from .dicomxml import DICOM_XML, read_native_xml
 from .multipart import MultipartError, PartReader, parse_media_type
 
 DICOM_JSON = "application/dicom+json"
@@ -69,12 +73,51 @@ def _uid(instance: object, tag: str) -> str:
     return value if isinstance(value, str) else ""
 
 
+def _json_instances(text: bytes) -> list[dict]:
+    """The instances of a DICOM JSON metadata part (PS3.18 F.2: an array of objects)."""
+    try:
+        instances = json.loads(text)
+    except (ValueError, UnicodeDecodeError):
+        raise ValueError("metadata part is not JSON") from None
+    if not isinstance(instances, list) or not instances:
+        raise ValueError("metadata is not a DICOM JSON array of instances")
+    return instances
+
+
+def _xml_instances(text: bytes) -> list[dict]:
+    """The instance of an XML metadata part: one NativeDicomModel document (PS3.19 A.1)."""
+    return [read_native_xml(text)]
+
+
+@dataclass(frozen=True)
+class MetadataForm:
+    """How a request's metadata parts are written: their media type, whether each part holds
+    one instance (XML, so every part of that type before the first bulk data part is metadata)
+    or the first part holds them all (JSON), and the reader of a part's instances (ValueError
+    with the reason if it cannot be read)."""
+
+    media_type: str
+    part_per_instance: bool
+    read: Callable[[bytes], list[dict]]
+
+
+JSON_METADATA = MetadataForm(DICOM_JSON, False, _json_instances)
+XML_METADATA = MetadataForm(DICOM_XML, True, _xml_instances)
+
+
 class MetadataAndBulkData:
     """Reads one such body; payloads() yields PS3.10 files (or Refusals) for the intake.
     `unreadable` says why when nothing could be read (400); `seen` counts the parts."""
 
-    def __init__(self, boundary: str, new_sink: Callable[[], PartSink], url: str) -> None:
+    def __init__(
+        self,
+        boundary: str,
+        new_sink: Callable[[], PartSink],
+        url: str,
+        form: MetadataForm = JSON_METADATA,
+    ) -> None:
         self._url = url
+        self._form = form
         self._new_sink = new_sink
         self._reader = PartReader(boundary, self._sink, accept=lambda _: True)
         self._pending: list[_Pending] = []
@@ -94,7 +137,7 @@ class MetadataAndBulkData:
                 self.seen += 1
                 assert isinstance(sink, _LocatedSink)
                 payload = sink.finish()
-                if self.seen == 1:
+                if self.seen == 1 or self._more_metadata(ctype):
                     for refusal in self._metadata(ctype, payload):
                         yield refusal
                     continue
@@ -122,22 +165,28 @@ class MetadataAndBulkData:
             yield pending.refusal(CANNOT_UNDERSTAND, missing)
         self._discard(list(self._parts))
 
+    def _more_metadata(self, ctype: str) -> bool:
+        """Whether a part after the first is metadata too: XML parts before any bulk data."""
+        return (
+            self._form.part_per_instance
+            and not self._parts
+            and parse_media_type(ctype)[0] == self._form.media_type
+        )
+
     def _metadata(self, ctype: str, payload: bytearray | str) -> list[Refusal]:
-        """Read the metadata part into pending instances; Refusals for what cannot be read."""
-        if parse_media_type(ctype)[0] not in ("", DICOM_JSON):
+        """Read a metadata part into pending instances; Refusals for what cannot be read."""
+        media_type = self._form.media_type
+        if parse_media_type(ctype)[0] not in ("", media_type):
             _remove(payload)
             return [
-                Refusal(CANNOT_UNDERSTAND, f"first part is {ctype!r}, not {DICOM_JSON} metadata")
+                Refusal(CANNOT_UNDERSTAND, f"first part is {ctype!r}, not {media_type} metadata")
             ]
         try:
-            text = payload if not isinstance(payload, str) else Path(payload).read_bytes()
-            instances = json.loads(text)
-        except (ValueError, UnicodeDecodeError):
-            return [Refusal(CANNOT_UNDERSTAND, "metadata part is not JSON")]
+            instances = self._form.read(_read(payload))
+        except ValueError as e:
+            return [Refusal(CANNOT_UNDERSTAND, str(e))]
         finally:
             _remove(payload)
-        if not isinstance(instances, list) or not instances:
-            return [Refusal(CANNOT_UNDERSTAND, "metadata is not a DICOM JSON array of instances")]
         for instance in instances:
             uris = {u: urljoin(self._url, u) for u in dicom_json.bulk_data_uris(instance)}
             self._pending.append(_Pending(instance, uris))

@@ -282,6 +282,26 @@ def instance_objects(
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+def instance_object(
+    pool: ConnectionPool, study: str, series: str, sop: str, scope: Scope = EVERYTHING
+) -> tuple[str, str, int, Version]:
+    """(object key, transfer syntax, size, Version) of one published instance, in one query
+    (a frame or bulk data request needs both); NotFound if it is not in scope."""
+    where, params = _scope(study, series, sop, scope)
+    with pool.connection() as conn:
+        row = conn.execute(
+            "SELECT i.object_key, i.transfer_syntax_uid, i.size,"
+            " md5(i.sop_uid || ':' || i.sha256), greatest(i.updated_at, se.updated_at)"
+            " FROM instances i JOIN series se ON se.series_uid = i.series_uid"
+            f" WHERE {where}",
+            params,
+        ).fetchone()
+    if row is None:
+        raise NotFound("no published instance matches")
+    # The digest is what version() computes for a single instance.
+    return row[0], row[1], row[2], Version(row[3], row[4])
+
+
 @dataclass(frozen=True)
 class Version:
     """What identifies the current content of a set of published instances: a digest of

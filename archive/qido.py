@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import calendar
 import json
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from typing import Literal
 
 from psycopg_pool import ConnectionPool
@@ -57,7 +59,15 @@ SERIES_KEYS = {
 INSTANCE_KEYS = {"SOPClassUID", "SOPInstanceUID", "InstanceNumber"}
 _DATE = re.compile(r"^\d{8}$")
 _TIME = re.compile(r"^\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?$")
-_DATETIME = re.compile(r"^\d{4}(\d{2}(\d{2}(\d{2}(\d{2}(\d{2}(\.\d{1,6})?)?)?)?)?)?([+-]\d{4})?$")
+# PS3.5 Table 6.2-1 DT: YYYY[MM[DD[HH[MM[SS[.F{1-6}]]]]]][&ZZXX]
+_DT = r"[0-9]{4}(?:[0-9]{2}){0,5}(?:\.[0-9]{1,6})?(?:[+-][0-9]{4})?"
+_DATETIME = re.compile(f"({_DT})")
+_DATETIME_RANGE = re.compile(f"({_DT})?-({_DT})?")
+_DT_PARTS = re.compile(r"([0-9]{4}(?:[0-9]{2}){0,5})(\.[0-9]{1,6})?([+-][0-9]{4})?")
+_OFFSET = re.compile(r"[+-][0-9]{4}")
+# PS3.18 8.3.4.1 / PS3.4 C.2.2.2.5: a TimezoneOffsetFromUTC key is not matched; it says which
+# offset the query's date-time values without one are in.
+_TIMEZONE_KEYS = {"TimezoneOffsetFromUTC", "00080201"}
 _UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
 _CONTROL = {
     "includefield",
@@ -67,6 +77,9 @@ _CONTROL = {
     "emptyvaluematching",
     "multiplevaluematching",
 }
+# PS3.4 C.2.2.2.1 (Empty Value Matching): with emptyvaluematching=true this value, two quotation
+# marks, matches only entities whose attribute is empty or absent.
+EMPTY_VALUE = '""'
 # PS3.4 C.2.2.2: Specific Character Set says how values are encoded; it is never matched.
 _NEVER_MATCHED = {"00080005"}
 # Values kept as DICOM JSON numbers (PS3.18 F.2.3.1); matched as numbers.
@@ -101,6 +114,12 @@ class Query:
     include: set[str] = field(default_factory=set)
     include_all: bool = False
     fuzzy: bool = False
+    #: emptyvaluematching=true (PS3.18 8.3.4.1): empty attributes also match
+    empty_values: bool = False
+    #: multiplevaluematching=true (PS3.18 8.3.4.1): backslash-separated values are alternatives
+    multiple_values: bool = False
+    #: TimezoneOffsetFromUTC of the query (+HHMM/-HHMM): the offset of its DT values without one
+    timezone: str | None = None
     limit: int = DEFAULT_LIMIT
     offset: int = 0
     warnings: list[str] = field(default_factory=list)
@@ -179,8 +198,10 @@ def _control(q: Query, name: str, value: str) -> None:
         q.offset = _int_param(name, value)
     elif name == "fuzzymatching":
         q.fuzzy = _boolean(name, value)
-    elif _boolean(name, value):
-        q.warnings.append(f"The {name} parameter is not supported; it was ignored")
+    elif name == "emptyvaluematching":
+        q.empty_values = _boolean(name, value)
+    else:
+        q.multiple_values = _boolean(name, value)
 
 
 def _check_level(level: Level, keyword: str, top_tag: str) -> None:
@@ -212,6 +233,8 @@ def parse_query(
             raise InvalidQuery(f"the value of {name} contains a NUL character")
         if name in _CONTROL:
             _control(q, name, value)
+        elif name in _TIMEZONE_KEYS:
+            q.timezone = _offset(value, "TimezoneOffsetFromUTC")
         else:
             grouped.setdefault(name, []).append(value)
     for name, values in grouped.items():
@@ -229,7 +252,7 @@ def parse_query(
             q.warnings.append(f"matching on {name} ({key.vr}) is not supported; ignored")
         else:
             for value in values:
-                _meta_condition(key, value, q.fuzzy)  # malformed values: 400 before the query
+                _meta_matching(q, key, value)  # malformed values: 400 before the query
             q.meta_matches.append((key, values))
     return q
 
@@ -259,7 +282,75 @@ def _range(
     if hi:
         conds.append(f"{column} <= %s")
         # A partial time as upper bound covers its whole hour or minute: "10" admits "1059".
-        args.append(hi + "~" if what in ("time", "datetime") else hi)
+        args.append(hi + "~" if what == "time" else hi)
+    return " AND ".join(conds), args
+
+
+def _offset(text: str, what: str) -> str:
+    """A UTC offset &ZZXX (PS3.5 Table 6.2-1: -1200 to +1400)."""
+    if _OFFSET.fullmatch(text) and int(text[3:]) < 60:
+        minutes = int(text[1:3]) * 60 + int(text[3:])
+        if minutes <= (720 if text[0] == "-" else 840):
+            return text
+    raise InvalidQuery(f"{what} {text!r} is not a UTC offset from -1200 to +1400")
+
+
+def _instant(text: str, upper: bool, timezone: str | None) -> str:
+    """A DT value as a UTC text comparable with dicom_dt_utc() (migration 021): the start of
+    the period it names, or its end (upper: "2020" ends at 20201231235959.999999); in its own
+    offset, else the query's TimezoneOffsetFromUTC, else UTC."""
+    digits, fraction, offset = _DT_PARTS.fullmatch(text).groups()  # type: ignore[union-attr]
+    fields = [int(digits[0:4])] + [int(digits[i : i + 2]) for i in range(4, len(digits), 2)]
+    micro = int(fraction[1:].ljust(6, "9" if upper else "0")) if fraction else 0
+    try:
+        start = datetime(*fields, *[1, 1][: max(0, 3 - len(fields))], microsecond=micro)
+        if upper and not fraction:
+            start = _period_end(start, len(fields))
+    except (ValueError, OverflowError):
+        raise InvalidQuery(f"date-time {text!r} is not valid") from None
+    zone = _offset(offset, "offset") if offset else timezone
+    if zone:
+        sign = -1 if zone[0] == "-" else 1
+        start -= sign * timedelta(hours=int(zone[1:3]), minutes=int(zone[3:]))
+    return start.strftime("%Y%m%d%H%M%S.%f")
+
+
+def _period_end(start: datetime, precision: int) -> datetime:
+    """The last microsecond of the year, month, day, hour, minute or second start begins."""
+    if precision == 1:
+        return start.replace(month=12, day=31, hour=23, minute=59, second=59, microsecond=999999)
+    if precision == 2:
+        last = calendar.monthrange(start.year, start.month)[1]
+        return start.replace(day=last, hour=23, minute=59, second=59, microsecond=999999)
+    unit = (timedelta(days=1), timedelta(hours=1), timedelta(minutes=1), timedelta(seconds=1))
+    return start + unit[precision - 3] - timedelta(microseconds=1)
+
+
+# PS3.3 C.12.1.1.8: an instance's Timezone Offset From UTC is the offset of its DT values that
+# have none of their own.
+_STORED_OFFSET = "{m} -> '00080201' -> 'Value' ->> 0"
+
+
+def _datetime(expr: str, value: str, timezone: str | None) -> Condition:
+    """DT single value or range matching (PS3.4 C.2.2.2.5) on instants, over `{m}`: stored
+    values and query values are both brought to UTC, each by its own offset, else (stored) the
+    instance's TimezoneOffsetFromUTC or (query) the query's, else taken as UTC; so
+    `20200101120000+0100` matches `20200101110000+0000`. A value that reads both as one
+    date-time with an offset and as a range is the former."""
+    utc = f"dicom_dt_utc({expr}, {_STORED_OFFSET})"
+    if _DATETIME.fullmatch(value):
+        return f"{utc} BETWEEN %s AND %s", [
+            _instant(value, False, timezone),
+            _instant(value, True, timezone),
+        ]
+    m = _DATETIME_RANGE.fullmatch(value)
+    if m is None or not (m[1] or m[2]):
+        raise InvalidQuery(f"datetime {value!r} is not a valid value or range")
+    conds, args = [], []
+    for bound, upper, op in ((m[1], False, ">="), (m[2], True, "<=")):
+        if bound:
+            conds.append(f"{utc} {op} %s")
+            args.append(_instant(bound, upper, timezone))
     return " AND ".join(conds), args
 
 
@@ -292,6 +383,57 @@ def _fuzzy_pn(expr: str, value: str) -> tuple[str, list[object]]:
         for _ in words
     ]
     return " AND ".join(conds) or "TRUE", list(words)
+
+
+Condition = tuple[str, list[object]]
+
+
+def _extended(
+    q: Query, value: str, one: Callable[[str], Condition | None], empty: Condition
+) -> Condition | None:
+    """The condition of one matching value with the query's extended matching (PS3.18
+    8.3.4.1): with multiplevaluematching=true each backslash-separated value is an alternative
+    (PS3.4 C.2.2.2.1: any of them may match); with emptyvaluematching=true an entity whose
+    attribute is empty or absent (`empty`) matches too, and the value `""` matches only such
+    entities. one(value) is the plain condition of a value, None for universal matching."""
+    if q.empty_values and value == EMPTY_VALUE:
+        return empty
+    alternatives = [value]
+    if q.multiple_values and "\\" in value:
+        alternatives = [v for v in value.split("\\") if v] or [value]
+    conds = [one(v) for v in alternatives]
+    if any(c is None for c in conds):
+        return None
+    found = [c for c in conds if c is not None]
+    if q.empty_values:
+        found.append(empty)
+    if len(found) == 1:
+        return found[0]
+    return "(" + " OR ".join(f"({sql})" for sql, _ in found) + ")", [
+        a for _, args in found for a in args
+    ]
+
+
+def _matching(q: Query, keyword: str, value: str) -> Condition | None:
+    """SQL for one matching value of an indexed attribute, extended matching included."""
+    column, kind = _KEYS[keyword]
+    if kind == "modalities":
+        empty = (
+            "NOT EXISTS (SELECT 1 FROM series m WHERE m.study_uid = s.study_uid"
+            " AND m.state = %s AND coalesce(m.modality, '') <> '')",
+            [PUBLISHED],
+        )
+    else:
+        empty = (f"({column} IS NULL OR {column}::text = '')", [])
+    return _extended(q, value, lambda v: _condition(keyword, v, q.fuzzy), empty)
+
+
+def _meta_matching(q: Query, key: MetaKey, value: str) -> Condition | None:
+    """SQL over `{m}` for one matching value of a metadata key, extended matching included:
+    empty is no value at the key's path (absent, or present without a value)."""
+    values = "$" + "".join(f'."{tag}".Value[*]' for tag in key.path)
+    empty = ("NOT jsonb_path_exists({m}, %s::jsonpath)", [values])
+    return _extended(q, value, lambda v: _meta_condition(key, v, q.fuzzy, q.timezone), empty)
 
 
 def _condition(keyword: str, value: str, fuzzy: bool) -> tuple[str, list[object]] | None:
@@ -355,7 +497,9 @@ def _number(key: MetaKey, value: str) -> int | float:
     return n
 
 
-def _meta_condition(key: MetaKey, value: str, fuzzy: bool) -> tuple[str, list[object]] | None:
+def _meta_condition(
+    key: MetaKey, value: str, fuzzy: bool, timezone: str | None = None
+) -> Condition | None:
     """SQL over `{m}` (an instance's metadata) for one matching value of a key not held in a
     column; None for universal matching. Exact values (and UID lists) are containment, which
     the GIN index answers; wildcards, ranges and person names look at each value in turn.
@@ -374,9 +518,10 @@ def _meta_condition(key: MetaKey, value: str, fuzzy: bool) -> tuple[str, list[ob
     if key.vr == "PN":
         cond, args = _pn("v.x", value, fuzzy)
         path += ".Alphabetic"
-    elif key.vr in ("DA", "TM", "DT"):
-        pattern = {"DA": _DATE, "TM": _TIME, "DT": _DATETIME}[key.vr]
-        what = {"DA": "date", "TM": "time"}.get(key.vr, "datetime")
+    elif key.vr == "DT":
+        cond, args = _datetime("v.x", value, timezone)
+    elif key.vr in ("DA", "TM"):
+        pattern, what = (_DATE, "date") if key.vr == "DA" else (_TIME, "time")
         cond, args = _range("v.x", value, pattern, what)
     elif "*" in value or "?" in value:
         cond, args = "v.x LIKE %s", [_like(value)]
@@ -420,7 +565,7 @@ def _where(q: Query) -> tuple[list[str], list[object]]:
         args.extend(q.scope.share)
     for keyword, values in q.matches:
         for value in values:
-            c = _condition(keyword, value, q.fuzzy)
+            c = _matching(q, keyword, value)
             if c is not None:
                 conds.append(c[0])
                 args.extend(c[1])
@@ -428,7 +573,7 @@ def _where(q: Query) -> tuple[list[str], list[object]]:
     column = "i.metadata" if q.level == "instance" else "r.metadata"
     for key, values in q.meta_matches:
         for value in values:
-            c = _meta_condition(key, value, q.fuzzy)
+            c = _meta_matching(q, key, value)
             if c is not None:
                 meta.append(c[0].replace("{m}", column))
                 args.extend(c[1])

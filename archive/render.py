@@ -148,12 +148,18 @@ def _check_frames(ds: Dataset, numbers: list[int]) -> None:
 
 def render(file: BinaryIO, frame: int, rendering: Rendering) -> bytes:
     """The 1-based frame of the stored instance in file, rendered as asked."""
-    ds = _header(file)
-    _check_frames(ds, [frame])
+    # The header is parsed once, by the decoder, which copies the pixel module (group 0028:
+    # rescale, windows, LUTs, palettes) into ds.
+    ds = Dataset()
     file.seek(0)
     try:
-        arr = decode_frame(file, index=frame - 1)
+        arr = decode_frame(file, ds_out=ds, index=frame - 1)
+    except (InvalidDicomError, EOFError) as e:
+        raise StorageError(f"stored object cannot be parsed: {type(e).__name__}") from e
     except (ValueError, AttributeError, NotImplementedError, RuntimeError, KeyError) as e:
+        _check_frames(ds, [frame])  # a frame past the last is the request's error
+        if "PhotometricInterpretation" not in ds:
+            raise NotRetrievable("the instance has no pixel data to render") from e
         raise NotRetrievable(f"the image cannot be decoded here ({type(e).__name__})") from e
     try:
         image = _to_image(arr, ds, rendering.window)
@@ -220,9 +226,14 @@ def _grey(arr: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
     if index is None:  # 32-bit or float pixels: every pixel computed
         values = apply_modality_lut(arr, ds)
         return _voi(values, ds, window, float(values.min()), float(values.max()))
-    domain = np.arange(2 ** (8 * arr.itemsize), dtype=index).view(arr.dtype)
-    ends = apply_modality_lut(np.array([arr.min(), arr.max()], dtype=arr.dtype), ds)
-    table = _voi(apply_modality_lut(domain, ds), ds, window, float(ends.min()), float(ends.max()))
+    # Only the values between the frame's least and greatest are computed (a CT's 12 bits,
+    # not all 65536); the rest of the table is never looked up.
+    low, high = arr.min(), arr.max()
+    domain = np.arange(int(low), int(high) + 1).astype(arr.dtype)
+    ends = apply_modality_lut(np.array([low, high], dtype=arr.dtype), ds)
+    table = np.zeros(2 ** (8 * arr.itemsize), np.uint8)
+    values = apply_modality_lut(domain, ds)
+    table[domain.view(index)] = _voi(values, ds, window, float(ends.min()), float(ends.max()))
     return table[arr.view(index)]
 
 

@@ -10,11 +10,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
+import numpy as np
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import pixel_array
+from pydicom.pixels import get_encoder, pixel_array
 from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
@@ -143,6 +144,10 @@ class RawDataset:
             raise StorageError("stored pixel data is not encapsulated as its syntax says")
         return int(elem.value_tell)
 
+    def text(self, keyword: str) -> str:
+        """A string attribute of the header ("" when absent)."""
+        return str(self._ds.get(keyword) or "")  # type: ignore[attr-defined]
+
     def has(self, tag: int) -> bool:
         """Whether a top-level element is present."""
         return Tag(tag) in self._ds  # type: ignore[operator]
@@ -220,20 +225,58 @@ def decoded_frames(obj: StoredObject, numbers: list[int]) -> list[bytes]:
     configuration need not be the stored one), so it is NotRetrievable."""
     ds = obj.header(with_pixels=True)
     ds.encapsulated_pixels()
+    return [
+        arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes()
+        for arr in _grey_frames(obj, ds, numbers, "decoded to application/octet-stream")
+    ]
+
+
+def encoded_frames(obj: StoredObject, numbers: list[int], target: str) -> list[bytes]:
+    """Each requested frame of a grey or palette image, decoded if stored compressed, then
+    encoded by pydicom's encoder for target (a lossless compressed transfer syntax): the bytes
+    of a frame in target's media type (PS3.18 8.7.3.3.2). NotRetrievable when the encoder
+    refuses the image (JPEG-LS takes at most 16 bits, OpenJPEG needs sides of 32 pixels)."""
+    ds = obj.header(with_pixels=True)
+    arrays = _grey_frames(obj, ds, numbers, f"encoded as {UID(target).name}")
+    image = {
+        "rows": ds.int_value("Rows"),
+        "columns": ds.int_value("Columns"),
+        "samples_per_pixel": 1,
+        "bits_allocated": ds.int_value("BitsAllocated"),
+        "bits_stored": ds.int_value("BitsStored"),
+        "pixel_representation": ds.int_value("PixelRepresentation", 0),
+        "photometric_interpretation": ds.text("PhotometricInterpretation"),
+        "number_of_frames": 1,
+    }
+    encoder = get_encoder(target)
+    out = []
+    for arr in arrays:
+        try:
+            out.append(encoder.encode(arr, **image))
+        except (ValueError, RuntimeError, TypeError) as e:
+            raise NotRetrievable(
+                f"the frame cannot be encoded as {UID(target).name}: {type(e).__name__}"
+            ) from e
+    return out
+
+
+def _grey_frames(
+    obj: StoredObject, ds: RawDataset, numbers: list[int], what: str
+) -> list[np.ndarray]:
+    """The requested frames of a single-sample image as arrays (decoded if compressed)."""
     if ds.int_value("SamplesPerPixel", 1) != 1 or ds.int_value("BitsAllocated") % 8:
         raise NotRetrievable(
-            "only single-sample frames of whole bytes are decoded to application/octet-stream "
-            "(no transcoding of colour or 1-bit frames yet)"
+            f"only single-sample frames of whole bytes are {what} (no transcoding of colour "
+            "or 1-bit frames yet)"
         )
     _check_numbers(numbers, ds.int_value("NumberOfFrames", 1))
     out = []
     for n in numbers:
         obj.file.seek(0)
         try:
-            arr = pixel_array(obj.file, index=n - 1, raw=True)
+            out.append(pixel_array(obj.file, index=n - 1, raw=True))
         except (ValueError, RuntimeError, NotImplementedError, AttributeError) as e:
             raise NotRetrievable(f"the frame cannot be decoded here ({type(e).__name__})") from e
-        out.append(arr.astype(arr.dtype.newbyteorder("<"), copy=False).tobytes())
     return out
 
 

@@ -6,7 +6,9 @@ same data over loopback.
 
 Figures: series retrieve (MB/s, instances/s), frame retrieve (frames/s: every instance's
 frame 1 as application/octet-stream) and rendered retrieve (images/s: every instance as
-image/jpeg), best and median of R repeats, servers interleaved. See bench/README.md."""
+image/jpeg), best and median of R repeats, servers interleaved; and for each, the server
+process's CPU time per instance (user + system, its child processes included), which a loaded
+machine disturbs far less than the rates. See bench/README.md."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 
+import psutil
 import requests
 from ingest import (
     REQUEST_TIMEOUT,
@@ -74,6 +77,44 @@ KINDS = (
 )
 
 
+def cpu_seconds(server: Server) -> float:
+    """User + system CPU seconds the server's process and its children have used so far."""
+    assert server.proc is not None
+    proc = psutil.Process(server.proc.pid)
+    total = 0.0
+    for p in [proc, *proc.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+        except psutil.NoSuchProcess:
+            continue
+        total += t.user + t.system
+    return total
+
+
+def cpu_figure(
+    report: Report, name: str, servers: list[Server], used: dict[str, float], n: dict[str, int]
+) -> None:
+    """A figure of CPU milliseconds per instance from seconds used over n instances."""
+    fig = report.figure(f"{name}, server CPU per instance", "ms", False)
+    for server in servers:
+        count = n.get(server.name)
+        fig.values[server.name] = used[server.name] * 1000 / count if count else None
+
+
+def wait_published(server: Server, session: requests.Session, target: tuple[str, str, int]) -> None:
+    """Wait until the stored series answers QIDO-RS with all its instances: Carina judges a
+    series uploaded in several requests after a quiet period, and serves it only then."""
+    study, series, expected = target
+    url = f"{server.dicomweb}/studies/{study}/series/{series}/instances"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        r = session.get(url, headers={"Accept": "application/dicom+json"}, timeout=REQUEST_TIMEOUT)
+        if r.status_code == 200 and len(r.json()) == expected:
+            return
+        time.sleep(0.5)
+    raise BenchError(f"{server.name}: the stored series was not published within 120 s")
+
+
 def instance_urls(server: Server, session: requests.Session, study: str, series: str) -> list[str]:
     """The instance URLs of a series, from the server's own QIDO-RS answer."""
     url = f"{server.dicomweb}/studies/{study}/series/{series}/instances"
@@ -91,7 +132,7 @@ def timed_gets(
     local = threading.local()
 
     def get(url: str) -> None:
-        s = getattr(local, "session", None) or _session()
+        s = getattr(local, "session", None) or _session(server)
         local.session = s
         r = s.get(url + kind.suffix, headers={"Accept": kind.accept}, timeout=REQUEST_TIMEOUT)
         if r.status_code != 200 or not kind.check(r, frame_bytes):
@@ -119,6 +160,7 @@ def run_per_instance(
         best = report.figure(f"{kind.name}, best", kind.unit, True)
         median = report.figure(f"{kind.name}, median", kind.unit, True)
         rates: dict[str, list[float]] = {s.name: [] for s in servers}
+        used = {s.name: 0.0 for s in servers}
         failed: set[str] = set()
         for rep in range(repeats):
             for server in servers:
@@ -126,7 +168,9 @@ def run_per_instance(
                     continue
                 n = len(urls[server.name])
                 try:
+                    cpu = cpu_seconds(server)
                     seconds = timed_gets(server, urls[server.name], kind, clients, frame_bytes)
+                    used[server.name] += cpu_seconds(server) - cpu
                 except (BenchError, requests.RequestException) as e:
                     report.fail(server, kind.name, e)
                     failed.add(server.name)
@@ -138,6 +182,8 @@ def run_per_instance(
             ok = got and server.name not in failed
             best.values[server.name] = max(got) if ok else None
             median.values[server.name] = statistics.median(got) if ok else None
+        done = {s.name: len(urls[s.name]) * len(rates[s.name]) for s in servers if s.name in urls}
+        cpu_figure(report, kind.name, servers, used, done)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -189,11 +235,18 @@ def main(argv: list[str] | None = None) -> int:
                 o = stack.enter_context(OrthancServer(*orthanc))
                 servers.append(o)
                 report.facts["Orthanc"] = f"{o.version}, DICOMweb plugin {o.plugin_version}"
-            sessions = {s.name: stack.enter_context(_session()) for s in servers}
+            sessions = {s.name: stack.enter_context(_session(s)) for s in servers}
             targets = run_stow(report, servers, bodies, warmup_body(), args.clients, args.size)
             # Ingest is bench/ingest.py's subject; here it only loads the data.
             report.figures.clear()
+            for s in servers:
+                if s.name in targets:
+                    wait_published(s, sessions[s.name], targets[s.name])
+            before = {s.name: cpu_seconds(s) for s in servers}
             run_wado(report, servers, sessions, targets, args.repeats)
+            used = {s.name: cpu_seconds(s) - before[s.name] for s in servers}
+            retrieved = {name: t[2] * args.repeats for name, t in targets.items()}
+            cpu_figure(report, "WADO-RS series retrieve", servers, used, retrieved)
             urls = {
                 s.name: instance_urls(s, sessions[s.name], *targets[s.name][:2])
                 for s in servers

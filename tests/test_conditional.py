@@ -144,3 +144,22 @@ def test_a_new_instance_changes_the_etag(server: Server, series: tuple) -> None:
         r = server.http.get(url, headers={"If-None-Match": etag})
         assert r.status_code == 200, url
         assert r.headers["etag"] != etag
+
+
+def test_frames_and_bulk_data_are_revalidated(server: Server, series: tuple) -> None:
+    _, st, se = series
+    [first, *_] = server.client().search_for_instances(st, se)
+    sop = first["00080018"]["Value"][0]
+    base = f"{server.dicomweb}/studies/{st}/series/{se}/instances/{sop}"
+    multipart = {"Accept": 'multipart/related; type="application/octet-stream"'}
+    for url in (f"{base}/frames/1", f"{base}/bulkdata/7FE00010"):
+        r = server.http.get(url, headers=multipart)
+        assert r.status_code == 200, url
+        etag = r.headers["etag"]
+        parsedate_to_datetime(r.headers["last-modified"])
+        again = server.http.get(url, headers={**multipart, "If-None-Match": etag})
+        assert again.status_code == 304 and again.content == b"", url
+        # A bare application/octet-stream body is another representation.
+        single = {"Accept": "application/octet-stream", "If-None-Match": etag}
+        bare = server.http.get(url, headers=single)
+        assert bare.status_code == 200 and bare.headers["etag"] != etag, url

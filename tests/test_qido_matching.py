@@ -144,3 +144,44 @@ def test_malformed_or_misplaced_matching_value_is_400_with_reason(
     r = server.http.get(f"{server.dicomweb}{path}", params=params, timeout=30)
     assert r.status_code == 400, r.text
     assert r.json()["error"]
+
+
+def test_empty_value_matching_finds_absent_and_empty_attributes(
+    server: Server, studies: dict[str, str]
+) -> None:
+    ct, mr, named = studies["ct"], studies["mr"], studies["named"]
+    # KVP is set on the CT study's instances only.
+    empty = {"emptyvaluematching": "true"}
+    assert found(server, "/studies", KVP='""', **empty) == {mr, named}
+    assert found(server, "/studies", KVP="120", **empty) == {ct, mr, named}
+    assert found(server, "/studies", KVP="120") == {ct}
+    # Without the parameter "" is a literal value, which a number cannot be.
+    r = server.http.get(f"{server.dicomweb}/studies", params={"KVP": '""'}, timeout=30)
+    assert r.status_code == 400
+    assert len(found(server, "/instances", "00080018", KVP='""', **empty)) == 2
+    # An indexed attribute: the studies whose Study ID de-identification emptied.
+    listed = server.http.get(f"{server.dicomweb}/studies", timeout=30).json()
+    no_id = {i["0020000D"]["Value"][0] for i in listed if not i.get("00200010", {}).get("Value")}
+    assert found(server, "/studies", StudyID='""', **empty) == no_id
+
+
+def test_multiple_value_matching_takes_any_of_the_values(
+    server: Server, studies: dict[str, str]
+) -> None:
+    ct, mr = studies["ct"], studies["mr"]
+    multiple = {"multiplevaluematching": "true"}
+    assert found(server, "/series", BodyPartExamined="CHEST\\HEAD", **multiple) == {ct, mr}
+    assert found(server, "/series", BodyPartExamined="CH*\\HEA?", **multiple) == {ct, mr}
+    assert found(server, "/series", BodyPartExamined="CHEST\\HEAD") == set()
+    listed = server.http.get(f"{server.dicomweb}/studies", timeout=30).json()
+    pid = {i["0020000D"]["Value"][0]: i["00100020"]["Value"][0] for i in listed}
+    both = f"{pid[ct]}\\{pid[mr]}"
+    assert found(server, "/studies", PatientID=both, **multiple) == {ct, mr}
+    assert found(server, "/studies", PatientID=both) == set()
+
+
+@pytest.mark.parametrize("name", ["emptyvaluematching", "multiplevaluematching"])
+def test_extended_matching_parameter_must_be_true_or_false(server: Server, name: str) -> None:
+    r = server.http.get(f"{server.dicomweb}/studies", params={name: "yes"}, timeout=30)
+    assert r.status_code == 400
+    assert name in r.json()["error"]

@@ -222,6 +222,28 @@ def test_series_rendered_is_one_image_or_one_part_per_instance(server: Server) -
         assert np.abs(image - linear(hounsfield(ds), 0, 1000)).max() <= 1
 
 
+def test_study_rendered_is_one_part_per_instance_of_every_series(server: Server) -> None:
+    phi = Phi()
+    first = ct_series(phi, 2, rows=8, columns=8)
+    second = ct_instance(phi, 1, rows=8, columns=8)
+    second.SeriesInstanceUID, second.SeriesNumber = generate_uid(), 4
+    second.SOPInstanceUID = second.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    server.client().store_instances(first)
+    st = store(server, second)[0]
+    url = f"{server.dicomweb}/studies/{st}/rendered"
+    png = {"Accept": 'multipart/related; type="image/png"'}
+    r = server.http.get(url, headers=png, params={"window": "0,1000,linear", "iccprofile": "no"})
+    assert r.status_code == 200, r.text
+    got = [pixels(p.get_payload(decode=True)) for p in parts(r)]
+    assert len(got) == 3
+    for image, ds in zip(got, [*first, second], strict=True):  # series number order
+        assert np.abs(image - linear(hounsfield(ds), 0, 1000)).max() <= 1
+    # A bare image/jpeg asks for one image: the first instance's (dicomweb-client has no
+    # study-level rendered call).
+    one = server.http.get(url, headers={"Accept": "image/jpeg"})
+    assert decode(one.content).format == "JPEG"
+
+
 def test_thumbnails_are_small_images_of_study_series_and_instance(server: Server) -> None:
     sent = ct_series(Phi(), 3, rows=256, columns=200)
     server.client().store_instances(sent)
@@ -264,6 +286,9 @@ def test_thumbnail_of_a_small_image_is_not_enlarged(server: Server, ct: tuple) -
         {"viewport": "100000,10"},
         {"viewport": "10,10,0,0,0,5"},
         {"viewport": "10,10,50,50,5,5"},
+        {"annotation": "patient"},
+        {"annotation": "technique"},
+        {"iccprofile": "srgb"},
     ],
 )
 def test_bad_rendering_parameters_are_400(server: Server, ct: tuple, params: dict) -> None:

@@ -108,7 +108,7 @@ def test_part_of_another_media_type_is_refused(server: Server) -> None:
     [
         "application/dicom",
         "application/json",
-        'multipart/related; type="application/dicom+xml"; boundary=XyZ',
+        'multipart/related; type="application/pdf"; boundary=XyZ',
         "text/plain",
     ],
 )

@@ -208,13 +208,6 @@ def test_json_body_that_cannot_be_parsed_is_400(server: Server, data: bytes) -> 
     assert r.json()["error"]
 
 
-def test_xml_metadata_is_415_with_a_reason(server: Server) -> None:
-    ctype = 'multipart/related; type="application/dicom+xml"; boundary=XyZ'
-    r = stow(server, body(({"Content-Type": "application/dicom+xml"}, b"<x/>")), ctype)
-    assert r.status_code == 415
-    assert "application/dicom+json" in r.json()["error"]
-
-
 def test_stored_instances_carry_the_coercion_warning_with_202(server: Server) -> None:
     # PS3.18 10.5.3: de-identification coerced them; Table 10.5.3-1: warnings answer 202.
     ds = ct_instance(Phi(), 1)

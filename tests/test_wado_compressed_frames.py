@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from pydicom import dcmread
 from pydicom.data import get_testdata_file
-from pydicom.dataset import Dataset
+from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate, generate_frames
 from pydicom.pixels import pixel_array
 from pydicom.uid import JPEGLSLossless, generate_uid
@@ -93,10 +93,12 @@ def test_jpeg_ls_frames_decode_to_the_original_pixels(server: Server, jls: tuple
         assert np.array_equal(decoded, expected)
 
 
-def jls_decode(frame: bytes, like: Dataset) -> np.ndarray:
-    """One JPEG-LS frame decoded by pydicom, described by the sent dataset's pixel module."""
+def jls_decode(frame: bytes, like: Dataset, syntax: str = JLS) -> np.ndarray:
+    """One compressed frame (JPEG-LS unless syntax says otherwise) decoded by pydicom,
+    described by the sent dataset's pixel module."""
     ds = Dataset()
-    ds.file_meta = like.file_meta
+    ds.file_meta = FileMetaDataset()
+    ds.file_meta.TransferSyntaxUID = syntax
     for keyword in (
         "Rows",
         "Columns",
@@ -156,7 +158,7 @@ def test_single_jpeg_frame_as_bare_image_jpeg(server: Server, jpeg: tuple) -> No
 @pytest.mark.parametrize(
     "accept",
     [
-        'multipart/related; type="image/jp2"',
+        'multipart/related; type="image/jpx"',
         'multipart/related; type="image/jls"; transfer-syntax=1.2.840.10008.1.2.4.81',
         "image/jpeg",
     ],
@@ -204,5 +206,81 @@ def test_colour_compressed_frames_are_not_decoded(server: Server, rle: tuple) ->
         url(server, rle) + "/frames/1",
         headers={"Accept": 'multipart/related; type="application/octet-stream"'},
     )
+    assert r.status_code == 406
+    assert "colour" in r.json()["error"]
+
+
+@pytest.fixture(scope="module")
+def native(server: Server) -> tuple[str, str, str, Dataset]:
+    """The three-frame CT of test_wado_frames, stored uncompressed."""
+    ds = multiframe_ct(Phi())
+    return (*store(server, ds), ds)
+
+
+def original_frame(n: int) -> np.ndarray:
+    """Frame n (0-based) of the multi-frame CT, as its pixels were made."""
+    pixels = np.frombuffer(multiframe_ct(Phi()).PixelData, np.int16)
+    return pixels.reshape(FRAMES, 16, 12)[n]
+
+
+@pytest.mark.parametrize(
+    ("accept", "syntax"),
+    [
+        ('multipart/related; type="image/jls"', JLS),
+        ('multipart/related; type="image/jls"; transfer-syntax=*', JLS),
+        (f'multipart/related; type="image/jls"; transfer-syntax={JLS}', JLS),
+        ('multipart/related; type="image/dicom-rle"', RLE),
+    ],
+)
+def test_native_frames_are_encoded_in_the_compressed_media_type_asked_for(
+    server: Server, native: tuple, accept: str, syntax: str
+) -> None:
+    r = server.http.get(url(server, native) + "/frames/3,1", headers={"Accept": accept})
+    assert r.status_code == 200, r.text
+    got = parts(r)
+    assert {p.get_param("transfer-syntax") for p in got} == {syntax}
+    for part, n in zip(got, (2, 0), strict=True):
+        decoded = jls_decode(part.get_payload(decode=True), native[3], syntax)
+        assert np.array_equal(decoded, original_frame(n))
+
+
+def test_dicomweb_client_gets_compressed_frames_of_a_native_instance(
+    server: Server, native: tuple
+) -> None:
+    st, se, sop, sent = native
+    client = server.client()
+    [frame] = client.retrieve_instance_frames(st, se, sop, [2], media_types=("image/jls",))
+    assert np.array_equal(jls_decode(frame, sent), original_frame(1))
+
+
+def test_jpeg_ls_frames_are_re_encoded_as_rle(server: Server, jls: tuple) -> None:
+    accept = 'multipart/related; type="image/dicom-rle"'
+    r = server.http.get(url(server, jls) + "/frames/2", headers={"Accept": accept})
+    assert r.status_code == 200, r.text
+    [part] = parts(r)
+    assert part.get_content_type() == "image/dicom-rle"
+    decoded = jls_decode(part.get_payload(decode=True), jls[3], RLE)
+    assert np.array_equal(decoded, original_frame(1))
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "image/jpeg",  # JPEG Lossless SV1 by default: no encoder
+        'multipart/related; type="image/jpeg"; transfer-syntax=1.2.840.10008.1.2.4.50',  # lossy
+        'multipart/related; type="image/jls"; transfer-syntax=1.2.840.10008.1.2.4.90',  # not jls
+        'multipart/related; type="image/jp2"',  # OpenJPEG refuses a 16 x 12 image
+    ],
+)
+def test_encodings_that_cannot_be_made_are_406_with_reason(
+    server: Server, native: tuple, accept: str
+) -> None:
+    r = server.http.get(url(server, native) + "/frames/1", headers={"Accept": accept})
+    assert r.status_code == 406, accept
+    assert r.json()["error"]
+
+
+def test_colour_frames_are_not_re_encoded(server: Server, rle: tuple) -> None:
+    r = server.http.get(url(server, rle) + "/frames/1", headers={"Accept": "image/jls"})
     assert r.status_code == 406
     assert "colour" in r.json()["error"]

@@ -196,7 +196,7 @@ def test_login_cookie_is_an_opaque_httponly_strict_session(server: Server, curat
     assert r.status_code == 303 and r.headers["location"] == "/curation/queue"
     cookie = r.headers["set-cookie"]
     assert "HttpOnly" in cookie and "SameSite=strict" in cookie and "Path=/curation" in cookie
-    assert curator not in cookie and curator.split("_")[2] not in cookie
+    assert curator not in cookie and curator.split("_", 2)[2] not in cookie
 
 
 def test_page_refuses_a_bad_or_non_curator_token(server: Server, workdir: Path) -> None:

@@ -71,12 +71,20 @@ def _rle(ds: Dataset) -> Dataset:
     return ds
 
 
+def _charset(ds: Dataset, charset: str | list[str]) -> Dataset:
+    ds.SpecificCharacterSet = charset
+    ds.ConvolutionKernel = "B30f"  # kept, so written as read
+    return ds
+
+
 CASES = {
     "explicit CT": lambda: ct_instance(Phi(), 1, rows=128, columns=128),
     "implicit CT": lambda: _implicit(ct_instance(Phi(), 2)),
     "rich explicit": _rich_ct,
     "rich implicit": lambda: _implicit(_rich_ct()),
     "encapsulated": lambda: _rle(ct_instance(Phi(), 3)),
+    "utf-8": lambda: _charset(ct_instance(Phi(), 4), "ISO_IR 192"),
+    "code extensions": lambda: _charset(ct_instance(Phi(), 5), ["", "ISO 2022 IR 87"]),
 }
 
 

@@ -612,7 +612,10 @@ class PartSink:
 
     def __init__(self, intake_dir: Path) -> None:
         self._intake_dir = intake_dir
-        self._buf = bytearray()
+        # Views of the request's own chunks, joined once at the end: growing one buffer chunk
+        # by chunk copied a large part several times over.
+        self._pieces: list[bytes | memoryview] = []
+        self._size = 0
         self._file: tempfile._TemporaryFileWrapper[bytes] | None = None
 
     def write(self, data: bytes | memoryview) -> None:
@@ -620,27 +623,30 @@ class PartSink:
         if self._file is not None:
             self._file.write(data)
             return
-        self._buf += data
-        if len(self._buf) > SPOOL_THRESHOLD:
+        if not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
+            data = bytes(data)  # not a view of immutable bytes: the caller may reuse it
+        self._pieces.append(data)
+        self._size += len(data)
+        if self._size > SPOOL_THRESHOLD:
             self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - handed to the worker
                 dir=self._intake_dir, prefix="part-", suffix=".dcm", delete=False
             )
-            self._file.write(self._buf)
-            self._buf = bytearray()
+            self._file.writelines(self._pieces)
+            self._pieces = []
 
-    def finish(self) -> bytearray | str:
+    def finish(self) -> bytes | str:
         """The part: its bytes, or the path of the spooled file."""
         if self._file is not None:
             self._file.close()
             return self._file.name
-        return self._buf
+        return b"".join(self._pieces)
 
     def discard(self) -> None:
         """Forget the part (and remove its spool file)."""
         if self._file is not None:
             self._file.close()
             Path(self._file.name).unlink(missing_ok=True)
-        self._buf = bytearray()
+        self._pieces = []
 
 
 class Intake:

@@ -9,6 +9,7 @@ import pytest
 from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset
 
+from carina.curation import intake
 from carina.curation.deid import Deidentifier, load_profile
 from carina.curation.intake import (
     BULK_THRESHOLD,
@@ -17,6 +18,7 @@ from carina.curation.intake import (
     DISCARDED,
     InstanceRecord,
     IntakeContext,
+    PartSink,
     Refusal,
     _bulk_uri_handler,
     _coercion,
@@ -168,3 +170,28 @@ def test_index_json_is_what_pydicom_writes(deidentified: bool) -> None:
         )
         compared += 1
     assert compared > 40
+
+
+def test_part_sink_keeps_every_byte_even_of_a_buffer_reused_by_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunk = bytes(range(256)) * 64
+    reused = bytearray(b"abcd")
+    sink = PartSink(tmp_path)
+    sink.write(memoryview(chunk)[10:1000])
+    sink.write(memoryview(reused))
+    reused[:] = b"XXXX"  # python-multipart hands out slices of buffers it reuses
+    sink.write(chunk)
+    assert sink.finish() == chunk[10:1000] + b"abcd" + chunk
+
+    monkeypatch.setattr(intake, "SPOOL_THRESHOLD", 5000)
+    sink = PartSink(tmp_path)
+    for start in range(0, len(chunk), 3000):
+        sink.write(memoryview(chunk)[start : start + 3000])
+    spooled = sink.finish()
+    assert isinstance(spooled, str) and Path(spooled).read_bytes() == chunk
+    Path(spooled).unlink()
+    sink = PartSink(tmp_path)
+    sink.write(chunk)
+    sink.discard()
+    assert list(tmp_path.iterdir()) == []

@@ -190,7 +190,7 @@ async def _stow(request: Request, study: str | None) -> Response:
     seen = 0
     malformed: str | None = None
 
-    async def payloads() -> AsyncIterator[bytearray | str | Refusal]:
+    async def payloads() -> AsyncIterator[bytes | str | Refusal]:
         nonlocal seen, malformed
         try:
             async for ctype, sink in reader.parts(request.stream()):

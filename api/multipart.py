@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -19,10 +20,18 @@ class MultipartError(ValueError):
     """The body is not a well-formed multipart message."""
 
 
+# A bare type/subtype (RFC 9110 8.3.1 tokens), as most parts of a STOW-RS body are labelled:
+# parsed without the email package (~10 us a header).
+_BARE_MEDIA_TYPE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+/[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
 def parse_media_type(header: str | None) -> tuple[str, dict[str, str]]:
     """('type/subtype', {param: value}) of a Content-Type header, lower-cased type and keys."""
     if not header:
         return "", {}
+    bare = header.strip()
+    if _BARE_MEDIA_TYPE.fullmatch(bare):
+        return bare.lower(), {}
     msg = Message()
     msg["content-type"] = header
     params = {k.lower(): v for k, v in msg.get_params(failobj=[])[1:]}

@@ -46,7 +46,7 @@ class _LocatedSink:
         self.write = sink.write
         self.discard = sink.discard
 
-    def finish(self) -> bytearray | str:
+    def finish(self) -> bytes | str:
         """The part: its bytes, or the path of the spooled file."""
         return self.sink.finish()
 
@@ -121,7 +121,7 @@ class MetadataAndBulkData:
         self._new_sink = new_sink
         self._reader = PartReader(boundary, self._sink, accept=lambda _: True)
         self._pending: list[_Pending] = []
-        self._parts: dict[str, list[tuple[str, bytearray | str]]] = {}
+        self._parts: dict[str, list[tuple[str, bytes | str]]] = {}
         self._last: str | None = None
         self.seen = 0
         self.unreadable: str | None = None
@@ -173,7 +173,7 @@ class MetadataAndBulkData:
             and parse_media_type(ctype)[0] == self._form.media_type
         )
 
-    def _metadata(self, ctype: str, payload: bytearray | str) -> list[Refusal]:
+    def _metadata(self, ctype: str, payload: bytes | str) -> list[Refusal]:
         """Read a metadata part into pending instances; Refusals for what cannot be read."""
         media_type = self._form.media_type
         if parse_media_type(ctype)[0] not in ("", media_type):
@@ -240,11 +240,11 @@ def _missing(pending: _Pending, parts: dict[str, object]) -> str:
     return f"{len(absent)} BulkDataURI(s) have no part with that Content-Location"
 
 
-def _read(payload: bytearray | str) -> bytes:
+def _read(payload: bytes | str) -> bytes:
     return bytes(payload) if not isinstance(payload, str) else Path(payload).read_bytes()
 
 
-def _remove(payload: bytearray | str) -> None:
+def _remove(payload: bytes | str) -> None:
     """Drop a part spooled to the intake area (one held in memory just goes)."""
     if isinstance(payload, str):
         Path(payload).unlink(missing_ok=True)

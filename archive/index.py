@@ -77,75 +77,83 @@ def write_batch(
     with pool.connection() as conn, conn.transaction(), conn.cursor() as cur:
         if guard is not None:
             guard(cur)
-        patient_pk: dict[tuple[str, str | None], int] = {}
-        for key, r in sorted(patients.items()):
-            p = r.patient
-            cur.execute(
-                "INSERT INTO patients"
-                " (collection, patient_id, patient_name, birth_date, sex, attrs)"
-                " VALUES (%s, %s, %s, %s, %s, %s::jsonb)"
-                " ON CONFLICT (collection, patient_id) DO UPDATE SET"
-                " patient_name = EXCLUDED.patient_name, birth_date = EXCLUDED.birth_date,"
-                " sex = EXCLUDED.sex, attrs = EXCLUDED.attrs RETURNING pk",
+        # Each level in one executemany (pipelined: one round trip, not one per row), rows in
+        # sorted order so that concurrent batches lock them in the same order.
+        ordered = sorted(patients.items())
+        cur.executemany(
+            "INSERT INTO patients"
+            " (collection, patient_id, patient_name, birth_date, sex, attrs)"
+            " VALUES (%s, %s, %s, %s, %s, %s::jsonb)"
+            " ON CONFLICT (collection, patient_id) DO UPDATE SET"
+            " patient_name = EXCLUDED.patient_name, birth_date = EXCLUDED.birth_date,"
+            " sex = EXCLUDED.sex, attrs = EXCLUDED.attrs RETURNING pk",
+            [
                 (
                     r.collection,
-                    p["patient_id"],
-                    p["patient_name"],
-                    p["birth_date"],
-                    p["sex"],
+                    r.patient["patient_id"],
+                    r.patient["patient_name"],
+                    r.patient["birth_date"],
+                    r.patient["sex"],
                     r.patient_attrs,
-                ),
-            )
+                )
+                for _, r in ordered
+            ],
+            returning=True,
+        )
+        patient_pk: dict[tuple[str, str | None], int] = {}
+        for (key, _), _result in zip(ordered, cur.results(), strict=True):
             patient_pk[key] = cur.fetchone()[0]  # type: ignore[index]
-        for uid, r in sorted(studies.items()):
-            s = r.study
-            cur.execute(
-                "INSERT INTO studies (study_uid, patient_pk, collection, study_date, study_time,"
-                " accession_number, study_id, referring_physician_name, study_description, attrs)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
-                " ON CONFLICT (study_uid) DO UPDATE SET patient_pk = EXCLUDED.patient_pk,"
-                " study_date = EXCLUDED.study_date, study_time = EXCLUDED.study_time,"
-                " accession_number = EXCLUDED.accession_number, study_id = EXCLUDED.study_id,"
-                " referring_physician_name = EXCLUDED.referring_physician_name,"
-                " study_description = EXCLUDED.study_description, attrs = EXCLUDED.attrs,"
-                " updated_at = now()",
+        cur.executemany(
+            "INSERT INTO studies (study_uid, patient_pk, collection, study_date, study_time,"
+            " accession_number, study_id, referring_physician_name, study_description, attrs)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+            " ON CONFLICT (study_uid) DO UPDATE SET patient_pk = EXCLUDED.patient_pk,"
+            " study_date = EXCLUDED.study_date, study_time = EXCLUDED.study_time,"
+            " accession_number = EXCLUDED.accession_number, study_id = EXCLUDED.study_id,"
+            " referring_physician_name = EXCLUDED.referring_physician_name,"
+            " study_description = EXCLUDED.study_description, attrs = EXCLUDED.attrs,"
+            " updated_at = now()",
+            [
                 (
                     uid,
                     patient_pk[(r.collection, r.patient["patient_id"])],
                     r.collection,
-                    s["study_date"],
-                    s["study_time"],
-                    s["accession_number"],
-                    s["study_id"],
-                    s["referring_physician_name"],
-                    s["study_description"],
+                    r.study["study_date"],
+                    r.study["study_time"],
+                    r.study["accession_number"],
+                    r.study["study_id"],
+                    r.study["referring_physician_name"],
+                    r.study["study_description"],
                     r.study_attrs,
-                ),
-            )
-        for uid, r in sorted(series.items()):
-            se = r.series
-            cur.execute(
-                "INSERT INTO series (series_uid, study_uid, modality, series_number,"
-                " series_description, pps_start_date, pps_start_time, state, attrs)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
-                " ON CONFLICT (series_uid) DO UPDATE SET modality = EXCLUDED.modality,"
-                " series_number = EXCLUDED.series_number,"
-                " series_description = EXCLUDED.series_description,"
-                " pps_start_date = EXCLUDED.pps_start_date,"
-                " pps_start_time = EXCLUDED.pps_start_time, attrs = EXCLUDED.attrs,"
-                " state = EXCLUDED.state, decided_at = NULL, updated_at = now()",
+                )
+                for uid, r in sorted(studies.items())
+            ],
+        )
+        cur.executemany(
+            "INSERT INTO series (series_uid, study_uid, modality, series_number,"
+            " series_description, pps_start_date, pps_start_time, state, attrs)"
+            " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s::jsonb)"
+            " ON CONFLICT (series_uid) DO UPDATE SET modality = EXCLUDED.modality,"
+            " series_number = EXCLUDED.series_number,"
+            " series_description = EXCLUDED.series_description,"
+            " pps_start_date = EXCLUDED.pps_start_date,"
+            " pps_start_time = EXCLUDED.pps_start_time, attrs = EXCLUDED.attrs,"
+            " state = EXCLUDED.state, decided_at = NULL, updated_at = now()",
+            [
                 (
                     uid,
                     r.study_uid,
-                    se["modality"],
-                    se["series_number"],
-                    se["series_description"],
-                    se["pps_start_date"],
-                    se["pps_start_time"],
+                    r.series["modality"],
+                    r.series["series_number"],
+                    r.series["series_description"],
+                    r.series["pps_start_date"],
+                    r.series["pps_start_time"],
                     INCOMING,
                     r.series_attrs,
-                ),
-            )
+                )
+                for uid, r in sorted(series.items())
+            ],
+        )
         cur.executemany(
             "INSERT INTO instances (sop_uid, series_uid, study_uid, sop_class_uid,"
             " instance_number, transfer_syntax_uid, object_key, size, sha256, metadata,"

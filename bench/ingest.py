@@ -520,14 +520,18 @@ def run_stow(
     )
     per_s = report.figure(f"STOW-RS ingest, {n} x {size}x{size} CT", "instances/s", True)
     mb_s = report.figure("STOW-RS ingest, Part 10 bytes", "MB/s", True)
+    cpu = report.figure("STOW-RS ingest, server CPU per instance", "ms", False)
     targets: dict[str, tuple[str, str, int]] = {}
     for server in servers:
         first.values[server.name] = per_s.values[server.name] = mb_s.values[server.name] = None
+        cpu.values[server.name] = None
         progress(f"{server.name}: STOW-RS {n} instances in {len(bodies)} requests")
         try:
             warm = stow(server, [warmup], 1, "STOW-RS warm-up")
             first.values[server.name] = warm.seconds * 1000
+            cpu_before = server.cpu_seconds()
             result = stow(server, bodies, clients, "STOW-RS ingest")
+            cpu.values[server.name] = (server.cpu_seconds() - cpu_before) * 1000 / n
         except (BenchError, requests.RequestException) as e:
             report.fail(server, "STOW-RS ingest", e)
             continue

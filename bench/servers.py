@@ -163,6 +163,33 @@ class Server:
                 self._log = None
             shutil.rmtree(self.tmp, ignore_errors=True)
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) used so far by every live process of the server: those of
+        its own session (worker processes included) and, for Carina, of its embedded PostgreSQL
+        (pg_ctl starts it in a session of its own). Unlike wall time, hardly changed by other
+        load on the machine."""
+        if self.proc is None:
+            return 0.0
+        sessions = self._sessions()
+        tick = os.sysconf("SC_CLK_TCK")
+        total = 0
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry.name}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue  # gone meanwhile
+            # proc(5): fields after the command: state, ppid, pgrp, session, ..., utime, stime
+            if int(fields[3]) in sessions:
+                total += int(fields[11]) + int(fields[12])
+        return total / tick
+
+    def _sessions(self) -> set[int]:
+        """The sessions whose processes are the server's."""
+        return {self.proc.pid} if self.proc is not None else set()
+
     def check_running(self) -> None:
         """Raise ServerError (with the log tail) if the server process has exited."""
         if self.proc is not None and self.proc.poll() is not None:
@@ -263,6 +290,15 @@ class CarinaServer(Server):
             return False
         self.version = str(r.json().get("version", "?"))
         return True
+
+    def _sessions(self) -> set[int]:
+        sessions = super()._sessions()
+        try:
+            pid = int((self.data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+            sessions.add(os.getsid(pid))
+        except (OSError, ValueError, IndexError):
+            pass
+        return sessions
 
     def _stop_signal(self) -> int:
         # SIGINT, as a Ctrl-C would: uvicorn shuts down and the process exits through

@@ -28,9 +28,12 @@ from pathlib import Path
 from typing import Any
 
 from pydicom import config, dcmread
-from pydicom.dataelem import DataElement, RawDataElement
+from pydicom.datadict import tag_for_keyword
+from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+from pydicom.valuerep import IS, DSfloat
 
 from carina import __version__
 from carina.archive import collections, derived, erasure, index, jobs, originals
@@ -162,8 +165,18 @@ def _attrs(full: dict, keys: frozenset[str]) -> str:
     return json.dumps({k: v for k, v in full.items() if k in keys}, separators=(",", ":"))
 
 
+def _value(ds: Dataset, keyword: str) -> object:
+    """ds.get(keyword) for a top-level attribute, without Dataset's attribute machinery."""
+    elem = ds._dict.get(tag_for_keyword(keyword))  # type: ignore[arg-type]
+    if elem is None:
+        return None
+    if isinstance(elem, RawDataElement):
+        elem = ds[elem.tag]
+    return elem.value
+
+
 def _str(ds: Dataset, keyword: str) -> str | None:
-    value = ds.get(keyword)
+    value = _value(ds, keyword)
     if value is None or value == "":
         return None
     return str(value)
@@ -171,8 +184,8 @@ def _str(ds: Dataset, keyword: str) -> str | None:
 
 def _int(ds: Dataset, keyword: str) -> int | None:
     try:
-        value = ds.get(keyword)
-        return int(value) if value not in (None, "") else None
+        value = _value(ds, keyword)
+        return int(value) if value not in (None, "") else None  # type: ignore[call-overload]
     except (TypeError, ValueError):
         return None
 
@@ -181,7 +194,7 @@ def _bulk_uri_handler(ds: Dataset) -> Callable[[DataElement], str]:
     """BulkDataURIs relative to the instance's URL (made absolute when served, PS3.18 F.2.6).
     Only top-level elements are addressable as bulkdata/{tag}; a nested one (an icon's pixel
     data, say) gets a URI that answers 404 rather than one that serves another element."""
-    top = {id(elem) for elem in ds}
+    top = {id(elem) for elem in ds._dict.values()}
 
     def uri(elem: DataElement) -> str:
         if id(elem) in top:
@@ -189,6 +202,47 @@ def _bulk_uri_handler(ds: Dataset) -> Callable[[DataElement], str]:
         return f"bulkdata/nested/{elem.tag:08X}"
 
     return uri
+
+
+def _same(value: object) -> object:
+    return value
+
+
+# VRs whose single value pydicom's to_json_dict gives as [convert(value)]: (type, convert).
+_SINGLE_JSON: dict[str, tuple[type, Callable[[Any], object]]] = {
+    **dict.fromkeys(("AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM"), (str, _same)),
+    **dict.fromkeys(("UC", "UR", "UT"), (str, _same)),
+    "UI": (UID, _same),
+    "IS": (IS, int),
+    "DS": (DSfloat, float),
+    **dict.fromkeys(("SL", "SS", "SV", "UL", "US", "UV"), (int, _same)),
+    **dict.fromkeys(("FD", "FL"), (float, _same)),
+}
+
+
+def _dicom_json(ds: Dataset) -> dict:
+    """The PS3.18 Annex F DICOM JSON of a de-identified ds with bulk data left out, exactly as
+    pydicom's Dataset.to_json_dict (suppress_invalid_tags) gives it. The common case, one text
+    or binary-number value, is written here directly (pydicom spends ~7 us on each element);
+    every other element goes through pydicom's own DataElement.to_json_dict."""
+    uri = _bulk_uri_handler(ds)
+    out: dict[str, dict] = {}
+    with config.strict_reading():
+        for tag, elem in ds._dict.items():
+            try:
+                if isinstance(elem, RawDataElement):
+                    elem = ds[tag]
+                vr, value = elem.VR, elem.value
+                single = _SINGLE_JSON.get(vr)
+                if single is not None and type(value) is single[0]:
+                    out[f"{tag:08X}"] = (
+                        {"vr": vr, "Value": [single[1](value)]} if value != "" else {"vr": vr}
+                    )
+                else:
+                    out[f"{tag:08X}"] = elem.to_json_dict(uri, BULK_THRESHOLD)
+            except Exception:  # as suppress_invalid_tags: an unencodable element is left out
+                continue
+    return out
 
 
 _PIXELS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -268,11 +322,7 @@ def _read(payload: bytes | bytearray | str) -> tuple[Dataset, Snapshot]:
                 head = f.read(132)
             ds = dcmread(payload, force=_has_meta_without_preamble(head))
         _check_lengths(ds, size)
-        raw = {t: e for t, e in ds._dict.items() if isinstance(e, RawDataElement)}
-        snapshot: Snapshot = {}
-        for elem in ds:  # values are converted lazily: convert them all now
-            if elem.tag in raw:
-                snapshot[elem.tag] = (raw[elem.tag], elem, elem.value)
+        snapshot = _convert_all(ds)
     except InvalidDicomError as e:
         raise InstanceRefused(CANNOT_UNDERSTAND, "not a DICOM Part 10 file (no DICM prefix)") from e
     except InstanceRefused:
@@ -282,6 +332,45 @@ def _read(payload: bytes | bytearray | str) -> tuple[Dataset, Snapshot]:
     if "TransferSyntaxUID" not in ds.file_meta:
         raise InstanceRefused(CANNOT_UNDERSTAND, "file meta has no TransferSyntaxUID")
     return ds, snapshot
+
+
+# Explicit VRs whose raw elements convert without what Dataset.__getitem__ adds around
+# pydicom's conversion (a sequence's pixel representation, an ambiguous or UN VR's resolution,
+# a private element's creator): those take the __getitem__ path.
+_PLAIN_VRS = frozenset(
+    {
+        "AE", "AS", "AT", "CS", "DA", "DS", "DT", "FD", "FL", "IS", "LO", "LT", "OB", "OD",
+        "OF", "OL", "OV", "OW", "PN", "SH", "SL", "SS", "ST", "SV", "TM", "UC", "UI", "UL",
+        "UR", "US", "UT", "UV",
+    }
+)  # fmt: skip
+_CHARSET_TAG = 0x00080005
+
+
+def _convert_all(ds: Dataset) -> Snapshot:
+    """Convert every top-level value of a freshly read ds (pydicom converts lazily, and a bad
+    value must be refused now) and snapshot each element as read. Plain elements go straight
+    through pydicom's convert_raw_data_element with the character set looked up once, as
+    Dataset.__getitem__ would convert them (it looks the character set up per element and
+    stores the result through __setitem__'s checks: most of intake's parse time)."""
+    elements = ds._dict
+    charset = ds.original_character_set or ds._character_set
+    snapshot: Snapshot = {}
+    for tag, raw in list(elements.items()):
+        if not isinstance(raw, RawDataElement):
+            continue
+        if (
+            raw.VR in _PLAIN_VRS
+            and raw.value is not None
+            and tag != _CHARSET_TAG
+            and not tag >> 16 & 1  # private
+        ):
+            elem = convert_raw_data_element(raw, encoding=charset, ds=ds)
+            elements[tag] = elem
+        else:
+            elem = ds[tag]
+        snapshot[tag] = (raw, elem, elem.value)
+    return snapshot
 
 
 def _unchanged(ds: Dataset, snapshot: Snapshot) -> dict[int, RawDataElement]:
@@ -417,7 +506,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     with open(staging, "wb") as f:
         f.writelines(chunks)
     try:
-        full = ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
+        full = _dicom_json(ds)
         findings = _residual_phi(full, identifiers, ctx.phi)
         record = _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
         record = replace(record, forgotten_marks=marks)
@@ -570,7 +659,10 @@ class PartSink:
 
     def __init__(self, intake_dir: Path) -> None:
         self._intake_dir = intake_dir
-        self._buf = bytearray()
+        # Views of the request's own chunks, joined once at the end: growing one buffer chunk
+        # by chunk copied a large part several times over.
+        self._pieces: list[bytes | memoryview] = []
+        self._size = 0
         self._file: tempfile._TemporaryFileWrapper[bytes] | None = None
 
     def write(self, data: bytes | memoryview) -> None:
@@ -578,27 +670,30 @@ class PartSink:
         if self._file is not None:
             self._file.write(data)
             return
-        self._buf += data
-        if len(self._buf) > SPOOL_THRESHOLD:
+        if not (isinstance(data, memoryview) and isinstance(data.obj, bytes)):
+            data = bytes(data)  # not a view of immutable bytes: the caller may reuse it
+        self._pieces.append(data)
+        self._size += len(data)
+        if self._size > SPOOL_THRESHOLD:
             self._file = tempfile.NamedTemporaryFile(  # noqa: SIM115 - handed to the worker
                 dir=self._intake_dir, prefix="part-", suffix=".dcm", delete=False
             )
-            self._file.write(self._buf)
-            self._buf = bytearray()
+            self._file.writelines(self._pieces)
+            self._pieces = []
 
-    def finish(self) -> bytearray | str:
+    def finish(self) -> bytes | str:
         """The part: its bytes, or the path of the spooled file."""
         if self._file is not None:
             self._file.close()
             return self._file.name
-        return self._buf
+        return b"".join(self._pieces)
 
     def discard(self) -> None:
         """Forget the part (and remove its spool file)."""
         if self._file is not None:
             self._file.close()
             Path(self._file.name).unlink(missing_ok=True)
-        self._buf = bytearray()
+        self._pieces = []
 
 
 class Intake:

@@ -13,11 +13,13 @@ from __future__ import annotations
 import struct
 from io import BytesIO
 
-from pydicom.dataelem import RawDataElement
+from pydicom.charset import convert_encodings
+from pydicom.dataelem import DataElement, RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.filebase import DicomBytesIO
 from pydicom.filewriter import dcmwrite, write_data_element, write_file_meta_info
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import CUSTOMIZABLE_CHARSET_VR
 
 Chunk = bytes | bytearray | memoryview
 
@@ -33,6 +35,15 @@ _SHORT_VRS = frozenset(
     }
 )  # fmt: skip
 _PREFIX = bytes(128) + b"DICM"
+_GROUP_LENGTH = 0x00020000
+# PS3.10 Table 7.1-1: the Type 1 file meta elements (the group length is written here).
+_REQUIRED_META = frozenset({0x00020001, 0x00020002, 0x00020003, 0x00020010, 0x00020012})
+# String VRs pydicom's writer pads to even length, and with what (PS3.5 6.2).
+_PADDING = {
+    **dict.fromkeys(("AE", "AS", "CS", "DA", "DT", "LO", "LT", "SH", "ST", "TM"), b" "),
+    **dict.fromkeys(("UC", "UR", "UT"), b" "),
+    "UI": b"\0",
+}
 
 
 def _copyable(elem: RawDataElement, implicit: bool) -> bool:
@@ -49,14 +60,32 @@ def _copyable(elem: RawDataElement, implicit: bool) -> bool:
     )
 
 
-def _header(elem: RawDataElement, implicit: bool) -> bytes:
+def _header(elem: RawDataElement | DataElement, implicit: bool, length: int) -> bytes:
     tag = elem.tag
     if implicit:
-        return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, elem.length)
+        return struct.pack("<HHL", tag >> 16, tag & 0xFFFF, length)
     vr = elem.VR
     if vr in _LONG_VRS:
-        return struct.pack("<HH2s2xL", tag >> 16, tag & 0xFFFF, vr.encode(), elem.length)
-    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), elem.length)
+        return struct.pack("<HH2s2xL", tag >> 16, tag & 0xFFFF, vr.encode(), length)
+    return struct.pack("<HH2sH", tag >> 16, tag & 0xFFFF, vr.encode(), length)
+
+
+def _ascii_string(elem: DataElement, implicit: bool, one_charset: bool) -> bytes | None:
+    """The encoding of an element holding one ASCII string, as pydicom's writer gives it
+    (the value, padded to even length), or None for anything else. With a single character
+    set every one DICOM names encodes ASCII as ASCII; code extensions go through pydicom."""
+    value = elem.value
+    padding = _PADDING.get(elem.VR)  # type: ignore[arg-type]
+    if padding is None or not isinstance(value, str) or not value.isascii():
+        return None
+    if not one_charset and elem.VR in CUSTOMIZABLE_CHARSET_VR:
+        return None
+    data = value.encode("ascii")
+    if len(data) % 2:
+        data += padding
+    if not implicit and elem.VR not in _LONG_VRS and len(data) > 0xFFFF:
+        return None  # pydicom writes it as UN (PS3.5 6.2.2)
+    return _header(elem, implicit, len(data)) + data
 
 
 def encode(ds: Dataset, raw: dict[int, RawDataElement]) -> list[Chunk]:
@@ -73,14 +102,12 @@ def encode(ds: Dataset, raw: dict[int, RawDataElement]) -> list[Chunk]:
     if ds.original_character_set != ds._character_set:
         return [_dcmwrite(ds)]
 
-    meta = DicomBytesIO()
-    meta.is_little_endian, meta.is_implicit_VR = True, False
-    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
-    chunks: list[Chunk] = [_PREFIX, meta.getvalue()]
+    chunks: list[Chunk] = [_PREFIX, _file_meta(ds.file_meta)]
 
     out = DicomBytesIO()
     out.is_little_endian, out.is_implicit_VR = True, implicit
     encoding = ds.get("SpecificCharacterSet", "iso8859")
+    one_charset = len(convert_encodings(encoding)) == 1
     for tag in sorted(ds._dict):
         if tag & 0xFFFF == 0 and tag >> 16 > 6:
             continue  # PS3.5 7.2: retired group lengths are not written
@@ -90,16 +117,52 @@ def encode(ds: Dataset, raw: dict[int, RawDataElement]) -> list[Chunk]:
                 chunks.append(out.getvalue())
                 out = DicomBytesIO()
                 out.is_little_endian, out.is_implicit_VR = True, implicit
-            chunks.append(_header(elem, implicit))
+            chunks.append(_header(elem, implicit, elem.length))
             chunks.append(elem.value)
             continue
-        converted = ds[tag]
+        converted = ds._dict[tag]
+        if isinstance(converted, RawDataElement):
+            converted = ds[tag]
         if not implicit and converted.VR and len(converted.VR) != 2:
             return [_dcmwrite(ds)]  # an ambiguous VR ('US or SS'): pydicom resolves it
-        write_data_element(out, converted, encoding)
+        text = _ascii_string(converted, implicit, one_charset)
+        if text is not None:
+            out.write(text)
+        else:
+            write_data_element(out, converted, encoding)
     if out.tell():
         chunks.append(out.getvalue())
     return chunks
+
+
+def _file_meta(meta: Dataset) -> bytes:
+    """The file meta group (PS3.10 7.1, explicit VR little endian) with its group length.
+    Every element is one ASCII string or the version's two bytes once intake has set the meta
+    (~0.3 ms in pydicom's writer for a handful of elements); anything else, and the checks
+    that a meta without the required elements fails, are pydicom's."""
+    body = []
+    for tag in sorted(meta._dict):
+        if tag == _GROUP_LENGTH:
+            continue
+        elem = meta[tag]
+        value = elem.value
+        if tag >> 16 != 2 or (tag in _REQUIRED_META and not value):
+            break  # not file meta, or a required element empty: pydicom refuses it
+        if elem.VR == "OB" and isinstance(value, bytes) and len(value) % 2 == 0:
+            body.append(_header(elem, False, len(value)) + value)
+            continue
+        text = _ascii_string(elem, False, True)
+        if text is None:
+            break
+        body.append(text)
+    else:
+        if meta._dict.keys() >= _REQUIRED_META:
+            data = b"".join(body)
+            return struct.pack("<HH2sHL", 2, 0, b"UL", 4, len(data)) + data
+    out = DicomBytesIO()
+    out.is_little_endian, out.is_implicit_VR = True, False
+    write_file_meta_info(out, meta, enforce_standard=True)  # type: ignore[arg-type]
+    return out.getvalue()
 
 
 def _dcmwrite(ds: Dataset) -> bytes:

@@ -2,21 +2,31 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from pydicom.data import get_testdata_files
+from pydicom.dataset import Dataset
 
+from carina.curation import intake
+from carina.curation.deid import Deidentifier, load_profile
 from carina.curation.intake import (
+    BULK_THRESHOLD,
     CANNOT_UNDERSTAND,
     COERCED,
     DISCARDED,
     InstanceRecord,
     IntakeContext,
+    PartSink,
     Refusal,
+    _bulk_uri_handler,
     _coercion,
+    _dicom_json,
     _read,
     process_part,
 )
+from carina.curation.pseudonyms import Pseudonymizer
 from tests.factory import Phi, ct_instance, to_bytes
 
 
@@ -133,3 +143,55 @@ def test_coercion_says_changed_removed_or_untouched() -> None:
     ds, snapshot = _read(data)
     ds.PatientIdentityRemoved = "YES"  # added
     assert _coercion(ds, read, snapshot) == COERCED
+
+
+def _pydicom_json(ds: Dataset) -> dict:
+    return ds.to_json_dict(BULK_THRESHOLD, _bulk_uri_handler(ds), suppress_invalid_tags=True)
+
+
+@pytest.mark.parametrize("deidentified", [False, True])
+def test_index_json_is_what_pydicom_writes(deidentified: bool) -> None:
+    """The intake's own DICOM JSON writer (its fast path for single values) gives exactly
+    pydicom's to_json_dict, over pydicom's test files (sequences, PN, AT, IS/DS, binary
+    values, private and empty elements, several character sets) and a generated CT."""
+    files = [Path(p).read_bytes() for p in get_testdata_files("*.dcm")]
+    files.append(to_bytes(ct_instance(Phi(), 1, rows=16, columns=16)))
+    profile = load_profile("basic", ("retain_long_modified_dates",))
+    compared = 0
+    for data in files:
+        try:
+            ds, _ = _read(data)
+            if deidentified:
+                Deidentifier(profile, Pseudonymizer(b"k" * 32)).apply(ds)
+        except Exception:  # files intake refuses, or deid cannot apply to: not indexed
+            continue
+        assert json.dumps(_dicom_json(ds), sort_keys=True) == json.dumps(
+            _pydicom_json(ds), sort_keys=True
+        )
+        compared += 1
+    assert compared > 40
+
+
+def test_part_sink_keeps_every_byte_even_of_a_buffer_reused_by_the_caller(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunk = bytes(range(256)) * 64
+    reused = bytearray(b"abcd")
+    sink = PartSink(tmp_path)
+    sink.write(memoryview(chunk)[10:1000])
+    sink.write(memoryview(reused))
+    reused[:] = b"XXXX"  # python-multipart hands out slices of buffers it reuses
+    sink.write(chunk)
+    assert sink.finish() == chunk[10:1000] + b"abcd" + chunk
+
+    monkeypatch.setattr(intake, "SPOOL_THRESHOLD", 5000)
+    sink = PartSink(tmp_path)
+    for start in range(0, len(chunk), 3000):
+        sink.write(memoryview(chunk)[start : start + 3000])
+    spooled = sink.finish()
+    assert isinstance(spooled, str) and Path(spooled).read_bytes() == chunk
+    Path(spooled).unlink()
+    sink = PartSink(tmp_path)
+    sink.write(chunk)
+    sink.discard()
+    assert list(tmp_path.iterdir()) == []

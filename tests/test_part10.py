@@ -43,7 +43,8 @@ def _dcmwrite(ds: Dataset) -> bytes:
 
 def _rich_ct() -> Dataset:
     """A CT with nested sequences, a private block, a retired group length, a kept DS written
-    with odd spacing, multi-valued strings and a known attribute sent as UN."""
+    with odd spacing, multi-valued strings, a known attribute sent as UN and a sender's own
+    file meta elements."""
     ds = ct_instance(Phi(), 1, rows=32, columns=32)
     ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
     ds.add_new(0x00180050, "DS", " 2.50")  # SliceThickness: kept, spelled oddly on purpose
@@ -55,6 +56,9 @@ def _rich_ct() -> Dataset:
     block.add_new(0x01, "LO", "private text")
     ds[0x00081030] = DataElement(0x00081030, "UN", b"STUDY DESC")
     ds.ConvolutionKernel = "B30f"
+    ds.file_meta.SourceApplicationEntityTitle = "SENDER"
+    ds.file_meta.PrivateInformationCreatorUID = "1.2.3.4"
+    ds.file_meta.PrivateInformation = b"odd"  # padded by pydicom's writer
     return ds
 
 
@@ -71,12 +75,20 @@ def _rle(ds: Dataset) -> Dataset:
     return ds
 
 
+def _charset(ds: Dataset, charset: str | list[str]) -> Dataset:
+    ds.SpecificCharacterSet = charset
+    ds.ConvolutionKernel = "B30f"  # kept, so written as read
+    return ds
+
+
 CASES = {
     "explicit CT": lambda: ct_instance(Phi(), 1, rows=128, columns=128),
     "implicit CT": lambda: _implicit(ct_instance(Phi(), 2)),
     "rich explicit": _rich_ct,
     "rich implicit": lambda: _implicit(_rich_ct()),
     "encapsulated": lambda: _rle(ct_instance(Phi(), 3)),
+    "utf-8": lambda: _charset(ct_instance(Phi(), 4), "ISO_IR 192"),
+    "code extensions": lambda: _charset(ct_instance(Phi(), 5), ["", "ISO 2022 IR 87"]),
 }
 
 

@@ -61,6 +61,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from carina.api.dimse_transport import MAXIMUM_PDU_SIZE, LowLatencyAssociationServer
 from carina.archive import index, peers, qido
 from carina.archive.errors import InvalidQuery
 from carina.curation.intake import (
@@ -115,35 +116,6 @@ _CALLING_AE_NOT_RECOGNIZED = 0x03
 _NO_REASON = 0x01
 
 _SOP_CLASS_UID = 0x00080016
-
-
-class _QuickAckSocket(socket.socket):
-    """A connection that acknowledges every read at once (Linux TCP_QUICKACK, which the kernel
-    clears again, so it is set after each read). A sender with Nagle's algorithm on (dcmtk's
-    storescu, pynetdicom) holds the tail of each message until the previous segment is
-    acknowledged; with delayed ACKs that cost ~40 ms per C-STORE (19 instances/s)."""
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        """Read, then ask the kernel to acknowledge what came in without delay."""
-        data = super().recv(bufsize, flags)
-        self.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-        return data
-
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
-class LowLatencyAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with small messages sent at once (TCP_NODELAY) and, where
-    the platform has it, every read acknowledged at once (TCP_QUICKACK)."""
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept a connection and tune it for request/response traffic."""
-        sock, address = super().get_request()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if _TCP_QUICKACK is not None and type(sock) is socket.socket:
-            sock = _QuickAckSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        return sock, address
 
 
 @dataclass
@@ -724,6 +696,7 @@ class DimseListener:
         self.address = (settings.host, settings.dimse_port)
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_associations = MAX_ASSOCIATIONS
+        self.ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:4])
         for model in (
             StudyRootQueryRetrieveInformationModelFind,

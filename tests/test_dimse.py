@@ -32,6 +32,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
+from carina.api.dimse_transport import MAXIMUM_PDU_SIZE
 from carina.archive import db, peers
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
 from tests.conftest import Server, free_port, run_cli, wait_for_series
@@ -157,6 +158,15 @@ def test_c_echo_succeeds_for_registered_ae_from_pynetdicom_and_echoscu(
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_listener_takes_a_ct_in_one_pdu(listener: Listener) -> None:
+    # PS3.8 9.3.1: the acceptor's Maximum Length; pynetdicom's default (16 KiB) cuts a 0.5 MB
+    # CT into 33 PDUs, each a pass through pynetdicom's state machine.
+    assoc = associate(listener)
+    assert assoc.is_established
+    assoc.release()
+    assert assoc.acceptor.maximum_length == MAXIMUM_PDU_SIZE > 512 * 512 * 2
 
 
 def test_cli_lists_registered_ae_titles_and_refuses_a_duplicate(

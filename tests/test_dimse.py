@@ -22,6 +22,7 @@ from psycopg_pool import ConnectionPool
 from pydicom import dcmread
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     MRImageStorage,
     RLELossless,
@@ -367,6 +368,25 @@ def test_bad_instances_get_failure_statuses_and_the_association_stays_usable(
     assert [i["00080018"]["Value"][0] for i in instances] == [
         pseudonymizer().uid(good.SOPInstanceUID)
     ]
+
+
+def test_deflated_dataset_of_another_sop_class_does_not_match(
+    listener: Listener, tmp_path: Path
+) -> None:
+    # The listener reads the SOP Class from the first elements only; deflated, it inflates them.
+    (wrong_class,) = ct_series(Phi(), 1, rows=32, columns=32)
+    wrong_class.SOPClassUID = MRImageStorage
+    wrong_class.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    wrong_class.preamble = b"\0" * 128
+    path = tmp_path / "wrong_class_deflated.dcm"
+    wrong_class.save_as(path, enforce_file_format=False)
+    assert dcmread(path).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assoc = associate(listener, syntaxes=(DeflatedExplicitVRLittleEndian,))
+    assert assoc.is_established
+    status = assoc.send_c_store(path)
+    assoc.release()
+    assert status.Status == 0xA900
+    assert "SOP Class" in status.ErrorComment
 
 
 def test_instances_acknowledged_before_an_abort_are_all_kept(listener: Listener) -> None:

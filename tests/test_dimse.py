@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -427,6 +428,48 @@ def test_eight_concurrent_associations_store_eighty_intact_instances(listener: L
         assert len(got) == 10
         for ds in sent:
             assert got[p.uid(ds.SOPInstanceUID)].PixelData == ds.PixelData
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_c_store_recovers_when_intake_worker_processes_are_killed(
+    server_factory: object, listener: Listener
+) -> None:
+    # A worker killed (out of memory, by an operator) fails at most the instance it had: the
+    # next C-STORE gets a new worker (a broken process pool would fail every later one).
+    server = server_factory(  # type: ignore[operator]
+        CARINA_DIMSE_PORT=str(port := free_port()), CARINA_SECRET_KEY=SECRET
+    )
+    other = Listener(server, port, listener.database_url)
+    first, second = ct_series(Phi(), 2, rows=16, columns=16)
+    assoc = associate(other)
+    assert assoc.send_c_store(first).Status == COERCED
+    assoc.release()
+    (forkserver,) = [
+        pid
+        for pid in _children(server.process.pid)
+        if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    workers = _children(forkserver)
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assoc = associate(other)
+    assert assoc.send_c_store(second).Status == COERCED
+    assoc.release()
 
 
 def test_submission_records_accepted_and_refused_counts(

@@ -42,6 +42,8 @@ IDLE_WAIT = 0.01
 # dataset into P-DATA-TF PDUs of at most this (storescu caps its own at 128 KiB), and each PDU
 # costs pynetdicom a pass through its state machine.
 MAXIMUM_PDU_SIZE = 1 << 20
+# Largest single read from a connection.
+RECV_SIZE = 1 << 20
 _TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 
@@ -53,20 +55,17 @@ class AcceptorSocket(AssociationSocket):
     per C-STORE (19 instances/s)."""
 
     def recv(self, nr_bytes: int) -> bytearray:
-        """Read nr_bytes; fewer only if the peer closed the connection."""
+        """Read nr_bytes; fewer only if the peer closed the connection. Memory grows with what
+        arrives, never with what the peer declares (a PDU length is the peer's word)."""
         assert self.socket is not None
-        buffer = bytearray(nr_bytes)
-        view = memoryview(buffer)
-        read = 0
-        while read < nr_bytes:
-            n = self.socket.recv_into(view[read:])
+        buffer = bytearray()
+        while len(buffer) < nr_bytes:
+            data = self.socket.recv(min(nr_bytes - len(buffer), RECV_SIZE))
             if _TCP_QUICKACK is not None:
                 self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            if not n:  # connection closed: what arrived so far, as pynetdicom returns it
-                del view
-                del buffer[read:]
-                return buffer
-            read += n
+            if not data:  # connection closed: what arrived so far, as pynetdicom returns it
+                break
+            buffer += data
         return buffer
 
 

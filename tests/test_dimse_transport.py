@@ -3,6 +3,9 @@ driven by real pynetdicom and dcmtk peers over loopback."""
 
 from __future__ import annotations
 
+import resource
+import socket
+import struct
 import subprocess
 import threading
 import time
@@ -133,3 +136,18 @@ def test_storescu_round_trips_many_instances_over_one_association(scp: Scp, tmp_
     sent = {dcmread(f).SOPInstanceUID for f in files}
     got = {dcmread(BytesIO(b)).SOPInstanceUID for b in scp.received}
     assert got == sent
+
+
+def test_a_declared_pdu_length_is_not_allocated_before_it_arrives(scp: Scp) -> None:
+    # An unauthenticated peer declares a 512 MiB A-ASSOCIATE-RQ and sends 10 bytes of it.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with socket.create_connection(("127.0.0.1", scp.port)) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 512 << 20) + bytes(10))
+        time.sleep(0.5)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 << 10, f"{grown_kib} KiB"
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()

@@ -23,15 +23,17 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import zlib
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from io import BytesIO
-from typing import Any
+from typing import Any, BinaryIO
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -61,6 +63,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
+from carina.api.dimse_transport import MAXIMUM_PDU_SIZE, LowLatencyAssociationServer
 from carina.archive import index, peers, qido
 from carina.archive.errors import InvalidQuery
 from carina.curation.intake import (
@@ -116,35 +119,8 @@ _CALLING_AE_NOT_RECOGNIZED = 0x03
 _NO_REASON = 0x01
 
 _SOP_CLASS_UID = 0x00080016
-
-
-class _QuickAckSocket(socket.socket):
-    """A connection that acknowledges every read at once (Linux TCP_QUICKACK, which the kernel
-    clears again, so it is set after each read). A sender with Nagle's algorithm on (dcmtk's
-    storescu, pynetdicom) holds the tail of each message until the previous segment is
-    acknowledged; with delayed ACKs that cost ~40 ms per C-STORE (19 instances/s)."""
-
-    def recv(self, bufsize: int, flags: int = 0) -> bytes:
-        """Read, then ask the kernel to acknowledge what came in without delay."""
-        data = super().recv(bufsize, flags)
-        self.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-        return data
-
-
-_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
-
-
-class LowLatencyAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with small messages sent at once (TCP_NODELAY) and, where
-    the platform has it, every read acknowledged at once (TCP_QUICKACK)."""
-
-    def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
-        """Accept a connection and tune it for request/response traffic."""
-        sock, address = super().get_request()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if _TCP_QUICKACK is not None and type(sock) is socket.socket:
-            sock = _QuickAckSocket(sock.family, sock.type, sock.proto, fileno=sock.detach())
-        return sock, address
+# Bytes of a deflated dataset read and inflated to find its SOP Class UID (a few elements in).
+_DEFLATED_HEAD = 64 << 10
 
 
 @dataclass
@@ -218,14 +194,27 @@ def failure_status(code: int) -> int:
     return PROCESSING_FAILURE
 
 
-def _dataset_sop_class(payload: bytes) -> str | None:
-    """The dataset's SOP Class UID read from its first elements, or None if it has none or
-    cannot be read (the intake then refuses it with the reason)."""
+def _dataset_sop_class(dataset: BinaryIO, transfer_syntax: UID) -> str | None:
+    """The SOP Class UID of a received dataset (no file meta), read from its first elements
+    only; None if it has none or they cannot be read (the intake then refuses it with the
+    reason). The stream is left at its start."""
     try:
-        ds = dcmread(BytesIO(payload), stop_before_pixels=True, specific_tags=[_SOP_CLASS_UID])
+        dataset.seek(0)
+        if transfer_syntax.is_deflated:  # PS3.5 A.5: inflate only the first elements
+            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(
+                dataset.read(_DEFLATED_HEAD), _DEFLATED_HEAD
+            )
+        ds = read_dataset(
+            BytesIO(head) if transfer_syntax.is_deflated else dataset,
+            transfer_syntax.is_implicit_VR,
+            transfer_syntax.is_little_endian,
+            stop_when=lambda tag, vr, length: tag > _SOP_CLASS_UID,
+        )
         value = ds.get("SOPClassUID")
     except Exception:
         return None
+    finally:
+        dataset.seek(0)
     return str(value).strip() if value else None
 
 
@@ -362,7 +351,7 @@ def handle_store(event: Event, runtime: Runtime, associations: Associations) -> 
 def _store(event: Event, runtime: Runtime, peer: _Peer) -> Outcome:
     payload = event.encoded_dataset(include_meta=True)
     # PS3.4 B.2.3: a dataset of another SOP Class than the presentation context's does not match.
-    sop_class = _dataset_sop_class(payload)
+    sop_class = _dataset_sop_class(event.request.DataSet, event.context.transfer_syntax)
     if sop_class is not None and sop_class != str(event.context.abstract_syntax):
         return Refusal(DOES_NOT_MATCH, "SOP Class does not match the presentation context")
     return runtime.intake.ingest_one(payload, peer.ctx)
@@ -731,6 +720,7 @@ class DimseListener:
         self.address = (settings.host, settings.dimse_port)
         self.ae = AE(ae_title=settings.ae_title)
         self.ae.maximum_associations = MAX_ASSOCIATIONS
+        self.ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
         self.ae.add_supported_context(Verification, TRANSFER_SYNTAXES[:4])
         for model in (
             StudyRootQueryRetrieveInformationModelFind,

@@ -12,7 +12,6 @@ import json
 import logging
 import multiprocessing
 import os
-import queue
 import tempfile
 import threading
 import time
@@ -45,6 +44,7 @@ from .deid import Deidentifier, load_profile
 from .errors import CurationError, InstanceRefused
 from .pseudonyms import Pseudonymizer, collection_key, mapped_pseudonymizer
 from .rule_settings import RuleSettingError, config_from
+from .workers import WorkerDied, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -733,29 +733,36 @@ class Intake:
         # Parts reach the workers through shared memory (one copy, no pickling through a
         # pipe); each in-flight part holds one slot, so the slots also bound the parts in
         # flight. Small slots: containers often give /dev/shm only 64 MB.
-        # STOW requests wait for a slot on the event loop, C-STORE associations in their own
-        # threads: each side has its own free list (2 and 1 slots per worker).
+        # STOW requests wait for a slot on the event loop (2 per worker); C-STORE associations,
+        # in their own threads, for a worker process of their own (curation/workers) with its
+        # slot (as many as the pool has workers).
         stow_slots, dimse_slots = self.workers * 2, self.workers
         self._slots = [
             shared_memory.SharedMemory(create=True, size=SLOT_SIZE)
             for _ in range(stow_slots + dimse_slots)
         ]
         self._free_slots: asyncio.Queue[int] = asyncio.Queue()
-        self._free_thread_slots: queue.Queue[int] = queue.Queue()
         for i in range(stow_slots):
             self._free_slots.put_nowait(i)
-        for i in range(stow_slots, stow_slots + dimse_slots):
-            self._free_thread_slots.put_nowait(i)
+        mp_context = multiprocessing.get_context("forkserver")
+        initargs = (
+            profile,
+            options,
+            tuple(slot.name for slot in self._slots),
+            getattr(pool, "conninfo", ""),
+        )
         self.executor = ProcessPoolExecutor(
             max_workers=self.workers,
-            mp_context=multiprocessing.get_context("forkserver"),
+            mp_context=mp_context,
             initializer=_warm_up,
-            initargs=(
-                profile,
-                options,
-                tuple(slot.name for slot in self._slots),
-                getattr(pool, "conninfo", ""),
-            ),
+            initargs=initargs,
+        )
+        self._thread_workers = WorkerPool(
+            dimse_slots,
+            list(range(stow_slots, stow_slots + dimse_slots)),
+            mp_context,
+            _warm_up,
+            initargs,
         )
         # Start every worker now (the pool starts them lazily), so the first request is not
         # the one that pays for process start-up and profile compilation.
@@ -765,6 +772,7 @@ class Intake:
     def close(self) -> None:
         """Stop the worker processes and free the shared memory."""
         self.executor.shutdown(wait=True, cancel_futures=True)
+        self._thread_workers.close()
         for slot in self._slots:
             slot.close()
             slot.unlink()
@@ -856,12 +864,11 @@ class Intake:
         """Process, store and index one instance (a C-STORE); return once it is durable or
         refused. Blocking and thread-safe: each caller waits for its own worker and commit.
         The instance reaches the worker through a shared-memory slot, as a STOW part does."""
-        slot = self._free_thread_slots.get()
-        try:
-            work = self._into_slot(payload, slot)
-            outcome = self.executor.submit(process_part, work, ctx).result()
-        finally:
-            self._free_thread_slots.put(slot)
+        with self._thread_workers.worker() as (slot, worker):
+            try:
+                outcome = worker.call(process_part, self._into_slot(payload, slot), ctx)
+            except WorkerDied:
+                outcome = Refusal(PROCESSING_FAILURE, "processing failure: worker ended")
         result = BatchResult([outcome])
         if result.stored:
             # More may follow on the association: settle after a quiet period or at its end.

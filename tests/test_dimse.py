@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -22,6 +23,7 @@ from psycopg_pool import ConnectionPool
 from pydicom import dcmread
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     MRImageStorage,
     RLELossless,
@@ -32,6 +34,7 @@ from pynetdicom.association import Association
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.status import code_to_category
 
+from carina.api.dimse_transport import MAXIMUM_PDU_SIZE
 from carina.archive import db, peers
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
 from tests.conftest import Server, free_port, run_cli, wait_for_series
@@ -157,6 +160,15 @@ def test_c_echo_succeeds_for_registered_ae_from_pynetdicom_and_echoscu(
         timeout=30,
     )
     assert done.returncode == 0, done.stderr
+
+
+def test_listener_takes_a_ct_in_one_pdu(listener: Listener) -> None:
+    # PS3.8 9.3.1: the acceptor's Maximum Length; pynetdicom's default (16 KiB) cuts a 0.5 MB
+    # CT into 33 PDUs, each a pass through pynetdicom's state machine.
+    assoc = associate(listener)
+    assert assoc.is_established
+    assoc.release()
+    assert assoc.acceptor.maximum_length == MAXIMUM_PDU_SIZE > 512 * 512 * 2
 
 
 def test_cli_lists_registered_ae_titles_and_refuses_a_duplicate(
@@ -359,6 +371,25 @@ def test_bad_instances_get_failure_statuses_and_the_association_stays_usable(
     ]
 
 
+def test_deflated_dataset_of_another_sop_class_does_not_match(
+    listener: Listener, tmp_path: Path
+) -> None:
+    # The listener reads the SOP Class from the first elements only; deflated, it inflates them.
+    (wrong_class,) = ct_series(Phi(), 1, rows=32, columns=32)
+    wrong_class.SOPClassUID = MRImageStorage
+    wrong_class.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    wrong_class.preamble = b"\0" * 128
+    path = tmp_path / "wrong_class_deflated.dcm"
+    wrong_class.save_as(path, enforce_file_format=False)
+    assert dcmread(path).file_meta.TransferSyntaxUID == DeflatedExplicitVRLittleEndian
+    assoc = associate(listener, syntaxes=(DeflatedExplicitVRLittleEndian,))
+    assert assoc.is_established
+    status = assoc.send_c_store(path)
+    assoc.release()
+    assert status.Status == 0xA900
+    assert "SOP Class" in status.ErrorComment
+
+
 def test_instances_acknowledged_before_an_abort_are_all_kept(listener: Listener) -> None:
     phi = Phi()
     sent = ct_series(phi, 3, rows=32, columns=32)
@@ -397,6 +428,48 @@ def test_eight_concurrent_associations_store_eighty_intact_instances(listener: L
         assert len(got) == 10
         for ds in sent:
             assert got[p.uid(ds.SOPInstanceUID)].PixelData == ds.PixelData
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is pid (Linux /proc)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+def test_c_store_recovers_when_intake_worker_processes_are_killed(
+    server_factory: object, listener: Listener
+) -> None:
+    # A worker killed (out of memory, by an operator) fails at most the instance it had: the
+    # next C-STORE gets a new worker (a broken process pool would fail every later one).
+    server = server_factory(  # type: ignore[operator]
+        CARINA_DIMSE_PORT=str(port := free_port()), CARINA_SECRET_KEY=SECRET
+    )
+    other = Listener(server, port, listener.database_url)
+    first, second = ct_series(Phi(), 2, rows=16, columns=16)
+    assoc = associate(other)
+    assert assoc.send_c_store(first).Status == COERCED
+    assoc.release()
+    (forkserver,) = [
+        pid
+        for pid in _children(server.process.pid)
+        if b"forkserver" in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]
+    workers = _children(forkserver)
+    assert workers
+    for pid in workers:
+        os.kill(pid, signal.SIGKILL)
+    time.sleep(0.5)
+    assoc = associate(other)
+    assert assoc.send_c_store(second).Status == COERCED
+    assoc.release()
 
 
 def test_submission_records_accepted_and_refused_counts(

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import subprocess
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from email.parser import BytesParser
 from email.policy import HTTP
 from io import BytesIO
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -18,6 +20,7 @@ from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, AllStoragePresentationContexts, build_role, evt
+from pynetdicom.association import Association
 from pynetdicom.events import Event
 from pynetdicom.sop_class import (  # type: ignore[attr-defined]
     CTImageStorage,
@@ -42,7 +45,7 @@ SECRET = "qr-test-key"
 
 @dataclass
 class Receiver:
-    """A pynetdicom Storage SCP run by a test: a C-MOVE destination."""
+    """A pynetdicom Storage SCP run by a test: a C-MOVE destination, or a C-GET requestor."""
 
     ae_title: str
     port: int
@@ -193,18 +196,63 @@ def findscu(archive: Archive, out: Path, *keys: str, aet: str = "QRSCU") -> list
     return [dcmread(p) for p in sorted(out.glob("rsp*.dcm"))]
 
 
+def identifier(level: str, **keys: object) -> Dataset:
+    """A Query/Retrieve identifier at level, with keys given as keyword=value."""
+    ds = Dataset()
+    ds.QueryRetrieveLevel = level
+    for keyword, value in keys.items():
+        setattr(ds, keyword, value)
+    return ds
+
+
+@contextmanager
+def qr_association(
+    archive: Archive,
+    model: str,
+    aet: str = "QRSCU",
+    on_store: Callable[[Event], int] | None = None,
+) -> Iterator[Association]:
+    """A pynetdicom association from aet proposing a Query/Retrieve model, released after; with
+    on_store, also CT Image Storage with the SCP role (PS3.7 D.3.3.4), as a C-GET needs."""
+    ae = AE(ae_title=aet)
+    ae.add_requested_context(model)
+    extra: dict[str, Any] = {}
+    if on_store is not None:
+        ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        extra = {
+            "ext_neg": [build_role(CTImageStorage, scp_role=True)],
+            "evt_handlers": [(evt.EVT_C_STORE, on_store)],
+        }
+    assoc = ae.associate("127.0.0.1", archive.port, ae_title="CARINA", **extra)
+    assert assoc.is_established
+    try:
+        yield assoc
+    finally:
+        assoc.release()
+
+
 def c_find(archive: Archive, query: Dataset, aet: str = "QRSCU") -> list[tuple[int, Dataset]]:
     """(status, identifier) of every C-FIND response from pynetdicom."""
-    ae = AE(ae_title=aet)
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title="CARINA")
-    assert assoc.is_established
-    out = [
-        (int(status.Status), ident)
-        for status, ident in assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind)
-    ]
-    assoc.release()
-    return out
+    model = StudyRootQueryRetrieveInformationModelFind
+    with qr_association(archive, model, aet) as assoc:
+        return [(int(status.Status), ident) for status, ident in assoc.send_c_find(query, model)]
+
+
+def c_move(archive: Archive, query: Dataset, destination: str, aet: str = "QRSCU") -> Dataset:
+    """The final C-MOVE response (status and sub-operation counts) from pynetdicom."""
+    model = StudyRootQueryRetrieveInformationModelMove
+    with qr_association(archive, model, aet) as assoc:
+        return list(assoc.send_c_move(query, destination, model))[-1][0]
+
+
+def c_get(
+    archive: Archive, query: Dataset, on_store: Callable[[Event], int] | None = None
+) -> Dataset:
+    """The final C-GET response from pynetdicom; instances go to on_store (with none, the
+    association offers no storage context to send them in)."""
+    model = StudyRootQueryRetrieveInformationModelGet
+    with qr_association(archive, model, on_store=on_store) as assoc:
+        return list(assoc.send_c_get(query, model, msg_id=1))[-1][0]
 
 
 def test_findscu_matches_studies_by_date_range_and_wildcard(
@@ -270,9 +318,7 @@ def test_pynetdicom_c_find_returns_each_key_asked_for_and_empty_when_not_held(
     archive: Archive,
 ) -> None:
     item = study_json(archive)
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = archive.study
+    query = identifier("STUDY", StudyInstanceUID=archive.study)
     query.PatientID = item["00100020"]["Value"][0]
     query.StudyDescription = ""
     query.StudyDate = ""
@@ -298,20 +344,11 @@ def test_c_find_refuses_malformed_identifiers_with_a_failure_status_and_comment(
 ) -> None:
     no_level = Dataset()
     no_level.StudyInstanceUID = ""
-    series_without_study = Dataset()
-    series_without_study.QueryRetrieveLevel = "SERIES"
-    series_without_study.SeriesInstanceUID = ""
-    image_key_at_study = Dataset()
-    image_key_at_study.QueryRetrieveLevel = "STUDY"
-    image_key_at_study.SOPInstanceUID = "1.2.3"
-    bad_date = Dataset()
-    bad_date.QueryRetrieveLevel = "STUDY"
-    bad_date.StudyDate = "2024-01"
     for query, status in (
         (no_level, 0xA900),
-        (series_without_study, 0xA900),
-        (image_key_at_study, 0xA900),
-        (bad_date, 0xC000),
+        (identifier("SERIES", SeriesInstanceUID=""), 0xA900),
+        (identifier("STUDY", SOPInstanceUID="1.2.3"), 0xA900),
+        (identifier("STUDY", StudyDate="2024-01"), 0xC000),
     ):
         [(got, ident)] = c_find(archive, query)
         assert got == status, query
@@ -319,13 +356,9 @@ def test_c_find_refuses_malformed_identifiers_with_a_failure_status_and_comment(
 
 
 def test_c_find_failure_comments_name_the_problem(archive: Archive) -> None:
-    ae = AE(ae_title="QRSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title="CARINA")
-    query = Dataset()
-    query.QueryRetrieveLevel = "SERIES"
-    [(status, _)] = list(assoc.send_c_find(query, StudyRootQueryRetrieveInformationModelFind))
-    assoc.release()
+    model = StudyRootQueryRetrieveInformationModelFind
+    with qr_association(archive, model) as assoc:
+        [(status, _)] = list(assoc.send_c_find(identifier("SERIES"), model))
     assert status.Status == 0xA900
     assert "StudyInstanceUID" in status.ErrorComment
 
@@ -333,32 +366,37 @@ def test_c_find_failure_comments_name_the_problem(archive: Archive) -> None:
 def test_ae_registered_for_another_collection_finds_nothing_of_this_one(
     archive: Archive, tmp_path: Path
 ) -> None:
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = ""
+    query = identifier("STUDY", StudyInstanceUID="")
     assert [s for s, _ in c_find(archive, query, aet="OTHER")] == [0x0000]
     assert len([s for s, _ in c_find(archive, query)]) == 2  # the owner sees its study
-    series = Dataset()
-    series.QueryRetrieveLevel = "SERIES"
-    series.StudyInstanceUID = archive.study
-    series.SeriesInstanceUID = ""
+    series = identifier("SERIES", StudyInstanceUID=archive.study, SeriesInstanceUID="")
     assert [s for s, _ in c_find(archive, series, aet="OTHER")] == [0x0000]
     assert findscu(archive, tmp_path / "o", "QueryRetrieveLevel=STUDY", aet="OTHER") == []
 
 
-def test_movescu_sends_every_instance_to_the_registered_destination(archive: Archive) -> None:
-    archive.receiver.received.clear()
+def dcmtk_retrieve_study(archive: Archive, tool: str, *options: str) -> None:
+    """movescu or getscu (Study Root) of the archive's study, as QRSCU."""
     done = dcmtk(
-        "movescu", "-S", "-aet", "QRSCU", "-aec", "CARINA", "-aem", "DEST",
+        tool, "-S", "-aet", "QRSCU", "-aec", "CARINA", *options,
         "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={archive.study}",
         "127.0.0.1", str(archive.port),
     )  # fmt: skip
     assert done.returncode == 0, done.stdout + done.stderr
-    got = {str(ds.SOPInstanceUID): ds for ds in archive.receiver.received}
+
+
+def assert_the_stored_study(archive: Archive, retrieved: list[Dataset]) -> None:
+    """retrieved is every instance of the study, with the pixel data WADO-RS serves."""
+    got = {str(ds.SOPInstanceUID): ds for ds in retrieved}
     assert sorted(got) == sorted(archive.sops)
     pixels = wado_pixels(archive)
-    for sop, ds in got.items():
-        assert ds.PixelData == pixels[sop]
+    assert all(ds.PixelData == pixels[sop] for sop, ds in got.items())
+
+
+def test_movescu_sends_every_instance_to_the_registered_destination(archive: Archive) -> None:
+    archive.receiver.received.clear()
+    dcmtk_retrieve_study(archive, "movescu", "-aem", "DEST")
+    assert_the_stored_study(archive, archive.receiver.received)
+    for ds in archive.receiver.received:
         assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian  # as stored
 
 
@@ -367,16 +405,8 @@ def test_pynetdicom_c_move_of_one_series_reports_completed_sub_operations(
 ) -> None:
     archive.receiver.received.clear()
     series, count = next(iter(archive.series.items()))
-    ae = AE(ae_title="QRSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title="CARINA")
-    query = Dataset()
-    query.QueryRetrieveLevel = "SERIES"
-    query.StudyInstanceUID = archive.study
-    query.SeriesInstanceUID = series
-    responses = list(assoc.send_c_move(query, "DEST", StudyRootQueryRetrieveInformationModelMove))
-    assoc.release()
-    final = responses[-1][0]
+    query = identifier("SERIES", StudyInstanceUID=archive.study, SeriesInstanceUID=series)
+    final = c_move(archive, query, "DEST")
     assert final.Status == 0x0000
     assert (final.NumberOfCompletedSuboperations, final.NumberOfFailedSuboperations) == (count, 0)
     assert {ds.SeriesInstanceUID for ds in archive.receiver.received} == {series}
@@ -386,33 +416,16 @@ def test_pynetdicom_c_move_of_one_series_reports_completed_sub_operations(
 def test_c_move_to_an_unknown_or_other_collection_destination_fails_a801(
     archive: Archive,
 ) -> None:
-    ae = AE(ae_title="QRSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title="CARINA")
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = archive.study
+    query = identifier("STUDY", StudyInstanceUID=archive.study)
     for destination in ("NOWHERE", "DESTB", "OTHER"):
-        [(status, _)] = list(
-            assoc.send_c_move(query, destination, StudyRootQueryRetrieveInformationModelMove)
-        )
-        assert status.Status == 0xA801, destination
-    assoc.release()
+        assert c_move(archive, query, destination).Status == 0xA801, destination
 
 
 def test_c_move_of_another_collections_study_sends_nothing(archive: Archive) -> None:
-    ae = AE(ae_title="OTHER")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title="CARINA")
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = archive.study
     # DESTB is registered for OTHER's collection but listens nowhere: no association is tried
     # when nothing matches.
-    [(status, _)] = list(
-        assoc.send_c_move(query, "DESTB", StudyRootQueryRetrieveInformationModelMove)
-    )
-    assoc.release()
+    query = identifier("STUDY", StudyInstanceUID=archive.study)
+    status = c_move(archive, query, "DESTB", aet="OTHER")
     assert status.Status == 0x0000
     assert status.NumberOfCompletedSuboperations == 0
 
@@ -420,65 +433,26 @@ def test_c_move_of_another_collections_study_sends_nothing(archive: Archive) -> 
 def test_getscu_retrieves_every_instance_over_the_same_association(
     archive: Archive, tmp_path: Path
 ) -> None:
-    done = dcmtk(
-        "getscu", "-S", "-aet", "QRSCU", "-aec", "CARINA", "-od", str(tmp_path),
-        "-k", "QueryRetrieveLevel=STUDY", "-k", f"StudyInstanceUID={archive.study}",
-        "127.0.0.1", str(archive.port),
-    )  # fmt: skip
-    assert done.returncode == 0, done.stdout + done.stderr
-    got = {str(ds.SOPInstanceUID): ds for ds in map(dcmread, tmp_path.iterdir())}
-    assert sorted(got) == sorted(archive.sops)
-    pixels = wado_pixels(archive)
-    assert all(ds.PixelData == pixels[sop] for sop, ds in got.items())
+    dcmtk_retrieve_study(archive, "getscu", "-od", str(tmp_path))
+    assert_the_stored_study(archive, [dcmread(p) for p in tmp_path.iterdir()])
 
 
 def test_pynetdicom_c_get_of_listed_images_retrieves_exactly_those(archive: Archive) -> None:
-    received: list[Dataset] = []
-
-    def on_store(event: Event) -> int:
-        received.append(event.dataset)
-        return 0x0000
-
-    ae = AE(ae_title="QRSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    requestor = Receiver("QRSCU", 0)  # C-GET: the requestor receives over its association
     series, _ = next(iter(archive.series.items()))
-    wanted = [
-        str(ds.SOPInstanceUID)
-        for _, ds in c_find(archive, _image_query(archive.study, series))
-        if ds is not None
-    ][:2]
-    assoc = ae.associate(
-        "127.0.0.1",
-        archive.port,
-        ae_title="CARINA",
-        ext_neg=[build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
+    query = identifier(
+        "IMAGE", StudyInstanceUID=archive.study, SeriesInstanceUID=series, SOPInstanceUID=""
     )
-    assert assoc.is_established
-    query = Dataset()
-    query.QueryRetrieveLevel = "IMAGE"
-    query.StudyInstanceUID = archive.study
-    query.SeriesInstanceUID = series
+    wanted = [str(ds.SOPInstanceUID) for _, ds in c_find(archive, query) if ds is not None][:2]
     query.SOPInstanceUID = wanted
-    responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
-    assoc.release()
-    final = responses[-1][0]
+    final = c_get(archive, query, requestor.on_store)
     assert final.Status == 0x0000
     assert final.NumberOfCompletedSuboperations == 2
-    assert sorted(str(ds.SOPInstanceUID) for ds in received) == sorted(wanted)
+    assert sorted(str(ds.SOPInstanceUID) for ds in requestor.received) == sorted(wanted)
 
 
 def test_c_get_without_storage_role_reports_failed_sub_operations(archive: Archive) -> None:
-    ae = AE(ae_title="QRSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title="CARINA")
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = archive.study
-    responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet))
-    assoc.release()
-    final = responses[-1][0]
+    final = c_get(archive, identifier("STUDY", StudyInstanceUID=archive.study))
     # PS3.4 C.4.3.1.4: every sub-operation failed -> Failure 0xA702, counts in the response.
     assert final.Status == 0xA702
     assert final.NumberOfFailedSuboperations == len(archive.sops)
@@ -486,15 +460,8 @@ def test_c_get_without_storage_role_reports_failed_sub_operations(archive: Archi
 
 
 def test_c_move_without_the_study_of_a_series_fails_a900_with_a_comment(archive: Archive) -> None:
-    ae = AE(ae_title="QRSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelMove)
-    assoc = ae.associate("127.0.0.1", archive.port, ae_title="CARINA")
-    query = Dataset()
-    query.QueryRetrieveLevel = "SERIES"
-    query.SeriesInstanceUID = next(iter(archive.series))
-    responses = list(assoc.send_c_move(query, "DEST", StudyRootQueryRetrieveInformationModelMove))
-    assoc.release()
-    final = responses[-1][0]
+    query = identifier("SERIES", SeriesInstanceUID=next(iter(archive.series)))
+    final = c_move(archive, query, "DEST")
     assert final.Status == 0xA900
     assert "StudyInstanceUID" in final.ErrorComment
     assert final.NumberOfCompletedSuboperations == 0
@@ -502,9 +469,6 @@ def test_c_move_without_the_study_of_a_series_fails_a900_with_a_comment(archive:
 
 def test_c_cancel_stops_a_c_get_after_the_current_sub_operation(archive: Archive) -> None:
     received: list[Dataset] = []
-    ae = AE(ae_title="QRSCU")
-    ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    ae.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
 
     def on_store(event: Event) -> int:
         received.append(event.dataset)
@@ -517,32 +481,11 @@ def test_c_cancel_stops_a_c_get_after_the_current_sub_operation(archive: Archive
             event.assoc.send_c_cancel(1, cx.context_id)
         return 0x0000
 
-    assoc = ae.associate(
-        "127.0.0.1",
-        archive.port,
-        ae_title="CARINA",
-        ext_neg=[build_role(CTImageStorage, scp_role=True)],
-        evt_handlers=[(evt.EVT_C_STORE, on_store)],
-    )
-    query = Dataset()
-    query.QueryRetrieveLevel = "STUDY"
-    query.StudyInstanceUID = archive.study
-    responses = list(assoc.send_c_get(query, StudyRootQueryRetrieveInformationModelGet, msg_id=1))
-    assoc.release()
-    final = responses[-1][0]
+    final = c_get(archive, identifier("STUDY", StudyInstanceUID=archive.study), on_store)
     assert final.Status == 0xFE00
     assert final.NumberOfCompletedSuboperations == 1
     assert final.NumberOfRemainingSuboperations == len(archive.sops) - 1
     assert len(received) == 1
-
-
-def _image_query(study: str, series: str) -> Dataset:
-    query = Dataset()
-    query.QueryRetrieveLevel = "IMAGE"
-    query.StudyInstanceUID = study
-    query.SeriesInstanceUID = series
-    query.SOPInstanceUID = ""
-    return query
 
 
 @pytest.fixture(scope="module")

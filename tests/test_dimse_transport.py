@@ -1,0 +1,153 @@
+"""The DICOM listener's transport (api/dimse_transport): pynetdicom's acceptor without polling,
+driven by real pynetdicom and dcmtk peers over loopback."""
+
+from __future__ import annotations
+
+import resource
+import socket
+import struct
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from io import BytesIO
+from pathlib import Path
+
+import pytest
+from pydicom import dcmread
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+from pynetdicom import AE, evt
+from pynetdicom.events import Event
+from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
+from pynetdicom.transport import ThreadedAssociationServer
+
+from carina.api.dimse_transport import IDLE_WAIT, MAXIMUM_PDU_SIZE, LowLatencyAssociationServer
+from tests.factory import Phi, ct_instance, to_bytes
+
+# An idle thread of a polling acceptor wakes ~1,000 times a second (pynetdicom sleeps 1 ms);
+# one that waits wakes at most 1 / IDLE_WAIT times (100), plus what it is sent.
+IDLE_SWITCHES_PER_SECOND = 2 / IDLE_WAIT
+
+
+class Scp:
+    """An in-process storage SCP on a given server class, keeping what it receives."""
+
+    def __init__(self, server_class: type[ThreadedAssociationServer]) -> None:
+        self.received: list[bytes] = []
+        self.ae = AE(ae_title="SCP")
+        self.ae.maximum_pdu_size = MAXIMUM_PDU_SIZE
+        self.ae.add_supported_context(Verification)
+        self.ae.add_supported_context(CTImageStorage, ExplicitVRLittleEndian)
+        self.server = self.ae.make_server(
+            ("127.0.0.1", 0),
+            evt_handlers=[(evt.EVT_C_ECHO, lambda e: 0), (evt.EVT_C_STORE, self._store)],
+            server_class=server_class,
+        )
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.ae._servers.append(self.server)  # as DimseListener does, so AE.shutdown() stops it
+        self.port = int(self.server.server_address[1])
+
+    def _store(self, event: Event) -> int:
+        self.received.append(event.encoded_dataset(include_meta=True))
+        return 0
+
+    def stop(self) -> None:
+        """Stop the server and its associations."""
+        self.ae.shutdown()
+
+
+@pytest.fixture
+def scp() -> Iterator[Scp]:
+    """An SCP on Carina's listener transport."""
+    s = Scp(LowLatencyAssociationServer)
+    yield s
+    s.stop()
+
+
+def voluntary_switches(native_id: int) -> int:
+    """How many times a thread of this process has given up the CPU to wait (Linux)."""
+    status = Path(f"/proc/self/task/{native_id}/status").read_text()
+    line = next(x for x in status.splitlines() if x.startswith("voluntary_ctxt_switches"))
+    return int(line.split()[1])
+
+
+def test_idle_association_threads_wait_instead_of_polling(scp: Scp) -> None:
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP")
+    assert assoc.is_established
+    try:
+        assert assoc.send_c_echo().Status == 0
+        (acceptor,) = scp.server.active_associations
+        threads = {"reactor": acceptor.native_id, "DUL": acceptor.dul.native_id}
+        before = {name: voluntary_switches(tid) for name, tid in threads.items()}
+        start = time.monotonic()
+        time.sleep(1.0)
+        seconds = time.monotonic() - start
+        for name, tid in threads.items():
+            rate = (voluntary_switches(tid) - before[name]) / seconds
+            assert rate < IDLE_SWITCHES_PER_SECOND, f"{name} thread woke {rate:.0f} times/s"
+        # Still answering at once after the idle second.
+        assert assoc.send_c_echo().Status == 0
+    finally:
+        assoc.release()
+
+
+def test_pynetdicom_sends_a_ct_in_one_pdu_and_it_arrives_intact(scp: Scp) -> None:
+    ds = ct_instance(Phi(), 1, rows=512, columns=512, seed=1)
+    sent = to_bytes(ds)
+    pdus: list[int] = []
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = scu.associate(
+        "127.0.0.1",
+        scp.port,
+        ae_title="SCP",
+        evt_handlers=[(evt.EVT_PDU_SENT, lambda e: pdus.append(len(e.pdu)))],
+    )
+    assert assoc.is_established
+    assert assoc.acceptor.maximum_length == MAXIMUM_PDU_SIZE
+    pdus.clear()
+    status = assoc.send_c_store(dcmread(BytesIO(sent)))
+    sent_pdus = list(pdus)
+    assoc.release()
+    assert status.Status == 0
+    # One P-DATA-TF for the command, one for the whole 0.5 MB dataset (16 KiB PDUs: 33).
+    assert len(sent_pdus) == 2, sent_pdus
+    (got,) = scp.received
+    assert dcmread(BytesIO(got)).PixelData == ds.PixelData
+
+
+def test_storescu_round_trips_many_instances_over_one_association(scp: Scp, tmp_path: Path) -> None:
+    phi = Phi()
+    files = []
+    for n in range(20):
+        path = tmp_path / f"{n}.dcm"
+        path.write_bytes(to_bytes(ct_instance(phi, n + 1, rows=256, columns=256, seed=n)))
+        files.append(path)
+    done = subprocess.run(
+        ["storescu", "-aet", "SCU", "-aec", "SCP", "127.0.0.1", str(scp.port), *map(str, files)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert len(scp.received) == 20
+    sent = {dcmread(f).SOPInstanceUID for f in files}
+    got = {dcmread(BytesIO(b)).SOPInstanceUID for b in scp.received}
+    assert got == sent
+
+
+def test_a_declared_pdu_length_is_not_allocated_before_it_arrives(scp: Scp) -> None:
+    # An unauthenticated peer declares a 512 MiB A-ASSOCIATE-RQ and sends 10 bytes of it.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with socket.create_connection(("127.0.0.1", scp.port)) as sock:
+        sock.sendall(struct.pack(">BBL", 0x01, 0, 512 << 20) + bytes(10))
+        time.sleep(0.5)
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert grown_kib < 64 << 10, f"{grown_kib} KiB"
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    assoc.release()

@@ -266,7 +266,7 @@ def burned_in_text(facts: SeriesFacts, settings: BurnedInSettings) -> list[Findi
         why.append(f"modality {facts.modality}")
     if facts.sop_classes & settings.sop_classes:
         why.append("a Secondary Capture SOP class")
-    images = not computed and any(values(m, "Rows") for m in facts.metadata)
+    images = not computed(facts) and any(values(m, "Rows") for m in facts.metadata)
     detection = _detect(facts, settings) if images or why else None
     if detection is None and why:
         off = "OCR is off for the collection" if not settings.ocr else "no detector configured"

@@ -126,6 +126,7 @@ DICOMWEB_READS = (
     "/studies/{study}/metadata",
     "/studies/{study}/series/{series}/metadata",
     f"{_INSTANCE}/metadata",
+    "/studies/{study}/rendered",
     "/studies/{study}/series/{series}/rendered",
     f"{_INSTANCE}/rendered",
     f"{_INSTANCE}/frames/{{frames}}/rendered",

@@ -12,7 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from carina import __version__
-from carina.curation.lifecycle import Worker
+from carina.curation.lifecycle import Worker, start_workers, stop_workers
 from carina.curation.ocr import OcrEnvironment
 from carina.runtime import Runtime
 from carina.settings import Settings
@@ -81,19 +81,17 @@ def create_app(settings: Settings) -> FastAPI:
                     "DICOM listener not started on port %d: %s", settings.dimse_port, e.strerror
                 )
                 listener = None
-        worker = None
+        workers: list[Worker] = []
         if settings.serve_worker:
-            worker = Worker(
-                runtime.pool,
-                originals=settings.originals_area,
-                ocr_env=OcrEnvironment(runtime.store, settings.tesseract),
+            ocr_env = OcrEnvironment(runtime.store, settings.tesseract)
+            workers = start_workers(
+                settings.series_workers,
+                lambda: Worker(runtime.pool, originals=settings.originals_area, ocr_env=ocr_env),
             )
-            worker.start()
         try:
             yield
         finally:
-            if worker is not None:
-                await run_in_threadpool(worker.stop)
+            await run_in_threadpool(stop_workers, workers)
             if listener is not None:
                 await run_in_threadpool(listener.stop)
             await run_in_threadpool(runtime.close)

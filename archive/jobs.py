@@ -58,7 +58,10 @@ def claim(conn: Connection) -> tuple[str, int] | None:
         "SELECT j.series_uid, j.attempts FROM series_jobs j"
         " JOIN series s ON s.series_uid = j.series_uid"
         " WHERE j.due_at <= now() ORDER BY j.due_at LIMIT 1"
-        " FOR UPDATE OF j, s SKIP LOCKED"
+        # The series row NO KEY UPDATE: the decision changes its state only, and rows that
+        # merely reference the series (a submission's links) need not wait for it (OCR can
+        # take seconds).
+        " FOR UPDATE OF j SKIP LOCKED FOR NO KEY UPDATE OF s SKIP LOCKED"
     ).fetchone()
     return (row[0], row[1]) if row else None
 

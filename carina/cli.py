@@ -7,6 +7,7 @@ import json
 import logging
 import re
 import sys
+import threading
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
@@ -68,19 +69,21 @@ def _dimse(settings: Settings, args: argparse.Namespace) -> int:
 def _worker(settings: Settings, args: argparse.Namespace) -> int:
     import signal
 
-    from carina.curation.lifecycle import Worker
+    from carina.curation.lifecycle import Worker, start_workers, stop_workers
     from carina.curation.ocr import OcrEnvironment
     from carina.runtime import open_store
 
-    with _ae_pool(settings, size=2) as pool:
-        worker = Worker(
-            pool,
-            originals=settings.originals_area,
-            ocr_env=OcrEnvironment(open_store(settings), settings.tesseract),
-        )
+    with _ae_pool(settings, size=settings.series_workers + 1) as pool:
+        ocr_env = OcrEnvironment(open_store(settings), settings.tesseract)
+        stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: worker.stop())
-        worker.run()
+            signal.signal(sig, lambda *_: stop.set())
+        workers = start_workers(
+            settings.series_workers,
+            lambda: Worker(pool, originals=settings.originals_area, ocr_env=ocr_env),
+        )
+        stop.wait()
+        stop_workers(workers)
     return 0
 
 

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
         default=True,
         description="`carina serve` also evaluates settled series (as `carina worker` does)",
     )
+    series_workers: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Threads that evaluate settled series (in `carina serve` and in each "
+        "`carina worker`): a series whose pixels OCR is reading does not hold up the others",
+    )
     tesseract: str = Field(
         default="tesseract",
         description="The tesseract command (a name on PATH or a path) the burned-in text rule "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -408,9 +408,9 @@ class Worker:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self) -> None:
+    def start(self, name: str = "series-worker") -> None:
         """Run the loop in a background thread (as `carina serve` does)."""
-        self._thread = threading.Thread(target=self.run, name="series-worker", daemon=True)
+        self._thread = threading.Thread(target=self.run, name=name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -443,3 +443,20 @@ class Worker:
         with self.pool.connection() as conn:
             due_in = jobs.seconds_to_next(conn)
         return self.idle_wait if due_in is None else min(max(due_in, 0.05), self.idle_wait)
+
+
+def start_workers(count: int, make: Callable[[], Worker]) -> list[Worker]:
+    """count workers, each in a thread of its own: jobs are claimed with SKIP LOCKED, so a
+    series whose pixels OCR reads for seconds holds up only its own worker."""
+    workers = [make() for _ in range(count)]
+    for n, worker in enumerate(workers):
+        worker.start(f"series-worker-{n}")
+    return workers
+
+
+def stop_workers(workers: Sequence[Worker]) -> None:
+    """Ask every worker to stop, then wait for each."""
+    for worker in workers:
+        worker._stop.set()
+    for worker in workers:
+        worker.stop()

@@ -32,7 +32,8 @@ log = logging.getLogger(__name__)
 
 def reporting(who: Principal) -> submissions.Visible:
     """The submissions who may read: admins every one, curators those of their collections,
-    submitters their own token's STOW-RS requests; AuthError 401 for anonymous, 403 for a
+    submitters their own token's STOW-RS requests and the associations of the AE title the
+    token is named after; AuthError 401 for anonymous, 403 for a
     principal that neither submits nor curates."""
     if who is ANONYMOUS:
         raise auth.AuthError(
@@ -48,7 +49,7 @@ def reporting(who: Principal) -> submissions.Visible:
             "this token may not read submission reports (submitter, curator or admin)",
             {"WWW-Authenticate": f'{auth.REALM}, error="insufficient_scope"'},
         )
-    return submissions.Visible(tuple(curated), tuple(own), who.token_id)
+    return submissions.Visible(tuple(curated), tuple(own), who.token_id, who.name)
 
 
 async def record_stow(

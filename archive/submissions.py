@@ -83,24 +83,30 @@ def record_stow(pool: ConnectionPool, request: StowRequest) -> int:
 class Visible:
     """The submissions a caller may see: every one of the collections it curates (None: of
     every collection, for admins), and in those it only submits to, the STOW-RS requests made
-    with its own token (a site does not see what other sites sent)."""
+    with its own token and the C-STORE associations of the AE title its token is named after
+    (a site does not see what other sites sent)."""
 
     collections: tuple[str, ...] | None = None
     own: tuple[str, ...] = ()
     token_id: str | None = None
+    # A submitter token named after the site's AE title also reads that AE title's C-STORE
+    # associations into its collections.
+    ae_title: str | None = None
 
     def params(self) -> dict[str, Any]:
         return {
             "visible": None if self.collections is None else list(self.collections),
             "own": list(self.own),
             "token_id": self.token_id,
+            "ae_title": self.ae_title,
         }
 
 
 EVERY = Visible()
 _VISIBLE = (
     "(%(visible)s::text[] IS NULL OR s.collection = ANY(%(visible)s)"
-    " OR (s.collection = ANY(%(own)s) AND s.token_id = %(token_id)s))"
+    " OR (s.collection = ANY(%(own)s) AND (s.token_id = %(token_id)s"
+    "   OR (s.kind = 'dimse' AND s.ae_title = %(ae_title)s))))"
 )
 
 

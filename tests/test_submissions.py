@@ -27,6 +27,7 @@ pytestmark = pytest.mark.slow
 MULTIPART = 'multipart/related; type="application/dicom"; boundary=XyZ'
 COLLECTION = "SITE-SUB"
 OTHER = "OTHER-SUB"
+SITE_AE = "SUBSITE"  # the AE title a site sends by C-STORE from
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def setup(
     for args in (
         ("collection", "create", COLLECTION),
         ("collection", "create", OTHER),
-        ("ae", "add", "SUBSITE", "--collection", COLLECTION),
+        ("ae", "add", SITE_AE, "--collection", COLLECTION),
     ):
         done = run_cli(database_url, cwd, *args)
         assert done.returncode == 0, done.stderr
@@ -68,6 +69,10 @@ def setup(
         ),
         "other": create_token(
             database_url, cwd, "--role", "submitter", "--collection", OTHER, "--name", "siteB"
+        ),
+        # The token of the site whose AE title is SUBSITE: it reads SUBSITE's associations.
+        "subsite": create_token(
+            database_url, cwd, "--role", "submitter", "--collection", COLLECTION, "--name", SITE_AE
         ),
         # Another site sending to the same collection: it sees its own requests only.
         "sibling": create_token(
@@ -244,8 +249,12 @@ def test_association_report_names_the_ae_title_and_its_series(setup: Setup, tmp_
             break
         time.sleep(0.2)
     setup.server.settled()
-    # An association's report is the curators' (and admins'): a token is not an AE title.
+    # An association's report is the curators', the admins' and that of the submitter token
+    # named after the AE title; another site's submitter token does not find it.
     assert setup.get("submitter", f"/api/submissions/{summary['id']}").status_code == 404
+    mine = setup.get("subsite", f"/api/submissions/{summary['id']}")
+    assert mine.status_code == 200 and mine.json()["ae_title"] == "SUBSITE"
+    assert summary["id"] in {s["id"] for s in setup.get("subsite", "/api/submissions").json()}
     report = setup.get("curator", f"/api/submissions/{summary['id']}").json()
     assert (report["kind"], report["ae_title"], report["collection"]) == (
         "dimse",

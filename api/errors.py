@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -31,6 +32,23 @@ def _refusal(
     return http_error(status, message, headers)
 
 
+# A curator's request refused, by the error's type: the status, with the error's sentence (a
+# page of the curator's web page, or JSON).
+CURATION_REFUSALS: dict[type[Exception], int] = {
+    UnknownSeries: 404,
+    DecisionRefused: 409,  # OriginalsUnavailable too
+    ProfileChoiceRefused: 422,
+    ChangeRefused: 422,
+}
+
+
+def _curation_refusal(status: int) -> Callable[[Request, Exception], Awaitable[Response]]:
+    async def handler(request: Request, exc: Exception) -> Response:
+        return _refusal(request, status, str(exc))
+
+    return handler
+
+
 def install(app: FastAPI) -> None:
     """Register the mapping of domain errors to responses."""
 
@@ -42,21 +60,8 @@ def install(app: FastAPI) -> None:
     async def _auth_refused(request: Request, exc: AuthError) -> Response:
         return _refusal(request, exc.status, exc.reason, exc.headers)
 
-    @app.exception_handler(UnknownSeries)
-    async def _unknown_series(request: Request, exc: UnknownSeries) -> Response:
-        return _refusal(request, 404, str(exc))
-
-    @app.exception_handler(DecisionRefused)
-    async def _refused(request: Request, exc: DecisionRefused) -> Response:
-        return _refusal(request, 409, str(exc))
-
-    @app.exception_handler(ProfileChoiceRefused)
-    async def _choice(request: Request, exc: ProfileChoiceRefused) -> Response:
-        return _refusal(request, 422, str(exc))
-
-    @app.exception_handler(ChangeRefused)
-    async def _change_refused(request: Request, exc: ChangeRefused) -> Response:
-        return _refusal(request, 422, str(exc))
+    for error, status in CURATION_REFUSALS.items():
+        app.add_exception_handler(error, _curation_refusal(status))
 
     @app.exception_handler(InvalidQuery)
     async def _invalid_query(request: Request, exc: InvalidQuery) -> JSONResponse:

@@ -7,7 +7,7 @@ idle workers when something becomes due at once."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from psycopg import Connection, Cursor
 from psycopg_pool import ConnectionPool
@@ -49,21 +49,35 @@ def settle(pool: ConnectionPool, series_uids: Iterable[str]) -> int:
         return cur.rowcount
 
 
-def claim(conn: Connection) -> tuple[str, int] | None:
+def claim(conn: Connection, skip: Sequence[str] = ()) -> tuple[str, int] | None:
     """(series UID, attempts so far) of one due job, locked with its series row for the rest of
     conn's transaction; None when nothing is due or every due one is taken. Both rows are taken
     with SKIP LOCKED, so a worker never waits on an intake writing that series (it is
-    rescheduled by that write anyway)."""
+    rescheduled by that write anyway). Series in skip (their frames are being read ahead of the
+    decision: peek) are left for the worker reading them."""
     row = conn.execute(
         "SELECT j.series_uid, j.attempts FROM series_jobs j"
         " JOIN series s ON s.series_uid = j.series_uid"
-        " WHERE j.due_at <= now() ORDER BY j.due_at LIMIT 1"
+        " WHERE j.due_at <= now() AND j.series_uid <> ALL(%s) ORDER BY j.due_at LIMIT 1"
         # The series row NO KEY UPDATE: the decision changes its state only, and rows that
-        # merely reference the series (a submission's links) need not wait for it (OCR can
-        # take seconds).
-        " FOR UPDATE OF j SKIP LOCKED FOR NO KEY UPDATE OF s SKIP LOCKED"
+        # merely reference the series (a submission's links) need not wait for it.
+        " FOR UPDATE OF j SKIP LOCKED FOR NO KEY UPDATE OF s SKIP LOCKED",
+        (list(skip),),
     ).fetchone()
     return (row[0], row[1]) if row else None
+
+
+def peek(conn: Connection, skip: Sequence[str] = ()) -> str | None:
+    """The series UID of the job claim would take next, without keeping any lock on it (the
+    job row is locked only for this statement's transaction, so that a job being decided is
+    not picked); for work done before the claim that must not hold up intake (OCR)."""
+    with conn.transaction():
+        row = conn.execute(
+            "SELECT j.series_uid FROM series_jobs j WHERE j.due_at <= now()"
+            " AND j.series_uid <> ALL(%s) ORDER BY j.due_at LIMIT 1 FOR UPDATE SKIP LOCKED",
+            (list(skip),),
+        ).fetchone()
+    return row[0] if row else None
 
 
 def finish(conn: Connection, series_uid: str) -> None:

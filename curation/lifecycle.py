@@ -32,6 +32,7 @@ from .rules import (
     InstanceFacts,
     Manifest,
     RulesConfig,
+    burned_in_text,
     check_counts,
     parse_manifest,
     quarantined,
@@ -76,10 +77,12 @@ def evaluate_due(
     """Take one due job and decide its series (OCR reading frames from ocr_env's store);
     None when nothing is due (or all are taken). A failure rolls the whole decision back and
     retries the job later."""
+    if ocr_env is not None:
+        _read_ahead(pool, ocr_env)
     claimed: tuple[str, int] | None = None
     try:
         with pool.connection() as conn, conn.transaction():
-            claimed = jobs.claim(conn)
+            claimed = jobs.claim(conn, ocr_env.readings.being_read() if ocr_env else ())
             if claimed is None:
                 return None
             # A decision lost in a crash is lost with its job's deletion (one transaction), so
@@ -102,6 +105,41 @@ def evaluate_due(
     return result
 
 
+def _read_ahead(pool: ConnectionPool, env: ocr.OcrEnvironment) -> None:
+    """OCR the next due series' frames before its row is locked: the decision finds the reading
+    in env.readings, so instances arriving for the series do not wait on the series row while
+    tesseract reads (seconds). Reads only what the decision's burned-in rule would read; writes
+    nothing. Any failure here is left for the decision to meet again (and report)."""
+    try:
+        with pool.connection() as conn:
+            series_uid = jobs.peek(conn, env.readings.being_read())
+        if series_uid is None:
+            return
+        with env.readings.reading(series_uid) as mine:
+            if not mine:
+                return
+            with pool.connection() as conn:
+                _, collection, overrides, _ = _series_head(conn, series_uid)
+                config = _with_ocr(conn, series_uid, config_from(overrides), env)
+                if config.burned_in.detector is None:
+                    return
+                rows = _instance_rows(conn, series_uid)
+            instances = [InstanceFacts(sop, sha, meta) for sop, sha, meta, _ in rows]
+            facts = series_facts(collection, instances, config.geometry.tolerances)
+            burned_in_text(facts, config.burned_in)
+    except Exception as e:
+        log.info("reading ahead of a decision failed: %s", type(e).__name__)
+
+
+def _instance_rows(conn: Connection, series_uid: str) -> list[tuple[Any, ...]]:
+    """(SOP Instance UID, sha256, metadata, intake findings) of the series' instances, in order."""
+    return conn.execute(
+        "SELECT sop_uid, sha256, metadata, intake_findings FROM instances"
+        " WHERE series_uid = %s ORDER BY instance_number NULLS LAST, sop_uid",
+        (series_uid,),
+    ).fetchall()
+
+
 def decide(
     conn: Connection, series_uid: str, ocr_env: ocr.OcrEnvironment | None = None
 ) -> Evaluation:
@@ -119,11 +157,7 @@ def decide(
     except ProfileError as e:
         findings.append(rule_failed("private", e))
     config = _with_ocr(conn, series_uid, config, ocr_env)
-    rows = conn.execute(
-        "SELECT sop_uid, sha256, metadata, intake_findings FROM instances"
-        " WHERE series_uid = %s ORDER BY instance_number NULLS LAST, sop_uid",
-        (series_uid,),
-    ).fetchall()
+    rows = _instance_rows(conn, series_uid)
     judged, geometry = _judge(collection, rows, config, _held_sources(conn, rows))
     findings += judged
     findings += _manifest_findings(conn, collection, series_uid)

@@ -19,9 +19,11 @@ import logging
 import os
 import re
 import subprocess
-from collections import defaultdict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+import threading
+from collections import OrderedDict, defaultdict
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 
 from PIL import Image
 
@@ -48,13 +50,61 @@ MAX_REGIONS = 200
 _ALNUM = re.compile(r"[^\W_]", re.UNICODE)
 
 
+class Readings:
+    """The latest OCR readings, by the frames they read (thread-safe, bounded), and the series
+    whose frames a worker is reading now. The series worker reads a series' frames before it
+    locks the series row to decide it (curation/lifecycle.py), and the decision finds the
+    reading here: instances arriving for that series meanwhile do not wait for tesseract. A
+    reading is found only for the same frames of the same objects (object key and digest) read
+    with the same settings, so a changed or re-sent instance is read again."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._lock = threading.Lock()
+        self._done: OrderedDict[Hashable, TextDetection] = OrderedDict()
+        self._reading: set[str] = set()
+
+    def get(self, key: Hashable) -> TextDetection | None:
+        with self._lock:
+            found = self._done.get(key)
+            if found is not None:
+                self._done.move_to_end(key)
+            return found
+
+    def put(self, key: Hashable, detection: TextDetection) -> None:
+        with self._lock:
+            self._done[key] = detection
+            self._done.move_to_end(key)
+            while len(self._done) > self.size:
+                self._done.popitem(last=False)
+
+    @contextmanager
+    def reading(self, series_uid: str) -> Iterator[bool]:
+        """Mark the series as being read for the block; False when another thread reads it."""
+        with self._lock:
+            mine = series_uid not in self._reading
+            self._reading.add(series_uid)
+        try:
+            yield mine
+        finally:
+            if mine:
+                with self._lock:
+                    self._reading.discard(series_uid)
+
+    def being_read(self) -> list[str]:
+        """The series whose frames some thread is reading now."""
+        with self._lock:
+            return sorted(self._reading)
+
+
 @dataclass(frozen=True)
 class OcrEnvironment:
-    """What OCR needs from the process: the object store the frames are read from and the
-    tesseract command (CARINA_TESSERACT)."""
+    """What OCR needs from the process: the object store the frames are read from, the
+    tesseract command (CARINA_TESSERACT) and the readings its series workers share."""
 
     store: ObjectStore
     command: str = "tesseract"
+    readings: Readings = field(default_factory=Readings, compare=False)
 
 
 class OcrUnavailable(Exception):
@@ -128,6 +178,29 @@ def read_series(
         # Nothing legible fits a frame this small; reading it would only find noise.
         if min(_dimensions(metas[sop])) >= MIN_SIDE
     ]
+    digests = {i.sop_uid: i.sha256 for i in facts.instances}
+    key = (
+        facts.series_uid,
+        tuple((sop, frame, object_keys.get(sop), digests[sop]) for sop, frame in sample),
+        replace(settings, detector=None),
+        env.command,
+    )
+    found = env.readings.get(key)
+    if found is None:
+        found = _read_sample(env, object_keys, facts.series_uid, sample, settings)
+        if found.ran:  # a failed run is tried again next time
+            env.readings.put(key, found)
+    return found
+
+
+def _read_sample(
+    env: OcrEnvironment,
+    object_keys: Mapping[str, str],
+    series_uid: str,
+    sample: Sequence[tuple[str, int]],
+    settings: BurnedInSettings,
+) -> TextDetection:
+    """OCR of the sampled frames (read_series)."""
     frames: list[_Frame] = []
     for sop_uid, frame in sample:
         key = object_keys.get(sop_uid)
@@ -150,7 +223,7 @@ def read_series(
             len(regions),
             len({(r.instance, r.frame) for r in regions}),
             len(sample),
-            facts.series_uid,
+            series_uid,
         )
     return TextDetection(True, found, regions=tuple(regions[:MAX_REGIONS]), frames=len(sample))
 

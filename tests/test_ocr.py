@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,26 @@ def test_detector_reads_at_most_the_configured_frames_spread_over_the_series() -
     facts = series_facts("c", [InstanceFacts(f"1.{n}", "", m) for n, m in enumerate(metas)])
     assert sample_frames(facts, 3) == [("1.0", 1), ("1.5", 1), ("1.10", 1)]
     assert len(sample_frames(facts, 50)) == 11
+
+
+def test_a_series_read_again_unchanged_is_not_read_twice(tmp_path: Path) -> None:
+    """The series worker reads ahead of its decision and the decision finds the reading; a
+    changed instance (another digest) or other settings are read again."""
+    env, keys, facts = stored_facts(tmp_path, ct_with_text(Phi(), 2))
+    runs = tmp_path / "runs"
+    counting = tmp_path / "tesseract"
+    counting.write_text(f'#!/bin/sh\necho run >> "{runs}"\nexec tesseract "$@"\n')
+    counting.chmod(0o755)
+    env = OcrEnvironment(env.store, str(counting))
+    first = read_series(env, keys, facts, BurnedInSettings())
+    assert read_series(env, keys, facts, BurnedInSettings()) == first
+    assert runs.read_text().count("run") == 1
+    one, two = facts.instances
+    changed = replace(facts, instances=(replace(one, sha256="new"), two))
+    read_series(env, keys, changed, BurnedInSettings())
+    read_series(env, keys, facts, BurnedInSettings(ocr_min_chars=4))
+    assert runs.read_text().count("run") == 3
+    assert first.ran and len(first.instances_with_text) == 2
 
 
 def test_missing_tesseract_is_a_reason_not_an_error(tmp_path: Path) -> None:

@@ -70,3 +70,21 @@ def test_a_series_behind_a_long_ocr_is_decided_first_with_two_workers(
         assert states[slow] == "incoming"  # still being read
     finally:
         server.stop()
+
+
+def test_an_instance_sent_while_ocr_reads_its_series_does_not_wait_for_it(
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
+    """The worker reads a series' frames before it locks the series row to decide it, so more
+    instances of the series (which update its row) are stored at once rather than after OCR."""
+    server = server_factory(CARINA_TESSERACT=str(slow_tesseract(tmp_path)))
+    try:
+        first, second = ct_with_text(Phi(), 2, text=False)
+        series = _stow(server, [first])
+        time.sleep(1.5)  # settled (0 s in tests) and taken by the worker, which reads it
+        started = time.monotonic()
+        assert _stow(server, [second]) == series
+        assert time.monotonic() - started < SLOW_OCR_SECONDS - 5
+        assert _states(server, series)[series] == "incoming"  # still being read
+    finally:
+        server.stop()

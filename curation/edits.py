@@ -309,12 +309,14 @@ def edit_series(
             )
             # The intake's residual-PHI hits in this attribute no longer hold: it was replaced
             # by a checked value, or removed.
-            cur.execute(
-                "UPDATE instances SET intake_findings = (SELECT coalesce(jsonb_agg(h), '[]')"
-                " FROM jsonb_array_elements(intake_findings) h"
-                " WHERE h->>2 <> %(kw)s AND h->>2 NOT LIKE %(below)s)"
-                " WHERE sop_uid = ANY(%(sops)s) AND jsonb_typeof(intake_findings) = 'array'",
-                {"kw": edit.keyword, "below": edit.keyword + ".%", "sops": sops},
+            found = cur.execute(
+                "SELECT sop_uid, intake_findings::text FROM instances"
+                " WHERE sop_uid = ANY(%s) AND jsonb_typeof(intake_findings) = 'array'",
+                (sops,),
+            ).fetchall()
+            cur.executemany(
+                "UPDATE instances SET intake_findings = %s::jsonb WHERE sop_uid = %s",
+                [(without_hits(hits, {edit.keyword}), sop) for sop, hits in found],
             )
         after = {
             "attribute": edit.keyword,
@@ -346,7 +348,8 @@ def _collection_settings(
 
 def without_hits(findings: str | None, keywords: set[str]) -> str | None:
     """An instance's intake residual-PHI hits (JSON list of rules.PhiHit) less those in the
-    edited attributes or below them, as the edit's record drops them in the index."""
+    edited attributes or below them: what an edit's record leaves in the index, and what a
+    reprocess keeps of new hits when it applies the edits again."""
     if findings is None or not keywords:
         return findings
     hits = json.loads(findings)

@@ -25,7 +25,7 @@ from carina.curation import edits, quarantine, redaction, rewrite
 
 from . import auth
 from .context import runtime as _runtime
-from .curation import Decision, _json, actor, check
+from .curation import Decision, actor, check, json_response
 
 Uid = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[0-9.]+$")]
 
@@ -100,16 +100,16 @@ def router(prefix: str = "/api/curation") -> APIRouter:
         pool = _runtime(request).pool
         await run_in_threadpool(quarantine.collection_of, pool, series_uid)  # 404 if unknown
         listed = await run_in_threadpool(rewrite.listed, pool, series_uid)
-        return _json({"series_uid": series_uid, **listed})
+        return json_response({"series_uid": series_uid, **listed})
 
     @r.post("/series/{series_uid}/redact")
     async def redact(request: Request, series_uid: str, body: RedactionIn) -> JSONResponse:
         count = await run_in_threadpool(run_redaction, request, series_uid, body)
-        return _json({"series_uid": series_uid, "redacted": count})
+        return json_response({"series_uid": series_uid, "redacted": count})
 
     @r.post("/series/{series_uid}/edit")
     async def edit(request: Request, series_uid: str, body: EditIn) -> JSONResponse:
         count = await run_in_threadpool(run_edit, request, series_uid, body)
-        return _json({"series_uid": series_uid, "edited": count})
+        return json_response({"series_uid": series_uid, "edited": count})
 
     return r

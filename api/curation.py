@@ -55,7 +55,7 @@ def check(request: Request, series_uid: str) -> None:
             raise UnknownSeries(f"no series {series_uid}")
 
 
-def _json(content: Any, status: int = 200) -> JSONResponse:
+def json_response(content: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(jsonable_encoder(content), status_code=status)
 
 
@@ -91,13 +91,13 @@ def router(prefix: str = "/api/curation") -> APIRouter:
             submitter=submitter,
         )
         rows = await run_in_threadpool(quarantine.queue, _runtime(request).pool, f)
-        return _json(rows)
+        return json_response(rows)
 
     @r.get("/series/{series_uid}")
     async def show_series(request: Request, series_uid: str) -> JSONResponse:
         await run_in_threadpool(check, request, series_uid)
         view = await run_in_threadpool(quarantine.series_view, _runtime(request).pool, series_uid)
-        return _json(view)
+        return json_response(view)
 
     @r.post("/series/{series_uid}/release")
     async def release(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
@@ -106,7 +106,7 @@ def router(prefix: str = "/api/curation") -> APIRouter:
         await run_in_threadpool(
             quarantine.release, pool, series_uid, actor(request), decision.reason
         )
-        return _json({"series_uid": series_uid, "state": "published"})
+        return json_response({"series_uid": series_uid, "state": "published"})
 
     @r.post("/series/{series_uid}/reject")
     async def reject(request: Request, series_uid: str, decision: Decision) -> JSONResponse:
@@ -120,7 +120,7 @@ def router(prefix: str = "/api/curation") -> APIRouter:
             actor(request),
             decision.reason,
         )
-        return _json({"series_uid": series_uid, "state": "rejected", "deleted": deleted})
+        return json_response({"series_uid": series_uid, "state": "rejected", "deleted": deleted})
 
     @r.post("/series/{series_uid}/reprocess")
     async def reprocess(request: Request, series_uid: str, decision: Reprocess) -> JSONResponse:
@@ -142,6 +142,6 @@ def router(prefix: str = "/api/curation") -> APIRouter:
                 decision.options,
             )
             answer |= {**choice.as_dict(), "instances": count}
-        return _json(answer, status=202)
+        return json_response(answer, status=202)
 
     return r

@@ -91,7 +91,7 @@ def router() -> APIRouter:
     async def logout(
         request: Request, session: LoggedIn, csrf: Annotated[str, Form()] = ""
     ) -> Response:
-        _check_csrf(session, csrf)
+        check_csrf(session, csrf)
         await run_in_threadpool(sessions.end, runtime(request).pool, request.cookies[COOKIE])
         response = RedirectResponse(f"{PREFIX}/login", status_code=303)
         response.delete_cookie(COOKIE, path=PREFIX)
@@ -197,7 +197,7 @@ def router() -> APIRouter:
         reason: Annotated[str, Form(min_length=1, max_length=2000)],
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        _check_csrf(session, csrf)
+        check_csrf(session, csrf)
         if decision not in DECISIONS:
             return error_page(request, 404, f"no decision {decision!r}; release or reject")
         _decide(request, decision, series_uid, reason)
@@ -212,7 +212,7 @@ def router() -> APIRouter:
         series: Annotated[list[str], Form(max_length=1000)] = [],  # noqa: B006 (FastAPI copies)
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        _check_csrf(session, csrf)
+        check_csrf(session, csrf)
         if decision not in DECISIONS:
             return error_page(request, 400, f"no decision {decision!r}; release or reject")
         if not series:
@@ -270,7 +270,7 @@ def _logged_in(request: Request) -> sessions.Session:
 LoggedIn = Annotated[sessions.Session, Depends(_logged_in)]
 
 
-def _check_csrf(session: sessions.Session, csrf: str) -> None:
+def check_csrf(session: sessions.Session, csrf: str) -> None:
     """A form post must carry its session's CSRF token (403 otherwise)."""
     if not hmac.compare_digest(csrf.encode(), session.csrf.encode()):
         raise auth.AuthError(403, "the form's CSRF token is missing or wrong; reload the page")

@@ -16,7 +16,7 @@ from pydantic import BaseModel, ValidationError
 from carina.curation.errors import ChangeRefused
 
 from .changes import EditIn, RectangleIn, RedactionIn, run_edit, run_redaction
-from .web import PREFIX, LoggedIn, _check_csrf
+from .web import PREFIX, LoggedIn, check_csrf
 
 # "x,y,width,height;x,y,width,height": the rectangles the page's canvas collected.
 _RECTANGLE = re.compile(r"\s*(\d+),(\d+),(\d+),(\d+)\s*")
@@ -41,7 +41,7 @@ def router() -> APIRouter:
         scope: Annotated[Scope, Form()] = "instance",
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        _check_csrf(session, csrf)
+        check_csrf(session, csrf)
         body = _valid(
             RedactionIn,
             reason=reason,
@@ -65,7 +65,7 @@ def router() -> APIRouter:
         scope: Annotated[Scope, Form()] = "series",
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        _check_csrf(session, csrf)
+        check_csrf(session, csrf)
         body = _valid(
             EditIn,
             reason=reason,

@@ -31,7 +31,7 @@ def router() -> APIRouter:
         options: Annotated[list[str], Form(max_length=len(OPTIONS))] = [],  # noqa: B006
         csrf: Annotated[str, Form()] = "",
     ) -> Response:
-        web._check_csrf(session, csrf)
+        web.check_csrf(session, csrf)
         await run_in_threadpool(curation.check, request, series_uid)
         await run_in_threadpool(
             originals.reprocess,

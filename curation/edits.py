@@ -51,7 +51,7 @@ from carina.archive.storage import ObjectStore
 from . import rewrite
 from .deid import CLEAN, KEEP, Profile, load_profile
 from .errors import ChangeRefused
-from .lifecycle import _series_head
+from .lifecycle import series_head
 from .quarantine import collection_of
 from .rule_settings import RuleSettingError, config_from
 from .rules import ResidualPhiSettings, RulesConfig, text_phi, type1_table
@@ -338,7 +338,7 @@ def _collection_settings(
     (UnknownSeries for an unknown series)."""
     collection_of(pool, series_uid)  # UnknownSeries first
     with pool.connection() as conn:
-        _, _, overrides, (name, options, lines) = _series_head(conn, series_uid)
+        _, _, overrides, (name, options, lines) = series_head(conn, series_uid)
     try:
         config = config_from(overrides)
     except RuleSettingError:  # settings stored before a rule changed: the defaults

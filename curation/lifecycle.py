@@ -119,7 +119,7 @@ def _read_ahead(pool: ConnectionPool, env: ocr.OcrEnvironment) -> None:
             if not mine:
                 return
             with pool.connection() as conn:
-                _, collection, overrides, _ = _series_head(conn, series_uid)
+                _, collection, overrides, _ = series_head(conn, series_uid)
                 config = _with_ocr(conn, series_uid, config_from(overrides), env)
                 if config.burned_in.detector is None:
                     return
@@ -145,7 +145,7 @@ def decide(
 ) -> Evaluation:
     """Run the collection's rules on a series and record the outcome, in conn's transaction
     (the caller holds the series row). Without ocr_env no pixels are read."""
-    before, collection, overrides, deid = _series_head(conn, series_uid)
+    before, collection, overrides, deid = series_head(conn, series_uid)
     findings: list[Finding] = []
     try:
         config = config_from(overrides)
@@ -183,7 +183,7 @@ def decide(
     return Evaluation(series_uid, collection, state, tuple(findings))
 
 
-def _series_head(
+def series_head(
     conn: Connection, series_uid: str
 ) -> tuple[str, str, dict[str, Any], tuple[str, tuple[str, ...], tuple[str, ...]]]:
     """The series' state, its collection, the collection's rule overrides and its
@@ -314,7 +314,7 @@ def _recheck_derived_holds(conn: Connection, source_uid: str) -> None:
 
 
 def _hold_unevaluated(conn: Connection, series_uid: str, attempts: int) -> Evaluation:
-    before, collection, _, _ = _series_head(conn, series_uid)
+    before, collection, _, _ = series_head(conn, series_uid)
     finding = Finding(
         "evaluation-failed",
         "hold",

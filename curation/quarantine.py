@@ -172,7 +172,7 @@ def collection_of(pool: ConnectionPool, series_uid: str) -> str:
     return str(row[0])
 
 
-def _lock(conn: Connection, series_uid: str) -> tuple[str, str]:
+def lock_series(conn: Connection, series_uid: str) -> tuple[str, str]:
     """(state, collection) of the series, its row locked until the transaction ends."""
     row = conn.execute(
         "SELECT se.state, st.collection FROM series se"
@@ -185,7 +185,7 @@ def _lock(conn: Connection, series_uid: str) -> tuple[str, str]:
     return row[0], row[1]
 
 
-def _require(state: str, allowed: tuple[str, ...], decision: str) -> None:
+def require_state(state: str, allowed: tuple[str, ...], decision: str) -> None:
     if state not in allowed:
         raise DecisionRefused(
             f"cannot {decision} a series that is {state}; only a series that is "
@@ -206,8 +206,8 @@ def _decided_at(conn: Connection, series_uid: str, state: str) -> datetime:
 def release(pool: ConnectionPool, series_uid: str, actor: str, reason: str) -> None:
     """Publish a quarantined series as it is, on a curator's word."""
     with pool.connection() as conn, conn.transaction():
-        state, collection = _lock(conn, series_uid)
-        _require(state, (QUARANTINED,), "release")
+        state, collection = lock_series(conn, series_uid)
+        require_state(state, (QUARANTINED,), "release")
         _decided_at(conn, series_uid, PUBLISHED)
         originals.release(conn, series_uid)
         audit.record(
@@ -228,8 +228,8 @@ def reject(
     """Delete a quarantined series' instances from the index and the store; the series row
     stays, rejected, so its findings and audit trail keep their subject. The count deleted."""
     with pool.connection() as conn, conn.transaction():
-        state, collection = _lock(conn, series_uid)
-        _require(state, (QUARANTINED,), "reject")
+        state, collection = lock_series(conn, series_uid)
+        require_state(state, (QUARANTINED,), "reject")
         keys = [
             r[0]
             for r in conn.execute(
@@ -276,8 +276,8 @@ def reprocess(
     changed); it is incoming, and so hidden, until evaluated delay seconds from now. deid:
     the profile and options its originals are being de-identified with again (audited)."""
     with pool.connection() as conn, conn.transaction():
-        state, collection = _lock(conn, series_uid)
-        _require(state, REPROCESSABLE, "reprocess")
+        state, collection = lock_series(conn, series_uid)
+        require_state(state, REPROCESSABLE, "reprocess")
         conn.execute(
             "UPDATE series SET state = %s, decided_at = NULL, updated_at = now()"
             " WHERE series_uid = %s",

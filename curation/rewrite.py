@@ -31,7 +31,7 @@ from carina.archive.storage import ObjectStore
 from . import audit, intake
 from .errors import ChangeRefused, UnknownSeries
 from .lifecycle import QUARANTINED
-from .quarantine import _lock, _require
+from .quarantine import lock_series, require_state
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -103,8 +103,8 @@ def apply(
 
 def _held(conn: Connection, series_uid: str, sops: Sequence[str] | None) -> Held:
     """The series locked (it must be quarantined) and the instances the change names."""
-    state, collection = _lock(conn, series_uid)
-    _require(state, (QUARANTINED,), "change")
+    state, collection = lock_series(conn, series_uid)
+    require_state(state, (QUARANTINED,), "change")
     rows = conn.execute(
         "SELECT sop_uid, study_uid, object_key FROM instances WHERE series_uid = %s"
         " ORDER BY instance_number NULLS LAST, sop_uid",

@@ -53,8 +53,8 @@ def claim(conn: Connection, skip: Sequence[str] = ()) -> tuple[str, int] | None:
     """(series UID, attempts so far) of one due job, locked with its series row for the rest of
     conn's transaction; None when nothing is due or every due one is taken. Both rows are taken
     with SKIP LOCKED, so a worker never waits on an intake writing that series (it is
-    rescheduled by that write anyway). Series in skip (their frames are being read ahead of the
-    decision: peek) are left for the worker reading them."""
+    rescheduled by that write anyway). Series in skip (a worker is reading their frames before
+    it decides them, curation/lifecycle.py) are left to it."""
     row = conn.execute(
         "SELECT j.series_uid, j.attempts FROM series_jobs j"
         " JOIN series s ON s.series_uid = j.series_uid"
@@ -65,19 +65,6 @@ def claim(conn: Connection, skip: Sequence[str] = ()) -> tuple[str, int] | None:
         (list(skip),),
     ).fetchone()
     return (row[0], row[1]) if row else None
-
-
-def peek(conn: Connection, skip: Sequence[str] = ()) -> str | None:
-    """The series UID of the job claim would take next, without keeping any lock on it (the
-    job row is locked only for this statement's transaction, so that a job being decided is
-    not picked); for work done before the claim that must not hold up intake (OCR)."""
-    with conn.transaction():
-        row = conn.execute(
-            "SELECT j.series_uid FROM series_jobs j WHERE j.due_at <= now()"
-            " AND j.series_uid <> ALL(%s) ORDER BY j.due_at LIMIT 1 FOR UPDATE SKIP LOCKED",
-            (list(skip),),
-        ).fetchone()
-    return row[0] if row else None
 
 
 def finish(conn: Connection, series_uid: str) -> None:

@@ -31,8 +31,8 @@ from .rules import (
     Finding,
     InstanceFacts,
     Manifest,
+    ReadFirst,
     RulesConfig,
-    burned_in_text,
     check_counts,
     parse_manifest,
     quarantined,
@@ -76,9 +76,18 @@ def evaluate_due(
 ) -> Evaluation | None:
     """Take one due job and decide its series (OCR reading frames from ocr_env's store);
     None when nothing is due (or all are taken). A failure rolls the whole decision back and
-    retries the job later."""
-    if ocr_env is not None:
-        _read_ahead(pool, ocr_env)
+    retries the job later. Frames OCR must read are read with no lock held (tesseract takes
+    seconds, and intake writing more instances of the series must not wait on its row): the
+    decision is rolled back for the reading and taken again, finding the reading."""
+    while True:
+        try:
+            return _evaluate_one(pool, ocr_env)
+        except ReadFirst as first:  # rolled back: nothing decided and no row locked
+            if first.read is not None:
+                first.read()
+
+
+def _evaluate_one(pool: ConnectionPool, ocr_env: ocr.OcrEnvironment | None) -> Evaluation | None:
     claimed: tuple[str, int] | None = None
     try:
         with pool.connection() as conn, conn.transaction():
@@ -92,8 +101,10 @@ def evaluate_due(
             if attempts >= MAX_ATTEMPTS:
                 result = _hold_unevaluated(conn, series_uid, attempts)
             else:
-                result = decide(conn, series_uid, ocr_env)
+                result = decide(conn, series_uid, ocr_env, defer_reading=True)
             jobs.finish(conn, series_uid)
+    except ReadFirst:
+        raise
     except Exception as e:
         if claimed is None:
             raise
@@ -103,32 +114,6 @@ def evaluate_due(
         return None
     log.info("series %s %s (%d finding(s))", series_uid, result.state, len(result.findings))
     return result
-
-
-def _read_ahead(pool: ConnectionPool, env: ocr.OcrEnvironment) -> None:
-    """OCR the next due series' frames before its row is locked: the decision finds the reading
-    in env.readings, so instances arriving for the series do not wait on the series row while
-    tesseract reads (seconds). Reads only what the decision's burned-in rule would read; writes
-    nothing. Any failure here is left for the decision to meet again (and report)."""
-    try:
-        with pool.connection() as conn:
-            series_uid = jobs.peek(conn, env.readings.being_read())
-        if series_uid is None:
-            return
-        with env.readings.reading(series_uid) as mine:
-            if not mine:
-                return
-            with pool.connection() as conn:
-                _, collection, overrides, _ = series_head(conn, series_uid)
-                config = _with_ocr(conn, series_uid, config_from(overrides), env)
-                if config.burned_in.detector is None:
-                    return
-                rows = _instance_rows(conn, series_uid)
-            instances = [InstanceFacts(sop, sha, meta) for sop, sha, meta, _ in rows]
-            facts = series_facts(collection, instances, config.geometry.tolerances)
-            burned_in_text(facts, config.burned_in)
-    except Exception as e:
-        log.info("reading ahead of a decision failed: %s", type(e).__name__)
 
 
 def _instance_rows(conn: Connection, series_uid: str) -> list[tuple[Any, ...]]:
@@ -141,10 +126,14 @@ def _instance_rows(conn: Connection, series_uid: str) -> list[tuple[Any, ...]]:
 
 
 def decide(
-    conn: Connection, series_uid: str, ocr_env: ocr.OcrEnvironment | None = None
+    conn: Connection,
+    series_uid: str,
+    ocr_env: ocr.OcrEnvironment | None = None,
+    defer_reading: bool = False,
 ) -> Evaluation:
     """Run the collection's rules on a series and record the outcome, in conn's transaction
-    (the caller holds the series row). Without ocr_env no pixels are read."""
+    (the caller holds the series row). Without ocr_env no pixels are read; with defer_reading,
+    frames not read yet raise ReadFirst (see evaluate_due)."""
     before, collection, overrides, deid = series_head(conn, series_uid)
     findings: list[Finding] = []
     try:
@@ -156,7 +145,7 @@ def decide(
         config = _with_kept_private(config, *deid)
     except ProfileError as e:
         findings.append(rule_failed("private", e))
-    config = _with_ocr(conn, series_uid, config, ocr_env)
+    config = _with_ocr(conn, series_uid, config, ocr_env, defer_reading)
     rows = _instance_rows(conn, series_uid)
     judged, geometry = _judge(collection, rows, config, _held_sources(conn, rows))
     findings += judged
@@ -212,7 +201,11 @@ def _with_kept_private(
 
 
 def _with_ocr(
-    conn: Connection, series_uid: str, config: RulesConfig, env: ocr.OcrEnvironment | None
+    conn: Connection,
+    series_uid: str,
+    config: RulesConfig,
+    env: ocr.OcrEnvironment | None,
+    defer: bool,
 ) -> RulesConfig:
     """The config with an OCR detector reading the series' stored objects, when the
     collection's burned-in rule wants one."""
@@ -224,7 +217,7 @@ def _with_ocr(
             "SELECT sop_uid, object_key FROM instances WHERE series_uid = %s", (series_uid,)
         ).fetchall()
     )
-    detector = ocr.detector(env, keys, burned_in)
+    detector = ocr.detector(env, keys, burned_in, defer)
     return replace(config, burned_in=replace(burned_in, detector=detector))
 
 

@@ -21,8 +21,7 @@ import re
 import subprocess
 import threading
 from collections import OrderedDict, defaultdict
-from collections.abc import Hashable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
 from PIL import Image
@@ -32,7 +31,14 @@ from carina.archive.errors import StorageError
 from carina.archive.storage import ObjectStore
 
 from .geometry import text, values
-from .rules import BurnedInSettings, SeriesFacts, TextDetection, TextDetector, TextRegion
+from .rules import (
+    BurnedInSettings,
+    ReadFirst,
+    SeriesFacts,
+    TextDetection,
+    TextDetector,
+    TextRegion,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,11 +58,12 @@ _ALNUM = re.compile(r"[^\W_]", re.UNICODE)
 
 class Readings:
     """The latest OCR readings, by the frames they read (thread-safe, bounded), and the series
-    whose frames a worker is reading now. The series worker reads a series' frames before it
-    locks the series row to decide it (curation/lifecycle.py), and the decision finds the
-    reading here: instances arriving for that series meanwhile do not wait for tesseract. A
-    reading is found only for the same frames of the same objects (object key and digest) read
-    with the same settings, so a changed or re-sent instance is read again."""
+    whose frames a worker is reading now. The series worker reads a series' frames with no
+    lock held and then decides the series with its row locked, finding the reading here
+    (curation/lifecycle.py): instances arriving for the series meanwhile do not wait for
+    tesseract. A reading is found only for the same frames of the same objects (object key and
+    digest) read with the same settings, so a changed or re-sent instance is read again; one
+    that could not run is found once (by the decision it was read for), then tried again."""
 
     def __init__(self, size: int = 64) -> None:
         self.size = size
@@ -67,7 +74,9 @@ class Readings:
     def get(self, key: Hashable) -> TextDetection | None:
         with self._lock:
             found = self._done.get(key)
-            if found is not None:
+            if found is not None and not found.ran:
+                del self._done[key]
+            elif found is not None:
                 self._done.move_to_end(key)
             return found
 
@@ -78,18 +87,17 @@ class Readings:
             while len(self._done) > self.size:
                 self._done.popitem(last=False)
 
-    @contextmanager
-    def reading(self, series_uid: str) -> Iterator[bool]:
-        """Mark the series as being read for the block; False when another thread reads it."""
+    def start(self, series_uid: str) -> bool:
+        """Mark the series as being read; False when some thread reads it already."""
         with self._lock:
-            mine = series_uid not in self._reading
+            if series_uid in self._reading:
+                return False
             self._reading.add(series_uid)
-        try:
-            yield mine
-        finally:
-            if mine:
-                with self._lock:
-                    self._reading.discard(series_uid)
+            return True
+
+    def done(self, series_uid: str) -> None:
+        with self._lock:
+            self._reading.discard(series_uid)
 
     def being_read(self) -> list[str]:
         """The series whose frames some thread is reading now."""
@@ -125,13 +133,18 @@ class Word:
 
 
 def detector(
-    env: OcrEnvironment, object_keys: Mapping[str, str], settings: BurnedInSettings
+    env: OcrEnvironment,
+    object_keys: Mapping[str, str],
+    settings: BurnedInSettings,
+    defer: bool = False,
 ) -> TextDetector:
     """A detector for the burned-in rule reading frames of the series' stored objects
-    (SOP Instance UID -> object key) with the collection's OCR settings."""
+    (SOP Instance UID -> object key) with the collection's OCR settings. With defer, frames
+    not read yet are not read in the call: it raises ReadFirst, whose read() reads them into
+    env.readings, so that a caller holding locks can give them up for the reading."""
 
     def detect(facts: SeriesFacts) -> TextDetection:
-        return read_series(env, object_keys, facts, settings)
+        return read_series(env, object_keys, facts, settings, defer)
 
     return detect
 
@@ -166,6 +179,7 @@ def read_series(
     object_keys: Mapping[str, str],
     facts: SeriesFacts,
     settings: BurnedInSettings,
+    defer: bool = False,
 ) -> TextDetection:
     """OCR of a sample of the series' frames: the lines of text found, or why it could not
     run (a frame that cannot be rendered or read leaves the series not read). The frames are
@@ -186,10 +200,36 @@ def read_series(
         env.command,
     )
     found = env.readings.get(key)
-    if found is None:
-        found = _read_sample(env, object_keys, facts.series_uid, sample, settings)
-        if found.ran:  # a failed run is tried again next time
-            env.readings.put(key, found)
+    if found is not None:
+        return found
+    if not sample:  # nothing to read: no need to give up any lock for it
+        return _read_sample(env, object_keys, facts.series_uid, sample, settings)
+    if not defer:
+        return _read_into(env, key, object_keys, facts.series_uid, sample, settings)
+    if not env.readings.start(facts.series_uid):
+        raise ReadFirst(facts.series_uid, None)
+
+    def read() -> None:
+        try:
+            _read_into(env, key, object_keys, facts.series_uid, sample, settings)
+        except Exception as e:  # found by the decision, which says so, rather than read again
+            env.readings.put(key, TextDetection(ran=False, reason=f"{type(e).__name__}"))
+        finally:
+            env.readings.done(facts.series_uid)
+
+    raise ReadFirst(facts.series_uid, read)
+
+
+def _read_into(
+    env: OcrEnvironment,
+    key: Hashable,
+    object_keys: Mapping[str, str],
+    series_uid: str,
+    sample: Sequence[tuple[str, int]],
+    settings: BurnedInSettings,
+) -> TextDetection:
+    found = _read_sample(env, object_keys, series_uid, sample, settings)
+    env.readings.put(key, found)
     return found
 
 

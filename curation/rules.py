@@ -186,6 +186,18 @@ class TextDetection:
 
 TextDetector = Callable[[SeriesFacts], TextDetection]
 
+
+class ReadFirst(Exception):  # noqa: N818 (a request, not an error)
+    """Raised through the rules by a detector that must read pixels before the series can be
+    judged: the caller gives up its locks, calls read (None: another worker is reading them
+    now) and judges the series again (curation/lifecycle.py)."""
+
+    def __init__(self, series_uid: str, read: Callable[[], None] | None) -> None:
+        super().__init__(series_uid)
+        self.series_uid = series_uid
+        self.read = read
+
+
 # PS3.4 B.5: Secondary Capture and its multi-frame variants: screenshots and scanned documents.
 SECONDARY_CAPTURE = frozenset(
     {
@@ -311,6 +323,8 @@ def _detect(facts: SeriesFacts, settings: BurnedInSettings) -> TextDetection | N
         return None
     try:
         return settings.detector(facts)
+    except ReadFirst:
+        raise
     except Exception as exc:  # a broken detector must not stop the other rules
         return TextDetection(ran=False, reason=f"detector failed: {type(exc).__name__}")
 
@@ -944,6 +958,8 @@ def run_rules(
             continue
         try:
             found = check()
+        except ReadFirst:  # not a failure: pixels to read with no lock held first
+            raise
         except Exception as exc:
             found = [rule_failed(name, exc)]
         findings += [replace(f, rule=name) for f in found]

@@ -13,6 +13,7 @@ text are and how many words they hold, never what they say.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import logging
@@ -51,6 +52,8 @@ MAX_STACK = 8192
 GAP = 32
 # Seconds one tesseract run may take before the series is reported as not read.
 TIMEOUT = 60.0
+# tesseract runs at this nice value (a reading of noisy frames can take seconds of CPU).
+NICENESS = 10
 # Text lines kept per series in a finding: enough to redact, bounded for the database.
 MAX_REGIONS = 200
 _ALNUM = re.compile(r"[^\W_]", re.UNICODE)
@@ -347,25 +350,31 @@ def run_tesseract(command: str, image: bytes) -> list[Word]:
     """The words tesseract reads in an encoded image (sparse text: overlays lie anywhere).
     The image goes through stdin and the words come back on stdout: no file is written."""
     try:
-        done = subprocess.run(
+        proc = subprocess.Popen(
             [command, "stdin", "stdout", "--psm", "11", "-l", "eng", "tsv"],
-            input=image,
-            capture_output=True,
-            timeout=TIMEOUT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             # One thread: the series worker shares the machine with intake and HTTP.
             env={**os.environ, "OMP_THREAD_LIMIT": "1"},
-            check=False,
         )
     except FileNotFoundError:
         raise OcrUnavailable(f"tesseract not found ({os.path.basename(command)})") from None
     except PermissionError:
         raise OcrUnavailable("tesseract cannot be executed") from None
+    # Background work: requests and intake come first (the reading takes the CPU they leave).
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, proc.pid, NICENESS)
+    try:
+        out, _ = proc.communicate(image, timeout=TIMEOUT)
     except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
         raise OcrUnavailable(f"tesseract took longer than {TIMEOUT:g} s") from None
-    if done.returncode != 0:
+    if proc.returncode != 0:
         # Its stderr is not passed on: it is tesseract's, and says nothing a curator needs.
-        raise OcrUnavailable(f"tesseract failed (exit status {done.returncode})")
-    return parse_tsv(done.stdout.decode("utf-8", "replace"))
+        raise OcrUnavailable(f"tesseract failed (exit status {proc.returncode})")
+    return parse_tsv(out.decode("utf-8", "replace"))
 
 
 def parse_tsv(tsv: str) -> list[Word]:

@@ -17,7 +17,13 @@ from pydicom import Dataset
 from pydicom.uid import UltrasoundImageStorage
 
 from carina.archive.storage import FilesystemStore
-from carina.curation.ocr import OcrEnvironment, read_series, run_tesseract, sample_frames
+from carina.curation.ocr import (
+    NICENESS,
+    OcrEnvironment,
+    read_series,
+    run_tesseract,
+    sample_frames,
+)
 from carina.curation.rules import BurnedInSettings, InstanceFacts, SeriesFacts, series_facts
 from tests.conftest import Server
 from tests.factory import Phi, ct_series, to_bytes
@@ -155,6 +161,19 @@ def test_a_series_read_again_unchanged_is_not_read_twice(tmp_path: Path) -> None
     read_series(env, keys, facts, BurnedInSettings(ocr_min_chars=4))
     assert runs.read_text().count("run") == 3
     assert first.ran and len(first.instances_with_text) == 2
+
+
+def test_tesseract_runs_behind_requests_and_intake(tmp_path: Path) -> None:
+    """OCR is background work: tesseract runs at a lower priority (nice value NICENESS)."""
+    seen = tmp_path / "nice"
+    wrapper = tmp_path / "tesseract"
+    # Read a moment after the start: the priority is lowered just after the process starts.
+    wrapper.write_text(f'#!/bin/sh\nsleep 0.5\nnice > "{seen}"\nexec tesseract "$@"\n')
+    wrapper.chmod(0o755)
+    mask = text_mask((100, 400), ("SMITHERSON",), 28)
+    image = Image.fromarray(np.where(mask, 255, 0).astype(np.uint8))
+    assert run_tesseract(str(wrapper), _png(image))
+    assert int(seen.read_text()) == NICENESS
 
 
 def test_missing_tesseract_is_a_reason_not_an_error(tmp_path: Path) -> None:

@@ -210,16 +210,16 @@ def _wake(conn: Connection | Cursor) -> None:
     conn.execute("SELECT pg_notify(%s, '')", (jobs.CHANNEL,))
 
 
-def release(conn: Connection, series_uid: str) -> int:
+def release(conn: Connection, series_uid: str) -> None:
     """The series was published: its originals are due once the retention period has passed
-    (in the deciding transaction). The count marked."""
-    cur = conn.execute(
-        "UPDATE originals SET purge_after = now() WHERE series_uid = %s AND purge_after IS NULL",
-        (series_uid,),
+    (in the deciding transaction, whose writes may be pipelined: no answer is read)."""
+    conn.execute(
+        "WITH marked AS (UPDATE originals SET purge_after = now()"
+        " WHERE series_uid = %s AND purge_after IS NULL RETURNING 1)"
+        # Wake idle series workers (they purge what is due after each pass), at commit.
+        " SELECT pg_notify(%s, '') WHERE EXISTS (SELECT 1 FROM marked)",
+        (series_uid, jobs.CHANNEL),
     )
-    if cur.rowcount:
-        _wake(conn)
-    return cur.rowcount
 
 
 def drop(

@@ -100,9 +100,9 @@ def _evaluate_one(pool: ConnectionPool, ocr_env: ocr.OcrEnvironment | None) -> E
             series_uid, attempts = claimed
             if attempts >= MAX_ATTEMPTS:
                 result = _hold_unevaluated(conn, series_uid, attempts)
-            else:
+                jobs.finish(conn, series_uid)
+            else:  # which removes the job
                 result = decide(conn, series_uid, ocr_env, defer_reading=True)
-            jobs.finish(conn, series_uid)
     except ReadFirst:
         raise
     except Exception as e:
@@ -131,9 +131,9 @@ def decide(
     ocr_env: ocr.OcrEnvironment | None = None,
     defer_reading: bool = False,
 ) -> Evaluation:
-    """Run the collection's rules on a series and record the outcome, in conn's transaction
-    (the caller holds the series row). Without ocr_env no pixels are read; with defer_reading,
-    frames not read yet raise ReadFirst (see evaluate_due)."""
+    """Run the collection's rules on a series and record the outcome, removing its job, in
+    conn's transaction (the caller holds the series row). Without ocr_env no pixels are
+    read; with defer_reading, frames not read yet raise ReadFirst (see evaluate_due)."""
     before, collection, overrides, deid = series_head(conn, series_uid)
     findings: list[Finding] = []
     try:
@@ -152,23 +152,26 @@ def decide(
     findings += _manifest_findings(conn, collection, series_uid)
     _recheck_derived_holds(conn, series_uid)
     state = QUARANTINED if quarantined(findings) else PUBLISHED
-    _store_findings(conn, series_uid, findings)
-    if geometry is not None:
-        _store_qc(conn, series_uid, geometry)
-    _set_state(conn, series_uid, state)
-    # A published series' originals have served their purpose; a held one's are kept.
-    (originals.release if state == PUBLISHED else originals.hold)(conn, series_uid)
     holds = sorted({f.code for f in findings if f.severity == "hold"})
-    audit.record(
-        conn,
-        actor=audit.WORKER,
-        action="evaluate",
-        series_uid=series_uid,
-        collection=collection,
-        reason=", ".join(holds) or "no rule held the series",
-        before={"state": before},
-        after={"state": state, "findings": sorted({f.code for f in findings})},
-    )
+    # The writes need no answer before the next: one round trip for all of them.
+    with conn.pipeline():
+        _store_findings(conn, series_uid, findings)
+        if geometry is not None:
+            _store_qc(conn, series_uid, geometry)
+        _set_state(conn, series_uid, state)
+        # A published series' originals have served their purpose; a held one's are kept.
+        (originals.release if state == PUBLISHED else originals.hold)(conn, series_uid)
+        audit.record(
+            conn,
+            actor=audit.WORKER,
+            action="evaluate",
+            series_uid=series_uid,
+            collection=collection,
+            reason=", ".join(holds) or "no rule held the series",
+            before={"state": before},
+            after={"state": state, "findings": sorted({f.code for f in findings})},
+        )
+        jobs.finish(conn, series_uid)
     return Evaluation(series_uid, collection, state, tuple(findings))
 
 

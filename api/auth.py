@@ -250,11 +250,12 @@ def store_collection(request: Request) -> str:
 
 def record_access(request: Request, studies: Iterable[str]) -> None:
     """Audit that this request read studies (one row each)."""
+    audit.record(_runtime(request).pool, access_of(request), studies)
+
+
+def access_of(request: Request) -> audit.Access:
+    """This request as the access audit names it (for a query that audits its own read)."""
     who = principal(request)
     route = request.scope.get("route")
     template = getattr(route, "path_format", None) or "(no route)"
-    audit.record(
-        _runtime(request).pool,
-        audit.Access(who.name, who.token_id, _client(request), request.method, template),
-        studies,
-    )
+    return audit.Access(who.name, who.token_id, _client(request), request.method, template)

@@ -14,7 +14,7 @@ from psycopg import Connection
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from . import jobs, originals
+from . import audit, jobs, originals
 from .access import EVERYTHING, Scope
 from .errors import NotFound
 
@@ -291,19 +291,28 @@ def instance_objects(
 
 
 def instance_object(
-    pool: ConnectionPool, study: str, series: str, sop: str, scope: Scope = EVERYTHING
+    pool: ConnectionPool,
+    study: str,
+    series: str,
+    sop: str,
+    scope: Scope = EVERYTHING,
+    access: audit.Access | None = None,
 ) -> tuple[str, str, int, Version]:
     """(object key, transfer syntax, size, Version) of one published instance, in one query
-    (a frame or bulk data request needs both); NotFound if it is not in scope."""
+    (a frame or bulk data request needs both); NotFound if it is not in scope. With access,
+    the same statement audits the read of its study (one round trip, one commit)."""
     where, params = _scope(study, series, sop, scope)
+    found = (
+        "SELECT i.object_key, i.transfer_syntax_uid, i.size,"
+        " md5(i.sop_uid || ':' || i.sha256), greatest(i.updated_at, se.updated_at), i.study_uid"
+        f" FROM instances i JOIN series se ON se.series_uid = i.series_uid WHERE {where}"
+    )
+    if access is not None:
+        logged, logged_params = audit.insert(access, "s.study_uid IN (SELECT study_uid FROM hit)")
+        found = f"WITH hit AS ({found}), logged AS ({logged}) SELECT * FROM hit"
+        params = [*params, *logged_params]
     with pool.connection() as conn:
-        row = conn.execute(
-            "SELECT i.object_key, i.transfer_syntax_uid, i.size,"
-            " md5(i.sop_uid || ':' || i.sha256), greatest(i.updated_at, se.updated_at)"
-            " FROM instances i JOIN series se ON se.series_uid = i.series_uid"
-            f" WHERE {where}",
-            params,
-        ).fetchone()
+        row = conn.execute(found, params).fetchone()
     if row is None:
         raise NotFound("no published instance matches")
     # The digest is what version() computes for a single instance.

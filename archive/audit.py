@@ -14,6 +14,8 @@ from typing import Any, Literal, TextIO
 
 from psycopg_pool import ConnectionPool
 
+from . import db
+
 COLUMNS = (
     "at",
     "identity",
@@ -45,7 +47,7 @@ def record(pool: ConnectionPool, access: Access, studies: Iterable[str]) -> None
     if not uids:
         return
     sql, params = insert(access, "s.study_uid = ANY(%s)")
-    with pool.connection() as conn:
+    with db.one_statement(pool) as conn:
         conn.execute(f"{sql} ORDER BY s.study_uid", [*params, uids])
 
 

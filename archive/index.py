@@ -14,7 +14,7 @@ from psycopg import Connection
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from . import audit, jobs, originals
+from . import audit, db, jobs, originals
 from .access import EVERYTHING, Scope
 from .errors import NotFound
 
@@ -277,7 +277,7 @@ def instance_objects(
 ) -> list[tuple[str, str, int]]:
     """(object key, transfer syntax, size) of the published instances in scope, in order."""
     where, params = _scope(study, series, sop, scope)
-    with pool.connection() as conn:
+    with db.one_statement(pool) as conn:
         rows = conn.execute(
             "SELECT i.object_key, i.transfer_syntax_uid, i.size FROM instances i"
             " JOIN series se ON se.series_uid = i.series_uid"
@@ -311,7 +311,7 @@ def instance_object(
         logged, logged_params = audit.insert(access, "s.study_uid IN (SELECT study_uid FROM hit)")
         found = f"WITH hit AS ({found}), logged AS ({logged}) SELECT * FROM hit"
         params = [*params, *logged_params]
-    with pool.connection() as conn:
+    with db.one_statement(pool) as conn:
         row = conn.execute(found, params).fetchone()
     if row is None:
         raise NotFound("no published instance matches")
@@ -337,7 +337,7 @@ def version(
 ) -> Version:
     """The Version of the published instances in scope; NotFound if there are none."""
     where, params = _scope(study, series, sop, scope)
-    with pool.connection() as conn:
+    with db.one_statement(pool) as conn:
         digest, modified = conn.execute(
             "SELECT md5(string_agg(i.sop_uid || ':' || i.sha256, ',' ORDER BY i.sop_uid)),"
             " max(greatest(i.updated_at, se.updated_at))"
@@ -354,7 +354,7 @@ def first_series(pool: ConnectionPool, study: str, scope: Scope = EVERYTHING) ->
     """The Series Instance UID of a study's first published series (in scope), in series
     number order."""
     where, params = _scope(study, None, None, scope)
-    with pool.connection() as conn:
+    with db.one_statement(pool) as conn:
         row = conn.execute(
             "SELECT i.series_uid FROM instances i JOIN series se ON se.series_uid = i.series_uid"
             f" WHERE {where} ORDER BY se.series_number NULLS LAST, i.series_uid LIMIT 1",

@@ -590,7 +590,7 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
         return http_error(400, str(e))
     rt = runtime(request)
     # Audited as it is looked up (one statement): also a read answered 304 or refused 406.
-    key, syntax, _, version = index.instance_object(
+    key, syntax, size, version, geometry = index.instance_object(
         rt.pool, study, series, sop, auth.read_scope(request), auth.access_of(request)
     )
     form = _frame_form(request, syntax)
@@ -604,7 +604,8 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     obj = retrieve.StoredObject(rt.store, key)
     try:
         if form.source == _BY_RANGE:
-            ranges = retrieve.cached_layout(obj, syntax, (key, version.digest)).ranges(numbers)
+            layout = retrieve.cached_layout(obj, syntax, (key, version.digest), size, geometry)
+            ranges = layout.ranges(numbers)
             mode = "multipart" if form.multipart else "single"
             return _octet_response(obj, [({}, r) for r in ranges], mode, cache)
         with obj:
@@ -664,7 +665,7 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
     rt = runtime(request)
-    key, syntax, _, version = index.instance_object(
+    key, syntax, _, version, _ = index.instance_object(
         rt.pool, study, series, sop, auth.read_scope(request), auth.access_of(request)
     )
     url = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}"

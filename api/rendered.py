@@ -137,7 +137,7 @@ def _rendered(
     else:
         assert series is not None  # the instance routes name their series
         # Audited as it is looked up (one statement): also a read answered 304 or 406.
-        key, _, _, version = index.instance_object(
+        key, _, _, version, _ = index.instance_object(
             rt.pool, study, series, sop, scope, auth.access_of(request)
         )
         targets = [(key, n, version.digest) for n in numbers]

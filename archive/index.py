@@ -290,6 +290,11 @@ def instance_objects(
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+# The image pixel module attributes that place native frames (PS3.3 C.7.6.3), as kept in
+# the metadata: Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames.
+GEOMETRY_TAGS = ("00280010", "00280011", "00280002", "00280100", "00280008")
+
+
 def instance_object(
     pool: ConnectionPool,
     study: str,
@@ -297,14 +302,17 @@ def instance_object(
     sop: str,
     scope: Scope = EVERYTHING,
     access: audit.Access | None = None,
-) -> tuple[str, str, int, Version]:
-    """(object key, transfer syntax, size, Version) of one published instance, in one query
-    (a frame or bulk data request needs both); NotFound if it is not in scope. With access,
+) -> tuple[str, str, int, Version, tuple[str | None, ...]]:
+    """(object key, transfer syntax, size, Version, geometry) of one published instance, in
+    one query (a frame or bulk data request needs them all), geometry being the values of
+    GEOMETRY_TAGS as text (None where absent); NotFound if it is not in scope. With access,
     the same statement audits the read of its study (one round trip, one commit)."""
     where, params = _scope(study, series, sop, scope)
+    geometry = "".join(f", i.metadata->'{t}'->'Value'->>0" for t in GEOMETRY_TAGS)
     found = (
         "SELECT i.object_key, i.transfer_syntax_uid, i.size,"
-        " md5(i.sop_uid || ':' || i.sha256), greatest(i.updated_at, se.updated_at), i.study_uid"
+        " md5(i.sop_uid || ':' || i.sha256), greatest(i.updated_at, se.updated_at),"
+        f" i.study_uid{geometry}"
         f" FROM instances i JOIN series se ON se.series_uid = i.series_uid WHERE {where}"
     )
     if access is not None:
@@ -316,7 +324,7 @@ def instance_object(
     if row is None:
         raise NotFound("no published instance matches")
     # The digest is what version() computes for a single instance.
-    return row[0], row[1], row[2], Version(row[3], row[4])
+    return row[0], row[1], row[2], Version(row[3], row[4]), tuple(row[6:])
 
 
 @dataclass(frozen=True)

@@ -229,15 +229,66 @@ _layouts: LRUCache[Hashable, PixelLayout] = LRUCache(LAYOUT_CACHE_SIZE)
 _layouts_lock = threading.Lock()
 
 
-def cached_layout(obj: StoredObject, transfer_syntax: str, version: Hashable) -> PixelLayout:
-    """pixel_layout of obj, remembered under version (its object key and content digest)."""
+def cached_layout(
+    obj: StoredObject,
+    transfer_syntax: str,
+    version: Hashable,
+    size: int | None = None,
+    geometry: tuple[str | None, ...] = (),
+) -> PixelLayout:
+    """pixel_layout of obj, remembered under version (its object key and content digest);
+    found from size and geometry (tail_layout) where they place it, else by parsing."""
     with _layouts_lock:
         found = _layouts.get(version)
     if found is None:
-        found = pixel_layout(obj, transfer_syntax)
+        tail = tail_layout(obj, transfer_syntax, size, geometry) if size else None
+        found = tail or pixel_layout(obj, transfer_syntax)
         with _layouts_lock:
             _layouts[version] = found
     return found
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+
+
+def tail_layout(
+    obj: StoredObject, transfer_syntax: str, size: int, geometry: tuple[str | None, ...]
+) -> PixelLayout | None:
+    """The layout of native Pixel Data that is the object's last element (as Carina and most
+    writers store it), from the object's size and its geometry as indexed (Rows, Columns,
+    Samples per Pixel, Bits Allocated, Number of Frames: index.GEOMETRY_TAGS), checked against
+    the element header that must then precede the value: tag, VR (explicit VR) and exactly
+    that length, running to the end of the file. One small read instead of parsing the header;
+    None when the object is not so (the caller parses it)."""
+    if transfer_syntax not in NATIVE_LITTLE_ENDIAN or len(geometry) != 5:
+        return None
+    try:
+        rows, columns, samples, bits, frames = (
+            int(v) if v is not None else d for v, d in zip(geometry, (0, 0, 1, 0, 1), strict=True)
+        )
+    except ValueError:
+        return None
+    frame_bits = rows * columns * samples * bits
+    if frame_bits <= 0 or frame_bits % 8 or frames < 1:
+        return None
+    length = frames * frame_bits // 8
+    length += length % 2  # PS3.5 7.1.1: values have even lengths (padded)
+    explicit = transfer_syntax == ExplicitVRLittleEndian
+    head = 12 if explicit else 8
+    start = size - length - head
+    if start < 0:
+        return None
+    obj.file.seek(start)
+    found = obj.file.read(head)
+    expected_length = length.to_bytes(4, "little")
+    if explicit:
+        ok = found[:4] == _PIXEL_DATA_TAG and found[4:8] in (b"OW\0\0", b"OB\0\0")
+        ok = ok and found[8:] == expected_length
+    else:
+        ok = found == _PIXEL_DATA_TAG + expected_length
+    if not ok:
+        return None
+    return PixelLayout(ByteRange(start + head, length), frame_bits // 8, frames)
 
 
 def encapsulated_frames(obj: StoredObject, numbers: list[int]) -> list[bytes]:

@@ -13,9 +13,11 @@ import numpy as np
 import psycopg
 import pytest
 from PIL import Image
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
+from pydicom.tag import Tag
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from carina.archive import retrieve
+from carina.archive import index, retrieve
 from tests.conftest import Server
 from tests.factory import Phi, ct_series
 
@@ -93,3 +95,48 @@ def test_a_frame_layout_is_parsed_once_per_content(
             found = retrieve.cached_layout(obj, syntax, ("ct.dcm", version))
         assert found.ranges([1]) == [retrieve.ByteRange(found.pixels.offset, 16 * 16 * 2)]
     assert len(parsed) == 2  # once for each content digest
+
+
+def _geometry(ds: Dataset) -> tuple[str | None, ...]:
+    """The indexed geometry of ds, as index.instance_object reads it from the metadata."""
+    return tuple(
+        str(ds[Tag(int(t, 16))].value) if Tag(int(t, 16)) in ds else None
+        for t in index.GEOMETRY_TAGS
+    )
+
+
+@pytest.mark.parametrize(
+    ("syntax", "rows", "bits", "frames", "trailing"),
+    [
+        (ExplicitVRLittleEndian, 16, 16, 1, False),
+        (ImplicitVRLittleEndian, 16, 16, 1, False),
+        (ExplicitVRLittleEndian, 3, 8, 1, False),  # 9 bytes, padded to 10
+        (ExplicitVRLittleEndian, 8, 16, 3, False),
+        (ExplicitVRLittleEndian, 16, 16, 1, True),
+        (ImplicitVRLittleEndian, 16, 16, 1, True),
+    ],
+)
+def test_frames_are_placed_from_the_file_end_only_where_pixel_data_ends_it(
+    tmp_path: Path, syntax: str, rows: int, bits: int, frames: int, trailing: bool
+) -> None:
+    ds = ct_series(Phi(), 1, rows=rows, columns=rows)[0]
+    ds.BitsAllocated = ds.BitsStored = bits
+    ds.HighBit = bits - 1
+    ds.PixelRepresentation = 0
+    size = rows * rows * bits // 8 * frames
+    ds.PixelData = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    if frames > 1:
+        ds.NumberOfFrames = frames
+    if trailing:
+        ds.add_new(0xFFFCFFFC, "OB", b"\0" * 8)  # Data Set Trailing Padding after the pixels
+    ds.file_meta.TransferSyntaxUID = syntax
+    ds.save_as(tmp_path / "x.dcm", enforce_file_format=True)
+    file_size = (tmp_path / "x.dcm").stat().st_size
+    store = retrieve.FilesystemStore(tmp_path)
+    with retrieve.StoredObject(store, "x.dcm") as obj:
+        parsed = retrieve.pixel_layout(obj, syntax)
+        tail = retrieve.tail_layout(obj, syntax, file_size, _geometry(ds))
+        wrong = retrieve.tail_layout(obj, syntax, file_size, (str(rows + 1), *_geometry(ds)[1:]))
+    assert tail == (None if trailing else parsed)
+    assert wrong is None
+    assert parsed.frames == frames and parsed.frame_size == rows * rows * bits // 8

@@ -12,6 +12,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.middleware.gzip import DEFAULT_EXCLUDED_CONTENT_TYPES, GZipMiddleware
 
 from carina import __version__
+from carina.archive.auth_cache import AuthCache
 from carina.curation.lifecycle import Worker, start_workers, stop_workers
 from carina.curation.ocr import OcrEnvironment
 from carina.runtime import Runtime
@@ -68,6 +69,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         runtime = await run_in_threadpool(Runtime.start, settings)
         app.state.runtime = runtime
+        # Verified tokens and readable collections, forgotten on every change (migration 024).
+        app.state.auth_cache = AuthCache(runtime.pool.conninfo).start()
         listener = None
         if settings.dimse_enabled:
             from .dimse import DimseListener
@@ -94,6 +97,7 @@ def create_app(settings: Settings) -> FastAPI:
             await run_in_threadpool(stop_workers, workers)
             if listener is not None:
                 await run_in_threadpool(listener.stop)
+            await run_in_threadpool(app.state.auth_cache.stop)
             await run_in_threadpool(runtime.close)
 
     app = FastAPI(title="Carina", version=__version__, lifespan=lifespan)

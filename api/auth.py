@@ -9,17 +9,21 @@ exist (404, and absent from searches), so restricted collections do not reveal w
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Iterable
+from datetime import UTC, datetime
 from typing import TypeVar
 
 from fastapi import Request
 from limits import parse
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
+from starlette.concurrency import run_in_threadpool
 
 from carina.archive import access, audit, collections, shares, tokens
 from carina.archive.access import ANONYMOUS, Principal, Scope
+from carina.archive.auth_cache import AuthCache
 from carina.archive.errors import NotFound
 
 from .context import runtime as _runtime
@@ -75,21 +79,56 @@ def _client(request: Request) -> str:
     return request.client.host if request.client else "unknown"
 
 
-def authenticate(request: Request) -> Principal:
-    """Dependency of every data route: the request's principal (kept on request.state)."""
+async def authenticate(request: Request) -> Principal:
+    """Dependency of every data route: the request's principal (kept on request.state). A
+    token the cache knows is answered here, on the event loop; any other goes to the
+    database in a worker thread."""
     header = request.headers.get("authorization")
-    principal = ANONYMOUS if header is None else _bearer(request, header)
+    if header is None:
+        principal = ANONYMOUS
+    else:
+        found = _cached(request, header)
+        principal = found or await run_in_threadpool(_bearer, request, header)
     request.state.principal = principal
     return principal
 
 
-def _bearer(request: Request, header: str) -> Principal:
+def _presented(header: str) -> str:
+    """The credentials of a Bearer Authorization header ("" for any other scheme)."""
     scheme, _, credentials = header.strip().partition(" ")
-    presented = credentials.strip() if scheme.lower() == "bearer" else ""
+    return credentials.strip() if scheme.lower() == "bearer" else ""
+
+
+def _bearer(request: Request, header: str) -> Principal:
+    presented = _presented(header)
     oidc = request.app.state.oidc
     if presented and oidc is not None and not presented.startswith(tokens.PREFIX):
         return _checked(request, lambda: oidc.principal(presented))
     return Principal.of_token(verify(request, presented or None))
+
+
+def _auth_cache(request: Request) -> AuthCache | None:
+    return getattr(request.app.state, "auth_cache", None)
+
+
+def _token_key(presented: str) -> bytes:
+    """What a verified token is cached under: a digest, never the token itself."""
+    return hashlib.sha256(presented.encode()).digest()
+
+
+def _cached(request: Request, header: str) -> Principal | None:
+    """The principal of a Carina token verified before and unchanged since (None: ask the
+    database); a client over its bad-token limit is always sent the long way, to its 429."""
+    cache = _auth_cache(request)
+    presented = _presented(header)
+    if cache is None or not presented.startswith(tokens.PREFIX):
+        return None
+    token = cache.get("token", _token_key(presented))
+    if not isinstance(token, tokens.Token) or token.state(datetime.now(UTC)) != "active":
+        return None
+    if request.app.state.auth_failures.blocked(_client(request)):
+        return None
+    return Principal.of_token(token)
 
 
 def verify(request: Request, presented: str | None) -> tokens.Token:
@@ -99,7 +138,13 @@ def verify(request: Request, presented: str | None) -> tokens.Token:
     def check() -> tokens.Token:
         if presented is None:
             raise tokens.InvalidToken("the Authorization header must be 'Bearer <token>'")
-        return tokens.verify(_runtime(request).pool, presented)
+        pool = _runtime(request).pool
+        cache = _auth_cache(request)
+        if cache is None:
+            return tokens.verify(pool, presented)
+        return cache.lookup(
+            "token", _token_key(presented), lambda _: tokens.verify(pool, presented)
+        )
 
     return _checked(request, check)
 
@@ -133,7 +178,7 @@ def read_scope(request: Request) -> Scope:
     may not be read), elsewhere every collection the principal may read."""
     pool = _runtime(request).pool
     who = principal(request)
-    readable = access.readable_collections(pool, who)
+    readable = readable_collections(request, who)
     share_id = request.path_params.get("share")
     if share_id is not None:
         version = request.path_params.get("version")
@@ -147,6 +192,15 @@ def read_scope(request: Request) -> Scope:
     if readable is not None and name not in readable:
         raise NotFound(f"no collection {name}")
     return Scope((collections.get(pool, name).name,))
+
+
+def readable_collections(request: Request, who: Principal) -> list[str] | None:
+    """access.readable_collections of who, from the cache while no collection has changed."""
+    cache = _auth_cache(request)
+    pool = _runtime(request).pool
+    if cache is None or who.is_admin:
+        return access.readable_collections(pool, who)
+    return cache.lookup("readable", who.grants, lambda _: access.readable_collections(pool, who))
 
 
 def curated_collections(request: Request) -> tuple[str, ...] | None:
@@ -196,11 +250,12 @@ def store_collection(request: Request) -> str:
 
 def record_access(request: Request, studies: Iterable[str]) -> None:
     """Audit that this request read studies (one row each)."""
+    audit.record(_runtime(request).pool, access_of(request), studies)
+
+
+def access_of(request: Request) -> audit.Access:
+    """This request as the access audit names it (for a query that audits its own read)."""
     who = principal(request)
     route = request.scope.get("route")
     template = getattr(route, "path_format", None) or "(no route)"
-    audit.record(
-        _runtime(request).pool,
-        audit.Access(who.name, who.token_id, _client(request), request.method, template),
-        studies,
-    )
+    return audit.Access(who.name, who.token_id, _client(request), request.method, template)

@@ -589,8 +589,9 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     except retrieve.InvalidRequest as e:
         return http_error(400, str(e))
     rt = runtime(request)
-    key, syntax, _, version = index.instance_object(
-        rt.pool, study, series, sop, auth.read_scope(request)
+    # Audited as it is looked up (one statement): also a read answered 304 or refused 406.
+    key, syntax, size, version, geometry = index.instance_object(
+        rt.pool, study, series, sop, auth.read_scope(request), auth.access_of(request)
     )
     form = _frame_form(request, syntax)
     if form is None:
@@ -600,11 +601,11 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     cache = validators(version, request.url.path, form.ctype, str(form.multipart))
     if (unchanged := not_modified(request, cache)) is not None:
         return unchanged
-    auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
         if form.source == _BY_RANGE:
-            ranges = retrieve.frame_ranges(obj, syntax, numbers)
+            layout = retrieve.cached_layout(obj, syntax, (key, version.digest), size, geometry)
+            ranges = layout.ranges(numbers)
             mode = "multipart" if form.multipart else "single"
             return _octet_response(obj, [({}, r) for r in ranges], mode, cache)
         with obj:
@@ -664,8 +665,8 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     if mode is None:
         return http_error(406, f'bulk data is served as multipart/related; type="{OCTET}"')
     rt = runtime(request)
-    key, syntax, _, version = index.instance_object(
-        rt.pool, study, series, sop, auth.read_scope(request)
+    key, syntax, _, version, _ = index.instance_object(
+        rt.pool, study, series, sop, auth.read_scope(request), auth.access_of(request)
     )
     url = f"{base_url(request)}/studies/{study}/series/{series}/instances/{sop}"
     # The validators name the resource path (which frames, which element) and the form; the
@@ -673,7 +674,6 @@ def _bulk_data(request: Request, study: str, series: str, sop: str, tag: str) ->
     cache = validators(version, request.url.path, mode, url)
     if (unchanged := not_modified(request, cache)) is not None:
         return unchanged
-    auth.record_access(request, [study])
     obj = retrieve.StoredObject(rt.store, key)
     try:
         r = retrieve.bulk_data_range(obj, syntax, int(tag, 16))

@@ -20,8 +20,9 @@ _SHARE = re.compile(r"[0-9a-f]{16}")
 _VERSION = re.compile(r"[1-9][0-9]{0,8}")
 
 
-def check_path(request: Request) -> None:
-    """Dependency of every data route: refuse path parameters that cannot name anything."""
+async def check_path(request: Request) -> None:
+    """Dependency of every data route: refuse path parameters that cannot name anything (no
+    I/O: it runs on the event loop, not in a worker thread)."""
     params = request.path_params
     name = params.get("collection")
     if name is not None:

@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from cachetools import LRUCache
 from fastapi import APIRouter, Request
 from fastapi.responses import Response, StreamingResponse
 
@@ -21,6 +23,15 @@ from .errors import http_error
 from .multipart import Loaded, negotiate, new_boundary, write_parts
 
 MULTIPART = "multipart/related"
+# Images rendered lately, by (object key, content digest, frame, rendering), up to this many
+# bytes in all: a viewer asks again for what it showed before. A rewritten object (redaction)
+# has another digest, so it is never answered from here; study and series level images
+# (several instances) are not kept.
+RENDERED_CACHE_BYTES = 64 << 20
+_images: LRUCache[tuple[object, ...], bytes] = LRUCache(RENDERED_CACHE_BYTES, getsizeof=len)
+_images_lock = threading.Lock()
+# (object key, frame number, content digest: None where the image is not to be kept)
+_Target = tuple[str, int, str | None]
 
 
 @dataclass(frozen=True)
@@ -119,19 +130,22 @@ def _rendered(
         # alone (as Orthanc answers, and as dicomweb-client reads a single image).
         objects = index.instance_objects(rt.pool, study, series, sop, scope)
         version = index.version(rt.pool, study, series, sop, scope)
-        targets = [(key, 1) for key, _, _ in objects]
+        targets: list[_Target] = [(key, 1, None) for key, _, _ in objects]
         if not choice.multipart:
             targets = targets[:1]
+        auth.record_access(request, [study])
     else:
         assert series is not None  # the instance routes name their series
-        key, _, _, version = index.instance_object(rt.pool, study, series, sop, scope)
-        targets = [(key, n) for n in numbers]
+        # Audited as it is looked up (one statement): also a read answered 304 or 406.
+        key, _, _, version, _ = index.instance_object(
+            rt.pool, study, series, sop, scope, auth.access_of(request)
+        )
+        targets = [(key, n, version.digest) for n in numbers]
     cache = _validators(request, choice, version)
     if (unchanged := not_modified(request, cache)) is not None:
         return unchanged
     if len(targets) > 1 and not choice.multipart:
         return http_error(406, "several frames need a multipart/related response")
-    auth.record_access(request, [study])
     return _answer(rt.store, targets, rendering, choice, frame_list is not None, cache)
 
 
@@ -164,7 +178,7 @@ def _thumbnail(
     objects = index.instance_objects(rt.pool, study, series, sop, scope)
     key = objects[len(objects) // 2][0]
     auth.record_access(request, [study])
-    return _answer(rt.store, [(key, numbers[0])], rendering, choice, True, cache)
+    return _answer(rt.store, [(key, numbers[0], None)], rendering, choice, True, cache)
 
 
 def _validators(request: Request, choice: _Choice, version: Version) -> dict[str, str]:
@@ -202,37 +216,37 @@ def _rendering(request: Request, media_type: str, thumbnail: bool = False) -> Re
 
 def _answer(
     store: ObjectStore,
-    targets: list[tuple[str, int]],
+    targets: list[_Target],
     rendering: Rendering,
     choice: _Choice,
     check_frames: bool,
     headers: dict[str, str],
 ) -> Response:
-    """The rendered targets (object key, frame): one image, or one part each. A single image
+    """The rendered targets (object key, frame, digest): one image, or one part each. One image
     is rendered before the status goes out, so every error gets its own status; for parts,
     the frame numbers are checked first (check_frames) and each part is rendered as sent."""
     try:
         if not choice.multipart:
-            [(key, frame)] = targets
-            image = _render(store, key, frame, rendering)
+            [target] = targets
+            image = _render(store, target, rendering)
             return Response(image, media_type=choice.media_type, headers=headers)
         if check_frames:
             with retrieve.StoredObject(store, targets[0][0]) as obj:
-                render.check_frames(obj.file, [n for _, n in targets])
+                render.check_frames(obj.file, [n for _, n, _ in targets])
     except retrieve.InvalidRequest as e:
         return http_error(400, str(e))
     except retrieve.NotRetrievable as e:
         return http_error(406, str(e))
 
-    def loader(key: str, frame: int) -> Callable[[], Loaded]:
+    def loader(target: _Target) -> Callable[[], Loaded]:
         def load() -> Loaded:
-            data = _render(store, key, frame, rendering)
+            data = _render(store, target, rendering)
             return Loaded(choice.media_type, data, len(data))
 
         return load
 
     boundary = new_boundary()
-    parts = [(choice.media_type, None, loader(key, n)) for key, n in targets]
+    parts = [(choice.media_type, None, loader(t)) for t in targets]
     return StreamingResponse(
         write_parts(boundary, parts),
         media_type=f'{MULTIPART}; type="{choice.media_type}"; boundary={boundary}',
@@ -240,6 +254,18 @@ def _answer(
     )
 
 
-def _render(store: ObjectStore, key: str, frame: int, rendering: Rendering) -> bytes:
+def _render(store: ObjectStore, target: _Target, rendering: Rendering) -> bytes:
+    """The image of one target: from the cache when it was rendered so lately."""
+    key, frame, digest = target
+    kept = None if digest is None else (key, digest, frame, rendering)
+    if kept is not None:
+        with _images_lock:
+            found = _images.get(kept)
+        if found is not None:
+            return found
     with retrieve.StoredObject(store, key) as obj:
-        return render.render(obj.file, frame, rendering)
+        image = render.render(obj.file, frame, rendering)
+    if kept is not None and len(image) <= RENDERED_CACHE_BYTES // 64:
+        with _images_lock:
+            _images[kept] = image
+    return image

@@ -14,6 +14,8 @@ from typing import Any, Literal, TextIO
 
 from psycopg_pool import ConnectionPool
 
+from . import db
+
 COLUMNS = (
     "at",
     "identity",
@@ -44,14 +46,22 @@ def record(pool: ConnectionPool, access: Access, studies: Iterable[str]) -> None
     uids = sorted(set(studies))
     if not uids:
         return
-    with pool.connection() as conn:
-        conn.execute(
-            "INSERT INTO access_audit"
-            " (identity, token_id, client, method, route, study_uid, collection)"
-            " SELECT %s, %s, %s, %s, %s, s.study_uid, s.collection FROM studies s"
-            " WHERE s.study_uid = ANY(%s) ORDER BY s.study_uid",
-            (access.identity, access.token_id, access.client, access.method, access.route, uids),
-        )
+    sql, params = insert(access, "s.study_uid = ANY(%s)")
+    with db.one_statement(pool) as conn:
+        conn.execute(f"{sql} ORDER BY s.study_uid", [*params, uids])
+
+
+def insert(access: Access, condition: str) -> tuple[str, list[object]]:
+    """The INSERT (and its parameters) of one row per study `s` of table studies for which
+    condition holds; a query that reads studies runs it in a WITH clause of its own, so the
+    read and its audit row are one statement and one commit."""
+    return (
+        "INSERT INTO access_audit"
+        " (identity, token_id, client, method, route, study_uid, collection)"
+        " SELECT %s, %s, %s, %s, %s, s.study_uid, s.collection FROM studies s"
+        f" WHERE {condition}",
+        [access.identity, access.token_id, access.client, access.method, access.route],
+    )
 
 
 Format = Literal["csv", "json"]

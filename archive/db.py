@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -41,6 +43,22 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> ConnectionPo
     pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=False)
     pool.open(wait=True, timeout=30)
     return pool
+
+
+@contextmanager
+def one_statement(pool: ConnectionPool) -> Iterator[psycopg.Connection]:
+    """A pooled connection in autocommit, for one statement that is its own transaction: one
+    round trip, where a transaction costs three (BEGIN, the statement, COMMIT). A statement
+    that writes is committed (durably) before its result is returned."""
+    with pool.connection() as conn:
+        conn.autocommit = True
+        try:
+            yield conn
+        finally:
+            try:
+                conn.autocommit = False
+            except psycopg.Error:
+                conn.close()  # never handed out again in autocommit: the pool drops it
 
 
 def migration_files() -> list[tuple[str, str, str]]:

@@ -14,7 +14,7 @@ from psycopg import Connection
 from psycopg.rows import class_row
 from psycopg_pool import ConnectionPool
 
-from . import jobs, originals
+from . import audit, db, jobs, originals
 from .access import EVERYTHING, Scope
 from .errors import NotFound
 
@@ -277,7 +277,7 @@ def instance_objects(
 ) -> list[tuple[str, str, int]]:
     """(object key, transfer syntax, size) of the published instances in scope, in order."""
     where, params = _scope(study, series, sop, scope)
-    with pool.connection() as conn:
+    with db.one_statement(pool) as conn:
         rows = conn.execute(
             "SELECT i.object_key, i.transfer_syntax_uid, i.size FROM instances i"
             " JOIN series se ON se.series_uid = i.series_uid"
@@ -290,24 +290,41 @@ def instance_objects(
     return [(r[0], r[1], r[2]) for r in rows]
 
 
+# The image pixel module attributes that place native frames (PS3.3 C.7.6.3), as kept in
+# the metadata: Rows, Columns, Samples per Pixel, Bits Allocated, Number of Frames.
+GEOMETRY_TAGS = ("00280010", "00280011", "00280002", "00280100", "00280008")
+
+
 def instance_object(
-    pool: ConnectionPool, study: str, series: str, sop: str, scope: Scope = EVERYTHING
-) -> tuple[str, str, int, Version]:
-    """(object key, transfer syntax, size, Version) of one published instance, in one query
-    (a frame or bulk data request needs both); NotFound if it is not in scope."""
+    pool: ConnectionPool,
+    study: str,
+    series: str,
+    sop: str,
+    scope: Scope = EVERYTHING,
+    access: audit.Access | None = None,
+) -> tuple[str, str, int, Version, tuple[str | None, ...]]:
+    """(object key, transfer syntax, size, Version, geometry) of one published instance, in
+    one query (a frame or bulk data request needs them all), geometry being the values of
+    GEOMETRY_TAGS as text (None where absent); NotFound if it is not in scope. With access,
+    the same statement audits the read of its study (one round trip, one commit)."""
     where, params = _scope(study, series, sop, scope)
-    with pool.connection() as conn:
-        row = conn.execute(
-            "SELECT i.object_key, i.transfer_syntax_uid, i.size,"
-            " md5(i.sop_uid || ':' || i.sha256), greatest(i.updated_at, se.updated_at)"
-            " FROM instances i JOIN series se ON se.series_uid = i.series_uid"
-            f" WHERE {where}",
-            params,
-        ).fetchone()
+    geometry = "".join(f", i.metadata->'{t}'->'Value'->>0" for t in GEOMETRY_TAGS)
+    found = (
+        "SELECT i.object_key, i.transfer_syntax_uid, i.size,"
+        " md5(i.sop_uid || ':' || i.sha256), greatest(i.updated_at, se.updated_at),"
+        f" i.study_uid{geometry}"
+        f" FROM instances i JOIN series se ON se.series_uid = i.series_uid WHERE {where}"
+    )
+    if access is not None:
+        logged, logged_params = audit.insert(access, "s.study_uid IN (SELECT study_uid FROM hit)")
+        found = f"WITH hit AS ({found}), logged AS ({logged}) SELECT * FROM hit"
+        params = [*params, *logged_params]
+    with db.one_statement(pool) as conn:
+        row = conn.execute(found, params).fetchone()
     if row is None:
         raise NotFound("no published instance matches")
     # The digest is what version() computes for a single instance.
-    return row[0], row[1], row[2], Version(row[3], row[4])
+    return row[0], row[1], row[2], Version(row[3], row[4]), tuple(row[6:])
 
 
 @dataclass(frozen=True)
@@ -328,7 +345,7 @@ def version(
 ) -> Version:
     """The Version of the published instances in scope; NotFound if there are none."""
     where, params = _scope(study, series, sop, scope)
-    with pool.connection() as conn:
+    with db.one_statement(pool) as conn:
         digest, modified = conn.execute(
             "SELECT md5(string_agg(i.sop_uid || ':' || i.sha256, ',' ORDER BY i.sop_uid)),"
             " max(greatest(i.updated_at, se.updated_at))"
@@ -345,7 +362,7 @@ def first_series(pool: ConnectionPool, study: str, scope: Scope = EVERYTHING) ->
     """The Series Instance UID of a study's first published series (in scope), in series
     number order."""
     where, params = _scope(study, None, None, scope)
-    with pool.connection() as conn:
+    with db.one_statement(pool) as conn:
         row = conn.execute(
             "SELECT i.series_uid FROM instances i JOIN series se ON se.series_uid = i.series_uid"
             f" WHERE {where} ORDER BY se.series_number NULLS LAST, i.series_uid LIMIT 1",

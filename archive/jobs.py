@@ -86,7 +86,9 @@ def retry_later(pool: ConnectionPool, series_uid: str, error: str) -> int:
 
 def seconds_to_next(conn: Connection) -> float | None:
     """Seconds until the earliest job is due (0 if one is due now); None with no job at all."""
+    # Not greatest(..., 0) in SQL: GREATEST ignores NULL, so an empty queue would read as a
+    # job due now, and idle workers would look again every few milliseconds.
     row = conn.execute(
-        "SELECT greatest(extract(epoch FROM min(due_at) - clock_timestamp()), 0) FROM series_jobs"
+        "SELECT extract(epoch FROM min(due_at) - clock_timestamp()) FROM series_jobs"
     ).fetchone()
-    return float(row[0]) if row and row[0] is not None else None
+    return max(float(row[0]), 0.0) if row and row[0] is not None else None

@@ -234,7 +234,8 @@ def _grey(arr: np.ndarray, ds: Dataset, window: Window | None) -> np.ndarray:
     table = np.zeros(2 ** (8 * arr.itemsize), np.uint8)
     values = apply_modality_lut(domain, ds)
     table[domain.view(index)] = _voi(values, ds, window, float(ends.min()), float(ends.max()))
-    return table[arr.view(index)]
+    # np.take: about half the time of table[...] for a frame of 16-bit indexes.
+    return np.take(table, arr.view(index))
 
 
 def _voi(

@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import re
 import tempfile
-from collections.abc import Iterator
+import threading
+from collections.abc import Hashable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
 import numpy as np
+from cachetools import LRUCache
 from pydicom import dcmread
 from pydicom.dataelem import RawDataElement
 from pydicom.encaps import get_frame
@@ -169,8 +171,24 @@ def parse_frame_list(text: str) -> list[int]:
     return numbers
 
 
-def frame_ranges(obj: StoredObject, transfer_syntax: str, numbers: list[int]) -> list[ByteRange]:
-    """Where each requested frame's native pixel bytes lie, in the order requested."""
+@dataclass(frozen=True)
+class PixelLayout:
+    """Where the native frames of an instance lie: its pixel data value, the size of one
+    frame and how many there are."""
+
+    pixels: ByteRange
+    frame_size: int
+    frames: int
+
+    def ranges(self, numbers: list[int]) -> list[ByteRange]:
+        """Where each requested frame's bytes lie, in the order requested."""
+        _check_numbers(numbers, self.frames)
+        start, size = self.pixels.offset, self.frame_size
+        return [ByteRange(start + (n - 1) * size, size) for n in numbers]
+
+
+def pixel_layout(obj: StoredObject, transfer_syntax: str) -> PixelLayout:
+    """Where the native little-endian frames of obj lie, from its header."""
     ts = UID(transfer_syntax)
     if ts not in NATIVE_LITTLE_ENDIAN:
         raise NotRetrievable(
@@ -193,10 +211,84 @@ def frame_ranges(obj: StoredObject, transfer_syntax: str, numbers: list[int]) ->
         # PS3.5 8.1.1: 1-bit frames are packed back to back, so a frame may start mid-byte.
         raise NotRetrievable("frames that do not start on a byte boundary are not supported")
     size = bits // 8
-    _check_numbers(numbers, frames)
     if frames * size > pixels.length:
         raise StorageError("stored pixel data is shorter than Number of Frames says")
-    return [ByteRange(pixels.offset + (n - 1) * size, size) for n in numbers]
+    return PixelLayout(pixels, size, frames)
+
+
+def frame_ranges(obj: StoredObject, transfer_syntax: str, numbers: list[int]) -> list[ByteRange]:
+    """Where each requested frame's native pixel bytes lie, in the order requested."""
+    return pixel_layout(obj, transfer_syntax).ranges(numbers)
+
+
+# Pixel layouts of recently read instances, by (object key, content digest): a viewer reads a
+# series frame by frame, often more than once, and the header need not be parsed each time.
+# A rewritten object (redaction) has another digest, so it is never answered from here.
+LAYOUT_CACHE_SIZE = 65536
+_layouts: LRUCache[Hashable, PixelLayout] = LRUCache(LAYOUT_CACHE_SIZE)
+_layouts_lock = threading.Lock()
+
+
+def cached_layout(
+    obj: StoredObject,
+    transfer_syntax: str,
+    version: Hashable,
+    size: int | None = None,
+    geometry: tuple[str | None, ...] = (),
+) -> PixelLayout:
+    """pixel_layout of obj, remembered under version (its object key and content digest);
+    found from size and geometry (tail_layout) where they place it, else by parsing."""
+    with _layouts_lock:
+        found = _layouts.get(version)
+    if found is None:
+        tail = tail_layout(obj, transfer_syntax, size, geometry) if size else None
+        found = tail or pixel_layout(obj, transfer_syntax)
+        with _layouts_lock:
+            _layouts[version] = found
+    return found
+
+
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010), little endian
+
+
+def tail_layout(
+    obj: StoredObject, transfer_syntax: str, size: int, geometry: tuple[str | None, ...]
+) -> PixelLayout | None:
+    """The layout of native Pixel Data that is the object's last element (as Carina and most
+    writers store it), from the object's size and its geometry as indexed (Rows, Columns,
+    Samples per Pixel, Bits Allocated, Number of Frames: index.GEOMETRY_TAGS), checked against
+    the element header that must then precede the value: tag, VR (explicit VR) and exactly
+    that length, running to the end of the file. One small read instead of parsing the header;
+    None when the object is not so (the caller parses it)."""
+    if transfer_syntax not in NATIVE_LITTLE_ENDIAN or len(geometry) != 5:
+        return None
+    try:
+        rows, columns, samples, bits, frames = (
+            int(v) if v is not None else d for v, d in zip(geometry, (0, 0, 1, 0, 1), strict=True)
+        )
+    except ValueError:
+        return None
+    frame_bits = rows * columns * samples * bits
+    if frame_bits <= 0 or frame_bits % 8 or frames < 1:
+        return None
+    length = frames * frame_bits // 8
+    length += length % 2  # PS3.5 7.1.1: values have even lengths (padded)
+    explicit = transfer_syntax == ExplicitVRLittleEndian
+    head = 12 if explicit else 8
+    start = size - length - head
+    if start < 0:
+        return None
+    obj.file.seek(start)
+    found = obj.file.read(head)
+    expected_length = length.to_bytes(4, "little")
+    if explicit:
+        ok = found[:4] == _PIXEL_DATA_TAG and found[4:8] in (b"OW\0\0", b"OB\0\0")
+        ok = ok and found[8:] == expected_length
+    else:
+        ok = found == _PIXEL_DATA_TAG + expected_length
+    if not ok:
+        return None
+    return PixelLayout(ByteRange(start + head, length), frame_bits // 8, frames)
 
 
 def encapsulated_frames(obj: StoredObject, numbers: list[int]) -> list[bytes]:

@@ -15,6 +15,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from carina.archive import jobs
 from tests.conftest import Server, cli_env, wait_for_series
 from tests.factory import Phi, ct_series
 
@@ -177,3 +178,17 @@ def test_a_job_that_keeps_failing_is_held_for_a_curator_not_retried_for_ever(
             "The series could not be evaluated after 5 attempts; see the server log.",
         )
     ]
+
+
+def test_an_empty_queue_has_nothing_due_so_idle_workers_sleep(
+    server: Server, stowed: list[tuple[str, str]]
+) -> None:
+    with psycopg.connect(str(server.database_url)) as conn:
+        conn.execute("DELETE FROM series_jobs")
+        assert jobs.seconds_to_next(conn) is None
+        conn.execute(
+            "INSERT INTO series_jobs (series_uid, due_at)"
+            " SELECT series_uid, now() - interval '1 minute' FROM series LIMIT 1"
+        )
+        assert jobs.seconds_to_next(conn) == 0.0
+        conn.rollback()  # the module's other tests keep their queue

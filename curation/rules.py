@@ -402,13 +402,39 @@ def _strings(vr: str, found: list[Any]) -> Iterator[str]:
             yield str(value)
 
 
-def _name_parts(names: Iterable[str], minimum: int) -> list[re.Pattern[str]]:
+def _name_parts(names: Iterable[str], minimum: int) -> list[Callable[[str], bool]]:
     parts = {p for n in names for p in re.split(r"[\^=,\s.]+", n) if len(p) >= minimum}
-    # Whole-word matches: a part "ANN" must not flag "ANNOTATION".
-    return [
-        re.compile(rf"(?<![A-Za-z]){re.escape(p)}(?![A-Za-z])", re.IGNORECASE)
-        for p in sorted(parts)
-    ]
+    return [_name_matcher(p) for p in sorted(parts)]
+
+
+def _name_matcher(part: str) -> Callable[[str], bool]:
+    """Whether a text holds part as a whole word, in any case: "ANN" must not flag
+    "ANNOTATION". ASCII text is searched with str.find (a regex compile per new patient cost
+    more than all the searches); other text with the regex, whose case folding knows more."""
+    if not part.isascii():
+        return lambda text: _name_pattern(part).search(text) is not None
+    word = part.lower()
+
+    def match(text: str) -> bool:
+        if not text.isascii():
+            return _name_pattern(part).search(text) is not None
+        text = text.lower()
+        start = text.find(word)
+        while start >= 0:
+            end = start + len(word)
+            if not (start and text[start - 1].isalpha()) and not (
+                end < len(text) and text[end].isalpha()
+            ):
+                return True
+            start = text.find(word, start + 1)
+        return False
+
+    return match
+
+
+@lru_cache(maxsize=256)
+def _name_pattern(part: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![A-Za-z]){re.escape(part)}(?![A-Za-z])", re.IGNORECASE)
 
 
 def _id_matchers(ids: Iterable[str], minimum: int) -> list[Callable[[str], bool]]:
@@ -441,30 +467,38 @@ def _birth_date_forms(birth: str) -> list[str]:
 
 
 def _birth_matchers(births: Iterable[str]) -> list[re.Pattern[str]]:
-    out = []
-    months = _MONTHS.split("|")
-    for birth in births:
-        forms = [re.escape(f) for f in _birth_date_forms(birth)]
-        match = re.fullmatch(r"(\d{4})(\d{2})(\d{2})", birth.strip())
-        if match:
-            y, m, d = match.groups()
-            name = months[int(m) - 1]  # the three-letter month; "march" starts with "mar"
-            day = str(int(d))
-            forms.append(rf"0?{day}\s*{name}[a-z]*\.?,?\s*{y}")
-            forms.append(rf"{name}[a-z]*\.?\s+0?{day}(?:st|nd|rd|th)?,?\s+{y}")
-        if forms:
-            out.append(re.compile(rf"(?<!\d)(?:{'|'.join(forms)})(?!\d)", re.IGNORECASE))
-    return out
+    return [m for m in map(_birth_matcher, births) if m is not None]
 
 
+@lru_cache(maxsize=1024)
+def _birth_matcher(birth: str) -> re.Pattern[str] | None:
+    """A matcher of the ways people write one birth date (cached, as _name_pattern)."""
+    forms = [re.escape(f) for f in _birth_date_forms(birth)]
+    match = re.fullmatch(r"(\d{4})(\d{2})(\d{2})", birth.strip())
+    if match:
+        y, m, d = match.groups()
+        name = _MONTHS.split("|")[int(m) - 1]  # the three-letter month; "march" has "mar"
+        day = str(int(d))
+        forms.append(rf"0?{day}\s*{name}[a-z]*\.?,?\s*{y}")
+        forms.append(rf"{name}[a-z]*\.?\s+0?{day}(?:st|nd|rd|th)?,?\s+{y}")
+    if not forms:
+        return None
+    return re.compile(rf"(?<!\d)(?:{'|'.join(forms)})(?!\d)", re.IGNORECASE)
+
+
+# Matchers of a patient's name parts, IDs and birth dates.
+_Matchers = tuple[list[Callable[[str], bool]], list[Callable[[str], bool]], list[re.Pattern[str]]]
 PhiHit = tuple[str, str, str]
 """(code, kind, attribute path) of one residual-PHI match; the kind names the identifier
 ("a patient ID"), never its value."""
 
 
+@lru_cache(maxsize=64)
 def _identifier_matchers(
     identifiers: PatientIdentifiers | None, settings: ResidualPhiSettings
-) -> tuple[list[re.Pattern[str]], list[Callable[[str], bool]], list[re.Pattern[str]]]:
+) -> _Matchers:
+    """The matchers of one patient's identifiers; cached, as the instances of a series come
+    one after another (the lists are never changed)."""
     if identifiers is None:
         return [], [], []
     return (
@@ -477,7 +511,7 @@ def _identifier_matchers(
 def _phi_hits(
     meta: Metadata,
     settings: ResidualPhiSettings,
-    matchers: tuple[list[re.Pattern[str]], list[Callable[[str], bool]], list[re.Pattern[str]]],
+    matchers: _Matchers,
     patterns: bool,
 ) -> set[PhiHit]:
     """What one instance's free text still holds: identifiers, and (if patterns) dates/names."""
@@ -491,7 +525,7 @@ def _phi_hits(
             if any(b.search(value) for b in births):
                 kinds.append(("residual-phi", "the patient's birth date"))
             if vr in FREE_TEXT_VRS:
-                if any(n.search(value) for n in names):
+                if any(match(value) for match in names):
                     kinds.append(("residual-phi", "a part of the patient's name"))
                 if any(match(value) for match in ids):
                     kinds.append(("residual-phi", "a patient ID"))

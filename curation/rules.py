@@ -320,6 +320,7 @@ def _detect(facts: SeriesFacts, settings: BurnedInSettings) -> TextDetection | N
 
 FREE_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "PN", "UC"})
 DATE_VRS = frozenset({"DA", "DT"})  # searched for the birth date only
+_SEARCHED_VRS = FREE_TEXT_VRS | DATE_VRS
 
 # Attributes de-identification itself writes, where dates and names are expected.
 _EXPECTED_TEXT = frozenset(
@@ -374,23 +375,32 @@ class ResidualPhiSettings:
     ignore: frozenset[str] = _EXPECTED_TEXT
 
 
-def _elements(meta: Metadata, path: str = "") -> Iterator[tuple[str, str, str, list[Any]]]:
-    """(keyword path, keyword, VR, values) of every element, descending into sequences."""
+def _elements(
+    meta: Metadata, vrs: Collection[str], path: str = ""
+) -> Iterator[tuple[str, str, str, list[Any]]]:
+    """(keyword path, keyword, VR, values) of every element of one of vrs, descending into
+    sequences."""
     for key, element in meta.items():
         if not isinstance(element, Mapping):
             continue
         vr = element.get("vr", "")
-        keyword = keyword_for_tag(int(key, 16)) or f"({key[:4]},{key[4:]})"
-        here = f"{path}.{keyword}" if path else keyword
         found = element.get("Value")
-        if not isinstance(found, list):
+        if not isinstance(found, list) or (vr != "SQ" and vr not in vrs):
             continue
+        keyword = _keyword(key)
+        here = f"{path}.{keyword}" if path else keyword
         if vr == "SQ":
             for entry in found:
                 if isinstance(entry, Mapping):
-                    yield from _elements(entry, here)
+                    yield from _elements(entry, vrs, here)
         else:
             yield here, keyword, vr, found
+
+
+@lru_cache(maxsize=4096)
+def _keyword(key: str) -> str:
+    """The keyword of a DICOM JSON key ("00100010" -> "PatientName"), or "(gggg,eeee)"."""
+    return keyword_for_tag(int(key, 16)) or f"({key[:4]},{key[4:]})"
 
 
 def _strings(vr: str, found: list[Any]) -> Iterator[str]:
@@ -517,8 +527,8 @@ def _phi_hits(
     """What one instance's free text still holds: identifiers, and (if patterns) dates/names."""
     names, ids, births = matchers
     hits: set[PhiHit] = set()
-    for path, keyword, vr, found in _elements(meta):
-        if keyword in settings.ignore or vr not in FREE_TEXT_VRS | DATE_VRS:
+    for path, keyword, vr, found in _elements(meta, _SEARCHED_VRS):
+        if keyword in settings.ignore:
             continue
         for value in _strings(vr, found):
             kinds: list[tuple[str, str]] = []

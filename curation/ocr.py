@@ -21,6 +21,7 @@ import re
 import subprocess
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, replace
 
 from PIL import Image
@@ -43,6 +44,8 @@ MAX_STACK = 8192
 GAP = 32
 # Seconds one tesseract run may take before the series is reported as not read.
 TIMEOUT = 60.0
+# Scheduling priority of tesseract (nice(1) increment): below intake's, which a sender waits for.
+NICENESS = 10
 # Text lines kept per series in a finding: enough to redact, bounded for the database.
 MAX_REGIONS = 200
 _ALNUM = re.compile(r"[^\W_]", re.UNICODE)
@@ -234,25 +237,32 @@ def run_tesseract(command: str, image: bytes) -> list[Word]:
     """The words tesseract reads in an encoded image (sparse text: overlays lie anywhere).
     The image goes through stdin and the words come back on stdout: no file is written."""
     try:
-        done = subprocess.run(
+        proc = subprocess.Popen(
             [command, "stdin", "stdout", "--psm", "11", "-l", "eng", "tsv"],
-            input=image,
-            capture_output=True,
-            timeout=TIMEOUT,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             # One thread: the series worker shares the machine with intake and HTTP.
             env={**os.environ, "OMP_THREAD_LIMIT": "1"},
-            check=False,
         )
     except FileNotFoundError:
         raise OcrUnavailable(f"tesseract not found ({os.path.basename(command)})") from None
     except PermissionError:
         raise OcrUnavailable("tesseract cannot be executed") from None
-    except subprocess.TimeoutExpired:
-        raise OcrUnavailable(f"tesseract took longer than {TIMEOUT:g} s") from None
-    if done.returncode != 0:
+    with proc:
+        # Background work: instances being sent (intake waits for them) come first.
+        with suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, proc.pid, NICENESS)
+        try:
+            out, _ = proc.communicate(image, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise OcrUnavailable(f"tesseract took longer than {TIMEOUT:g} s") from None
+    if proc.returncode != 0:
         # Its stderr is not passed on: it is tesseract's, and says nothing a curator needs.
-        raise OcrUnavailable(f"tesseract failed (exit status {done.returncode})")
-    return parse_tsv(done.stdout.decode("utf-8", "replace"))
+        raise OcrUnavailable(f"tesseract failed (exit status {proc.returncode})")
+    return parse_tsv(out.decode("utf-8", "replace"))
 
 
 def parse_tsv(tsv: str) -> list[Word]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,13 @@ from pydicom import Dataset
 from pydicom.uid import UltrasoundImageStorage
 
 from carina.archive.storage import FilesystemStore
-from carina.curation.ocr import OcrEnvironment, read_series, run_tesseract, sample_frames
+from carina.curation.ocr import (
+    NICENESS,
+    OcrEnvironment,
+    read_series,
+    run_tesseract,
+    sample_frames,
+)
 from carina.curation.rules import BurnedInSettings, InstanceFacts, SeriesFacts, series_facts
 from tests.conftest import Server
 from tests.factory import Phi, ct_series, to_bytes
@@ -106,6 +113,19 @@ def test_tesseract_reads_drawn_words_from_stdin() -> None:
     confident = [w for w in words if w.confidence >= 80 and w.chars >= 3]
     assert len(confident) == 2
     assert all(w.top < 60 for w in confident)
+
+
+def test_tesseract_runs_below_the_priority_of_intake(tmp_path: Path) -> None:
+    """OCR is background work: tesseract gets a lower scheduling priority (nice) than the
+    server, so instances being sent are processed first."""
+    seen = tmp_path / "niceness"
+    fake = tmp_path / "tesseract"
+    # Reads the image, says its niceness, answers an empty TSV.
+    fake.write_text(f"#!/bin/sh\ncat > /dev/null\nnice > {seen}\nprintf 'level\\ttext\\n'\n")
+    fake.chmod(0o755)
+    assert run_tesseract(str(fake), b"an image") == []
+    mine = os.getpriority(os.PRIO_PROCESS, 0)
+    assert int(seen.read_text()) == min(19, mine + NICENESS) > mine
 
 
 def test_detector_finds_text_lines_in_ct_without_keeping_the_text(tmp_path: Path) -> None:

@@ -345,6 +345,16 @@ def hold_off(cur: psycopg.Cursor, collection: str) -> None:
     cur.execute("SELECT pg_advisory_xact_lock_shared(%s, hashtext(%s))", (_LOCK_CLASS, collection))
 
 
+def any_in_force(cur: psycopg.Cursor, collection: str) -> bool:
+    """Whether an erasure of collection is in force (no admin lifted it)."""
+    cur.execute(
+        "SELECT EXISTS (SELECT 1 FROM subject_erasures WHERE collection = %s"
+        " AND lifted_at IS NULL)",
+        (collection,),
+    )
+    return bool(cur.fetchone()[0])  # type: ignore[index]
+
+
 def in_force(cur: psycopg.Cursor, collection: str, marks: Sequence[bytes]) -> set[bytes]:
     """Those of marks (keyed digests intake computed for its instances) that an erasure of
     collection recorded and no admin lifted."""

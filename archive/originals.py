@@ -117,8 +117,11 @@ class Sealer:
         nonce = os.urandom(_NONCE)
         sealed = AESGCM(self.key).encrypt(nonce, bytes(data), self._aad(sop_uid, name))
         path = self.path(name)
-        path.parent.mkdir(mode=0o700, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileNotFoundError:  # the first file of its directory (once per directory)
+            path.parent.mkdir(mode=0o700, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + _key_check(self.key) + nonce)
             f.write(sealed)

@@ -362,15 +362,17 @@ def run_tesseract(command: str, image: bytes) -> list[Word]:
         raise OcrUnavailable(f"tesseract not found ({os.path.basename(command)})") from None
     except PermissionError:
         raise OcrUnavailable("tesseract cannot be executed") from None
-    # Background work: requests and intake come first (the reading takes the CPU they leave).
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, proc.pid, NICENESS)
-    try:
-        out, _ = proc.communicate(image, timeout=TIMEOUT)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.communicate()
-        raise OcrUnavailable(f"tesseract took longer than {TIMEOUT:g} s") from None
+    with proc:
+        # Background work: requests and intake come first (the reading takes the CPU they
+        # leave).
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, proc.pid, NICENESS)
+        try:
+            out, _ = proc.communicate(image, timeout=TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise OcrUnavailable(f"tesseract took longer than {TIMEOUT:g} s") from None
     if proc.returncode != 0:
         # Its stderr is not passed on: it is tesseract's, and says nothing a curator needs.
         raise OcrUnavailable(f"tesseract failed (exit status {proc.returncode})")

@@ -144,8 +144,7 @@ def reprocess(
         intake.context(name), profile=choice.profile, options=choice.options, originals=None
     )
     sealer = intake.originals.sealer(name)
-    futures = [intake.executor.submit(redo, k, sealer, ctx) for k in kept]
-    outcomes = [f.result() for f in futures]
+    outcomes = intake.run_in_workers(redo, [(k, sealer, ctx) for k in kept])
     records = [o for o in outcomes if isinstance(o, InstanceRecord)]
     try:
         _check(kept, outcomes, series_uid)

@@ -334,6 +334,7 @@ def _detect(facts: SeriesFacts, settings: BurnedInSettings) -> TextDetection | N
 
 FREE_TEXT_VRS = frozenset({"LO", "LT", "SH", "ST", "UT", "PN", "UC"})
 DATE_VRS = frozenset({"DA", "DT"})  # searched for the birth date only
+_SEARCHED_VRS = FREE_TEXT_VRS | DATE_VRS
 
 # Attributes de-identification itself writes, where dates and names are expected.
 _EXPECTED_TEXT = frozenset(
@@ -388,23 +389,32 @@ class ResidualPhiSettings:
     ignore: frozenset[str] = _EXPECTED_TEXT
 
 
-def _elements(meta: Metadata, path: str = "") -> Iterator[tuple[str, str, str, list[Any]]]:
-    """(keyword path, keyword, VR, values) of every element, descending into sequences."""
+def _elements(
+    meta: Metadata, vrs: Collection[str], path: str = ""
+) -> Iterator[tuple[str, str, str, list[Any]]]:
+    """(keyword path, keyword, VR, values) of every element of one of vrs, descending into
+    sequences."""
     for key, element in meta.items():
         if not isinstance(element, Mapping):
             continue
         vr = element.get("vr", "")
-        keyword = keyword_for_tag(int(key, 16)) or f"({key[:4]},{key[4:]})"
-        here = f"{path}.{keyword}" if path else keyword
         found = element.get("Value")
-        if not isinstance(found, list):
+        if not isinstance(found, list) or (vr != "SQ" and vr not in vrs):
             continue
+        keyword = _keyword(key)
+        here = f"{path}.{keyword}" if path else keyword
         if vr == "SQ":
             for entry in found:
                 if isinstance(entry, Mapping):
-                    yield from _elements(entry, here)
+                    yield from _elements(entry, vrs, here)
         else:
             yield here, keyword, vr, found
+
+
+@lru_cache(maxsize=4096)
+def _keyword(key: str) -> str:
+    """The keyword of a DICOM JSON key ("00100010" -> "PatientName"), or "(gggg,eeee)"."""
+    return keyword_for_tag(int(key, 16)) or f"({key[:4]},{key[4:]})"
 
 
 def _strings(vr: str, found: list[Any]) -> Iterator[str]:
@@ -416,13 +426,39 @@ def _strings(vr: str, found: list[Any]) -> Iterator[str]:
             yield str(value)
 
 
-def _name_parts(names: Iterable[str], minimum: int) -> list[re.Pattern[str]]:
+def _name_parts(names: Iterable[str], minimum: int) -> list[Callable[[str], bool]]:
     parts = {p for n in names for p in re.split(r"[\^=,\s.]+", n) if len(p) >= minimum}
-    # Whole-word matches: a part "ANN" must not flag "ANNOTATION".
-    return [
-        re.compile(rf"(?<![A-Za-z]){re.escape(p)}(?![A-Za-z])", re.IGNORECASE)
-        for p in sorted(parts)
-    ]
+    return [_name_matcher(p) for p in sorted(parts)]
+
+
+def _name_matcher(part: str) -> Callable[[str], bool]:
+    """Whether a text holds part as a whole word, in any case: "ANN" must not flag
+    "ANNOTATION". ASCII text is searched with str.find (a regex compile per new patient cost
+    more than all the searches); other text with the regex, whose case folding knows more."""
+    if not part.isascii():
+        return lambda text: _name_pattern(part).search(text) is not None
+    word = part.lower()
+
+    def match(text: str) -> bool:
+        if not text.isascii():
+            return _name_pattern(part).search(text) is not None
+        text = text.lower()
+        start = text.find(word)
+        while start >= 0:
+            end = start + len(word)
+            if not (start and text[start - 1].isalpha()) and not (
+                end < len(text) and text[end].isalpha()
+            ):
+                return True
+            start = text.find(word, start + 1)
+        return False
+
+    return match
+
+
+@lru_cache(maxsize=256)
+def _name_pattern(part: str) -> re.Pattern[str]:
+    return re.compile(rf"(?<![A-Za-z]){re.escape(part)}(?![A-Za-z])", re.IGNORECASE)
 
 
 def _id_matchers(ids: Iterable[str], minimum: int) -> list[Callable[[str], bool]]:
@@ -455,30 +491,38 @@ def _birth_date_forms(birth: str) -> list[str]:
 
 
 def _birth_matchers(births: Iterable[str]) -> list[re.Pattern[str]]:
-    out = []
-    months = _MONTHS.split("|")
-    for birth in births:
-        forms = [re.escape(f) for f in _birth_date_forms(birth)]
-        match = re.fullmatch(r"(\d{4})(\d{2})(\d{2})", birth.strip())
-        if match:
-            y, m, d = match.groups()
-            name = months[int(m) - 1]  # the three-letter month; "march" starts with "mar"
-            day = str(int(d))
-            forms.append(rf"0?{day}\s*{name}[a-z]*\.?,?\s*{y}")
-            forms.append(rf"{name}[a-z]*\.?\s+0?{day}(?:st|nd|rd|th)?,?\s+{y}")
-        if forms:
-            out.append(re.compile(rf"(?<!\d)(?:{'|'.join(forms)})(?!\d)", re.IGNORECASE))
-    return out
+    return [m for m in map(_birth_matcher, births) if m is not None]
 
 
+@lru_cache(maxsize=1024)
+def _birth_matcher(birth: str) -> re.Pattern[str] | None:
+    """A matcher of the ways people write one birth date (cached, as _name_pattern)."""
+    forms = [re.escape(f) for f in _birth_date_forms(birth)]
+    match = re.fullmatch(r"(\d{4})(\d{2})(\d{2})", birth.strip())
+    if match:
+        y, m, d = match.groups()
+        name = _MONTHS.split("|")[int(m) - 1]  # the three-letter month; "march" has "mar"
+        day = str(int(d))
+        forms.append(rf"0?{day}\s*{name}[a-z]*\.?,?\s*{y}")
+        forms.append(rf"{name}[a-z]*\.?\s+0?{day}(?:st|nd|rd|th)?,?\s+{y}")
+    if not forms:
+        return None
+    return re.compile(rf"(?<!\d)(?:{'|'.join(forms)})(?!\d)", re.IGNORECASE)
+
+
+# Matchers of a patient's name parts, IDs and birth dates.
+_Matchers = tuple[list[Callable[[str], bool]], list[Callable[[str], bool]], list[re.Pattern[str]]]
 PhiHit = tuple[str, str, str]
 """(code, kind, attribute path) of one residual-PHI match; the kind names the identifier
 ("a patient ID"), never its value."""
 
 
+@lru_cache(maxsize=64)
 def _identifier_matchers(
     identifiers: PatientIdentifiers | None, settings: ResidualPhiSettings
-) -> tuple[list[re.Pattern[str]], list[Callable[[str], bool]], list[re.Pattern[str]]]:
+) -> _Matchers:
+    """The matchers of one patient's identifiers; cached, as the instances of a series come
+    one after another (the lists are never changed)."""
     if identifiers is None:
         return [], [], []
     return (
@@ -491,21 +535,21 @@ def _identifier_matchers(
 def _phi_hits(
     meta: Metadata,
     settings: ResidualPhiSettings,
-    matchers: tuple[list[re.Pattern[str]], list[Callable[[str], bool]], list[re.Pattern[str]]],
+    matchers: _Matchers,
     patterns: bool,
 ) -> set[PhiHit]:
     """What one instance's free text still holds: identifiers, and (if patterns) dates/names."""
     names, ids, births = matchers
     hits: set[PhiHit] = set()
-    for path, keyword, vr, found in _elements(meta):
-        if keyword in settings.ignore or vr not in FREE_TEXT_VRS | DATE_VRS:
+    for path, keyword, vr, found in _elements(meta, _SEARCHED_VRS):
+        if keyword in settings.ignore:
             continue
         for value in _strings(vr, found):
             kinds: list[tuple[str, str]] = []
             if any(b.search(value) for b in births):
                 kinds.append(("residual-phi", "the patient's birth date"))
             if vr in FREE_TEXT_VRS:
-                if any(n.search(value) for n in names):
+                if any(match(value) for match in names):
                     kinds.append(("residual-phi", "a part of the patient's name"))
                 if any(match(value) for match in ids):
                     kinds.append(("residual-phi", "a patient ID"))

@@ -742,3 +742,23 @@ def test_instances_sent_while_the_subject_is_forgotten_do_not_survive(archive: A
             "SELECT count(*) FROM instances WHERE sop_uid = ANY(%s)", (uids,)
         ).fetchone()
     assert rows == (0,)
+
+
+def test_subject_forgotten_right_after_a_send_is_refused_on_the_next(archive: Archive) -> None:
+    """Intake takes a collection seen without erasures in force to have none for a few seconds
+    (it does not ask before every batch); a subject forgotten meanwhile is still refused on the
+    very next send, and nothing of that send is kept."""
+    collection = "forget-soon"
+    _setup_collection(archive, collection, {9: f"{collection}-0009"})
+    first = _stow_answer(archive, collection, _new_study(9))
+    assert "FailedSOPSequence" not in first  # the collection was just seen without erasures
+    code, out = _cli(
+        archive, "subject", "forget", collection, "--original-id", stdin=_phi(9).patient_id + "\n"
+    )
+    assert code == 0, out
+    later = _new_study(9, 2)
+    _refused_as_forgotten(_stow_answer(archive, collection, later), [*_phi(9).strings()])
+    archive.server.settled()
+    refused_uids = sorted(_deid_uids(collection, later))
+    assert _holding(archive.objects(), refused_uids) == {}
+    assert _holding(_files_bytes(archive.server.data_dir / "staging"), refused_uids) == {}

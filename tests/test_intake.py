@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from pydicom import dcmread
 from pydicom.data import get_testdata_files
 from pydicom.dataset import Dataset
 
@@ -195,3 +196,25 @@ def test_part_sink_keeps_every_byte_even_of_a_buffer_reused_by_the_caller(
     sink.write(chunk)
     sink.discard()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_values_are_converted_as_pydicom_converts_them() -> None:
+    """_read's own conversion of plain string values (UI, CS, dates...) gives what pydicom's
+    gives: same VR, same type, same value, multi-valued ones included."""
+    compared = 0
+    for path in get_testdata_files("*.dcm"):
+        data = Path(path).read_bytes()
+        try:
+            ours, _ = _read(data)
+        except intake.InstanceRefused:
+            continue  # a sample intake refuses (truncated, no meta, ...)
+        theirs = dcmread(path, force=True)
+        for tag in ours._dict:
+            mine, pydicoms = ours._dict[tag], theirs[tag]
+            assert (mine.VR, type(mine.value), mine.value) == (
+                pydicoms.VR,
+                type(pydicoms.value),
+                pydicoms.value,
+            ), (path, tag)
+            compared += mine.VR in ("AS", "CS", "DA", "DT", "TM", "UI")
+    assert compared > 1000

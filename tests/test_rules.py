@@ -714,3 +714,25 @@ def test_intake_check_finds_the_original_name_and_says_only_where() -> None:
     findings = run_rules(facts, RulesConfig(), None, {ds.SOPInstanceUID: hits})
     assert [(f.code, f.attribute) for f in findings] == [("residual-phi", "DoseComment")]
     assert "smitherson" not in json.dumps([f.message for f in findings]).lower()
+
+
+@pytest.mark.parametrize(
+    ("text", "found"),
+    [
+        ("seen by o'brien-smith today", True),  # any case, bounded by non-letters
+        ("SMITHERSON^X", True),
+        ("xsmitherson", False),  # inside a word
+        ("smithersons", False),
+        ("smitherson2", True),  # a digit is no letter
+        ("Dr Smitherson, café", True),  # non-ASCII text: the regex decides
+        ("ſmitherson", True),  # long s folds to s, as in the regex
+        ("", False),
+    ],
+)
+def test_name_parts_match_whole_words_in_any_case_as_the_regex_does(text: str, found: bool) -> None:
+    from carina.curation.rules import _name_parts, _name_pattern
+
+    matchers = _name_parts(["SMITHERSON^O'BRIEN-SMITH"], 3)
+    assert any(match(text) for match in matchers) is found
+    patterns = [_name_pattern(p) for p in ("O'BRIEN-SMITH", "SMITHERSON")]
+    assert any(p.search(text) for p in patterns) is found

@@ -1,7 +1,9 @@
-"""curation/workers: intake worker processes taken by one caller at a time, over their pipes."""
+"""curation/workers: intake worker processes over their pipes, taken by one caller at a time or
+fed from an event loop."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
 import signal
@@ -10,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from carina.curation.workers import WorkerDied, WorkerPool
+from carina.curation.workers import LoopWorkerPool, WorkerDied, WorkerPool
 
 
 @pytest.fixture
@@ -46,3 +48,49 @@ def test_a_killed_worker_is_replaced(pool: WorkerPool) -> None:
         with pytest.raises(WorkerDied):
             worker.call(os.kill, second, signal.SIGKILL)
         assert worker.call(os.getpid) not in (first, second)
+
+
+@pytest.fixture
+def loop_pool() -> Iterator[LoopWorkerPool]:
+    """One worker holding two tasks at a time (slots 3 and 4), fed from an event loop."""
+    p = LoopWorkerPool(1, [3, 4], multiprocessing.get_context("forkserver"), time.sleep, (0,))
+    yield p
+    p.close()
+
+
+def test_loop_pool_leases_every_slot_of_its_workers(loop_pool: LoopWorkerPool) -> None:
+    async def run() -> tuple[set[int], int]:
+        a, b = await loop_pool.take(), await loop_pool.take()
+        pids = await asyncio.gather(loop_pool.submit(a, os.getpid), loop_pool.submit(b, os.getpid))
+        return {a[1], b[1]}, len(set(pids))
+
+    assert asyncio.run(run()) == ({3, 4}, 1)
+
+
+def test_loop_pool_raises_the_workers_exception_and_goes_on(loop_pool: LoopWorkerPool) -> None:
+    async def run() -> int:
+        with pytest.raises(ValueError):
+            await loop_pool.submit(await loop_pool.take(), int, "not a number")
+        return await loop_pool.submit(await loop_pool.take(), int, "12")
+
+    assert asyncio.run(run()) == 12
+
+
+def test_loop_pool_worker_killed_fails_only_its_task(loop_pool: LoopWorkerPool) -> None:
+    """The task the worker was on fails with WorkerDied; the one queued behind it runs in the
+    worker started in its place, and so do later ones."""
+
+    async def run() -> tuple[int, int, int]:
+        first = await loop_pool.submit(await loop_pool.take(), os.getpid)
+        running = loop_pool.submit(await loop_pool.take(), time.sleep, 30)
+        queued = loop_pool.submit(await loop_pool.take(), os.getpid)
+        await asyncio.sleep(0.3)  # the worker is asleep in the first task
+        os.kill(first, signal.SIGKILL)
+        with pytest.raises(WorkerDied):
+            await asyncio.wait_for(running, 10)
+        second = await asyncio.wait_for(queued, 10)
+        third = await loop_pool.submit(await loop_pool.take(), os.getpid)
+        return first, second, third
+
+    first, second, third = asyncio.run(run())
+    assert second != first and third == second

@@ -258,3 +258,17 @@ def test_received_dataset_becomes_the_file_pynetdicom_would_write(sop_uid: str) 
     ((ours, theirs),) = files
     assert ours == theirs
     assert dcmread(BytesIO(ours)).file_meta.MediaStorageSOPInstanceUID == sop_uid
+
+
+def test_no_debug_logging_handler_runs_for_each_pdu_and_message(scp: Scp) -> None:
+    # pynetdicom's standard handlers format a line per PDU and DIMSE message at any log level.
+    logging_events = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+    assert all(not scp.server.get_handlers(e) for e in logging_events)
+    # The intervention defaults stay: C-ECHO is answered, associations negotiated.
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    (accepted,) = scp.server.active_associations
+    assert all(not accepted.get_handlers(e) for e in logging_events)
+    assoc.release()

@@ -9,7 +9,10 @@ taking the GIL from the threads that work. Here the DUL waits on its socket and 
 pipe written when a PDU is handed to it, and the reactor waits on its message queue; each wakes
 at least every IDLE_WAIT to check its timers, as the polling did. pynetdicom reads the socket
 4 KiB at a time (128 reads for a 0.5 MB CT); here a PDU is read in as few reads as the kernel
-allows. Requestor associations (C-MOVE to a peer) are pynetdicom's own.
+allows. A C-STORE response leaves from the handler's thread when the association is
+established and nothing is queued before it, instead of being handed to the DUL's thread
+(one thread wake-up less per instance). Requestor associations (C-MOVE to a peer) are
+pynetdicom's own.
 
 The two loops are pynetdicom 3.0's (`DULServiceProvider.run_reactor`,
 `Association._run_reactor`) with only their sleep replaced; pyproject pins pynetdicom 3.0.x.
@@ -28,11 +31,12 @@ import queue
 import select
 import socket
 import struct
+import threading
 import time
 from copy import deepcopy
 from datetime import datetime
 from io import BytesIO
-from typing import Any
+from typing import Any, cast
 
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom._globals import MODE_ACCEPTOR
@@ -40,7 +44,7 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
@@ -89,11 +93,28 @@ class AcceptorDUL(DULServiceProvider):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        # Whole PDUs only: the reactor and send_now never interleave their bytes.
+        self._send_lock = threading.Lock()
 
     def send_pdu(self, primitive: Any) -> None:
         """Queue a primitive to send, and wake the reactor to send it."""
         super().send_pdu(primitive)
         self._wake()
+
+    def send_now(self, primitive: P_DATA) -> None:
+        """Send a P-DATA from the calling thread, sparing the hand-over to the reactor, when
+        the association is established and nothing waits to go before it (PS3.8 Table 9-10,
+        DT-1: a P-DATA request in Sta6 sends a P-DATA-TF and stays there); else queue it."""
+        with self._send_lock:
+            if self.state_machine.current_state == "Sta6" and self.to_provider_queue.empty():
+                super()._send(P_DATA_TF(primitive))
+                return
+        self.send_pdu(primitive)
+
+    def _send(self, pdu: Any) -> None:
+        """Send a PDU whole (see send_now)."""
+        with self._send_lock:
+            super()._send(pdu)
 
     def kill_dul(self) -> None:
         """Stop the reactor, now rather than at its next timer check."""
@@ -251,7 +272,7 @@ class AcceptorDIMSE(DIMSEServiceProvider):
             return
         pdata = P_DATA()
         pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
-        self.dul.send_pdu(pdata)
+        cast(AcceptorDUL, self.dul).send_now(pdata)
 
 
 def _bind_interventions(target: Association | ThreadedAssociationServer) -> None:

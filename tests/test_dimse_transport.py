@@ -22,6 +22,7 @@ from pynetdicom import AE, evt
 from pynetdicom.dimse_messages import C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
@@ -272,3 +273,31 @@ def test_no_debug_logging_handler_runs_for_each_pdu_and_message(scp: Scp) -> Non
     (accepted,) = scp.server.active_associations
     assert all(not accepted.get_handlers(e) for e in logging_events)
     assoc.release()
+
+
+def test_store_response_leaves_from_the_handlers_thread_without_a_hand_over() -> None:
+    handled: list[threading.Thread] = []
+    sent: list[threading.Thread] = []
+
+    def store(event: Event) -> int:
+        handled.append(threading.current_thread())
+        return 0
+
+    def pdu_sent(event: Event) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            sent.append(threading.current_thread())
+
+    scp = Scp(LowLatencyAssociationServer)
+    try:
+        scp.server.unbind(evt.EVT_C_STORE, scp._store)
+        scp.server.bind(evt.EVT_C_STORE, store)
+        scp.server.bind(evt.EVT_PDU_SENT, pdu_sent)
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+        statuses = [assoc.send_c_store(ct_instance(Phi(), n, rows=16, columns=16)) for n in (1, 2)]
+        assoc.release()
+    finally:
+        scp.stop()
+    assert [s.Status for s in statuses] == [0, 0]
+    assert sent == handled and len(sent) == 2

@@ -73,14 +73,21 @@ class AcceptorSocket(AssociationSocket):
         """Read nr_bytes; fewer only if the peer closed the connection. Memory grows with what
         arrives, never with what the peer declares (a PDU length is the peer's word)."""
         assert self.socket is not None
-        buffer = bytearray()
-        while len(buffer) < nr_bytes:
-            data = self.socket.recv(min(nr_bytes - len(buffer), RECV_SIZE))
+        # Read straight into the buffer (no bytes object per read to copy again), which is
+        # never more than RECV_SIZE ahead of what arrived.
+        buffer = bytearray(min(nr_bytes, RECV_SIZE))
+        got = 0
+        while got < nr_bytes:
+            if got == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - got, RECV_SIZE)))
+            with memoryview(buffer) as view:
+                n = self.socket.recv_into(view[got:])
             if _TCP_QUICKACK is not None:
                 self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            if not data:  # connection closed: what arrived so far, as pynetdicom returns it
+            if not n:  # connection closed: what arrived so far, as pynetdicom returns it
                 break
-            buffer += data
+            got += n
+        del buffer[got:]
         return buffer
 
 

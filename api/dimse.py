@@ -63,7 +63,7 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from carina.api.dimse_transport import MAXIMUM_PDU_SIZE, LowLatencyAssociationServer
+from carina.api.dimse_transport import MAXIMUM_PDU_SIZE, LowLatencyAssociationServer, part10
 from carina.archive import index, peers, qido
 from carina.archive.errors import InvalidQuery
 from carina.curation.intake import (
@@ -349,7 +349,9 @@ def handle_store(event: Event, runtime: Runtime, associations: Associations) -> 
 
 
 def _store(event: Event, runtime: Runtime, peer: _Peer) -> Outcome:
-    payload = event.encoded_dataset(include_meta=True)
+    payload = part10(event.request, event.context.transfer_syntax)
+    if payload is None:
+        payload = event.encoded_dataset(include_meta=True)
     # PS3.4 B.2.3: a dataset of another SOP Class than the presentation context's does not match.
     sop_class = _dataset_sop_class(event.request.DataSet, event.context.transfer_syntax)
     if sop_class is not None and sop_class != str(event.context.abstract_syntax):

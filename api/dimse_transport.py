@@ -9,10 +9,19 @@ taking the GIL from the threads that work. Here the DUL waits on its socket and 
 pipe written when a PDU is handed to it, and the reactor waits on its message queue; each wakes
 at least every IDLE_WAIT to check its timers, as the polling did. pynetdicom reads the socket
 4 KiB at a time (128 reads for a 0.5 MB CT); here a PDU is read in as few reads as the kernel
-allows. Requestor associations (C-MOVE to a peer) are pynetdicom's own.
+allows. A C-STORE response leaves from the handler's thread when the association is
+established and nothing is queued before it, instead of being handed to the DUL's thread
+(one thread wake-up less per instance). Requestor associations (C-MOVE to a peer) are
+pynetdicom's own.
 
 The two loops are pynetdicom 3.0's (`DULServiceProvider.run_reactor`,
-`Association._run_reactor`) with only their sleep replaced; pyproject pins pynetdicom 3.0.x."""
+`Association._run_reactor`) with only their sleep replaced; pyproject pins pynetdicom 3.0.x.
+
+The C-STORE response, sent once per instance while the sender waits, is encoded here, and so is
+the File Meta Information put in front of a received dataset: pynetdicom builds a pydicom
+Dataset for their few elements and encodes it (the response twice), ~0.5 ms per instance
+together, a sixth of the listener's own CPU. The bytes are pynetdicom's
+(tests/test_dimse_transport.py)."""
 
 from __future__ import annotations
 
@@ -21,16 +30,22 @@ import logging
 import queue
 import select
 import socket
+import struct
+import threading
 import time
 from copy import deepcopy
 from datetime import datetime
-from typing import Any
+from io import BytesIO
+from typing import Any, cast
 
-from pynetdicom import evt
+from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION, evt
 from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu import A_ABORT_RQ, P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 log = logging.getLogger(__name__)
@@ -58,14 +73,21 @@ class AcceptorSocket(AssociationSocket):
         """Read nr_bytes; fewer only if the peer closed the connection. Memory grows with what
         arrives, never with what the peer declares (a PDU length is the peer's word)."""
         assert self.socket is not None
-        buffer = bytearray()
-        while len(buffer) < nr_bytes:
-            data = self.socket.recv(min(nr_bytes - len(buffer), RECV_SIZE))
+        # Read straight into the buffer (no bytes object per read to copy again), which is
+        # never more than RECV_SIZE ahead of what arrived.
+        buffer = bytearray(min(nr_bytes, RECV_SIZE))
+        got = 0
+        while got < nr_bytes:
+            if got == len(buffer):
+                buffer.extend(bytes(min(nr_bytes - got, RECV_SIZE)))
+            with memoryview(buffer) as view:
+                n = self.socket.recv_into(view[got:])
             if _TCP_QUICKACK is not None:
                 self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
-            if not data:  # connection closed: what arrived so far, as pynetdicom returns it
+            if not n:  # connection closed: what arrived so far, as pynetdicom returns it
                 break
-            buffer += data
+            got += n
+        del buffer[got:]
         return buffer
 
 
@@ -78,11 +100,28 @@ class AcceptorDUL(DULServiceProvider):
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
+        # Whole PDUs only: the reactor and send_now never interleave their bytes.
+        self._send_lock = threading.Lock()
 
     def send_pdu(self, primitive: Any) -> None:
         """Queue a primitive to send, and wake the reactor to send it."""
         super().send_pdu(primitive)
         self._wake()
+
+    def send_now(self, primitive: P_DATA) -> None:
+        """Send a P-DATA from the calling thread, sparing the hand-over to the reactor, when
+        the association is established and nothing waits to go before it (PS3.8 Table 9-10,
+        DT-1: a P-DATA request in Sta6 sends a P-DATA-TF and stays there); else queue it."""
+        with self._send_lock:
+            if self.state_machine.current_state == "Sta6" and self.to_provider_queue.empty():
+                super()._send(P_DATA_TF(primitive))
+                return
+        self.send_pdu(primitive)
+
+    def _send(self, pdu: Any) -> None:
+        """Send a PDU whole (see send_now)."""
+        with self._send_lock:
+            super()._send(pdu)
 
     def kill_dul(self) -> None:
         """Stop the reactor, now rather than at its next timer check."""
@@ -156,17 +195,119 @@ class AcceptorDUL(DULServiceProvider):
             sleep = False
 
 
+# PS3.7 Table 9.3-2 (C-STORE-RSP): Command Field, and Command Data Set Type "no data set".
+_C_STORE_RSP = 0x8001
+_NO_DATA_SET = 0x0101
+# PS3.8 E.2: message control header of a PDV holding a whole command (command, last fragment).
+_LAST_COMMAND_FRAGMENT = b"\x03"
+
+
+def _element(element: int, value: bytes) -> bytes:
+    """A command element (group 0000), implicit VR little endian (PS3.7 6.3.1)."""
+    return struct.pack("<HHI", 0x0000, element, len(value)) + value
+
+
+def _text(value: str, pad: bytes) -> bytes:
+    """A string value padded to even length (PS3.5 6.2: UIDs with NUL, text with space)."""
+    data = value.encode("ascii")
+    return data + pad if len(data) % 2 else data
+
+
+def store_response_command(rsp: C_STORE) -> bytes | None:
+    """The encoded Command Set of a C-STORE-RSP (PS3.7 9.3.1.2) with Status and at most an
+    ASCII Error Comment; None for anything else (pynetdicom encodes those)."""
+    if None in (rsp.Status, rsp.AffectedSOPClassUID, rsp.AffectedSOPInstanceUID):
+        return None
+    if rsp.OffendingElement is not None or not str(rsp.ErrorComment or "").isascii():
+        return None
+    elements = [
+        _element(0x0002, _text(str(rsp.AffectedSOPClassUID), b"\0")),
+        _element(0x0100, struct.pack("<H", _C_STORE_RSP)),
+        _element(0x0120, struct.pack("<H", rsp.MessageIDBeingRespondedTo)),
+        _element(0x0800, struct.pack("<H", _NO_DATA_SET)),
+        _element(0x0900, struct.pack("<H", rsp.Status)),
+    ]
+    if rsp.ErrorComment:
+        elements.append(_element(0x0902, _text(str(rsp.ErrorComment), b" ")))
+    elements.append(_element(0x1000, _text(str(rsp.AffectedSOPInstanceUID), b"\0")))
+    body = b"".join(elements)
+    return _element(0x0000, struct.pack("<I", len(body))) + body
+
+
+def _meta_element(tag: int, vr: bytes, value: bytes) -> bytes:
+    """A File Meta Information element, explicit VR little endian (PS3.10 7.1, PS3.5 7.1.2)."""
+    if vr == b"OB":  # 2 reserved bytes and a 4-byte length
+        return struct.pack("<HH2s2xI", 0x0002, tag, vr, len(value)) + value
+    return struct.pack("<HH2sH", 0x0002, tag, vr, len(value)) + value
+
+
+def part10(request: C_STORE, transfer_syntax: str) -> bytes | None:
+    """A C-STORE request's Data Set as a DICOM file (PS3.10 7.1: preamble, DICM, File Meta
+    Information as pynetdicom's Event.encoded_dataset writes it, then the Data Set as
+    received); None when a UID is missing or not ASCII (pynetdicom writes those)."""
+    uids = (request.AffectedSOPClassUID, request.AffectedSOPInstanceUID, transfer_syntax)
+    readable = all(uid and str(uid).isascii() for uid in uids)
+    if not readable or not isinstance(request.DataSet, BytesIO):
+        return None
+    sop_class, sop_instance, syntax = (_text(str(uid), b"\0") for uid in uids)
+    elements = b"".join(
+        (
+            _meta_element(0x0001, b"OB", b"\0\x01"),
+            _meta_element(0x0002, b"UI", sop_class),
+            _meta_element(0x0003, b"UI", sop_instance),
+            _meta_element(0x0010, b"UI", syntax),
+            _meta_element(0x0012, b"UI", _text(PYNETDICOM_IMPLEMENTATION_UID, b"\0")),
+            _meta_element(0x0013, b"SH", _text(PYNETDICOM_IMPLEMENTATION_VERSION, b" ")),
+        )
+    )
+    length = _meta_element(0x0000, b"UL", struct.pack("<I", len(elements)))
+    with request.DataSet.getbuffer() as dataset:  # joined without a copy of its own
+        return b"".join((bytes(128), b"DICM", length, elements, dataset))
+
+
+class AcceptorDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, with C-STORE responses encoded without pydicom."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        """Send a DIMSE message; a C-STORE-RSP as one PDV of its encoded command set."""
+        command = None
+        if isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None:
+            command = store_response_command(primitive)
+        limit = self.maximum_pdu_size
+        if command is None or (limit and len(command) + 6 > limit):  # 6: PDV item header
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list.append((context_id, _LAST_COMMAND_FRAGMENT + command))
+        cast(AcceptorDUL, self.dul).send_now(pdata)
+
+
+def _bind_interventions(target: Association | ThreadedAssociationServer) -> None:
+    """Bind pynetdicom's default intervention handlers only, where pynetdicom also binds its
+    standard notification handlers: those format a debug line for every PDU and DIMSE message
+    whatever the log level (~15% of the reading thread's CPU), and Carina keeps pynetdicom's
+    log at WARNING anyway."""
+    for event in evt._INTERVENTION_EVENTS:
+        target.bind(event, evt.get_default_handler(event))
+
+
 class Acceptor(Association):
     """An acceptor association whose reactor waits for a DIMSE message instead of sleeping
-    1 ms before each look. Nothing else may call its send_* methods from another thread (the
-    C-GET handler sends from the reactor's own thread)."""
+    1 ms before each look, without pynetdicom's logging handlers. Nothing else may call its
+    send_* methods from another thread (the C-GET handler sends from the reactor's own
+    thread)."""
 
     def __init__(self, ae: Any, mode: str) -> None:
         super().__init__(ae, mode)
         self.dul = AcceptorDUL(self)
+        self.dimse = AcceptorDIMSE(self)
         # The timeouts pynetdicom set on the DUL it made (ARTIM, idle), on this one.
         self.acse_timeout = self.acse_timeout
         self.network_timeout = self.network_timeout
+
+    def _bind_defaults(self) -> None:
+        """pynetdicom's default handlers without its logging ones (see _bind_interventions)."""
+        _bind_interventions(self)
 
     def _wait(self) -> None:
         """Until a DIMSE message is queued, or IDLE_WAIT passed."""
@@ -244,12 +385,16 @@ class AcceptorRequestHandler(RequestHandler):
 
 
 class LowLatencyAssociationServer(ThreadedAssociationServer):
-    """pynetdicom's threaded server with Acceptor associations and small messages sent at once
-    (TCP_NODELAY)."""
+    """pynetdicom's threaded server with Acceptor associations, small messages sent at once
+    (TCP_NODELAY) and no debug logging handlers."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", AcceptorRequestHandler)
         super().__init__(*args, **kwargs)
+
+    def _bind_defaults(self) -> None:
+        """pynetdicom's default handlers without its logging ones (see _bind_interventions)."""
+        _bind_interventions(self)
 
     def get_request(self) -> tuple[socket.socket, tuple[str, int]]:
         """Accept a connection and tune it for request/response traffic."""
@@ -258,4 +403,10 @@ class LowLatencyAssociationServer(ThreadedAssociationServer):
         return sock, address
 
 
-__all__ = ["IDLE_WAIT", "MAXIMUM_PDU_SIZE", "LowLatencyAssociationServer"]
+__all__ = [
+    "IDLE_WAIT",
+    "MAXIMUM_PDU_SIZE",
+    "LowLatencyAssociationServer",
+    "part10",
+    "store_response_command",
+]

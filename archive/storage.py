@@ -77,14 +77,17 @@ class FilesystemStore:
             raise error
 
     def put_files(self, items: Sequence[tuple[str, Path]]) -> list[ArchiveError | None]:
-        """Rename each staged file into place, then make them all durable with one filesystem
-        sync (group commit) instead of one fsync per file."""
+        """Rename each staged file into place, then make them all durable: a few files with an
+        fsync each and one of every directory whose entries changed, more with one filesystem
+        sync (group commit)."""
         errors: list[ArchiveError | None] = []
+        changed: set[Path] = set()
         for key, path in items:
             try:
                 dest = self._path(key)
                 with _os_errors():
-                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    changed.update(_make_dirs(dest.parent))
+                    changed.add(dest.parent)
                     try:
                         os.replace(path, dest)
                     except OSError as e:
@@ -102,7 +105,7 @@ class FilesystemStore:
                     if len(done) <= _FSYNC_EACH_UP_TO:
                         for key in done:
                             _fsync_path(self._path(key))
-                        for directory in {self._path(key).parent for key in done}:
+                        for directory in sorted(changed, reverse=True):
                             _fsync_path(directory)
                     else:
                         _sync_filesystem(self.root)
@@ -160,6 +163,19 @@ def _os_errors() -> Iterator[None]:
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutOfResources(f"object store full: {e.strerror}") from e
         raise StorageError(f"object store failed: {e.strerror}") from e
+
+
+def _make_dirs(directory: Path) -> list[Path]:
+    """Create directory and its missing parents; the directories that got a new entry (the
+    parent of each one created), which must be synced too for it to survive a power loss
+    (fsync of a file does not make its directory's entry durable, POSIX fsync(2))."""
+    missing: list[Path] = []
+    while not directory.is_dir():
+        missing.append(directory)
+        directory = directory.parent
+    for created in reversed(missing):
+        created.mkdir(exist_ok=True)  # another thread may have made it meanwhile
+    return [created.parent for created in missing]
 
 
 def _copy_synced(src: Path, dest: Path) -> None:

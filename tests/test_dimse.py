@@ -396,7 +396,15 @@ def test_instances_acknowledged_before_an_abort_are_all_kept(listener: Listener)
     assoc = associate(listener)
     assert [assoc.send_c_store(ds).Status for ds in sent] == [COERCED] * 3
     assoc.abort()
-    # Acknowledged means committed: no waiting for the server to notice the abort.
+    # Acknowledged means committed: indexed now, before the server even notices the abort.
+    sops = [pseudonymizer().uid(ds.SOPInstanceUID) for ds in sent]
+    with psycopg.connect(listener.database_url) as conn:
+        indexed = conn.execute(
+            "SELECT count(*) FROM instances WHERE sop_uid = ANY(%s)", (sops,)
+        ).fetchone()
+    assert indexed == (3,)
+    # And published once the series is evaluated (the abort ends the quiet period).
+    listener.server.settled()
     instances, _ = qido(listener, f"/studies/{pseudonymizer().uid(phi.study_uid)}/instances")
     assert len(instances) == 3
 

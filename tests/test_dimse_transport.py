@@ -15,13 +15,24 @@ from pathlib import Path
 
 import pytest
 from pydicom import dcmread
+from pydicom.dataset import Dataset
+from pydicom.filereader import read_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
+from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.events import Event
+from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
-from carina.api.dimse_transport import IDLE_WAIT, MAXIMUM_PDU_SIZE, LowLatencyAssociationServer
+from carina.api.dimse_transport import (
+    IDLE_WAIT,
+    MAXIMUM_PDU_SIZE,
+    LowLatencyAssociationServer,
+    part10,
+    store_response_command,
+)
 from tests.factory import Phi, ct_instance, to_bytes
 
 # An idle thread of a polling acceptor wakes ~1,000 times a second (pynetdicom sleeps 1 ms);
@@ -151,3 +162,142 @@ def test_a_declared_pdu_length_is_not_allocated_before_it_arrives(scp: Scp) -> N
     assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP")
     assert assoc.is_established and assoc.send_c_echo().Status == 0
     assoc.release()
+
+
+def _pynetdicom_store_response(rsp: C_STORE) -> bytes:
+    """The command set of a C-STORE-RSP as pynetdicom encodes it (its one PDV, header off)."""
+    message = C_STORE_RSP()
+    message.primitive_to_message(rsp)
+    (pdata,) = message.encode_msg(1, MAXIMUM_PDU_SIZE)
+    ((_, pdv),) = pdata.presentation_data_value_list
+    assert pdv[:1] == b"\x03"  # one command fragment, the last
+    return pdv[1:]
+
+
+@pytest.mark.parametrize(
+    ("status", "comment", "sop_uid"),
+    [
+        (0x0000, None, "1.2.826.0.1.3680043.8.498.1"),  # odd length UID: NUL padded
+        (0xB000, "de-identified (PS3.15 Annex E): attributes changed", "1.2.3.44"),
+        (0xB006, "odd length comment", "1.2.3.4"),
+        (0xA900, "SOP Class does not match the presentation context", "2.25.1234"),
+        (0x0124, "subject forgotten (erased): refused until an admin allows it", "1.2.3"),
+    ],
+)
+def test_store_response_is_encoded_as_pynetdicom_encodes_it(
+    status: int, comment: str | None, sop_uid: str
+) -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 0x1234
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = sop_uid
+    rsp.Status = status
+    rsp.ErrorComment = comment
+    encoded = store_response_command(rsp)
+    assert encoded == _pynetdicom_store_response(rsp)
+    decoded = read_dataset(BytesIO(encoded), is_implicit_VR=True, is_little_endian=True)
+    assert decoded.Status == status and decoded.AffectedSOPInstanceUID == sop_uid
+
+
+def test_store_response_with_other_elements_is_left_to_pynetdicom() -> None:
+    rsp = C_STORE()
+    rsp.MessageIDBeingRespondedTo = 1
+    rsp.AffectedSOPClassUID = CTImageStorage
+    rsp.AffectedSOPInstanceUID = "1.2.3"
+    rsp.Status = 0xC000
+    rsp.OffendingElement = [0x00100010]
+    assert store_response_command(rsp) is None
+
+
+def test_pynetdicom_reads_the_listeners_store_responses_with_their_comments() -> None:
+    comment = "odd length comment"
+    scp = Scp(LowLatencyAssociationServer)
+    try:
+        scp.server.unbind(evt.EVT_C_STORE, scp._store)
+        scp.server.bind(evt.EVT_C_STORE, lambda e: _status(0xB006, comment))
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+        ds = ct_instance(Phi(), 1, rows=16, columns=16)
+        status = assoc.send_c_store(ds)
+        assoc.release()
+    finally:
+        scp.stop()
+    assert status.Status == 0xB006
+    assert status.ErrorComment == comment
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment
+    return status
+
+
+@pytest.mark.parametrize("sop_uid", ["1.2.826.0.1.3680043.8.498.1", "1.2.826.0.1.3680043.8.498.12"])
+def test_received_dataset_becomes_the_file_pynetdicom_would_write(sop_uid: str) -> None:
+    files: list[tuple[bytes | None, bytes]] = []
+
+    def keep(event: Event) -> int:
+        ours = part10(event.request, event.context.transfer_syntax)
+        files.append((ours, event.encoded_dataset(include_meta=True)))
+        return 0
+
+    scp = Scp(LowLatencyAssociationServer)
+    try:
+        scp.server.unbind(evt.EVT_C_STORE, scp._store)
+        scp.server.bind(evt.EVT_C_STORE, keep)
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+        ds = ct_instance(Phi(), 1, rows=16, columns=16)
+        ds.SOPInstanceUID = sop_uid
+        assert assoc.send_c_store(ds).Status == 0
+        assoc.release()
+    finally:
+        scp.stop()
+    ((ours, theirs),) = files
+    assert ours == theirs
+    assert dcmread(BytesIO(ours)).file_meta.MediaStorageSOPInstanceUID == sop_uid
+
+
+def test_no_debug_logging_handler_runs_for_each_pdu_and_message(scp: Scp) -> None:
+    # pynetdicom's standard handlers format a line per PDU and DIMSE message at any log level.
+    logging_events = (evt.EVT_PDU_RECV, evt.EVT_PDU_SENT, evt.EVT_DIMSE_RECV, evt.EVT_DIMSE_SENT)
+    assert all(not scp.server.get_handlers(e) for e in logging_events)
+    # The intervention defaults stay: C-ECHO is answered, associations negotiated.
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(Verification)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP")
+    assert assoc.is_established and assoc.send_c_echo().Status == 0
+    (accepted,) = scp.server.active_associations
+    assert all(not accepted.get_handlers(e) for e in logging_events)
+    assoc.release()
+
+
+def test_store_response_leaves_from_the_handlers_thread_without_a_hand_over() -> None:
+    handled: list[threading.Thread] = []
+    sent: list[threading.Thread] = []
+
+    def store(event: Event) -> int:
+        handled.append(threading.current_thread())
+        return 0
+
+    def pdu_sent(event: Event) -> None:
+        if isinstance(event.pdu, P_DATA_TF):
+            sent.append(threading.current_thread())
+
+    scp = Scp(LowLatencyAssociationServer)
+    try:
+        scp.server.unbind(evt.EVT_C_STORE, scp._store)
+        scp.server.bind(evt.EVT_C_STORE, store)
+        scp.server.bind(evt.EVT_PDU_SENT, pdu_sent)
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+        statuses = [assoc.send_c_store(ct_instance(Phi(), n, rows=16, columns=16)) for n in (1, 2)]
+        assoc.release()
+    finally:
+        scp.stop()
+    assert [s.Status for s in statuses] == [0, 0]
+    assert sent == handled and len(sent) == 2

@@ -12,6 +12,7 @@ import pytest
 from minio import Minio
 from minio.error import S3Error
 
+from carina.archive import storage
 from carina.archive.errors import NotFound, StorageError
 from carina.archive.storage import CHUNK, FilesystemStore, ObjectStore, S3Store
 from tests.conftest import Server, free_port, wait_for_series
@@ -330,3 +331,30 @@ def test_inventory_lists_every_object_with_its_size(
     store.put_file(f"{prefix}/b/2.dcm", stage(b"y" * 20))
     listed = {k: n for k, n in store.inventory() if k.startswith(prefix + "/")}
     assert listed == {f"{prefix}/a/1.dcm": 10, f"{prefix}/b/2.dcm": 20}
+
+
+def test_filesystem_put_syncs_every_directory_that_got_a_new_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # fsync of a file does not make its name durable: each directory that got a new entry is
+    # synced too (the real fsync runs; the test only notes what it was given).
+    synced: list[Path] = []
+    real_fsync = storage._fsync_path
+
+    def noting(path: Path) -> None:
+        synced.append(path)
+        real_fsync(path)
+
+    monkeypatch.setattr(storage, "_fsync_path", noting)
+    root = tmp_path / "objects"
+    store = FilesystemStore(root)
+    staged = tmp_path / "staged"
+    staged.write_bytes(b"first")
+    store.put_file("1.2.3/4.5.6/7.dcm", staged)  # a new study: root, study and series changed
+    assert sorted(synced) == sorted(
+        [root / "1.2.3/4.5.6/7.dcm", root / "1.2.3/4.5.6", root / "1.2.3", root]
+    )
+    synced.clear()
+    staged.write_bytes(b"second")
+    store.put_file("1.2.3/4.5.6/8.dcm", staged)  # same series: only its directory changed
+    assert sorted(synced) == sorted([root / "1.2.3/4.5.6/8.dcm", root / "1.2.3/4.5.6"])

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing
+import os
 import queue
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -217,8 +218,18 @@ class LoopWorkerPool:
             for lease in free:
                 self._free.put_nowait(lease)
         self._loop = loop
-        for i, worker in enumerate(self._workers):
-            loop.add_reader(worker._conn.fileno(), self._readable, i)
+        for i in range(len(self._workers)):
+            self._add_reader(i)
+
+    def _add_reader(self, i: int) -> None:
+        """Have the loop call _readable when worker i's pipe turns readable. uvloop (libuv)
+        makes a watched descriptor non-blocking; the pipe is put back to blocking, so that an
+        answer longer than the pipe holds is read whole once its first bytes are there (the
+        worker is writing the rest) rather than failing half-read with EAGAIN."""
+        assert self._loop is not None
+        fd = self._workers[i]._conn.fileno()
+        self._loop.add_reader(fd, self._readable, i)
+        os.set_blocking(fd, True)
 
     def _readable(self, i: int) -> None:
         """One answer of worker i (the loop calls again while more are waiting: polling the
@@ -253,7 +264,7 @@ class LoopWorkerPool:
         pending.clear()
         worker._restart()
         if self._loop is not None:
-            self._loop.add_reader(worker._conn.fileno(), self._readable, i)
+            self._add_reader(i)
         for task in queued:
             self._resend(i, task)
 

@@ -11,6 +11,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+import uvloop
 
 from carina.curation.workers import LoopWorkerPool, WorkerDied, WorkerPool
 
@@ -74,6 +75,20 @@ def test_loop_pool_raises_the_workers_exception_and_goes_on(loop_pool: LoopWorke
         return await loop_pool.submit(await loop_pool.take(), int, "12")
 
     assert asyncio.run(run()) == 12
+
+
+def test_loop_pool_reads_answers_longer_than_a_pipe_holds_on_uvloop(
+    loop_pool: LoopWorkerPool,
+) -> None:
+    """uvicorn runs on uvloop, which makes the pipes it watches non-blocking: an answer of
+    megabytes (a SEG's DICOM JSON) arrives in pieces and must still be read whole."""
+
+    async def run() -> list[int]:
+        leases = [await loop_pool.take(), await loop_pool.take()]
+        answers = [loop_pool.submit(lease, bytes, 4_000_000) for lease in leases]
+        return [len(a) for a in await asyncio.gather(*answers)]
+
+    assert uvloop.run(run()) == [4_000_000, 4_000_000]
 
 
 def test_loop_pool_worker_killed_fails_only_its_task(loop_pool: LoopWorkerPool) -> None:

@@ -171,6 +171,7 @@ class Server:
         if self.proc is None:
             return 0.0
         sessions = self._sessions()
+        parents = self._parents()
         tick = os.sysconf("SC_CLK_TCK")
         total = 0
         for entry in os.scandir("/proc"):
@@ -182,13 +183,17 @@ class Server:
             except OSError:
                 continue  # gone meanwhile
             # proc(5): fields after the command: state, ppid, pgrp, session, ..., utime, stime
-            if int(fields[3]) in sessions:
+            if int(fields[3]) in sessions or int(fields[1]) in parents:
                 total += int(fields[11]) + int(fields[12])
         return total / tick
 
     def _sessions(self) -> set[int]:
         """The sessions whose processes are the server's."""
         return {self.proc.pid} if self.proc is not None else set()
+
+    def _parents(self) -> set[int]:
+        """Processes whose children are the server's whatever their session."""
+        return set()
 
     def check_running(self) -> None:
         """Raise ServerError (with the log tail) if the server process has exited."""
@@ -293,12 +298,23 @@ class CarinaServer(Server):
 
     def _sessions(self) -> set[int]:
         sessions = super()._sessions()
-        try:
-            pid = int((self.data_dir / "pg" / "postmaster.pid").read_text().split()[0])
-            sessions.add(os.getsid(pid))
-        except (OSError, ValueError, IndexError):
-            pass
+        postmaster = self._postmaster()
+        if postmaster is not None:
+            with contextlib.suppress(OSError):
+                sessions.add(os.getsid(postmaster))
         return sessions
+
+    def _parents(self) -> set[int]:
+        # PostgreSQL's backends each start a session of their own (setsid), so they are found
+        # as the postmaster's children: the server's connections' work is its work.
+        postmaster = self._postmaster()
+        return {postmaster} if postmaster is not None else set()
+
+    def _postmaster(self) -> int | None:
+        try:
+            return int((self.data_dir / "pg" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
 
     def _stop_signal(self) -> int:
         # SIGINT, as a Ctrl-C would: uvicorn shuts down and the process exits through

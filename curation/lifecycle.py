@@ -98,10 +98,9 @@ def _evaluate_one(pool: ConnectionPool, ocr_env: ocr.OcrEnvironment | None) -> E
             # the series is simply evaluated again: no need to wait for the WAL flush.
             conn.execute("SET LOCAL synchronous_commit = off")
             series_uid, attempts = claimed
-            if attempts >= MAX_ATTEMPTS:
+            if attempts >= MAX_ATTEMPTS:  # either removes the job
                 result = _hold_unevaluated(conn, series_uid, attempts)
-                jobs.finish(conn, series_uid)
-            else:  # which removes the job
+            else:
                 result = decide(conn, series_uid, ocr_env, defer_reading=True)
     except ReadFirst:
         raise
@@ -161,17 +160,8 @@ def decide(
         _set_state(conn, series_uid, state)
         # A published series' originals have served their purpose; a held one's are kept.
         (originals.release if state == PUBLISHED else originals.hold)(conn, series_uid)
-        audit.record(
-            conn,
-            actor=audit.WORKER,
-            action="evaluate",
-            series_uid=series_uid,
-            collection=collection,
-            reason=", ".join(holds) or "no rule held the series",
-            before={"state": before},
-            after={"state": state, "findings": sorted({f.code for f in findings})},
-        )
-        jobs.finish(conn, series_uid)
+        reason = ", ".join(holds) or "no rule held the series"
+        _record_decision(conn, series_uid, collection, before, state, findings, reason)
     return Evaluation(series_uid, collection, state, tuple(findings))
 
 
@@ -319,17 +309,32 @@ def _hold_unevaluated(conn: Connection, series_uid: str, attempts: int) -> Evalu
     )
     _store_findings(conn, series_uid, [finding])
     _set_state(conn, series_uid, QUARANTINED)
+    _record_decision(conn, series_uid, collection, before, QUARANTINED, [finding], finding.code)
+    return Evaluation(series_uid, collection, QUARANTINED, (finding,))
+
+
+def _record_decision(
+    conn: Connection,
+    series_uid: str,
+    collection: str,
+    before: str,
+    state: str,
+    findings: Sequence[Finding],
+    reason: str,
+) -> None:
+    """Audit the worker's decision on a series and remove its job (in the deciding
+    transaction)."""
     audit.record(
         conn,
         actor=audit.WORKER,
         action="evaluate",
         series_uid=series_uid,
         collection=collection,
-        reason=finding.code,
+        reason=reason,
         before={"state": before},
-        after={"state": QUARANTINED, "findings": [finding.code]},
+        after={"state": state, "findings": sorted({f.code for f in findings})},
     )
-    return Evaluation(series_uid, collection, QUARANTINED, (finding,))
+    jobs.finish(conn, series_uid)
 
 
 def _set_state(conn: Connection, series_uid: str, state: str) -> None:

@@ -21,10 +21,11 @@ import os
 import re
 import subprocess
 import threading
-from collections import OrderedDict, defaultdict
+from collections import defaultdict
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+from cachetools import LRUCache
 from PIL import Image
 
 from carina.archive import render, retrieve
@@ -69,9 +70,8 @@ class Readings:
     that could not run is found once (by the decision it was read for), then tried again."""
 
     def __init__(self, size: int = 64) -> None:
-        self.size = size
         self._lock = threading.Lock()
-        self._done: OrderedDict[Hashable, TextDetection] = OrderedDict()
+        self._done: LRUCache[Hashable, TextDetection] = LRUCache(size)
         self._reading: set[str] = set()
 
     def get(self, key: Hashable) -> TextDetection | None:
@@ -79,16 +79,11 @@ class Readings:
             found = self._done.get(key)
             if found is not None and not found.ran:
                 del self._done[key]
-            elif found is not None:
-                self._done.move_to_end(key)
             return found
 
     def put(self, key: Hashable, detection: TextDetection) -> None:
         with self._lock:
             self._done[key] = detection
-            self._done.move_to_end(key)
-            while len(self._done) > self.size:
-                self._done.popitem(last=False)
 
     def start(self, series_uid: str) -> bool:
         """Mark the series as being read; False when some thread reads it already."""

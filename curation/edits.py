@@ -10,7 +10,7 @@ patient again:
   those de-identification writes about itself (PS3.15 E.1.1: PatientIdentityRemoved,
   DeidentificationMethod and its code sequence), and the character set;
 - removing or emptying a Type 1 attribute of the instance's IOD, or removing a Type 2 one
-  (PS3.3's module tables as highdicom ships them, and curation/iod_type1.json);
+  (PS3.3's module tables in curation/iod_required.json, and curation/iod_type1.json);
 - a value that does not fit the attribute's VR (pydicom's validate_value) or its VM;
 - a value for an attribute the collection's de-identification profile removes, empties,
   replaces or shifts (only those it keeps, or cleans and are not dates, may get one): an edit
@@ -29,14 +29,10 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from highdicom._standard_utils import (
-    get_iod_module_map,
-    get_module_attribute_map,
-    get_sop_class_iod_map,
-)
 from psycopg import Connection
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
@@ -238,21 +234,25 @@ def check(edit: Edit, ds: Dataset, profile: Profile, phi: ResidualPhiSettings) -
 @lru_cache(maxsize=256)
 def required(sop_class: str) -> tuple[str, dict[str, str]]:
     """The IOD of a SOP class and its required top-level attributes, keyword -> "1" or "2":
-    the Type 1 and Type 2 attributes of its mandatory modules (PS3.3, from the machine-readable
-    tables highdicom ships), with curation/iod_type1.json's. Conditional types (1C, 2C) and
-    conditional modules are not taken into account."""
-    iod = get_sop_class_iod_map().get(sop_class, "")
-    attributes = get_module_attribute_map()
+    the Type 1 and Type 2 attributes of its mandatory modules (PS3.3, curation/iod_required.json),
+    with curation/iod_type1.json's. Conditional types (1C, 2C) and conditional modules are not
+    taken into account."""
+    table = _iod_required()
+    iod = table["sop_classes"].get(sop_class, "")
     types: dict[str, str] = {}
-    for module in get_iod_module_map().get(iod, []):
-        if module["usage"] != "M":
-            continue
-        for a in attributes.get(module["key"], []):
-            if not a["path"] and a["type"] in ("1", "2"):
-                types[a["keyword"]] = min(a["type"], types.get(a["keyword"], "2"))
+    for module in table["iods"].get(iod, []):
+        for keyword, kind in table["modules"][module].items():
+            types[keyword] = min(kind, types.get(keyword, "2"))
     name, type1 = type1_table().get(sop_class, (iod, ()))
     types.update(dict.fromkeys(type1, "1"))
     return name or "its IOD", types
+
+
+@lru_cache(1)
+def _iod_required() -> dict[str, Any]:
+    """iod_required.json, made by make_iod_required.py from PS3.3's module tables."""
+    text = resources.files("carina.curation").joinpath("iod_required.json").read_text()
+    return json.loads(text)  # type: ignore[no-any-return]
 
 
 def _element(edit: Edit) -> DataElement:

@@ -78,6 +78,11 @@ def create_token(database_url: str, cwd: Path, *args: str) -> str:
     return done.stdout.strip()
 
 
+def bearer(token: str) -> dict[str, str]:
+    """A token as an Authorization request header."""
+    return {"Authorization": f"Bearer {token}"}
+
+
 def _carina(
     env: dict[str, str], cwd: Path, *args: str, stdin: str | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -111,6 +116,11 @@ class Server:
     database_url: str | None = None
 
     @property
+    def secret_key(self) -> str:
+        """The CARINA_SECRET_KEY start_server gives it (when the test sets none of its own)."""
+        return server_secret_key(self.data_dir)
+
+    @property
     def dicomweb(self) -> str:
         """The DICOMweb root."""
         return self.url + "/dicomweb"
@@ -118,7 +128,7 @@ class Server:
     @property
     def auth(self) -> dict[str, str]:
         """The admin token as a request header."""
-        return {"Authorization": f"Bearer {self.token}"}
+        return bearer(self.token)
 
     @cached_property
     def http(self) -> requests.Session:
@@ -147,13 +157,32 @@ class Server:
         parts = url.split("/")
         return parts[-5], parts[-3], parts[-1]
 
+    def run_cli(
+        self, *args: str, stdin: str | None = None, **extra_env: str
+    ) -> subprocess.CompletedProcess[str]:
+        """Run `carina ARGS` on the server's database as its admin would, from the directory
+        that holds its data directory (the server's secret key only when given)."""
+        return run_cli(
+            str(self.database_url), self.data_dir.parent, *args, stdin=stdin, **extra_env
+        )
+
+    def cli(self, *args: str, stdin: str | None = None, **extra_env: str) -> str:
+        """run_cli(ARGS), asserting it succeeded; its stdout."""
+        done = self.run_cli(*args, stdin=stdin, **extra_env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def create_collection(self, name: str, *args: str) -> None:
+        """`carina collection create NAME ARGS` (e.g. --visibility public, --option ...)."""
+        self.cli("collection", "create", name, *args)
+
+    def new_token(self, *args: str) -> str:
+        """A new API token made with `carina token create ARGS` (e.g. --role reader)."""
+        return self.cli("token", "create", *args).strip()
+
     def set_rules(self, collection: str, *assignments: str) -> None:
         """`carina collection rules COLLECTION --set RULE.SETTING=VALUE ...` on its database."""
-        sets = [arg for a in assignments for arg in ("--set", a)]
-        done = run_cli(
-            str(self.database_url), self.data_dir.parent, "collection", "rules", collection, *sets
-        )
-        assert done.returncode == 0, done.stderr
+        self.cli("collection", "rules", collection, *[a for v in assignments for a in ("--set", v)])
 
     def settled(self) -> dict[str, str]:
         """Wait until every series stored so far is decided; series UID -> state."""
@@ -168,6 +197,11 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(5)
+
+
+def server_secret_key(data_dir: Path) -> str:
+    """The secret key of a test server with this data directory."""
+    return "test-key-" + data_dir.name
 
 
 def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server:
@@ -188,7 +222,7 @@ def start_server(data_dir: Path, database_url: str | None, **env: str) -> Server
         "CARINA_WORKERS": "2",
         # Only tests that ask for the DICOM listener get one (and pass their own free port).
         "CARINA_DIMSE_ENABLED": "true" if "CARINA_DIMSE_PORT" in env else "false",
-        "CARINA_SECRET_KEY": "test-key-" + data_dir.name,
+        "CARINA_SECRET_KEY": server_secret_key(data_dir),
         # A short quiet period, so C-STORE tests without an association end settle quickly.
         "CARINA_SETTLE_SECONDS": "0.5",
         "CARINA_REQUEST_SETTLE_SECONDS": "0",

@@ -13,7 +13,7 @@ import psycopg
 import pytest
 import requests
 
-from tests.conftest import Server, create_token, run_cli
+from tests.conftest import Server, bearer, create_token, run_cli
 from tests.derived import build
 from tests.factory import Phi, ct_series, to_bytes
 
@@ -81,27 +81,15 @@ class World:
         return found
 
 
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 @pytest.fixture(scope="module")
-def world(
-    server_factory: Callable[..., Server],
-    database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> World:
+def world(server_factory: Callable[..., Server]) -> World:
     # Bad tokens are sent on purpose here; the rate limit has a test of its own.
     server = server_factory(CARINA_AUTH_FAILURE_LIMIT="100000/minute")
-    cwd = tmp_path_factory.mktemp("cli")
     for name, visibility in CREATED.items():
         options = ["--option", "retain_long_modified_dates"]
         if name == "SECRET":  # keeps the SR content, so its measurements are indexed
             options += ["--option", "clean_structured_content"]
-        done = run_cli(
-            database_url, cwd, "collection", "create", name, "--visibility", visibility, *options
-        )
-        assert done.returncode == 0, done.stderr
+        server.create_collection(name, "--visibility", visibility, *options)
     studies = {}
     for name in COLLECTIONS:
         if name == "SECRET":
@@ -111,26 +99,23 @@ def world(
             datasets = ct_series(Phi(), 1, rows=16, columns=16)
         studies[name] = Study(*server.store(datasets, None if name == "default" else name))
 
-    def token(*args: str) -> str:
-        return create_token(database_url, cwd, *args)
-
+    token = server.new_token
     revoked = token("--role", "reader", "--collection", "SECRET")
-    done = run_cli(database_url, cwd, "token", "revoke", revoked.split("_")[1])
-    assert done.returncode == 0, done.stderr
+    server.cli("token", "revoke", revoked.split("_")[1])
     admin = token("--role", "admin", "--name", "root")
     headers = {
         "anonymous": {},
-        "reader": _bearer(token("--role", "reader", "--collection", "SECRET", "--name", "r")),
-        "other_reader": _bearer(token("--role", "reader", "--collection", "OTHER")),
-        "submitter": _bearer(token("--role", "submitter", "--collection", "SECRET")),
-        "curator": _bearer(token("--role", "curator", "--collection", "SECRET")),
-        "admin": _bearer(admin),
-        "expired": _bearer(
+        "reader": bearer(token("--role", "reader", "--collection", "SECRET", "--name", "r")),
+        "other_reader": bearer(token("--role", "reader", "--collection", "OTHER")),
+        "submitter": bearer(token("--role", "submitter", "--collection", "SECRET")),
+        "curator": bearer(token("--role", "curator", "--collection", "SECRET")),
+        "admin": bearer(admin),
+        "expired": bearer(
             token("--role", "reader", "--collection", "SECRET", "--expires", "2000-01-01")
         ),
-        "revoked": _bearer(revoked),
-        "malformed": _bearer("not-a-carina-token"),
-        "tampered": _bearer(admin[:-1] + ("A" if admin[-1] != "A" else "B")),
+        "revoked": bearer(revoked),
+        "malformed": bearer("not-a-carina-token"),
+        "tampered": bearer(admin[:-1] + ("A" if admin[-1] != "A" else "B")),
         "not_bearer": {"Authorization": "Basic YWRtaW46YWRtaW4="},
     }
     return World(server, studies, headers)
@@ -267,9 +252,9 @@ def test_token_is_shown_once_and_stored_only_as_a_hash(
 def test_revoked_token_is_refused_at_once(world: World, database_url: str, tmp_path: Path) -> None:
     token = create_token(database_url, tmp_path, "--role", "reader", "--collection", "SECRET")
     url = f"{world.root('SECRET')}/studies"
-    assert requests.get(url, headers=_bearer(token), timeout=30).status_code == 200
+    assert requests.get(url, headers=bearer(token), timeout=30).status_code == 200
     assert run_cli(database_url, tmp_path, "token", "revoke", token.split("_")[1]).returncode == 0
-    r = requests.get(url, headers=_bearer(token), timeout=30)
+    r = requests.get(url, headers=bearer(token), timeout=30)
     assert r.status_code == 401 and "revoked" in r.json()["error"]
 
 
@@ -353,7 +338,7 @@ def test_repeated_bad_tokens_from_one_client_are_rate_limited(
 ) -> None:
     server = server_factory(CARINA_AUTH_FAILURE_LIMIT="3/hour")
     url = f"{server.dicomweb}/studies"
-    bad = _bearer("carina_000000000000_" + "x" * 43)
+    bad = bearer("carina_000000000000_" + "x" * 43)
     for _ in range(3):
         assert requests.get(url, headers=bad, timeout=30).status_code == 401
     r = requests.get(url, headers=bad, timeout=30)

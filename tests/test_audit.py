@@ -11,36 +11,28 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Server, create_token, run_cli
+from tests.conftest import Server, bearer
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
 
 
-def _export(database_url: str, cwd: Path, *args: str) -> list[dict[str, str]]:
-    done = run_cli(database_url, cwd, "audit", "export", *args)
-    assert done.returncode == 0, done.stderr
-    return list(csv.DictReader(io.StringIO(done.stdout)))
+def _export(server: Server, *args: str) -> list[dict[str, str]]:
+    return list(csv.DictReader(io.StringIO(server.cli("audit", "export", *args))))
 
 
 def test_each_read_study_is_audited_once_per_request_and_exported(
-    server_factory: Callable[..., Server], database_url: str, tmp_path: Path
+    server_factory: Callable[..., Server], tmp_path: Path
 ) -> None:
     server = server_factory()
     for name, visibility in (("PUB", "public"), ("SECRET", "restricted")):
-        done = run_cli(
-            database_url, tmp_path, "collection", "create", name, "--visibility", visibility
-        )
-        assert done.returncode == 0, done.stderr
+        server.create_collection(name, "--visibility", visibility)
     pub, _, _ = server.store(ct_series(Phi(), 2, rows=8, columns=8), "PUB")
     secret, series, _ = server.store(ct_series(Phi(), 2, rows=8, columns=8), "SECRET")
-    alice = {
-        "Authorization": "Bearer "
-        + create_token(
-            database_url, tmp_path, "--role", "reader", "--collection", "SECRET", "--name", "alice"
-        )
-    }
-    assert _export(database_url, tmp_path) == []  # storing is not reading
+    alice = bearer(
+        server.new_token("--role", "reader", "--collection", "SECRET", "--name", "alice")
+    )
+    assert _export(server) == []  # storing is not reading
 
     def get(url: str, headers: dict[str, str], status: int) -> None:
         assert requests.get(url, headers=headers, timeout=30).status_code == status
@@ -51,7 +43,7 @@ def test_each_read_study_is_audited_once_per_request_and_exported(
     get(f"{server.dicomweb}/studies/{secret}", {}, 404)  # not read: no row
     get(f"{server.dicomweb}/studies/{pub}/series", {}, 200)
 
-    rows = _export(database_url, tmp_path)
+    rows = _export(server)
     assert [
         (r["identity"], r["method"], r["route"], r["study_uid"], r["collection"]) for r in rows
     ] == [
@@ -77,10 +69,8 @@ def test_each_read_study_is_audited_once_per_request_and_exported(
     assert rows[4]["token_id"] == ""
 
     # --since/--until bound the export; --output writes a file.
-    assert _export(database_url, tmp_path, "--since", "2999-01-01") == []
+    assert _export(server, "--since", "2999-01-01") == []
     out = tmp_path / "audit.csv"
-    done = run_cli(
-        database_url, tmp_path, "audit", "export", "--until", "2999-01-01", "-o", str(out)
-    )
+    done = server.run_cli("audit", "export", "--until", "2999-01-01", "-o", str(out))
     assert done.returncode == 0 and "exported 5 access rows" in done.stderr
     assert len(list(csv.DictReader(out.open()))) == 5

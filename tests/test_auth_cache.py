@@ -9,7 +9,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -17,7 +16,7 @@ import requests
 
 from carina.archive import auth_cache
 from carina.archive.auth_cache import AuthCache
-from tests.conftest import Server, create_token, run_cli
+from tests.conftest import Server
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
@@ -25,17 +24,16 @@ pytestmark = pytest.mark.slow
 
 @dataclass(frozen=True)
 class Site:
-    """A server, one small study in each of two collections, and the CLI's directory."""
+    """A server and one small study in each of two collections."""
 
     server: Server
     database_url: str
-    cwd: Path
     pub: tuple[str, str, str]  # study, series, sop in PUB (public)
     secret: tuple[str, str, str]  # the same in SECRET (restricted)
 
     def token(self, *args: str) -> str:
         """A new token made by the CLI."""
-        return create_token(self.database_url, self.cwd, *args)
+        return self.server.new_token(*args)
 
     def sql(self, query: str, *params: object) -> None:
         """Run query in a connection of its own, as another process would."""
@@ -53,16 +51,13 @@ class Site:
 def site(
     server_factory: Callable[..., Server],
     database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
 ) -> Site:
     server = server_factory()
-    cwd = tmp_path_factory.mktemp("cli")
     for name, visibility in (("PUB", "public"), ("SECRET", "restricted")):
-        done = run_cli(database_url, cwd, "collection", "create", name, "--visibility", visibility)
-        assert done.returncode == 0, done.stderr
+        server.create_collection(name, "--visibility", visibility)
     pub = server.store(ct_series(Phi(), 1, rows=8, columns=8), "PUB")
     secret = server.store(ct_series(Phi(), 1, rows=8, columns=8), "SECRET")
-    return Site(server, database_url, cwd, pub, secret)
+    return Site(server, database_url, pub, secret)
 
 
 def _get(url: str, token: str | None = None) -> requests.Response:
@@ -202,15 +197,12 @@ def test_collection_made_restricted_is_hidden_once_notified(site: Site) -> None:
 
 
 def test_share_link_revoked_by_the_cli_is_refused_at_once(site: Site) -> None:
-    done = run_cli(site.database_url, site.cwd, "share", "create", "c", "--study", site.secret[0])
-    assert done.returncode == 0, done.stderr
-    share = done.stdout.strip()
+    share = site.server.cli("share", "create", "c", "--study", site.secret[0]).strip()
     link = site.token("--role", "share", "--share", share)
     s, se, sop = site.secret
     url = f"{site.server.url}/shares/{share}/dicomweb/studies/{s}/series/{se}/instances/{sop}"
     _warm(f"{url}/frames/1", link)
-    done = run_cli(site.database_url, site.cwd, "token", "revoke", link.split("_")[1])
-    assert done.returncode == 0, done.stderr
+    site.server.cli("token", "revoke", link.split("_")[1])
     # The CLI's process has ended by now: the notification has long been delivered.
     r = _get(f"{url}/frames/1", link)
     assert r.status_code == 401 and "revoked" in r.json()["error"]

@@ -84,26 +84,17 @@ def test_collection_keeps_its_own_private_attribute_and_only_that() -> None:
 
 
 @pytest.mark.slow
-def test_cli_sets_lines_that_intake_applies(
-    server: Server, database_url: str, tmp_path: Path
-) -> None:
-    key = {"CARINA_SECRET_KEY": "test-key-" + server.data_dir.name}
-    for args in (
-        ("collection", "create", "SITELINES", "--option", "retain_safe_private"),
-        (
-            "collection",
-            "recipe",
-            "SITELINES",
-            "--line",
-            "REPLACE StationName CARINA",
-            "--line",
-            "KEEP SeriesDescription",
-            "--line",
-            'KEEP (0029,"ACME PRIVATE",20)',
-        ),
-    ):
-        done = run_cli(database_url, tmp_path, *args, **key)
-        assert done.returncode == 0, done.stderr
+def test_cli_sets_lines_that_intake_applies(server: Server) -> None:
+    server.create_collection("SITELINES", "--option", "retain_safe_private")
+    lines = (
+        "REPLACE StationName CARINA",
+        "KEEP SeriesDescription",
+        'KEEP (0029,"ACME PRIVATE",20)',
+    )
+    server.cli(
+        *("collection", "recipe", "SITELINES", *[a for line in lines for a in ("--line", line)]),
+        CARINA_SECRET_KEY=server.secret_key,
+    )
     phi = Phi(patient_id="MRN-LINES-1")
     ds = ct_instance(phi, 1, rows=16, columns=16)
     ds.StationName = "CT-ROOM-7"

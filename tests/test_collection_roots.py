@@ -7,23 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Server, run_cli, wait_for_series
+from tests.conftest import Server, wait_for_series
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def roots(
-    server: Server, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, object]:
-    cwd = tmp_path_factory.mktemp("cli")
-    for args in (
-        ("collection", "create", "TRIAL-A", "--option", "retain_long_full_dates"),
-        ("collection", "create", "TRIAL-B", "--option", "retain_long_modified_dates"),
-    ):
-        done = run_cli(database_url, cwd, *args)
-        assert done.returncode == 0, done.stderr
+def roots(server: Server, database_url: str) -> dict[str, object]:
+    server.create_collection("TRIAL-A", "--option", "retain_long_full_dates")
+    server.create_collection("TRIAL-B", "--option", "retain_long_modified_dates")
     made: dict[str, object] = {}
     for name in ("TRIAL-A", "TRIAL-B"):
         root = f"{server.url}/collections/{name}/dicomweb"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -17,29 +18,16 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def dimse(
-    server_factory: object, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Server, int]:
+def dimse(server_factory: Callable[..., Server]) -> tuple[Server, int]:
     """A server with its listener, and two collections with different date options."""
     port = free_port()
-    server = server_factory(CARINA_DIMSE_PORT=str(port))  # type: ignore[operator]
-    cwd = tmp_path_factory.mktemp("cli")
-    for args in (
-        (
-            "collection",
-            "create",
-            "FULLDATES",
-            "--option",
-            "retain_long_full_dates",
-            "--description",
-            "dates kept",
-        ),
-        ("collection", "create", "SHIFTED", "--option", "retain_long_modified_dates"),
-        ("ae", "add", "SITEF", "--collection", "FULLDATES"),
-        ("ae", "add", "SITES", "--collection", "SHIFTED"),
-    ):
-        done = run_cli(database_url, cwd, *args)
-        assert done.returncode == 0, done.stderr
+    server = server_factory(CARINA_DIMSE_PORT=str(port))
+    server.create_collection(
+        "FULLDATES", "--option", "retain_long_full_dates", "--description", "dates kept"
+    )
+    server.create_collection("SHIFTED", "--option", "retain_long_modified_dates")
+    server.cli("ae", "add", "SITEF", "--collection", "FULLDATES")
+    server.cli("ae", "add", "SITES", "--collection", "SHIFTED")
     return server, port
 
 

@@ -3,13 +3,11 @@ figures, and release, reject and reprocess, each audited, with a 4xx for what ca
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 import requests
 from pydicom import Dataset
 
-from tests.conftest import Server, run_cli, wait_for_series
+from tests.conftest import Server, wait_for_series
 from tests.factory import Phi, burned_in_series, ct_series
 
 pytestmark = pytest.mark.slow
@@ -32,21 +30,9 @@ def missing_slice() -> list[Dataset]:
 
 
 @pytest.fixture(scope="module")
-def cli(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
-    cwd = tmp_path_factory.mktemp("cli")
-
-    def run(*args: str) -> str:
-        done = run_cli(server.database_url, cwd, *args)  # type: ignore[arg-type]
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    return run
-
-
-@pytest.fixture(scope="module")
-def held(server: Server, cli: Callable[..., str]) -> dict[str, tuple[str, str]]:
+def held(server: Server) -> dict[str, tuple[str, str]]:
     """Named series: two held in `default`, one held in OTHER, one published."""
-    cli("collection", "create", "OTHER")
+    server.create_collection("OTHER")
     return {
         "burned": stow(server, burned_in_series()),
         "gap": stow(server, missing_slice()),
@@ -144,10 +130,10 @@ def test_reject_deletes_the_series_from_store_and_index(
 
 
 def test_reprocess_after_a_settings_change_publishes_the_series(
-    server: Server, held: dict[str, tuple[str, str]], cli: Callable[..., str]
+    server: Server, held: dict[str, tuple[str, str]]
 ) -> None:
     study, uid = held["other"]
-    cli("collection", "rules", "OTHER", "--set", "burned_in.enabled=false")
+    server.cli("collection", "rules", "OTHER", "--set", "burned_in.enabled=false")
     r = server.http.post(api(server, f"/series/{uid}/reprocess"), json={"reason": "rules changed"})
     assert r.status_code == 202, r.text
     assert wait_for_series(server.database_url)[uid] == "published"
@@ -170,18 +156,18 @@ def test_decisions_on_unknown_series_or_without_a_reason_are_4xx(
 
 
 def test_curation_needs_a_curator_of_the_series_collection(
-    server: Server, cli: Callable[..., str], held: dict[str, tuple[str, str]]
+    server: Server, held: dict[str, tuple[str, str]]
 ) -> None:
     _, burned = held["burned"]
     _, other = stow(server, missing_slice(), f"{server.url}/collections/OTHER/dicomweb")
     # No token: 401 with a challenge; a token that curates nothing (a reader): 403.
     r = requests.get(api(server, "/queue"), timeout=30)
     assert r.status_code == 401 and r.headers["www-authenticate"].startswith("Bearer")
-    reader = cli("token", "create", "--role", "reader", "--collection", "OTHER").strip()
+    reader = server.new_token("--role", "reader", "--collection", "OTHER")
     r = requests.get(api(server, "/queue"), headers={"Authorization": f"Bearer {reader}"})
     assert r.status_code == 403
     # A curator of OTHER sees only OTHER's held series; default's are not found for it.
-    curator = cli("token", "create", "--role", "curator", "--collection", "OTHER", "--name", "cu")
+    curator = server.new_token("--role", "curator", "--collection", "OTHER", "--name", "cu")
     auth = {"Authorization": f"Bearer {curator.strip()}"}
     queue = requests.get(api(server, "/queue"), headers=auth, timeout=30).json()
     assert {row["series_uid"] for row in queue} == {other}

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import Server, create_token, run_cli
+from tests.conftest import Server
 from tests.factory import Phi, burned_in_series
 
 pytestmark = pytest.mark.slow
@@ -23,8 +23,6 @@ A, B = "AUDIT-A", "AUDIT-B"
 @dataclass(frozen=True)
 class Setup:
     server: Server
-    database_url: str
-    cwd: Path
     tokens: dict[str, str]
     held: dict[str, str]  # collection -> its held series
 
@@ -38,24 +36,14 @@ class Setup:
 
 
 @pytest.fixture(scope="module")
-def setup(
-    server_factory: Callable[..., Server],
-    database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Setup:
+def setup(server_factory: Callable[..., Server]) -> Setup:
     server = server_factory()
-    cwd = tmp_path_factory.mktemp("cli")
     for name in (A, B):
-        done = run_cli(database_url, cwd, "collection", "create", name)
-        assert done.returncode == 0, done.stderr
+        server.create_collection(name)
     tokens = {
         "admin": server.token,
-        "curator": create_token(
-            database_url, cwd, "--role", "curator", "--collection", A, "--name", "cura"
-        ),
-        "reader": create_token(
-            database_url, cwd, "--role", "reader", "--collection", A, "--name", "rd"
-        ),
+        "curator": server.new_token("--role", "curator", "--collection", A, "--name", "cura"),
+        "reader": server.new_token("--role", "reader", "--collection", A, "--name", "rd"),
     }
     held = {name: server.store(burned_in_series(2), name)[1] for name in (A, B)}
     for name, who, decision in ((A, "curator", "release"), (B, "admin", "reject")):
@@ -66,7 +54,7 @@ def setup(
             timeout=30,
         )
         assert r.status_code == 200, r.text
-    return Setup(server, database_url, cwd, tokens, held)
+    return Setup(server, tokens, held)
 
 
 def rows_of(text: str) -> list[dict[str, str]]:
@@ -129,17 +117,13 @@ def test_bad_export_requests_get_a_clear_4xx(
 
 def test_cli_exports_the_curation_audit_as_csv_and_json(setup: Setup, tmp_path: Path) -> None:
     out = tmp_path / "curation.csv"
-    done = run_cli(
-        setup.database_url, setup.cwd, "audit", "export", "--kind", "curation", "-o", str(out)
-    )
+    done = setup.server.run_cli("audit", "export", "--kind", "curation", "-o", str(out))
     assert done.returncode == 0, done.stderr
     rows = rows_of(out.read_text())
     assert {row["action"] for row in rows} >= {"evaluate", "release", "reject"}
     assert f"exported {len(rows)} curation rows" in done.stderr
-    done = run_cli(
-        setup.database_url,
-        setup.cwd,
-        *("audit", "export", "--kind", "curation", "--format", "json", "--collection", B),
+    done = setup.server.run_cli(
+        "audit", "export", "--kind", "curation", "--format", "json", "--collection", B
     )
     assert done.returncode == 0, done.stderr
     rows_b = json.loads(done.stdout)
@@ -150,8 +134,8 @@ def test_cli_exports_the_curation_audit_as_csv_and_json(setup: Setup, tmp_path: 
 def test_cli_access_audit_is_still_the_default_and_refuses_a_collection(
     setup: Setup,
 ) -> None:
-    done = run_cli(setup.database_url, setup.cwd, "audit", "export")
+    done = setup.server.run_cli("audit", "export")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("at,identity,token_id")
-    done = run_cli(setup.database_url, setup.cwd, "audit", "export", "--collection", A)
+    done = setup.server.run_cli("audit", "export", "--collection", A)
     assert done.returncode == 2 and "--kind curation" in done.stderr

@@ -16,7 +16,7 @@ from pydicom import Dataset, dcmread
 from pydicom.uid import ExplicitVRLittleEndian, RLELossless
 
 from carina.curation import edits, redaction, rewrite
-from tests.conftest import Server, create_token, run_cli
+from tests.conftest import Server, run_cli
 from tests.factory import TEXT_REGION, Phi, burned_in_series, ct_series, text_series
 
 pytestmark = pytest.mark.slow
@@ -299,12 +299,10 @@ def test_changes_to_unknown_or_decided_series_are_404_and_409(server: Server) ->
 
 
 def test_a_curator_of_another_collection_does_not_find_the_series(
-    server: Server, held: tuple[str, str], tmp_path_factory: pytest.TempPathFactory
+    server: Server, held: tuple[str, str]
 ) -> None:
-    cwd = tmp_path_factory.mktemp("cli")
-    done = run_cli(server.database_url, cwd, "collection", "create", "ELSEWHERE")  # type: ignore[arg-type]
-    assert done.returncode == 0, done.stderr
-    token = create_token(server.database_url, cwd, "--role", "curator", "--collection", "ELSEWHERE")  # type: ignore[arg-type]
+    server.create_collection("ELSEWHERE")
+    token = server.new_token("--role", "curator", "--collection", "ELSEWHERE")
     _, series = held
     r = requests.post(
         api(server, f"/series/{series}/redact"),

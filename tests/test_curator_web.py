@@ -13,7 +13,7 @@ import pytest
 import requests
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
-from tests.conftest import Server, create_token, run_cli
+from tests.conftest import Server
 from tests.factory import burned_in_series
 
 pytestmark = pytest.mark.slow
@@ -31,15 +31,9 @@ BAD_TOKEN = "carina_000000000000_" + 43 * "A"
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("cli")
-
-
-@pytest.fixture(scope="module")
-def held(server: Server, workdir: Path) -> dict[str, tuple[str, str]]:
+def held(server: Server) -> dict[str, tuple[str, str]]:
     """(study, series) of named held series: four in `default`, one in OTHER."""
-    done = run_cli(server.database_url, workdir, "collection", "create", "OTHER")  # type: ignore[arg-type]
-    assert done.returncode == 0, done.stderr
+    server.create_collection("OTHER")
     found = {}
     for name in ("release", "reject", "decided", "nocsrf"):
         study, series, _ = server.store(burned_in_series())
@@ -50,18 +44,9 @@ def held(server: Server, workdir: Path) -> dict[str, tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def curator(server: Server, workdir: Path) -> str:
+def curator(server: Server) -> str:
     """A curator token of the default collection, named as the audit will show it."""
-    return create_token(
-        server.database_url,  # type: ignore[arg-type]
-        workdir,
-        "--role",
-        "curator",
-        "--collection",
-        "default",
-        "--name",
-        "web-curator",
-    )
+    return server.new_token("--role", "curator", "--collection", "default", "--name", "web-curator")
 
 
 @pytest.fixture(scope="module")
@@ -199,13 +184,11 @@ def test_login_cookie_is_an_opaque_httponly_strict_session(server: Server, curat
     assert curator not in cookie and curator.split("_", 2)[2] not in cookie
 
 
-def test_page_refuses_a_bad_or_non_curator_token(server: Server, workdir: Path) -> None:
+def test_page_refuses_a_bad_or_non_curator_token(server: Server) -> None:
     r = requests.post(page_url(server, "/login"), data={"token": BAD_TOKEN}, timeout=30)
     assert r.status_code == 401 and "unknown token" in r.text
     assert "set-cookie" not in r.headers
-    reader = create_token(
-        server.database_url, workdir, "--role", "reader", "--collection", "default"
-    )  # type: ignore[arg-type]
+    reader = server.new_token("--role", "reader", "--collection", "default")
     r = requests.post(page_url(server, "/login"), data={"token": reader}, timeout=30)
     assert r.status_code == 403 and "may not curate" in r.text
     # Without a session, pages send the browser to the login page and posts are refused.
@@ -267,11 +250,9 @@ def test_page_posts_without_the_csrf_token_are_403_and_change_nothing(
 
 
 def test_logout_and_revocation_end_the_session(
-    server: Server, workdir: Path, held: dict[str, tuple[str, str]]
+    server: Server, held: dict[str, tuple[str, str]]
 ) -> None:
-    token = create_token(
-        server.database_url, workdir, "--role", "curator", "--collection", "default"
-    )  # type: ignore[arg-type]
+    token = server.new_token("--role", "curator", "--collection", "default")
     s, csrf = logged_in(server, token)
     cookie = s.cookies["carina_session"]
     r = s.post(page_url(server, "/logout"), data={"csrf": csrf}, timeout=30)
@@ -281,8 +262,7 @@ def test_logout_and_revocation_end_the_session(
     assert r.status_code == 303
     # A live session ends when its token is revoked.
     s, _ = logged_in(server, token)
-    done = run_cli(server.database_url, workdir, "token", "revoke", token.split("_")[1])  # type: ignore[arg-type]
-    assert done.returncode == 0, done.stderr
+    server.cli("token", "revoke", token.split("_")[1])
     r = s.get(page_url(server, "/queue"), allow_redirects=False, timeout=30)
     assert r.status_code == 303 and r.headers["location"] == "/curation/login"
 

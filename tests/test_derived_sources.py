@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from pydicom import Dataset
 
-from tests.conftest import Server, run_cli
+from tests.conftest import Server
 from tests.derived import build
 from tests.factory import Phi
 
@@ -48,17 +48,9 @@ class Sent:
 
 
 @pytest.fixture(scope="module")
-def sent(
-    server_factory: Callable[..., Server],
-    database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Sent:
+def sent(server_factory: Callable[..., Server]) -> Sent:
     server = server_factory()
-    options = [arg for o in OPTIONS for arg in ("--option", o)]
-    done = run_cli(
-        database_url, tmp_path_factory.mktemp("cli"), "collection", "create", COLLECTION, *options
-    )
-    assert done.returncode == 0, done.stderr
+    server.create_collection(COLLECTION, *[arg for o in OPTIONS for arg in ("--option", o)])
     return Sent(server)
 
 

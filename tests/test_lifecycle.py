@@ -215,34 +215,19 @@ def test_two_patients_in_one_series_is_quarantined(server: Server) -> None:
 # Per-collection settings and manifests
 
 
-@pytest.fixture(scope="module")
-def cli(server: Server, tmp_path_factory: pytest.TempPathFactory) -> Callable[..., str]:
-    """Run `carina ARGS` against the module's database; its stdout (asserting success)."""
-    cwd = tmp_path_factory.mktemp("cli")
-
-    def run(*args: str) -> str:
-        done = run_cli(server.database_url, cwd, *args)  # type: ignore[arg-type]
-        assert done.returncode == 0, done.stderr
-        return done.stdout
-
-    return run
-
-
-def test_collection_rule_settings_change_what_is_held(
-    server: Server, cli: Callable[..., str]
-) -> None:
-    cli("collection", "create", "LIMITS")
-    out = cli("collection", "rules", "LIMITS", "--set", "geometry.max_slices=3")
+def test_collection_rule_settings_change_what_is_held(server: Server) -> None:
+    server.create_collection("LIMITS")
+    out = server.cli("collection", "rules", "LIMITS", "--set", "geometry.max_slices=3")
     assert "geometry.max_slices\t3\t(collection)" in out
     root = f"{server.url}/collections/LIMITS/dicomweb"
     study, series = stow(server, clean_series(4), root)
     assert holds(server, series) == {"geometry-slice-count"}
     assert_invisible(server, study, series)
 
-    cli("collection", "rules", "LIMITS", "--unset", "geometry.max_slices")
+    server.cli("collection", "rules", "LIMITS", "--unset", "geometry.max_slices")
     sent = clean_series(4)
     sent[0].BurnedInAnnotation = "YES"
-    cli("collection", "rules", "LIMITS", "--set", "burned_in.enabled=false")
+    server.cli("collection", "rules", "LIMITS", "--set", "burned_in.enabled=false")
     study, series = stow(server, sent, root)
     assert state(server, series) == "published"
 
@@ -265,12 +250,12 @@ def test_bad_rule_settings_are_refused_with_a_reason(
 
 
 def test_manifest_expecting_three_series_holds_two_until_the_third_comes(
-    server: Server, cli: Callable[..., str], tmp_path: Path
+    server: Server, tmp_path: Path
 ) -> None:
-    cli("collection", "create", "MANIFESTED")
+    server.create_collection("MANIFESTED")
     manifest = tmp_path / "manifest.csv"
     manifest.write_text("modality,patients,studies,series,instances\nCT,1,1,3,6\n")
-    assert "CT: 1 patient(s), 1 study(ies), 3 series, 6 instance(s)" in cli(
+    assert "CT: 1 patient(s), 1 study(ies), 3 series, 6 instance(s)" in server.cli(
         "manifest", "upload", "MANIFESTED", str(manifest)
     )
     root = f"{server.url}/collections/MANIFESTED/dicomweb"
@@ -331,13 +316,13 @@ def test_audit_log_refuses_update_and_delete(server: Server) -> None:
 
 
 def test_end_of_a_c_store_association_settles_its_series_at_once(
-    server_factory: Callable[..., Server], cli: Callable[..., str]
+    server_factory: Callable[..., Server],
 ) -> None:
     """With an hour of quiet period, only the association's end can make the series due."""
     port = free_port()
     listener = server_factory(CARINA_DIMSE_PORT=str(port), CARINA_SETTLE_SECONDS="3600")
-    cli("collection", "create", "PUSHED")
-    cli("ae", "add", "SITEP", "--collection", "PUSHED")
+    listener.create_collection("PUSHED")
+    listener.cli("ae", "add", "SITEP", "--collection", "PUSHED")
     ae = AE(ae_title="SITEP")
     ae.add_requested_context(CTImageStorage)
     assoc = ae.associate("127.0.0.1", port, ae_title="CARINA")

@@ -47,19 +47,16 @@ def _stow(server: Server, url: str, *phis: Phi) -> requests.Response:
 
 
 @pytest.fixture(scope="module")
-def mapped(
-    server: Server, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> tuple[Server, list[str]]:
+def mapped(server: Server, tmp_path_factory: pytest.TempPathFactory) -> tuple[Server, list[str]]:
     """Collection MAPPED with a mapping for one patient, loaded with the server's key."""
-    cwd = tmp_path_factory.mktemp("cli")
-    (cwd / "map.csv").write_text(MAPPING)
-    key = {"CARINA_SECRET_KEY": "test-key-" + server.data_dir.name}
+    mapping = tmp_path_factory.mktemp("cli") / "map.csv"
+    mapping.write_text(MAPPING)
     outputs = []
     for args in (
         ("collection", "create", "MAPPED"),
-        ("collection", "mapping", "MAPPED", "--file", str(cwd / "map.csv")),
+        ("collection", "mapping", "MAPPED", "--file", str(mapping)),
     ):
-        done = run_cli(database_url, cwd, *args, **key)
+        done = server.run_cli(*args, CARINA_SECRET_KEY=server.secret_key)
         assert done.returncode == 0, done.stderr
         outputs += [done.stdout, done.stderr]
     return server, outputs
@@ -80,7 +77,7 @@ def test_mapped_and_unmapped_patients_in_one_stow(mapped: tuple[Server, list[str
     answer = _stow(server, root, MAPPED, UNMAPPED)
     assert answer.status_code == 202, answer.text  # all stored, coerced
     patients = _patients(server, root)
-    keyed = Pseudonymizer(collection_key(b"test-key-" + server.data_dir.name.encode(), "MAPPED"))
+    keyed = Pseudonymizer(collection_key(server.secret_key.encode(), "MAPPED"))
     assert patients == {
         "LDCT-0001": "LDCT-0001^SUBJECT",  # the submitter's research ID and name
         keyed.patient_id(UNMAPPED.patient_id): keyed.patient_id(UNMAPPED.patient_id),

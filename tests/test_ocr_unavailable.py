@@ -5,12 +5,11 @@ hold where the collection asks for one, and suspect modalities stay held as burn
 from __future__ import annotations
 
 from collections.abc import Callable
-from pathlib import Path
 
 import psycopg
 import pytest
 
-from tests.conftest import Server, run_cli
+from tests.conftest import Server
 from tests.factory import Phi
 from tests.test_ocr import ct_with_text, ultrasound_with_text
 
@@ -43,10 +42,7 @@ def test_ct_read_by_no_ocr_is_published_with_a_warning_saying_why(server: Server
 
 
 def test_collection_may_hold_series_that_ocr_could_not_read(server: Server) -> None:
-    done = run_cli(
-        str(server.database_url), Path(server.data_dir).parent, "collection", "create", "STRICT"
-    )
-    assert done.returncode == 0, done.stderr
+    server.create_collection("STRICT")
     server.set_rules("STRICT", "burned_in.ocr_unavailable=hold")
     _, series, _ = server.store(ct_with_text(Phi(), 1, text=False), "STRICT")
     assert server.settled()[series] == "quarantined"

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from dicomweb_client.api import DICOMwebClient
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
-from tests.conftest import Server, run_cli
+from tests.conftest import Server, bearer
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
@@ -92,28 +92,17 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(
-    idp: Idp,
-    server_factory: Callable[..., Server],
-    database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> World:
+def world(idp: Idp, server_factory: Callable[..., Server]) -> World:
     server = server_factory(
         CARINA_OIDC_ISSUER=ISSUER,
         CARINA_OIDC_AUDIENCE=AUDIENCE,
         CARINA_OIDC_JWKS_URL=idp.jwks_url,
         CARINA_AUTH_FAILURE_LIMIT="100000/minute",
     )
-    cwd = tmp_path_factory.mktemp("cli")
     for name in ("SECRET", "OTHER"):
-        done = run_cli(database_url, cwd, "collection", "create", name)  # restricted
-        assert done.returncode == 0, done.stderr
+        server.create_collection(name)  # restricted
     study, _, _ = server.store(ct_series(Phi(), 2, rows=8, columns=8), "SECRET")
     return World(server, study)
-
-
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
 
 
 @pytest.mark.parametrize("kid", ["rsa", "ec"], ids=["RS256", "ES256"])
@@ -121,12 +110,12 @@ def test_jwt_of_the_issuer_reads_its_collections_with_dicomweb_client(
     world: World, idp: Idp, kid: str
 ) -> None:
     token = idp.token(kid)
-    client = DICOMwebClient(world.server.root("SECRET"), headers=_bearer(token))
+    client = DICOMwebClient(world.server.root("SECRET"), headers=bearer(token))
     assert [s["0020000D"]["Value"][0] for s in client.search_for_studies()] == [world.study]
     assert len(client.retrieve_study(world.study)) == 2
     # Another collection's reader sees nothing of SECRET; the Carina admin token still works.
     other = idp.token(kid, collections=["OTHER"])
-    r = requests.get(f"{world.server.root('SECRET')}/studies", headers=_bearer(other), timeout=30)
+    r = requests.get(f"{world.server.root('SECRET')}/studies", headers=bearer(other), timeout=30)
     assert r.status_code == 404 and world.study not in r.text
     assert requests.get(
         f"{world.server.root('SECRET')}/studies", headers=world.server.auth, timeout=30
@@ -135,11 +124,11 @@ def test_jwt_of_the_issuer_reads_its_collections_with_dicomweb_client(
 
 def test_jwt_roles_grant_what_carina_roles_grant(world: World, idp: Idp) -> None:
     url = world.server.url
-    curator = _bearer(idp.token("ec", roles="curator"))  # a space-separated claim works too
+    curator = bearer(idp.token("ec", roles="curator"))  # a space-separated claim works too
     assert requests.get(f"{url}/api/curation/queue", headers=curator, timeout=30).ok
-    reader = _bearer(idp.token("rsa"))
+    reader = bearer(idp.token("rsa"))
     assert requests.get(f"{url}/api/curation/queue", headers=reader, timeout=30).status_code == 403
-    admin = _bearer(idp.token("rsa", roles=["admin"], collections=None))
+    admin = bearer(idp.token("rsa", roles=["admin"], collections=None))
     r = requests.get(f"{world.server.dicomweb}/studies", headers=admin, timeout=30)
     assert world.study in r.text
     # A share made with a JWT belongs to its identity.
@@ -196,7 +185,7 @@ def test_bad_jwts_are_refused_with_401_even_for_public_routes(
 ) -> None:
     token = BAD[kind](idp)
     for url in (f"{world.server.dicomweb}/studies", f"{world.server.url}/api/segments"):
-        r = requests.get(url, headers=_bearer(token), timeout=30)
+        r = requests.get(url, headers=bearer(token), timeout=30)
         assert r.status_code == 401, (kind, url, r.status_code, r.text)
         assert 'error="invalid_token"' in r.headers["WWW-Authenticate"]
         assert world.study not in r.text and token not in r.text

@@ -23,7 +23,7 @@ from starlette.routing import Mount
 
 from api.app import create_app
 from carina.settings import Settings
-from tests.conftest import Server, create_token, run_cli
+from tests.conftest import Server, bearer
 from tests.factory import Phi, burned_in_series, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -348,14 +348,11 @@ class World:
 def world(
     server_factory: Callable[..., Server],
     database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
 ) -> World:
     # Logins with refused tokens are part of the matrix; the rate limit has its own test.
     server = server_factory(CARINA_AUTH_FAILURE_LIMIT="100000/minute")
-    cwd = tmp_path_factory.mktemp("cli")
     for name in ("SECRET", "OTHER"):
-        done = run_cli(database_url, cwd, "collection", "create", name)  # restricted
-        assert done.returncode == 0, done.stderr
+        server.create_collection(name)  # restricted
     study, series, sop = server.store(ct_series(Phi(), 2, rows=16, columns=16), "SECRET")
     server.store([ds for _ in range(24) for ds in burned_in_series(1)], "SECRET")
     queue = server.http.get(
@@ -366,7 +363,7 @@ def world(
 
     def token(role: str, collection: str | None = None, name: str | None = None) -> str:
         args = ["--role", role, *(["--collection", collection] if collection else [])]
-        return create_token(database_url, cwd, *args, "--name", name or role)
+        return server.new_token(*args, "--name", name or role)
 
     tokens = {
         "reader": token("reader", "SECRET"),
@@ -377,9 +374,8 @@ def world(
         "admin": token("admin"),
         "revoked": token("reader", "SECRET", "revoked"),
     }
-    done = run_cli(database_url, cwd, "token", "revoke", tokens["revoked"].split("_")[1])
-    assert done.returncode == 0, done.stderr
-    reader = {"Authorization": f"Bearer {tokens['reader']}"}
+    server.cli("token", "revoke", tokens["revoked"].split("_")[1])
+    reader = bearer(tokens["reader"])
     made = requests.post(
         f"{server.url}/api/shares",
         json={"name": "matrix", "studies": [study]},

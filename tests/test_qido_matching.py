@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 from pydicom import Dataset, Sequence
 
-from tests.conftest import Server, run_cli
+from tests.conftest import Server
 from tests.factory import Phi, ct_instance
 
 pytestmark = pytest.mark.slow
@@ -22,24 +22,23 @@ def region(code: str, meaning: str) -> Sequence:
 
 
 @pytest.fixture(scope="module")
-def studies(
-    server: Server, database_url: str, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, str]:
+def studies(server: Server, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """Study "ct" (2 axial CT images of the chest, from ACME) and study "mr" (a derived head
     image from OTHERCO), and study "named" in a collection whose mapping gives its patient an
     accented research name. Keyed by name: the study's UID."""
-    cwd = tmp_path_factory.mktemp("cli")
-    (cwd / "map.csv").write_text(
+    mapping = tmp_path_factory.mktemp("cli") / "map.csv"
+    mapping.write_text(
         f"original_id,research_id,research_name\nMRN-FZ-1,FZ-0001,{ACCENTED}\n", encoding="utf-8"
     )
-    for args in (
-        ("collection", "create", "FUZZY"),
-        ("collection", "mapping", "FUZZY", "--file", str(cwd / "map.csv")),
-    ):
-        done = run_cli(
-            database_url, cwd, *args, CARINA_SECRET_KEY="test-key-" + server.data_dir.name
-        )
-        assert done.returncode == 0, done.stderr
+    server.create_collection("FUZZY")
+    server.cli(
+        "collection",
+        "mapping",
+        "FUZZY",
+        "--file",
+        str(mapping),
+        CARINA_SECRET_KEY=server.secret_key,
+    )
     chest = Phi(patient_id="MRN-MA-1")
     ct = [ct_instance(chest, n, rows=16, columns=16) for n in (1, 2)]
     for ds in ct:

@@ -17,7 +17,7 @@ import pytest
 import requests
 from pydicom import Dataset
 
-from tests.conftest import Server, create_token, run_cli
+from tests.conftest import Server, bearer
 from tests.factory import Phi, ct_instance, ct_series
 
 pytestmark = pytest.mark.slow
@@ -79,18 +79,10 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(
-    server_factory: Callable[..., Server],
-    database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> World:
+def world(server_factory: Callable[..., Server]) -> World:
     server = server_factory()
-    cwd = tmp_path_factory.mktemp("cli")
     for name in (OPEN, HIDDEN):
-        done = run_cli(
-            database_url, cwd, "collection", "create", name, "--visibility", "restricted"
-        )
-        assert done.returncode == 0, done.stderr
+        server.create_collection(name, "--visibility", "restricted")
         server.set_rules(name, *RULES)
     made = {
         "target": (OPEN, stack(101, thickness=2.0, spacing=2.0)),
@@ -106,8 +98,8 @@ def world(
     for name, (collection, datasets) in made.items():
         study, uid, _ = server.store(datasets, collection)
         series[name] = (study, uid)
-    token = create_token(database_url, cwd, "--role", "reader", "--collection", OPEN)
-    return World(server, series, {"Authorization": f"Bearer {token}"})
+    token = server.new_token("--role", "reader", "--collection", OPEN)
+    return World(server, series, bearer(token))
 
 
 # The example: CT with more than 100 slices, thickness 1.5-2.5 mm, uniform spacing.

@@ -16,7 +16,7 @@ import requests
 from dicomweb_client.api import DICOMwebClient
 from pydicom.uid import generate_uid
 
-from tests.conftest import Server, create_token, run_cli
+from tests.conftest import Server, bearer, run_cli
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
@@ -43,37 +43,23 @@ class Cohort:
         return f"{self.server.url}/shares/{self.share}{at}/dicomweb"
 
 
-def _bearer(token: str) -> dict[str, str]:
-    return {"Authorization": f"Bearer {token}"}
-
-
 def _small(phi: Phi, n: int) -> list:
     return ct_series(phi, n, rows=8, columns=8)
 
 
 @pytest.fixture(scope="module")
-def cohort(
-    server_factory: Callable[..., Server],
-    database_url: str,
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Cohort:
+def cohort(server_factory: Callable[..., Server], database_url: str) -> Cohort:
     server = server_factory()
-    cwd = tmp_path_factory.mktemp("cli")
     for name in ("A", "B"):
-        done = run_cli(database_url, cwd, "collection", "create", name)  # restricted
-        assert done.returncode == 0, done.stderr
+        server.create_collection(name)  # restricted
     whole, _, _ = server.store(_small(Phi(), 2), "A")
     other, _, _ = server.store(_small(Phi(), 1), "A")
     phi = Phi()
     split, part, _ = server.store(_small(phi, 2), "B")
     _, left, _ = server.store(_small(replace(phi, series_uid=generate_uid()), 1), "B")
-    done = run_cli(
-        database_url, cwd, "share", "create", "cohort", "--study", whole, "--series", part
-    )
-    assert done.returncode == 0, done.stderr
-    share = done.stdout.strip()
-    link = create_token(database_url, cwd, "--role", "share", "--share", share, "--expires", "1d")
-    return Cohort(server, database_url, share, _bearer(link), whole, split, part, left, other)
+    share = server.cli("share", "create", "cohort", "--study", whole, "--series", part).strip()
+    link = server.new_token("--role", "share", "--share", share, "--expires", "1d")
+    return Cohort(server, database_url, share, bearer(link), whole, split, part, left, other)
 
 
 def _studies(client: DICOMwebClient) -> dict[str, dict]:
@@ -101,7 +87,7 @@ def test_link_token_reads_exactly_the_share_with_dicomweb_client(cohort: Cohort)
 
 
 def test_link_token_opens_nothing_else_and_the_share_is_closed_without_it(
-    cohort: Cohort, tmp_path: Path
+    cohort: Cohort,
 ) -> None:
     server = cohort.server
     r = requests.get(f"{server.dicomweb}/studies", headers=cohort.link, timeout=30)
@@ -109,15 +95,8 @@ def test_link_token_opens_nothing_else_and_the_share_is_closed_without_it(
     r = requests.get(f"{server.root('A')}/studies", headers=cohort.link, timeout=30)
     assert r.status_code == 404
     assert requests.get(f"{cohort.root()}/studies", timeout=30).status_code == 404
-    reader_of_a = create_token(
-        cohort.database_url,
-        tmp_path,
-        "--role",
-        "reader",
-        "--collection",
-        "A",
-    )
-    r = requests.get(f"{cohort.root()}/studies", headers=_bearer(reader_of_a), timeout=30)
+    reader_of_a = server.new_token("--role", "reader", "--collection", "A")
+    r = requests.get(f"{cohort.root()}/studies", headers=bearer(reader_of_a), timeout=30)
     assert r.status_code == 404  # the share also draws on B, which it may not read
     assert requests.get(f"{cohort.root()}/studies", headers=server.auth, timeout=30).ok
     r = requests.post(
@@ -227,17 +206,8 @@ def _post(cohort: Cohort, path: str, who: dict[str, str], body: dict) -> request
 def test_reader_makes_a_share_of_what_it_reads_over_http_and_opens_it_with_a_link(
     cohort: Cohort, tmp_path: Path
 ) -> None:
-    reader_a = _bearer(
-        create_token(
-            cohort.database_url,
-            tmp_path,
-            "--role",
-            "reader",
-            "--collection",
-            "A",
-            "--name",
-            "alice",
-        )
+    reader_a = bearer(
+        cohort.server.new_token("--role", "reader", "--collection", "A", "--name", "alice")
     )
     # B's series and a UID of nothing get one answer: the caller learns nothing of B.
     hidden = _post(
@@ -262,7 +232,7 @@ def test_reader_makes_a_share_of_what_it_reads_over_http_and_opens_it_with_a_lin
         timedelta(days=2) - timedelta(minutes=5) < expires - datetime.now(UTC) <= timedelta(days=2)
     )
     root = f"{cohort.server.url}/shares/{made['share_id']}"
-    client = DICOMwebClient(f"{root}/dicomweb", headers=_bearer(link["token"]))
+    client = DICOMwebClient(f"{root}/dicomweb", headers=bearer(link["token"]))
     assert set(_studies(client)) == {cohort.whole, cohort.other}
     assert len(client.retrieve_study(cohort.other)) == 1
 
@@ -270,7 +240,7 @@ def test_reader_makes_a_share_of_what_it_reads_over_http_and_opens_it_with_a_lin
     r = _post(cohort, f"/{made['share_id']}/versions", reader_a, {"studies": [cohort.whole]})
     assert r.status_code == 201 and r.json()["version"] == 2
     assert set(_studies(client)) == {cohort.whole}
-    first = DICOMwebClient(f"{root}/versions/1/dicomweb", headers=_bearer(link["token"]))
+    first = DICOMwebClient(f"{root}/versions/1/dicomweb", headers=bearer(link["token"]))
     assert set(_studies(first)) == {cohort.whole, cohort.other}
 
     # Listed as the caller's own; an admin sees every share, the CLI's too.
@@ -285,10 +255,10 @@ def test_reader_makes_a_share_of_what_it_reads_over_http_and_opens_it_with_a_lin
 
 
 def test_only_the_owner_or_an_admin_changes_a_share_and_only_readers_make_them(
-    cohort: Cohort, tmp_path: Path
+    cohort: Cohort,
 ) -> None:
     def token(*args: str) -> dict[str, str]:
-        return _bearer(create_token(cohort.database_url, tmp_path, *args))
+        return bearer(cohort.server.new_token(*args))
 
     owner = token("--role", "reader", "--collection", "A", "--name", "owner")
     made = _post(cohort, "", owner, {"name": "o", "studies": [cohort.other]}).json()
@@ -308,7 +278,7 @@ def test_only_the_owner_or_an_admin_changes_a_share_and_only_readers_make_them(
     refused = {
         "anonymous": ({}, 401),
         "submitter": (token("--role", "submitter", "--collection", "A"), 403),
-        "link token": (_bearer(link), 403),
+        "link token": (bearer(link), 403),
     }
     for who, (headers, status) in refused.items():
         assert (

@@ -56,18 +56,8 @@ class DimseCarina(CarinaServer):
     def start(self) -> None:
         """Migrate and register the benchmark's AE title (in the data directory's embedded
         PostgreSQL), then start the server."""
-        _, env = self._command()
-        for args in (("migrate",), ("ae", "add", AE_TITLE, "--collection", "default")):
-            done = subprocess.run(
-                [self.python, "-m", "carina", *args],
-                env=env,
-                capture_output=True,
-                text=True,
-                timeout=300,
-                check=False,
-            )
-            if done.returncode != 0:
-                raise ServerError(f"carina {' '.join(args)} failed: {done.stderr[-2000:]}")
+        self.cli("migrate")
+        self.cli("ae", "add", AE_TITLE, "--collection", "default")
         super().start()
 
     def stored(self) -> int:

@@ -272,12 +272,12 @@ class CarinaServer(Server):
         )
         return [self.python, "-m", "carina", "serve"], env
 
-    def start(self) -> None:
-        """Make an admin token (storing needs one, and the default collection is restricted),
-        then start."""
+    def cli(self, *args: str) -> str:
+        """Run `carina ARGS` with this server's settings (its data directory and embedded
+        PostgreSQL); its stdout. ServerError when it fails."""
         _, env = self._command()
         done = subprocess.run(
-            [self.python, "-m", "carina", "token", "create", "--role", "admin", "--name", "bench"],
+            [self.python, "-m", "carina", *args],
             env=env,
             capture_output=True,
             text=True,
@@ -285,8 +285,14 @@ class CarinaServer(Server):
             check=False,
         )
         if done.returncode != 0:
-            raise ServerError(f"carina token create failed: {done.stderr[-2000:]}")
-        self.headers = {"Authorization": f"Bearer {done.stdout.strip()}"}
+            raise ServerError(f"carina {' '.join(args)} failed: {done.stderr[-2000:]}")
+        return done.stdout
+
+    def start(self) -> None:
+        """Make an admin token (storing needs one, and the default collection is restricted),
+        then start."""
+        token = self.cli("token", "create", "--role", "admin", "--name", "bench").strip()
+        self.headers = {"Authorization": f"Bearer {token}"}
         super().start()
 
     def _ready(self) -> bool:

@@ -20,12 +20,14 @@ whatever block bb (PS3.5 7.8.1) the creator reserved.
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import json
 import re
 import sys
 from pathlib import Path
+
+try:  # imported as deid_profiles.extract_safe_private
+    from .pymedphys_rows import read_rows, write_csv
+except ImportError:  # run as a script
+    from pymedphys_rows import read_rows, write_csv
 
 EDITION = "DICOM PS3.15 2026d"
 HERE = Path(__file__).resolve().parent
@@ -35,27 +37,18 @@ COLUMNS = ["private_creator", "group", "element", "vr", "vm", "meaning"]
 SOURCE_FIELDS = ("tag", "private_creator", "vr", "vm", "meaning")
 # "(0019,xx0C)": an odd group, "xx" for the block, the element offset (published in either case).
 PRIVATE_TAG = re.compile(r"\(([0-9A-Fa-f]{3}[13579BDFbdf]),xx([0-9A-Fa-f]{2})\)")
-DIGEST = re.compile(r"^# content_sha256: ([0-9a-f]{64})$")
 
 
 def read_source(path: Path) -> list[dict[str, str]]:
     """The source rows, checked against the digest recorded in the file's header."""
-    rows: list[dict[str, str]] = []
-    recorded = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            match = DIGEST.match(line)
-            recorded = match.group(1) if match else recorded
-            continue
+
+    def parse(line: str) -> dict[str, str]:
         fields = line.split("|")
         if len(fields) != len(SOURCE_FIELDS):
             raise ValueError(f"not {len(SOURCE_FIELDS)} fields: {line!r}")
-        rows.append(dict(zip(SOURCE_FIELDS, fields, strict=True)))
-    canonical = json.dumps(rows, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-    if recorded is None or digest != recorded:
-        raise ValueError(f"{path.name}: rows digest {digest} is not the recorded {recorded}")
-    return rows
+        return dict(zip(SOURCE_FIELDS, fields, strict=True))
+
+    return read_rows(path, parse)
 
 
 def extract_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -84,14 +77,6 @@ def extract_rows(rows: list[dict[str, str]]) -> list[dict[str, str]]:
     return out
 
 
-def write_csv(rows: list[dict[str, str]], path: Path) -> None:
-    """Write rows with the fixed column order and '\\n' line endings."""
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -99,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--output", type=Path, default=DEFAULT_OUTPUT)
     args = parser.parse_args(argv)
     rows = extract_rows(read_source(args.source))
-    write_csv(rows, args.output)
+    write_csv(rows, args.output, COLUMNS)
     print(f"{args.output}: {len(rows)} rows ({EDITION})", file=sys.stderr)
     return 0
 

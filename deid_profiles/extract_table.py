@@ -32,12 +32,14 @@ Skipped rows (not a plain tag or mask, so no recipe line can address them):
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import json
 import re
 import sys
 from pathlib import Path
+
+try:  # imported as deid_profiles.extract_table
+    from .pymedphys_rows import read_rows, write_csv
+except ImportError:  # run as a script
+    from pymedphys_rows import read_rows, write_csv
 
 EDITION = "DICOM PS3.15 2026d"
 SOURCE_REPO = "pymedphys/pymedphys"
@@ -66,7 +68,6 @@ COLUMNS: list[str] = ["tag", "name", "keyword", *ACTION_COLUMNS]
 ALLOWED_CODES = frozenset({"D", "Z", "X", "K", "C", "U", "Z/D", "X/Z", "X/D", "X/Z/D", "X/Z/U*"})
 
 TAG_RE = re.compile(r"\(([0-9A-Fa-fXx]{4}),([0-9A-Fa-fXx]{4})\)")
-DIGEST_RE = re.compile(r"^# content_sha256: ([0-9a-f]{64})$")
 NOTE_REF_RE = re.compile(r"\(\s*see\s+note\s+\d+\s*\)", re.IGNORECASE)
 
 
@@ -108,29 +109,19 @@ def tag_sort_key(tag: str) -> tuple[int, str]:
 
 def read_source(path: Path) -> list[dict]:
     """The source rows as PyMedPhys wrote them, checked against the digest in the header."""
-    entries: list[dict] = []
-    recorded = None
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.startswith("#"):
-            match = DIGEST_RE.match(line)
-            recorded = match.group(1) if match else recorded
-            continue
+
+    def parse(line: str) -> dict:
         name, tag, retired, in_iod, basic, options = line.split("|")
-        entries.append(
-            {
-                "name": name,
-                "tag": tag,
-                "retired": retired == "1",
-                "in_standard_iod": in_iod == "1",
-                "basic_profile": basic,
-                "options": dict(o.split("=", 1) for o in options.split(";") if o),
-            }
-        )
-    canonical = json.dumps(entries, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
-    digest = hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-    if recorded is None or digest != recorded:
-        raise ValueError(f"{path.name}: rows digest {digest} is not the recorded {recorded}")
-    return entries
+        return {
+            "name": name,
+            "tag": tag,
+            "retired": retired == "1",
+            "in_standard_iod": in_iod == "1",
+            "basic_profile": basic,
+            "options": dict(o.split("=", 1) for o in options.split(";") if o),
+        }
+
+    return read_rows(path, parse)
 
 
 def extract_rows(entries: list[dict]) -> tuple[list[dict[str, str]], list[str]]:
@@ -159,14 +150,6 @@ def extract_rows(entries: list[dict]) -> tuple[list[dict[str, str]], list[str]]:
     return rows, skipped
 
 
-def write_csv(rows: list[dict[str, str]], path: Path) -> None:
-    """Write rows to ``path`` with the fixed column order and '\\n' line endings."""
-    with path.open("w", encoding="utf-8", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -176,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
 
     entries = read_source(args.source)
     rows, skipped = extract_rows(entries)
-    write_csv(rows, args.output)
+    write_csv(rows, args.output, COLUMNS)
     print(f"{args.output}: {len(rows)} rows ({EDITION})", file=sys.stderr)
     for item in skipped:
         print(f"skipped (not a tag or mask): {item}", file=sys.stderr)

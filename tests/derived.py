@@ -16,6 +16,10 @@ from pydicom.uid import ExplicitVRLittleEndian, RTStructureSetStorage, generate_
 
 from tests.factory import Phi, ct_series
 
+# CARINA_DEID_OPTIONS of a server that indexes what these objects say: PS3.15 ContentSequence
+# is X under the Basic Profile, kept (cleaned) with clean_structured_content.
+KEEP_STRUCTURED_CONTENT = '["retain_long_modified_dates","clean_structured_content"]'
+
 
 def new_instance(series_number: int, model: str, serial: str) -> dict[str, Any]:
     """The identity and equipment arguments of a highdicom SEG or parametric map: a new

@@ -22,14 +22,18 @@ from pydicom import Dataset
 from pydicom.sr.codedict import codes
 
 from carina.archive import derived
-from tests.conftest import Server, run_cli, wait_for_series
-from tests.derived import build, landmark_sr, parametric_map, rt_structure_set
+from tests.conftest import Server, wait_for_series
+from tests.derived import (
+    KEEP_STRUCTURED_CONTENT,
+    build,
+    landmark_sr,
+    parametric_map,
+    rt_structure_set,
+)
 from tests.factory import Phi
 
 pytestmark = pytest.mark.slow
 DICOM_MULTIPART = 'multipart/related; type="application/dicom"'
-# PS3.15 ContentSequence is X under the Basic Profile; kept (cleaned) with this option.
-KEEP_STRUCTURED_CONTENT = '["retain_long_modified_dates","clean_structured_content"]'
 
 
 @dataclass(frozen=True)
@@ -621,13 +625,12 @@ def test_reindex_derived_rebuilds_what_an_older_carina_did_not_index(
         conn.execute("DELETE FROM derived_objects")
         conn.execute("DELETE FROM landmarks")
     assert _rows(more.server, "derived-objects", source_series=more.ct_series) == []
-    done = run_cli(database_url, more.server.data_dir.parent, "reindex-derived")
-    assert done.returncode == 0, done.stderr
+    out = more.server.cli("reindex-derived")
     with psycopg.connect(database_url) as conn:
         [(held,)] = conn.execute(
             "SELECT count(*) FROM instances WHERE sop_class_uid = ANY(%s)",
             (list(derived.KINDS),),
         ).fetchall()
-    assert f"indexed {held} derived objects" in done.stdout
+    assert f"indexed {held} derived objects" in out
     assert _rows(more.server, "derived-objects", source_series=more.ct_series) == before
     assert _rows(more.server, "landmarks", study=more.study) == landmarks

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 import pytest
 
 from tests.conftest import Server, wait_for_series
-from tests.derived import IBSI, radiomics
+from tests.derived import IBSI, KEEP_STRUCTURED_CONTENT, radiomics
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
-KEEP_STRUCTURED_CONTENT = '["retain_long_modified_dates","clean_structured_content"]'
 
 
 @dataclass(frozen=True)

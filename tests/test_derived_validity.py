@@ -15,12 +15,11 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import Server
-from tests.derived import build, landmark_sr, radiomics
+from tests.derived import KEEP_STRUCTURED_CONTENT, build, landmark_sr, radiomics
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
 # Keep the SR content tree (ContentSequence is X under the Basic Profile).
-KEEP_STRUCTURED_CONTENT = '["retain_long_modified_dates","clean_structured_content"]'
 PIXELMED_JAR = Path("/usr/share/java/pixelmed.jar")  # Debian's libpixelmed-java
 # Debian's DicomSRValidator script fails on Java 17+: its template XSLT has more XPath
 # operators than the JDK's secure-processing limits allow; lifting the limits lets it run.

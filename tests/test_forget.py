@@ -29,7 +29,7 @@ from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind  # t
 from carina.archive import db, erasure
 from carina.curation.forget import resolve
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
-from tests.conftest import Server, free_port, run_cli
+from tests.conftest import Server, free_port
 from tests.derived import build, parametric_map, rt_structure_set
 from tests.factory import Phi, ct_series, to_bytes
 from tests.s3server import S3Server, start_weed
@@ -98,14 +98,7 @@ def _deid_uids(collection: str, datasets: list[Dataset]) -> set[str]:
 
 def _cli(archive: Archive, *args: str, stdin: str | None = None) -> tuple[int, str]:
     """Run `carina ARGS` with the server's data directory and key: (exit code, all output)."""
-    done = run_cli(
-        archive.database_url,
-        archive.server.data_dir.parent,
-        *args,
-        stdin=stdin,
-        CARINA_SECRET_KEY=SECRET,
-        **archive.env,
-    )
+    done = archive.server.run_cli(*args, stdin=stdin, CARINA_SECRET_KEY=SECRET, **archive.env)
     return done.returncode, done.stdout + done.stderr
 
 

@@ -7,21 +7,20 @@ import time
 
 import pytest
 
-from tests.conftest import Server, run_cli
+from tests.conftest import Server
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
 
 
-def fsck(server: Server, database_url: str, *args: str) -> tuple[int, str]:
-    # run_cli uses <cwd>/data as CARINA_DATA_DIR: the server's own data directory.
-    done = run_cli(database_url, server.data_dir.parent, "fsck", *args)
+def fsck(server: Server, *args: str) -> tuple[int, str]:
+    done = server.run_cli("fsck", *args)  # in the server's own data directory
     return done.returncode, done.stdout + done.stderr
 
 
-def test_fsck_reports_damage_and_repairs_only_orphans(server: Server, database_url: str) -> None:
+def test_fsck_reports_damage_and_repairs_only_orphans(server: Server) -> None:
     server.client().store_instances(ct_series(Phi(), 3, rows=16, columns=16))
-    code, out = fsck(server, database_url)
+    code, out = fsck(server)
     assert code == 0, out
     assert "checked 3 indexed instances" in out
 
@@ -41,7 +40,7 @@ def test_fsck_reports_damage_and_repairs_only_orphans(server: Server, database_u
     stale.write_bytes(b"x")
     os.utime(stale, (time.time() - 7200, time.time() - 7200))
 
-    code, out = fsck(server, database_url)
+    code, out = fsck(server)
     assert code == 1
     assert f"missing object: {missing.relative_to(server.data_dir / 'objects')}" in out
     assert "wrong size:" in out
@@ -49,7 +48,7 @@ def test_fsck_reports_damage_and_repairs_only_orphans(server: Server, database_u
     assert "orphan object (no index row): 1.2.3/4.5.6/7.8.9.dcm" in out
     assert "stale staging file: stale.dcm" in out
 
-    code, out = fsck(server, database_url, "--checksums", "--repair")
+    code, out = fsck(server, "--checksums", "--repair")
     assert code == 1  # the missing and damaged objects cannot be repaired
     assert "wrong checksum:" in out
     assert "removed 2 orphan or stale files" in out

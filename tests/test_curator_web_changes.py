@@ -21,7 +21,6 @@ from tests.test_curator_web import (  # noqa: F401 - fixtures used by name
     logged_in,
     page_url,
     series_in_qido,
-    workdir,
 )
 
 pytestmark = pytest.mark.slow

@@ -175,22 +175,24 @@ def _changed_again(
 ) -> list[Outcome]:
     """The curator's recorded redactions and edits (migration 016) applied again to the newly
     de-identified instances, so no redacted pixel and no edited-out value comes back; the
-    intake's residual-PHI hits in edited attributes are dropped as the edit dropped them."""
+    intake's residual-PHI hits in edited attributes are dropped as the edit dropped them.
+    Only the instances a change names are read back and staged again."""
     with pool.connection() as conn:
         redactions = redaction.recorded(conn, series_uid)
         edited = edits.recorded(conn, series_uid)
-    if not redactions and not edited:
+    changed = {sop for sop, _ in redactions} | {sop for sop, _ in edited}
+    if not changed:
         return outcomes
     out: list[Outcome] = []
     for o in outcomes:
-        if isinstance(o, InstanceRecord):
+        if isinstance(o, InstanceRecord) and o.sop_uid in changed:
             ds = dcmread(o.staging_path)
-            redacted = rewrite.reapply(ds, redactions, redaction.redact_dataset)
-            if rewrite.reapply(ds, edited, edits.apply_edit) or redacted:
-                keywords = {e.keyword for sop, e in edited if sop == o.sop_uid}
-                findings = edits.without_hits(o.intake_findings, keywords)
-                new = rewrite.staged(ds, collection, Path(o.staging_path), o.warning, findings)
-                o = replace(new, original=o.original)
+            rewrite.reapply(ds, redactions, redaction.redact_dataset)
+            rewrite.reapply(ds, edited, edits.apply_edit)
+            keywords = {e.keyword for sop, e in edited if sop == o.sop_uid}
+            findings = edits.without_hits(o.intake_findings, keywords)
+            new = rewrite.staged(ds, collection, Path(o.staging_path), o.warning, findings)
+            o = replace(new, original=o.original)
         out.append(o)
     return out
 

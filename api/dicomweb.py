@@ -22,6 +22,7 @@ from .context import base_url, runtime
 from .dicomxml import DICOM_XML, native_xml
 from .errors import http_error
 from .multipart import (
+    Fill,
     Loaded,
     MultipartError,
     PartReader,
@@ -363,7 +364,7 @@ def _retrieve(
     def loader(key: str, stored: str, size: int, choices: list[str]) -> PartLoader:
         if choices[0] == stored:  # as stored: no decoding
             if size <= WHOLE_OBJECT_MAX:
-                return lambda: store.read(key)
+                return lambda: Fill(lambda view: store.read_into(key, view))
             return lambda: store.iter_chunks(key)
 
         def transcoded() -> Loaded:
@@ -391,7 +392,7 @@ def _retrieve(
     )
 
 
-PartLoader = Callable[[], "bytes | Iterator[bytes] | Loaded"]
+PartLoader = Callable[[], "bytes | Fill | Iterator[bytes] | Loaded"]
 
 
 # (object key, stored transfer syntax, size, transfer syntaxes to try in order)

@@ -12,6 +12,7 @@ from email.message import Message
 from functools import lru_cache
 from typing import TypeVar
 
+import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -181,10 +182,18 @@ class Loaded:
     length: int | None
 
 
+@dataclass(frozen=True)
+class Fill:
+    """A part of known length whose body is read straight into the buffer that is sent, after
+    its head (no copy of the body to frame it): fill(view) writes exactly len(view) bytes."""
+
+    fill: Callable[[memoryview], None]
+
+
 # One part of a response: content type, length if known, and a loader that returns the whole
-# body (small objects), an iterator of chunks (large ones) or a Loaded. Loaders run in worker
-# threads.
-PartSource = tuple[str, int | None, Callable[[], "bytes | Iterator[bytes] | Loaded"]]
+# body (small objects), a Fill, an iterator of chunks (large ones) or a Loaded. Loaders run in
+# worker threads.
+PartSource = tuple[str, int | None, Callable[[], "bytes | Fill | Iterator[bytes] | Loaded"]]
 
 
 def part_head(
@@ -209,25 +218,24 @@ async def write_parts(boundary: str, parts: Sequence[PartSource]) -> AsyncIterat
     together in one worker-thread call (up to GROUP_BYTES), and the next group is read while
     the current one is being sent; large parts are streamed in chunks."""
     groups = _groups(parts)
-    pending = _load(groups[0]) if groups else None
-    # The CRLF that ends a part goes out with the next part's head: one small write, not two.
-    tail = b""
+    pending = _load(boundary, groups[0], True) if groups else None
     try:
-        for i, group in enumerate(groups):
+        for i in range(len(groups)):
             assert pending is not None
-            bodies = await pending
-            pending = _load(groups[i + 1]) if i + 1 < len(groups) else None
-            for (ctype, length, _), body in zip(group, bodies, strict=True):
-                if isinstance(body, Loaded):
-                    ctype, length, body = body.ctype, body.length, body.body
-                yield tail + part_head(boundary, ctype, length)
+            ready = await pending
+            pending = _load(boundary, groups[i + 1], False) if i + 1 < len(groups) else None
+            for item in ready:
+                if not isinstance(item, tuple):
+                    yield item  # type: ignore[misc]  # StreamingResponse sends memoryviews too
+                    continue
+                head, body = item
+                yield head
                 if isinstance(body, bytes):
                     yield body
                 else:
                     async for chunk in iterate_in_threadpool(body):
                         yield chunk
-                tail = b"\r\n"
-        yield tail + closing(boundary)
+        yield (b"\r\n" if groups else b"") + closing(boundary)
     finally:
         if pending is not None:
             pending.cancel()
@@ -259,5 +267,38 @@ def _groups(parts: Sequence[PartSource]) -> list[list[PartSource]]:
     return groups
 
 
-def _load(group: list[PartSource]) -> asyncio.Future[list[bytes | Iterator[bytes] | Loaded]]:
-    return asyncio.ensure_future(run_in_threadpool(lambda: [part[2]() for part in group]))
+# What a worker thread makes of a part, to be sent as it is: the CRLF that ends the part before
+# (there is none before the first), the part's head and its body in one piece; or that head and
+# the body to send after it (a large one, which is not copied to join it to its head).
+_Ready = bytes | memoryview | tuple[bytes, bytes | Iterator[bytes]]
+# Bodies up to this size are joined to their head (a copy), so that the part is one write.
+JOIN_MAX = 64 << 10
+
+
+def _load(boundary: str, group: list[PartSource], first: bool) -> asyncio.Future[list[_Ready]]:
+    def load() -> list[_Ready]:
+        ready = []
+        for n, (ctype, length, loader) in enumerate(group):
+            body = loader()
+            if isinstance(body, Loaded):
+                ctype, length, body = body.ctype, body.length, body.body
+            head = part_head(boundary, ctype, length)
+            ready.append(_framed(head if first and n == 0 else b"\r\n" + head, length, body))
+        return ready
+
+    return asyncio.ensure_future(run_in_threadpool(load))
+
+
+def _framed(head: bytes, length: int | None, body: bytes | Fill | Iterator[bytes]) -> _Ready:
+    """A part as _Ready: whole when its body fills a buffer in place or is small."""
+    if isinstance(body, Fill):
+        assert length is not None
+        # Left uninitialised (a bytearray would be zeroed first: a pass over half a megabyte
+        # that is overwritten at once).
+        view = memoryview(np.empty(len(head) + length, np.uint8))
+        view[: len(head)] = head
+        body.fill(view[len(head) :])
+        return view
+    if isinstance(body, bytes) and len(body) <= JOIN_MAX:
+        return head + body
+    return head, body

@@ -254,12 +254,16 @@ def body_length(boundary: str, parts: Sequence[PartSource]) -> int:
 GROUP_BYTES = 8 << 20
 
 
+# The first group is this small, so that the first bytes go out while the next group is read.
+FIRST_GROUP_BYTES = 1 << 20
+
+
 def _groups(parts: Sequence[PartSource]) -> list[list[PartSource]]:
     groups: list[list[PartSource]] = []
     size = GROUP_BYTES
     for part in parts:
         length = part[1] or GROUP_BYTES
-        if size + length > GROUP_BYTES:
+        if size + length > (FIRST_GROUP_BYTES if len(groups) <= 1 else GROUP_BYTES):
             groups.append([])
             size = 0
         groups[-1].append(part)
@@ -267,9 +271,10 @@ def _groups(parts: Sequence[PartSource]) -> list[list[PartSource]]:
     return groups
 
 
-# What a worker thread makes of a part, to be sent as it is: the CRLF that ends the part before
-# (there is none before the first), the part's head and its body in one piece; or that head and
-# the body to send after it (a large one, which is not copied to join it to its head).
+# What a worker thread makes of a group of parts, to be sent as it is: runs of consecutive parts
+# in one buffer each (every part with the CRLF that ends the part before it, if any, its head
+# and its body), or the head of a part and the body to send after it (a large one, streamed or
+# not copied to join it to its head).
 _Ready = bytes | memoryview | tuple[bytes, bytes | Iterator[bytes]]
 # Bodies up to this size are joined to their head (a copy), so that the part is one write.
 JOIN_MAX = 64 << 10
@@ -277,28 +282,40 @@ JOIN_MAX = 64 << 10
 
 def _load(boundary: str, group: list[PartSource], first: bool) -> asyncio.Future[list[_Ready]]:
     def load() -> list[_Ready]:
-        ready = []
+        ready: list[_Ready] = []
+        run: list[tuple[bytes, bytes | Fill, int]] = []  # (head, body, length) to join
         for n, (ctype, length, loader) in enumerate(group):
             body = loader()
             if isinstance(body, Loaded):
                 ctype, length, body = body.ctype, body.length, body.body
             head = part_head(boundary, ctype, length)
-            ready.append(_framed(head if first and n == 0 else b"\r\n" + head, length, body))
-        return ready
+            head = head if first and n == 0 else b"\r\n" + head
+            if isinstance(body, Fill):
+                assert length is not None
+                run.append((head, body, length))
+            elif isinstance(body, bytes) and len(body) <= JOIN_MAX:
+                run.append((head, body, len(body)))
+            else:
+                ready += [_joined(run), (head, body)] if run else [(head, body)]
+                run = []
+        return [*ready, _joined(run)] if run else ready
 
     return asyncio.ensure_future(run_in_threadpool(load))
 
 
-def _framed(head: bytes, length: int | None, body: bytes | Fill | Iterator[bytes]) -> _Ready:
-    """A part as _Ready: whole when its body fills a buffer in place or is small."""
-    if isinstance(body, Fill):
-        assert length is not None
-        # Left uninitialised (a bytearray would be zeroed first: a pass over half a megabyte
-        # that is overwritten at once).
-        view = memoryview(np.empty(len(head) + length, np.uint8))
-        view[: len(head)] = head
-        body.fill(view[len(head) :])
-        return view
-    if isinstance(body, bytes) and len(body) <= JOIN_MAX:
-        return head + body
-    return head, body
+def _joined(run: list[tuple[bytes, bytes | Fill, int]]) -> memoryview:
+    """Consecutive parts in one buffer, each body read (a Fill) or copied into place: one
+    ASGI message and one write for the lot, not one or two per part."""
+    # Left uninitialised (a bytearray would be zeroed first: a pass over megabytes that are
+    # overwritten at once).
+    view = memoryview(np.empty(sum(len(head) + length for head, _, length in run), np.uint8))
+    at = 0
+    for head, body, length in run:
+        view[at : at + len(head)] = head
+        at += len(head)
+        if isinstance(body, Fill):
+            body.fill(view[at : at + length])
+        else:
+            view[at : at + length] = body
+        at += length
+    return view

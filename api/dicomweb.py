@@ -86,6 +86,15 @@ def router(prefix: str) -> APIRouter:
     """The DICOMweb routes of one root (e.g. /dicomweb)."""
     r = APIRouter(prefix=prefix)
 
+    # ---------------------------------------------------------------------- WADO-RS frames
+    # First: routes are matched in order, and a viewer asks for frames one by one, so each
+    # step saved counts. On the event loop, path parameters read as they are (checked by
+    # paths.check_path).
+    @r.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+    async def retrieve_frames(request: Request) -> Response:
+        p = request.path_params
+        return await _frames(request, p["study"], p["series"], p["sop"], p["frames"])
+
     # ---------------------------------------------------------------------- STOW-RS (10.5)
     @r.post("/studies")
     async def store_instances(request: Request) -> Response:
@@ -132,13 +141,6 @@ def router(prefix: str) -> APIRouter:
     @r.get("/studies/{study}/series/{series}/instances/{sop}")
     def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
         return _retrieve(request, study, series, sop)
-
-    @r.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
-    async def retrieve_frames(request: Request) -> Response:
-        # On the event loop, path parameters read as they are (checked by paths.check_path):
-        # a viewer asks for frames one by one, and each step saved counts.
-        p = request.path_params
-        return await _frames(request, p["study"], p["series"], p["sop"], p["frames"])
 
     @r.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
     def retrieve_bulk_data(

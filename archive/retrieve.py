@@ -63,6 +63,10 @@ class NotRetrievable(ArchiveError):
     frames not on byte boundaries)."""
 
 
+# preadv2's flag to read only what the page cache holds (Linux 4.14; None elsewhere).
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
 class WouldBlock(ArchiveError):
     """A StoredObject opened with nowait was asked for bytes that are not all in memory (the
     page cache) yet, or cannot be read without blocking at all; read them in a worker thread."""
@@ -83,11 +87,11 @@ class StoredObject:
         # nowait: for an event loop, which must not wait for a disk. Reads by offset then
         # take only what is in the page cache (RWF_NOWAIT, Linux 4.14) and raise WouldBlock
         # for anything else.
-        if nowait and not isinstance(store, FilesystemStore):
+        if nowait and (_RWF_NOWAIT is None or not isinstance(store, FilesystemStore)):
             raise WouldBlock("this object store is read in a worker thread")
         self._file = _open(store, key)
         self._fd = self._file.fileno() if isinstance(store, FilesystemStore) else None
-        self._flags = os.RWF_NOWAIT if nowait else 0
+        self._flags = _RWF_NOWAIT if nowait and _RWF_NOWAIT else 0
 
     def __enter__(self) -> StoredObject:
         return self

@@ -194,6 +194,22 @@ def read_scope(request: Request) -> Scope:
     return Scope((collections.get(pool, name).name,))
 
 
+async def read_scope_async(request: Request) -> Scope:
+    """read_scope, answered on the event loop when it needs no database (the root is
+    /dicomweb and the caller's readable collections are known: admin, or cached), else in a
+    worker thread."""
+    who = principal(request)
+    params = request.path_params
+    if "share" not in params and "collection" not in params:
+        if who.is_admin:
+            return Scope(None)
+        cache = _auth_cache(request)
+        readable = cache.get("readable", who.grants) if cache is not None else None
+        if isinstance(readable, list):
+            return Scope(tuple(readable))
+    return await run_in_threadpool(read_scope, request)
+
+
 def readable_collections(request: Request, who: Principal) -> list[str] | None:
     """access.readable_collections of who, from the cache while no collection has changed."""
     cache = _auth_cache(request)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from fastapi import Request
+from psycopg_pool import AsyncConnectionPool
 
 from carina.runtime import Runtime
 
@@ -13,6 +14,12 @@ ROOT = "/dicomweb"
 def runtime(request: Request) -> Runtime:
     """The application's Runtime (database pool, object store, intake)."""
     return request.app.state.runtime  # type: ignore[no-any-return]
+
+
+def statements(request: Request) -> AsyncConnectionPool:
+    """The application's pool for single statements from the event loop (archive.db's
+    open_statement_pool)."""
+    return request.app.state.statements  # type: ignore[no-any-return]
 
 
 def base_url(request: Request) -> str:

@@ -5,23 +5,27 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Hashable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
+import numpy as np
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydicom.uid import UID
+from starlette.concurrency import run_in_threadpool
 
 from carina.archive import index, qido, retrieve, transcode
+from carina.archive.storage import ObjectStore
 from carina.curation.intake import CANNOT_UNDERSTAND, BatchResult, InstanceRecord, Refusal
 
 from . import auth, submissions
 from .conditional import not_modified, validators
-from .context import base_url, runtime
+from .context import base_url, runtime, statements
 from .dicomxml import DICOM_XML, native_xml
 from .errors import http_error
 from .multipart import (
+    Fill,
     Loaded,
     MultipartError,
     PartReader,
@@ -82,6 +86,15 @@ def router(prefix: str) -> APIRouter:
     """The DICOMweb routes of one root (e.g. /dicomweb)."""
     r = APIRouter(prefix=prefix)
 
+    # ---------------------------------------------------------------------- WADO-RS frames
+    # First: routes are matched in order, and a viewer asks for frames one by one, so each
+    # step saved counts. On the event loop, path parameters read as they are (checked by
+    # paths.check_path).
+    @r.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
+    async def retrieve_frames(request: Request) -> Response:
+        p = request.path_params
+        return await _frames(request, p["study"], p["series"], p["sop"], p["frames"])
+
     # ---------------------------------------------------------------------- STOW-RS (10.5)
     @r.post("/studies")
     async def store_instances(request: Request) -> Response:
@@ -128,12 +141,6 @@ def router(prefix: str) -> APIRouter:
     @r.get("/studies/{study}/series/{series}/instances/{sop}")
     def retrieve_instance(request: Request, study: str, series: str, sop: str) -> Response:
         return _retrieve(request, study, series, sop)
-
-    @r.get("/studies/{study}/series/{series}/instances/{sop}/frames/{frames}")
-    def retrieve_frames(
-        request: Request, study: str, series: str, sop: str, frames: str
-    ) -> Response:
-        return _frames(request, study, series, sop, frames)
 
     @r.get("/studies/{study}/series/{series}/instances/{sop}/bulkdata/{tag}")
     def retrieve_bulk_data(
@@ -363,7 +370,7 @@ def _retrieve(
     def loader(key: str, stored: str, size: int, choices: list[str]) -> PartLoader:
         if choices[0] == stored:  # as stored: no decoding
             if size <= WHOLE_OBJECT_MAX:
-                return lambda: store.read(key)
+                return lambda: Fill(lambda view: store.read_into(key, view))
             return lambda: store.iter_chunks(key)
 
         def transcoded() -> Loaded:
@@ -391,7 +398,7 @@ def _retrieve(
     )
 
 
-PartLoader = Callable[[], "bytes | Iterator[bytes] | Loaded"]
+PartLoader = Callable[[], "bytes | Fill | Iterator[bytes] | Loaded"]
 
 
 # (object key, stored transfer syntax, size, transfer syntaxes to try in order)
@@ -581,17 +588,19 @@ def _frame_encoding(mtype: str, ts: str | None, stored: str) -> tuple[str, str, 
     return f"{mtype}; transfer-syntax={target}", _ENCODED, target
 
 
-def _frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
+async def _frames(request: Request, study: str, series: str, sop: str, frame_list: str) -> Response:
     """Retrieve Frames (PS3.18 10.4, Frames resource): native frames as octet-streams,
-    compressed ones as stored."""
+    compressed ones as stored. Native frames already in memory are answered on the event
+    loop; the rest is read and decoded in a worker thread."""
     try:
         numbers = retrieve.parse_frame_list(frame_list)
     except retrieve.InvalidRequest as e:
         return http_error(400, str(e))
-    rt = runtime(request)
+    store = runtime(request).store
+    scope = await auth.read_scope_async(request)
     # Audited as it is looked up (one statement): also a read answered 304 or refused 406.
-    key, syntax, size, version, geometry = index.instance_object(
-        rt.pool, study, series, sop, auth.read_scope(request), auth.access_of(request)
+    key, syntax, size, version, geometry = await index.instance_object_async(
+        statements(request), study, series, sop, scope, auth.access_of(request)
     )
     form = _frame_form(request, syntax)
     if form is None:
@@ -601,13 +610,45 @@ def _frames(request: Request, study: str, series: str, sop: str, frame_list: str
     cache = validators(version, request.url.path, form.ctype, str(form.multipart))
     if (unchanged := not_modified(request, cache)) is not None:
         return unchanged
-    obj = retrieve.StoredObject(rt.store, key)
+    if form.source != _BY_RANGE:
+        return await run_in_threadpool(_coded_frames, store, key, numbers, form, cache)
+    native = (store, key, syntax, size, (key, version.digest), geometry, numbers, form, cache)
     try:
-        if form.source == _BY_RANGE:
-            layout = retrieve.cached_layout(obj, syntax, (key, version.digest), size, geometry)
-            ranges = layout.ranges(numbers)
-            mode = "multipart" if form.multipart else "single"
-            return _octet_response(obj, [({}, r) for r in ranges], mode, cache)
+        return _native_frames(*native, nowait=True)
+    except retrieve.WouldBlock:
+        return await run_in_threadpool(_native_frames, *native)
+
+
+def _native_frames(
+    store: ObjectStore,
+    key: str,
+    syntax: str,
+    size: int,
+    version: Hashable,
+    geometry: tuple[str | None, ...],
+    numbers: list[int],
+    form: _FrameForm,
+    cache: dict[str, str],
+    nowait: bool = False,
+) -> Response:
+    """Native frames read by offset; with nowait, WouldBlock unless all is in memory."""
+    obj = retrieve.StoredObject(store, key, nowait=nowait)
+    try:
+        layout = retrieve.cached_layout(obj, syntax, version, size, geometry)
+        ranges = layout.ranges(numbers)
+    except BaseException as e:
+        obj.close()
+        return _retrieve_error(e)
+    mode = "multipart" if form.multipart else "single"
+    return _octet_response(obj, [({}, r) for r in ranges], mode, cache)
+
+
+def _coded_frames(
+    store: ObjectStore, key: str, numbers: list[int], form: _FrameForm, cache: dict[str, str]
+) -> Response:
+    """Frames as stored compressed, decoded, or encoded in another syntax."""
+    obj = retrieve.StoredObject(store, key)
+    try:
         with obj:
             if form.source == _AS_STORED:
                 frames = retrieve.encapsulated_frames(obj, numbers)
@@ -702,34 +743,49 @@ def _octet_response(
     mode: str,
     cache: dict[str, str],
 ) -> Response:
-    """Byte ranges of obj as one multipart/related part each (or one bare body): read here
-    and sent in one piece when small (a frame or two), else streamed; with the validators
-    in cache."""
+    """Byte ranges of obj as one multipart/related part each (or one bare body): read here,
+    straight into the body sent in one piece, when small (a frame or two), else streamed;
+    with the validators in cache."""
+    ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
     if mode == "single":
         headers, r = parts[0]
-
-        def single() -> Iterator[bytes]:
-            with obj:
-                yield from obj.read(r)
-
-        body, media_type = single(), OCTET
-        headers = {**headers, "Content-Length": str(r.length)}
+        pieces: list[bytes | retrieve.ByteRange] = [r]
+        media_type = OCTET
+        headers = {**headers, "Content-Length": str(r.length), **cache}
     else:
         boundary = new_boundary()
-
-        def multipart() -> Iterator[bytes]:
-            with obj:
-                for part_headers, r in parts:
-                    ctype = f"{OCTET}; transfer-syntax={EXPLICIT_LE}"
-                    yield part_head(boundary, ctype, r.length, part_headers)
-                    yield from obj.read(r)
-                    yield b"\r\n"
-                yield closing(boundary)
-
-        body, media_type = multipart(), f'multipart/related; type="{OCTET}"; boundary={boundary}'
-        headers = {}
-    headers = {**headers, **cache}
+        pieces = []
+        for part_headers, r in parts:
+            pieces += [part_head(boundary, ctype, r.length, part_headers), r, b"\r\n"]
+        pieces.append(closing(boundary))
+        media_type = f'multipart/related; type="{OCTET}"; boundary={boundary}'
+        headers = dict(cache)
     if sum(r.length for _, r in parts) <= WHOLE_OBJECT_MAX:
-        # Each streamed piece costs a worker-thread hop; a small answer is cheaper whole.
-        return Response(b"".join(body), media_type=media_type, headers=headers)
-    return StreamingResponse(body, media_type=media_type, headers=headers)
+        with obj:
+            return Response(_assembled(obj, pieces), media_type=media_type, headers=headers)
+
+    def body() -> Iterator[bytes]:
+        with obj:
+            for piece in pieces:
+                if isinstance(piece, bytes):
+                    yield piece
+                else:
+                    yield from obj.read(piece)
+
+    return StreamingResponse(body(), media_type=media_type, headers=headers)
+
+
+def _assembled(obj: retrieve.StoredObject, pieces: list[bytes | retrieve.ByteRange]) -> memoryview:
+    """pieces in one buffer: bytes as they are, byte ranges of obj read straight into place
+    (the buffer is left uninitialised: every byte of it is written)."""
+    size = sum(len(p) if isinstance(p, bytes) else p.length for p in pieces)
+    view = memoryview(np.empty(size, np.uint8))
+    at = 0
+    for piece in pieces:
+        if isinstance(piece, bytes):
+            view[at : at + len(piece)] = piece
+            at += len(piece)
+        else:
+            obj.read_into(piece.offset, view[at : at + piece.length])
+            at += piece.length
+    return view

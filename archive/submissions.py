@@ -8,6 +8,7 @@ de-identified UIDs, and each series' state with the codes of the findings that h
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,38 @@ def link_series(conn: Connection, submission_id: int, series: Mapping[str, int])
         " DO UPDATE SET instances = submission_series.instances + EXCLUDED.instances",
         (submission_id, uids, [series[u] for u in uids]),
     )
+
+
+def add_outcomes(
+    pool: ConnectionPool,
+    submission_id: int,
+    series: Mapping[str, int],
+    refused: Mapping[str, int],
+) -> None:
+    """Add to a C-STORE submission what became of instances it had acknowledged once its
+    report was written (curation/admission): the series they went to, and those refused
+    after all ("<status hex> <reason>" -> count), counted refused instead of accepted. A
+    submission never closed (its association was cut by a restart) is closed, its accepted
+    count being what was committed since."""
+    with pool.connection() as conn, conn.transaction():
+        row = conn.execute(
+            "SELECT ended_at IS NULL, reasons FROM submissions WHERE id = %s FOR UPDATE",
+            (submission_id,),
+        ).fetchone()
+        if row is None:
+            return
+        still_open, reasons = row
+        merged = Counter(reasons or {})
+        merged.update(refused)
+        n_refused = sum(refused.values())
+        accepted = sum(series.values()) if still_open else -n_refused
+        conn.execute(
+            "UPDATE submissions SET ended_at = coalesce(ended_at, now()),"
+            " accepted = greatest(accepted + %s, 0), refused = refused + %s, reasons = %s::jsonb"
+            " WHERE id = %s",
+            (accepted, n_refused, json.dumps(dict(merged)), submission_id),
+        )
+        link_series(conn, submission_id, series)
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
@@ -49,7 +49,7 @@ from .deid import Deidentifier, load_profile
 from .errors import CurationError, InstanceRefused
 from .pseudonyms import Pseudonymizer, collection_key, mapped_pseudonymizer
 from .rule_settings import RuleSettingError, config_from
-from .workers import LoopWorkerPool, WorkerDied, WorkerPool
+from .workers import LoopWorkerPool, WorkerDied, WorkerPool, tell
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +100,11 @@ class IntakeContext:
     phi: rules.ResidualPhiSettings | None = None
     # Keeps the identified original, encrypted (archive/originals.py); None: not kept.
     originals: originals.Sealer | None = None
+    # Admit early (curation/admission.py): seal the original durably into this directory of
+    # the intake area and tell() the caller an Admission before de-identifying; None: do not.
+    pending_dir: str | None = None
+    # Tell the Admission only once de-identified, with its warning (the status carries it).
+    admit_with_warning: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +152,22 @@ class Refusal:
 
 
 Outcome = InstanceRecord | Refusal
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An instance parsed, checked and whose original is durable in the intake area (a pending
+    original): told by the worker before it goes on (curation/admission.py). Nothing in it is
+    identified: the UIDs are the de-identified ones."""
+
+    collection: str
+    sop_class_uid: str
+    sop_uid: str
+    series_uid: str
+    pending: str  # path of the pending original
+    warning: int = 0  # what de-identification did, when told after it (admit_with_warning)
+    # Keyed digests that recognise the instance's subject among erasures (never stored).
+    forgotten_marks: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -514,6 +535,11 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
                 original_sop,
             )
 
+    admission = None
+    if ctx.pending_dir is not None and ctx.originals is not None and sop_class not in derived.KINDS:
+        admission = _admit(ds, payload, ctx, pseudo)
+        if admission is not None and not ctx.admit_with_warning:
+            tell(admission)
     held: set[str] = set()
     if sop_class in derived.KINDS and _DATABASE:
         # A derived object made from what Carina published (a SEG of a published CT) names
@@ -535,6 +561,8 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     if original_id:
         marks += (pseudo.forgotten_original(pseudo.subject_digest(original_id)),)
     warning = _coercion(ds, read, snapshot)
+    if admission is not None and ctx.admit_with_warning:
+        tell(replace(admission, warning=warning))
 
     _prepare_file_meta(ds)
     chunks = part10.encode(ds, _unchanged(ds, snapshot))
@@ -552,12 +580,42 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
         findings = _residual_phi(full, identifiers, ctx.phi)
         record = _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
         record = replace(record, forgotten_marks=marks)
-        if ctx.originals is not None:  # from here, where the identified bytes already are
+        if admission is not None and admission.sop_uid == record.sop_uid:
+            # Its pending original becomes the kept one (the seal names this SOP Instance UID).
+            name, _ = originals.parse_pending_name(Path(admission.pending).name)
+            record = replace(record, original=name)
+        elif ctx.originals is not None:  # from here, where the identified bytes already are
             record = replace(record, original=ctx.originals.keep(record.sop_uid, payload))
         return record
     except Exception:
         staging.unlink(missing_ok=True)
         raise
+
+
+def _admit(
+    ds: Dataset, payload: bytes | bytearray | str, ctx: IntakeContext, pseudo: Pseudonymizer
+) -> Admission | None:
+    """Seal the original durably into ctx.pending_dir under the SOP Instance UID it will have
+    once de-identified; its Admission (None: too large to keep, so not admitted early). The
+    forgotten marks are those de-identification gives (PatientID is always its pseudonym)."""
+    assert ctx.originals is not None and ctx.pending_dir is not None
+    sop_uid = pseudo.uid(str(ds.SOPInstanceUID))
+    pending = ctx.originals.keep_pending(Path(ctx.pending_dir), sop_uid, payload)
+    if pending is None:
+        return None
+    original_id = _str(ds, "PatientID")
+    subject = original_id or "no-patient-id:" + str(ds.StudyInstanceUID)
+    marks = (pseudo.forgotten_research_id(pseudo.patient_id(subject)),)
+    if original_id:
+        marks += (pseudo.forgotten_original(pseudo.subject_digest(original_id)),)
+    return Admission(
+        collection=ctx.collection,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_uid=sop_uid,
+        series_uid=pseudo.uid(str(ds.SeriesInstanceUID)),
+        pending=str(pending),
+        forgotten_marks=marks,
+    )
 
 
 def _uids_in(ds: Dataset) -> list[str]:
@@ -922,9 +980,14 @@ class Intake:
                 outcome = worker.call(process_part, self._into_slot(payload, slot), ctx)
             except WorkerDied:
                 outcome = Refusal(PROCESSING_FAILURE, WORKER_ENDED)
+        return self.commit_one(outcome)
+
+    def commit_one(self, outcome: Outcome) -> Outcome:
+        """Store and index one processed instance (a refusal stays one); what became of it.
+        More may follow from its sender: its series settles after a quiet period, or at the
+        end of its association."""
         result = BatchResult([outcome])
         if result.stored:
-            # More may follow on the association: settle after a quiet period or at its end.
             self._commit(result, self.settle_seconds)
         return result.outcomes[0]
 
@@ -979,25 +1042,10 @@ class Intake:
             originals.path(self.originals.root, record.original).unlink(missing_ok=True)
 
     def _refuse_forgotten(self, result: BatchResult) -> None:
-        """Refuse the instances of result whose subject an erasure in force forgot. A
-        collection seen without erasures in force less than ERASURES_TTL seconds ago is not
-        asked again (no round trip): an erasure made meanwhile is caught by the index
-        transaction (_admit), which refuses the instance and deletes its object."""
-        now = time.monotonic()
-        records = [
-            r
-            for r in result.stored
-            if now - self._erasure_free.get(r.collection, -ERASURES_TTL) >= ERASURES_TTL
-        ]
-        if not records:
-            return
+        """Refuse the instances of result whose subject an erasure in force forgot (see
+        forgotten())."""
         try:
-            with self.db_pool.connection() as conn, conn.cursor() as cur:  # type: ignore[attr-defined]
-                for collection in {r.collection for r in records}:
-                    if not erasure.any_in_force(cur, collection):
-                        self._erasure_free[collection] = now
-                records = [r for r in records if self._erasure_free.get(r.collection) != now]
-                forgotten = _forgotten_marks(cur, records)
+            forgotten = self.forgotten(result.stored)
         except Exception:  # noqa: BLE001 - the index transaction checks again, or fails
             return
         for i, outcome in enumerate(result.outcomes):
@@ -1007,6 +1055,26 @@ class Intake:
                 self._discard(outcome)
                 result.outcomes[i] = _refused(outcome, NOT_AUTHORIZED, FORGOTTEN)
 
+    def forgotten(self, items: Sequence[InstanceRecord | Admission]) -> set[bytes]:
+        """The forgotten marks of items that an erasure in force of their collection holds. A
+        collection seen without erasures in force less than ERASURES_TTL seconds ago is not
+        asked again (no round trip): an erasure made meanwhile is caught by the index
+        transaction (_admit_records), which refuses the instance and deletes its object."""
+        now = time.monotonic()
+        items = [
+            r
+            for r in items
+            if now - self._erasure_free.get(r.collection, -ERASURES_TTL) >= ERASURES_TTL
+        ]
+        if not items:
+            return set()
+        with self.db_pool.connection() as conn, conn.cursor() as cur:  # type: ignore[attr-defined]
+            for collection in {r.collection for r in items}:
+                if not erasure.any_in_force(cur, collection):
+                    self._erasure_free[collection] = now
+            items = [r for r in items if self._erasure_free.get(r.collection) != now]
+            return _forgotten_marks(cur, items)
+
     def _index(
         self, result: BatchResult, stored: list[InstanceRecord], settle_after: float
     ) -> list[InstanceRecord]:
@@ -1015,7 +1083,7 @@ class Intake:
         their objects deleted. Returns what was indexed."""
         while stored:
             try:
-                guard = partial(_admit, stored)
+                guard = partial(_admit_records, stored)
                 index.write_batch(self.db_pool, stored, settle_after, guard=guard)  # type: ignore[arg-type]
                 return stored
             except _ForgottenMeanwhile as e:
@@ -1064,7 +1132,7 @@ class _ForgottenMeanwhile(Exception):
         self.marks = marks
 
 
-def _admit(records: list[InstanceRecord], cur: Any) -> None:
+def _admit_records(records: list[InstanceRecord], cur: Any) -> None:
     """In the transaction that indexes records: hold off erasures of their collections, then
     check again that none of their subjects is forgotten (_ForgottenMeanwhile if one is)."""
     for collection in sorted({r.collection for r in records}):
@@ -1074,7 +1142,7 @@ def _admit(records: list[InstanceRecord], cur: Any) -> None:
         raise _ForgottenMeanwhile(forgotten)
 
 
-def _forgotten_marks(cur: Any, records: list[InstanceRecord]) -> set[bytes]:
+def _forgotten_marks(cur: Any, records: Sequence[InstanceRecord | Admission]) -> set[bytes]:
     """The forgotten marks of records that an erasure in force of their collection holds."""
     found: set[bytes] = set()
     for collection in sorted({r.collection for r in records}):

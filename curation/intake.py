@@ -32,6 +32,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.hooks import hooks
 from pydicom.hooks import raw_element_value as _default_value_hook
 from pydicom.hooks import raw_element_vr as _default_vr_hook
@@ -511,6 +512,73 @@ def process_part(payload: Payload, ctx: IntakeContext) -> Outcome:
 
 
 def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
+    pending = _PendingOriginal.start(payload, ctx)
+    try:
+        outcome = _process_part(payload, ctx, pending)
+    except BaseException:
+        if pending is not None:
+            pending.discard()
+        raise
+    if pending is not None and not pending.admitted:
+        pending.discard()
+    return outcome
+
+
+class _PendingOriginal:
+    """An original being sealed durably into the intake area (Sealer.keep_pending) by a
+    thread of the worker while the worker parses and checks it: the file and directory
+    flushes wait on the disk, not on the CPU. Sealed under the de-identified UID of the SOP
+    Instance UID its file meta names (the C-STORE request's)."""
+
+    def __init__(self, payload: bytes | bytearray | str, ctx: IntakeContext, sop_uid: str):
+        assert ctx.originals is not None and ctx.pending_dir is not None
+        self.sop_uid = sop_uid
+        self.admitted = False
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._seal, args=(ctx.originals, Path(ctx.pending_dir), payload)
+        )
+        self._thread.start()
+
+    @classmethod
+    def start(cls, payload: bytes | bytearray | str, ctx: IntakeContext) -> _PendingOriginal | None:
+        """Start sealing when ctx admits early and the file meta names the instance."""
+        if ctx.pending_dir is None or ctx.originals is None or isinstance(payload, str):
+            return None
+        try:
+            fp = BytesIO(payload)
+            read_preamble(fp, True)
+            meta = _read_file_meta_info(fp)
+            original = str(meta.MediaStorageSOPInstanceUID)
+        except Exception:  # noqa: BLE001 - parsing says what is wrong with it
+            return None
+        pseudo = _pseudonymizer(ctx.key, ctx.collection, ctx.mapping_version)
+        return cls(payload, ctx, pseudo.uid(original))
+
+    def _seal(self, sealer: originals.Sealer, directory: Path, payload: bytes) -> None:
+        try:
+            self._path = sealer.keep_pending(directory, self.sop_uid, payload)
+        except BaseException as e:  # raised by path()
+            self._error = e
+
+    def path(self) -> Path | None:
+        """The durable pending original once written (None: too large to keep)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._path
+
+    def discard(self) -> None:
+        """Remove it: the instance was not admitted early."""
+        self._thread.join()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+
+
+def _process_part(
+    payload: bytes | bytearray | str, ctx: IntakeContext, pending: _PendingOriginal | None
+) -> Outcome:
     ds, snapshot = _read(payload)
     missing = [k for k in _REQUIRED_UIDS if not _str(ds, k)]
     sop_class = _str(ds, "SOPClassUID") or ""
@@ -536,8 +604,8 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
             )
 
     admission = None
-    if ctx.pending_dir is not None and ctx.originals is not None and sop_class not in derived.KINDS:
-        admission = _admit(ds, payload, ctx, pseudo)
+    if pending is not None and sop_class not in derived.KINDS:
+        admission = _admission(ds, ctx, pseudo, pending)
         if admission is not None and not ctx.admit_with_warning:
             tell(admission)
     held: set[str] = set()
@@ -580,7 +648,7 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
         findings = _residual_phi(full, identifiers, ctx.phi)
         record = _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
         record = replace(record, forgotten_marks=marks)
-        if admission is not None and admission.sop_uid == record.sop_uid:
+        if admission is not None and pending is not None and pending.sop_uid == record.sop_uid:
             # Its pending original becomes the kept one (the seal names this SOP Instance UID).
             name, _ = originals.parse_pending_name(Path(admission.pending).name)
             record = replace(record, original=name)
@@ -592,17 +660,16 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
         raise
 
 
-def _admit(
-    ds: Dataset, payload: bytes | bytearray | str, ctx: IntakeContext, pseudo: Pseudonymizer
+def _admission(
+    ds: Dataset, ctx: IntakeContext, pseudo: Pseudonymizer, pending: _PendingOriginal
 ) -> Admission | None:
-    """Seal the original durably into ctx.pending_dir under the SOP Instance UID it will have
-    once de-identified; its Admission (None: too large to keep, so not admitted early). The
-    forgotten marks are those de-identification gives (PatientID is always its pseudonym)."""
-    assert ctx.originals is not None and ctx.pending_dir is not None
-    sop_uid = pseudo.uid(str(ds.SOPInstanceUID))
-    pending = ctx.originals.keep_pending(Path(ctx.pending_dir), sop_uid, payload)
-    if pending is None:
+    """The Admission of a parsed and checked instance, once its pending original is durable
+    (None: too large to keep, so not admitted early). Its forgotten marks are those
+    de-identification gives (PatientID is always its pseudonym)."""
+    path = pending.path()
+    if path is None:
         return None
+    pending.admitted = True
     original_id = _str(ds, "PatientID")
     subject = original_id or "no-patient-id:" + str(ds.StudyInstanceUID)
     marks = (pseudo.forgotten_research_id(pseudo.patient_id(subject)),)
@@ -611,9 +678,9 @@ def _admit(
     return Admission(
         collection=ctx.collection,
         sop_class_uid=str(ds.SOPClassUID),
-        sop_uid=sop_uid,
+        sop_uid=pseudo.uid(str(ds.SOPInstanceUID)),
         series_uid=pseudo.uid(str(ds.SeriesInstanceUID)),
-        pending=str(pending),
+        pending=str(path),
         forgotten_marks=marks,
     )
 

@@ -4,9 +4,12 @@ Root Query/Retrieve (C-FIND, C-MOVE, C-GET) SCP.
 Sites push with C-STORE. A calling AE title must be registered (archive/peers) and maps to the
 collection its instances go to; an unknown one, or one calling from another host than
 registered, is rejected at A-ASSOCIATE time and audited. Each received dataset goes through the
-same intake as a STOW-RS part, and its status is sent only once the instance is stored and
-indexed. pynetdicom runs one thread per association; handlers are plain functions bound to
-events, and the only state they share (the table of live associations) sits behind a lock.
+same intake as a STOW-RS part. Its status is sent once it is admitted: checked, and its
+original durable in the intake area, the rest following in the background
+(curation/admission.py; the release response and the association's end wait for it); or,
+with settings.dimse_ack "indexed" and for derived objects, once it is stored and indexed.
+pynetdicom runs one thread per association; handlers are plain functions bound to events,
+and the only state they share (the table of live associations) sits behind a lock.
 
 The C-STORE handler sees identified data: it logs the calling AE, counts and de-identified UIDs,
 never a value from the received dataset.

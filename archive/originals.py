@@ -9,6 +9,10 @@ the pseudonyms stay. The associated data binds a file to its collection, its de-
 SOP Instance UID and its name, so a file altered, cut short, or moved to stand for another
 instance fails authentication instead of decrypting to something else.
 
+A C-STORE acknowledged on admission (curation/admission.py) has its original sealed first as
+a pending original in the intake area, flushed before the status is sent and named for what
+it will be (pending_name()); once its instance is indexed, adopt() renames it into place.
+
 Intake writes the file from the worker process that holds the bytes, never in clear, and its
 row (table `originals`, migrations/017) in the transaction that indexes the de-identified
 instance. The write is not fsynced before the instance is acknowledged: the original only

@@ -416,7 +416,10 @@ class Admitter:
             try:
                 context = json.loads((sender / _CONTEXT).read_text())
             except (OSError, ValueError):
-                log.error("pending directory %s has no readable context; left", sender.name)
+                if not any(p.name != _CONTEXT for p in _entries(sender)):
+                    shutil.rmtree(sender, ignore_errors=True)  # cut short as it was made
+                else:
+                    log.error("pending directory %s has no readable context; left", sender.name)
                 continue
             group = Admissions(sender, context["collection"], context.get("submission_id"))
             group.close()

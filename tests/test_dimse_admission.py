@@ -162,6 +162,22 @@ def test_instance_whose_store_fails_after_its_ack_is_processed_again_until_index
         server.stop()
 
 
+def _ended_submission(database_url: str, timeout: float = 60.0) -> tuple[int, int, dict]:
+    """(accepted, refused, reasons) of SITEADM's latest submission, once its association's
+    end has written them (just after the release response)."""
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while True:
+            row = conn.execute(
+                "SELECT ended_at IS NOT NULL, accepted, refused, reasons FROM submissions"
+                " WHERE ae_title = 'SITEADM' ORDER BY id DESC LIMIT 1"
+            ).fetchone()
+            if row is not None and row[0]:
+                return row[1], row[2], row[3]
+            assert time.monotonic() < deadline, "the submission did not end"
+            time.sleep(0.05)
+
+
 def _files(root: Path) -> list[Path]:
     return [p for p in root.rglob("*") if p.is_file()]
 
@@ -222,3 +238,49 @@ def test_instances_acknowledged_before_a_kill_are_indexed_after_restart(
                 assert s not in str(ds)
     finally:
         again.stop()
+
+
+def test_instance_forgotten_after_its_ack_is_refused_in_the_association_report(
+    registered: str, tmp_path: Path
+) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    server = serve(data, registered, port)
+    try:
+        p = pseudonymizer()
+        first = Phi()
+        later = Phi(patient_id=first.patient_id)  # the same subject, another study
+        assoc = associate(port)
+        [ds] = ct_series(first, 1, rows=16, columns=16)
+        assert assoc.send_c_store(ds).get("Status") == COERCED
+        # The later study cannot be stored for now: admitted, then waiting to be retried.
+        blocker = data / "objects" / p.uid(later.study_uid)
+        blocker.write_bytes(b"")
+        [ds] = ct_series(later, 1, rows=16, columns=16)
+        assert assoc.send_c_store(ds).get("Status") == COERCED
+        _log_says(server, "processing again in")
+        # Meanwhile the subject is forgotten (its first instance is indexed by now).
+        done = run_cli(
+            registered,
+            tmp_path,
+            "subject",
+            "forget",
+            COLLECTION,
+            "--research-id",
+            p.patient_id(first.patient_id),
+            CARINA_SECRET_KEY=SECRET,
+        )
+        assert done.returncode == 0, done.stderr
+        blocker.unlink()
+        assoc.release()  # waits for the retry, which refuses it
+        assert indexed(registered, [p.uid(ds.SOPInstanceUID)]) == 0
+        assert _pending(data) == []
+        accepted, refused, reasons = _ended_submission(registered)
+        assert (accepted, refused) == (1, 1)
+        [reason] = reasons
+        assert reason.startswith("0124 subject forgotten")
+        log = server.log.read_bytes()
+        for s in first.strings():
+            assert s.encode() not in log
+    finally:
+        server.stop()

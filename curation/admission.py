@@ -199,8 +199,8 @@ class Admitter:
     ) -> Outcome | Admitted:
         """Process one instance of group's sender; return once it is admitted (its original
         durable), refused, or (when it cannot be admitted early: a derived object, an
-        original too large to keep) stored and indexed. With warnings, the admission waits
-        for de-identification, whose warning the status carries."""
+        original too large to keep) stored and indexed. With warnings, the admission carries
+        de-identification's warning (IntakeContext.admit_with_warning)."""
         ctx = replace(ctx, pending_dir=str(group.directory), admit_with_warning=warnings)
         workers = self.intake._thread_workers
         taken = workers.take()

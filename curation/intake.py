@@ -46,7 +46,8 @@ from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
 from . import part10, rules
-from .deid import Deidentifier, load_profile
+from .deid import UID as UID_OP
+from .deid import Deidentifier, Profile, load_profile
 from .errors import CurationError, InstanceRefused
 from .pseudonyms import Pseudonymizer, collection_key, mapped_pseudonymizer
 from .rule_settings import RuleSettingError, config_from
@@ -83,6 +84,7 @@ BULK_THRESHOLD = 1024
 IMPLEMENTATION_CLASS_UID = "2.25.238593742924346191678535099119690636885"
 IMPLEMENTATION_VERSION = f"CARINA_{__version__}"[:16]
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_SOP_INSTANCE_UID = 0x00080018
 
 
 @dataclass(frozen=True)
@@ -104,7 +106,8 @@ class IntakeContext:
     # Admit early (curation/admission.py): seal the original durably into this directory of
     # the intake area and tell() the caller an Admission before de-identifying; None: do not.
     pending_dir: str | None = None
-    # Tell the Admission only once de-identified, with its warning (the status carries it).
+    # The Admission carries de-identification's warning (the status does): told once
+    # de-identified, unless the profile remaps SOP Instance UIDs (then always COERCED).
     admit_with_warning: bool = False
 
 
@@ -603,18 +606,21 @@ def _process_part(
                 original_sop,
             )
 
+    profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
     admission = None
+    told = False
     if pending is not None and sop_class not in derived.KINDS:
         admission = _admission(ds, ctx, pseudo, pending)
-        if admission is not None and not ctx.admit_with_warning:
-            tell(admission)
+        if admission is not None and (not ctx.admit_with_warning or _remaps_sop_uid(profile)):
+            # The warning is known already: a remapped SOP Instance UID is a changed value.
+            tell(replace(admission, warning=COERCED) if ctx.admit_with_warning else admission)
+            told = True
     held: set[str] = set()
     if sop_class in derived.KINDS and _DATABASE:
         # A derived object made from what Carina published (a SEG of a published CT) names
         # UIDs Carina wrote: kept as they are, so its references land on the published series.
         held = index.held_uids(_DATABASE[0], ctx.collection, _uids_in(ds))
         pseudo = pseudo.keeping(held)
-    profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
     identifiers = rules.patient_identifiers(ds)  # in memory only, for _residual_phi
     original_id = _str(ds, "PatientID")
     read = frozenset(ds._dict)
@@ -629,7 +635,7 @@ def _process_part(
     if original_id:
         marks += (pseudo.forgotten_original(pseudo.subject_digest(original_id)),)
     warning = _coercion(ds, read, snapshot)
-    if admission is not None and ctx.admit_with_warning:
+    if admission is not None and not told:
         tell(replace(admission, warning=warning))
 
     _prepare_file_meta(ds)
@@ -658,6 +664,13 @@ def _process_part(
     except Exception:
         staging.unlink(missing_ok=True)
         raise
+
+
+def _remaps_sop_uid(profile: Profile) -> bool:
+    """Whether de-identification gives every instance (but a derived object's held UIDs,
+    never admitted early) a new SOP Instance UID: then it always coerces (_coercion)."""
+    rule = profile.rule_for(_SOP_INSTANCE_UID)
+    return rule is not None and rule.op == UID_OP
 
 
 def _admission(

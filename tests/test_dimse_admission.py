@@ -54,6 +54,17 @@ def serve(data_dir: Path, database_url: str, port: int, **env: str) -> Server:
     )
 
 
+@contextmanager
+def serving(tmp_path: Path, database_url: str, **env: str) -> Iterator[tuple[Server, Path, int]]:
+    """A server (its data directory and DICOM port) for the block, stopped after it."""
+    port = free_port()
+    server = serve(tmp_path / "data", database_url, port, **env)
+    try:
+        yield server, tmp_path / "data", port
+    finally:
+        server.stop()
+
+
 def associate(port: int, timeout: float = 30.0) -> Association:
     """An association from SITEADM proposing CT Image Storage; DIMSE replies awaited at most
     timeout seconds."""
@@ -93,9 +104,7 @@ def indexed(database_url: str, sops: list[str]) -> int:
 def test_c_store_is_acknowledged_before_it_is_indexed_and_indexed_at_release(
     registered: str, tmp_path: Path
 ) -> None:
-    port = free_port()
-    server = serve(tmp_path / "data", registered, port)
-    try:
+    with serving(tmp_path, registered) as (_, _, port):
         sent = ct_series(Phi(), 3, rows=16, columns=16)
         sops = [pseudonymizer().uid(ds.SOPInstanceUID) for ds in sent]
         assoc = associate(port, timeout=20)
@@ -107,14 +116,10 @@ def test_c_store_is_acknowledged_before_it_is_indexed_and_indexed_at_release(
         # The release response waits for what the association had acknowledged.
         assoc.release()
         assert indexed(registered, sops) == 3
-    finally:
-        server.stop()
 
 
 def test_ack_setting_indexed_answers_only_once_indexed(registered: str, tmp_path: Path) -> None:
-    port = free_port()
-    server = serve(tmp_path / "data", registered, port, CARINA_DIMSE_ACK="indexed")
-    try:
+    with serving(tmp_path, registered, CARINA_DIMSE_ACK="indexed") as (_, _, port):
         [ds] = ct_series(Phi(), 1, rows=16, columns=16)
         assoc = associate(port, timeout=4)
         with index_locked(registered):
@@ -122,8 +127,6 @@ def test_ack_setting_indexed_answers_only_once_indexed(registered: str, tmp_path
             status = assoc.send_c_store(ds)
             assert "Status" not in status
         assoc.abort()
-    finally:
-        server.stop()
 
 
 def _log_says(server: Server, text: str, timeout: float = 60.0) -> None:
@@ -137,10 +140,7 @@ def _log_says(server: Server, text: str, timeout: float = 60.0) -> None:
 def test_instance_whose_store_fails_after_its_ack_is_processed_again_until_indexed(
     registered: str, tmp_path: Path
 ) -> None:
-    port = free_port()
-    data = tmp_path / "data"
-    server = serve(data, registered, port)
-    try:
+    with serving(tmp_path, registered) as (server, data, port):
         phi = Phi()
         sent = ct_series(phi, 2, rows=16, columns=16)
         p = pseudonymizer()
@@ -158,8 +158,6 @@ def test_instance_whose_store_fails_after_its_ack_is_processed_again_until_index
         log = server.log.read_bytes()
         for s in phi.strings():
             assert s.encode() not in log
-    finally:
-        server.stop()
 
 
 def _ended_submission(database_url: str, timeout: float = 60.0) -> tuple[int, int, dict]:
@@ -243,10 +241,7 @@ def test_instances_acknowledged_before_a_kill_are_indexed_after_restart(
 def test_instance_forgotten_after_its_ack_is_refused_in_the_association_report(
     registered: str, tmp_path: Path
 ) -> None:
-    port = free_port()
-    data = tmp_path / "data"
-    server = serve(data, registered, port)
-    try:
+    with serving(tmp_path, registered) as (server, data, port):
         p = pseudonymizer()
         first = Phi()
         later = Phi(patient_id=first.patient_id)  # the same subject, another study
@@ -282,5 +277,3 @@ def test_instance_forgotten_after_its_ack_is_refused_in_the_association_report(
         log = server.log.read_bytes()
         for s in first.strings():
             assert s.encode() not in log
-    finally:
-        server.stop()

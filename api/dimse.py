@@ -26,18 +26,16 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from io import BytesIO
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -128,10 +126,6 @@ _SERVICE_USER = 0x01
 _CALLING_AE_NOT_RECOGNIZED = 0x03
 _NO_REASON = 0x01
 
-_SOP_CLASS_UID = 0x00080016
-# Bytes of a deflated dataset read and inflated to find its SOP Class UID (a few elements in).
-_DEFLATED_HEAD = 64 << 10
-
 
 @dataclass
 class _Peer:
@@ -204,30 +198,6 @@ def failure_status(code: int) -> int:
     if code == NOT_AUTHORIZED:
         return NOT_AUTHORIZED
     return PROCESSING_FAILURE
-
-
-def _dataset_sop_class(dataset: BinaryIO, transfer_syntax: UID) -> str | None:
-    """The SOP Class UID of a received dataset (no file meta), read from its first elements
-    only; None if it has none or they cannot be read (the intake then refuses it with the
-    reason). The stream is left at its start."""
-    try:
-        dataset.seek(0)
-        if transfer_syntax.is_deflated:  # PS3.5 A.5: inflate only the first elements
-            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(
-                dataset.read(_DEFLATED_HEAD), _DEFLATED_HEAD
-            )
-        ds = read_dataset(
-            BytesIO(head) if transfer_syntax.is_deflated else dataset,
-            transfer_syntax.is_implicit_VR,
-            transfer_syntax.is_little_endian,
-            stop_when=lambda tag, vr, length: tag > _SOP_CLASS_UID,
-        )
-        value = ds.get("SOPClassUID")
-    except Exception:
-        return None
-    finally:
-        dataset.seek(0)
-    return str(value).strip() if value else None
 
 
 def _host_matches(registered: str, address: str) -> bool:
@@ -401,18 +371,16 @@ def _store(event: Event, runtime: Runtime, peer: _Peer) -> Outcome | Admitted:
     payload = part10(event.request, event.context.transfer_syntax)
     if payload is None:
         payload = event.encoded_dataset(include_meta=True)
-    # PS3.4 B.2.3: a dataset of another SOP Class than the presentation context's does not match.
-    sop_class = _dataset_sop_class(event.request.DataSet, event.context.transfer_syntax)
-    if sop_class is not None and sop_class != str(event.context.abstract_syntax):
-        return Refusal(DOES_NOT_MATCH, "SOP Class does not match the presentation context")
+    # PS3.4 B.2.3: a dataset of another SOP Class than the presentation context's does not
+    # match: the intake worker checks it as it parses.
+    sop_class = str(event.context.abstract_syntax)
+    ctx = replace(peer.ctx, sop_class=sop_class)
     # A derived object's held UIDs are looked up as it is de-identified: acknowledged once
     # indexed, as every instance is with dimse_ack "indexed".
     admitter = runtime.admitter
     if peer.admissions is not None and admitter is not None and sop_class not in derived.KINDS:
-        return admitter.admit(
-            payload, peer.ctx, peer.admissions, runtime.settings.coercion_warnings
-        )
-    return runtime.intake.ingest_one(payload, peer.ctx)
+        return admitter.admit(payload, ctx, peer.admissions, runtime.settings.coercion_warnings)
+    return runtime.intake.ingest_one(payload, ctx)
 
 
 # ---------------------------------------------------------------------------------------------

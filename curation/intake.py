@@ -106,6 +106,8 @@ class IntakeContext:
     # Admit early (curation/admission.py): seal the original durably into this directory of
     # the intake area and tell() the caller an Admission before de-identifying; None: do not.
     pending_dir: str | None = None
+    # The SOP Class the instance must have (a C-STORE's presentation context's); None: any.
+    sop_class: str | None = None
     # The Admission carries de-identification's warning (the status does): told once
     # de-identified, unless the profile remaps SOP Instance UIDs (then always COERCED).
     admit_with_warning: bool = False
@@ -586,6 +588,14 @@ def _process_part(
     missing = [k for k in _REQUIRED_UIDS if not _str(ds, k)]
     sop_class = _str(ds, "SOPClassUID") or ""
     original_sop = _str(ds, "SOPInstanceUID") or ""
+    if ctx.sop_class is not None and sop_class and sop_class != ctx.sop_class:
+        # PS3.4 B.2.3: a data set of another SOP Class than its presentation context's.
+        return Refusal(
+            DOES_NOT_MATCH,
+            "SOP Class does not match the presentation context",
+            sop_class,
+            original_sop,
+        )
     if missing:
         return Refusal(
             DOES_NOT_MATCH, "missing required " + ", ".join(missing), sop_class, original_sop

@@ -43,26 +43,25 @@ def link_series(conn: Connection, submission_id: int, series: Mapping[str, int])
 def add_outcomes(
     pool: ConnectionPool,
     submission_id: int,
+    *,
+    accepted: int,
     series: Mapping[str, int],
     refused: Mapping[str, int],
 ) -> None:
-    """Add to a C-STORE submission what became of instances it had acknowledged once its
-    report was written (curation/admission): the series they went to, and those refused
-    after all ("<status hex> <reason>" -> count), counted refused instead of accepted. A
-    submission never closed (its association was cut by a restart) is closed, its accepted
-    count being what was committed since."""
+    """Add to a C-STORE submission what became of instances it had acknowledged, after its
+    report was written or when it never was (its association cut by a restart;
+    curation/admission): accepted is added to its accepted count (negative: acknowledged
+    instances refused after all), refused ("<status hex> <reason>" -> count) to its refusals,
+    series to the series it brought; a submission still open is closed."""
+    n_refused = sum(refused.values())
     with pool.connection() as conn, conn.transaction():
         row = conn.execute(
-            "SELECT ended_at IS NULL, reasons FROM submissions WHERE id = %s FOR UPDATE",
-            (submission_id,),
+            "SELECT reasons FROM submissions WHERE id = %s FOR UPDATE", (submission_id,)
         ).fetchone()
         if row is None:
             return
-        still_open, reasons = row
-        merged = Counter(reasons or {})
+        merged = Counter(row[0] or {})
         merged.update(refused)
-        n_refused = sum(refused.values())
-        accepted = sum(series.values()) if still_open else -n_refused
         conn.execute(
             "UPDATE submissions SET ended_at = coalesce(ended_at, now()),"
             " accepted = greatest(accepted + %s, 0), refused = refused + %s, reasons = %s::jsonb"

@@ -94,10 +94,18 @@ class Admissions:
     """The instances one sender (a C-STORE association) had acknowledged on admission, until
     each is committed or refused; what became of them."""
 
-    def __init__(self, directory: Path, collection: str, submission_id: int | None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        collection: str,
+        submission_id: int | None,
+        recovered: bool = False,
+    ) -> None:
         self.directory = directory
         self.collection = collection
         self.submission_id = submission_id
+        # Taken over from a process that ended: its submission's report was never written.
+        self.recovered = recovered
         self._cond = threading.Condition()
         self._outstanding = 0
         self._closed = False
@@ -326,10 +334,19 @@ class Admitter:
         """Count the outcome in its sender's report, or in its submission once written."""
         group = ticket.group
         if not group._finished(outcome) and group.submission_id is not None:
-            series = Counter([outcome.series_uid] if isinstance(outcome, InstanceRecord) else [])
-            refused = Counter([_reason_key(outcome)] if isinstance(outcome, Refusal) else [])
+            refused = [_reason_key(outcome)] if isinstance(outcome, Refusal) else []
+            series = [outcome.series_uid] if isinstance(outcome, InstanceRecord) else []
+            # A recovered sender's report was never written; a live one's counted its
+            # instances accepted when they were acknowledged.
+            accepted = (1 - len(refused)) if group.recovered else -len(refused)
             try:
-                submissions.add_outcomes(self.intake.db_pool, group.submission_id, series, refused)  # type: ignore[arg-type]
+                submissions.add_outcomes(
+                    self.intake.db_pool,  # type: ignore[arg-type]
+                    group.submission_id,
+                    accepted=accepted,
+                    series=Counter(series),
+                    refused=Counter(refused),
+                )
             except Exception as e:  # noqa: BLE001 - the instance is settled; the report lags
                 log.error("submission %d not updated: %s", group.submission_id, type(e).__name__)
         self.tidy(group)
@@ -426,7 +443,9 @@ class Admitter:
                 else:
                     log.error("pending directory %s has no readable context; left", sender.name)
                 continue
-            group = Admissions(sender, context["collection"], context.get("submission_id"))
+            group = Admissions(
+                sender, context["collection"], context.get("submission_id"), recovered=True
+            )
             group.close()
             for pending in _entries(sender):
                 if pending.name != _CONTEXT:

@@ -220,6 +220,8 @@ def test_instances_acknowledged_before_a_kill_are_indexed_after_restart(
         # Processed at start-up, before the listener listens.
         assert indexed(registered, sops) == 5
         assert _pending(data) == []
+        # The association cut by the kill is closed, its recovered instances accepted.
+        assert _ended_submission(registered)[:2] == (5, 0)
         wait_for_series(registered)
         study = p.uid(phi.study_uid)
         r = again.http.get(f"{again.dicomweb}/studies/{study}/instances", timeout=30)

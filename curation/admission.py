@@ -391,6 +391,8 @@ class Admitter:
         down: later again)."""
         name, sop_uid = originals.parse_pending_name(ticket.pending.name)
         sealer = self.area.sealer(ticket.group.collection)
+        if not ticket.pending.exists():  # finished meanwhile (a batch that failed half-way)
+            return None
         try:
             if _indexed(self.intake, name):
                 sealer.adopt(ticket.pending)

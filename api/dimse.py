@@ -4,9 +4,12 @@ Root Query/Retrieve (C-FIND, C-MOVE, C-GET) SCP.
 Sites push with C-STORE. A calling AE title must be registered (archive/peers) and maps to the
 collection its instances go to; an unknown one, or one calling from another host than
 registered, is rejected at A-ASSOCIATE time and audited. Each received dataset goes through the
-same intake as a STOW-RS part, and its status is sent only once the instance is stored and
-indexed. pynetdicom runs one thread per association; handlers are plain functions bound to
-events, and the only state they share (the table of live associations) sits behind a lock.
+same intake as a STOW-RS part. Its status is sent once it is admitted: checked, and its
+original durable in the intake area, the rest following in the background
+(curation/admission.py; the release response and the association's end wait for it); or,
+with settings.dimse_ack "indexed" and for derived objects, once it is stored and indexed.
+pynetdicom runs one thread per association; handlers are plain functions bound to events,
+and the only state they share (the table of live associations) sits behind a lock.
 
 The C-STORE handler sees identified data: it logs the calling AE, counts and de-identified UIDs,
 never a value from the received dataset.
@@ -23,17 +26,16 @@ from __future__ import annotations
 import logging
 import socket
 import threading
-import zlib
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from functools import partial
 from io import BytesIO
-from typing import Any, BinaryIO
+from typing import Any
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
-from pydicom.filereader import read_dataset
 from pydicom.multival import MultiValue
 from pydicom.tag import Tag
 from pydicom.uid import (
@@ -64,8 +66,9 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
 from carina.api.dimse_transport import MAXIMUM_PDU_SIZE, LowLatencyAssociationServer, part10
-from carina.archive import index, peers, qido
+from carina.archive import derived, index, peers, qido
 from carina.archive.errors import InvalidQuery
+from carina.curation.admission import Admissions, Admitted
 from carina.curation.intake import (
     CANNOT_UNDERSTAND,
     COERCED,
@@ -91,6 +94,11 @@ _WARNING_COMMENT = {
 _ERROR_COMMENT_MAX = 64
 # Threads, one per association; pynetdicom's default of 10 is low for a site-facing archive.
 MAX_ASSOCIATIONS = 64
+# Seconds an association's end waits for the instances it had acknowledged on admission to be
+# committed or refused before its series are settled and its report written; the release
+# response waits at most RELEASE_WAIT of them (senders give up on it after ~30 s).
+ADMITTED_WAIT = 60.0
+RELEASE_WAIT = 20.0
 
 # Accepted and stored as received (never decompressed): native, deflate and the usual compressed
 # syntaxes (PS3.5 Section 10, Annex A).
@@ -118,10 +126,6 @@ _SERVICE_USER = 0x01
 _CALLING_AE_NOT_RECOGNIZED = 0x03
 _NO_REASON = 0x01
 
-_SOP_CLASS_UID = 0x00080016
-# Bytes of a deflated dataset read and inflated to find its SOP Class UID (a few elements in).
-_DEFLATED_HEAD = 64 << 10
-
 
 @dataclass
 class _Peer:
@@ -137,6 +141,8 @@ class _Peer:
     reasons: Counter[str] = field(default_factory=Counter)
     # De-identified Series Instance UID -> instances stored: settled and reported at the end.
     series: Counter[str] = field(default_factory=Counter)
+    # Instances acknowledged on admission (settings.dimse_ack "intake"); None: on indexing.
+    admissions: Admissions | None = None
 
 
 class Associations:
@@ -166,7 +172,7 @@ class Associations:
 # Status mapping (the only place that knows both intake refusals and DIMSE statuses)
 
 
-def store_status(outcome: Outcome, warnings: bool) -> Dataset:
+def store_status(outcome: Outcome | Admitted, warnings: bool) -> Dataset:
     """The C-STORE response status (PS3.4 Annex B.2.3) for an intake outcome; with warnings,
     an instance de-identification changed gets its warning (B.4.1.3: coercion is reported)."""
     status = Dataset()
@@ -192,30 +198,6 @@ def failure_status(code: int) -> int:
     if code == NOT_AUTHORIZED:
         return NOT_AUTHORIZED
     return PROCESSING_FAILURE
-
-
-def _dataset_sop_class(dataset: BinaryIO, transfer_syntax: UID) -> str | None:
-    """The SOP Class UID of a received dataset (no file meta), read from its first elements
-    only; None if it has none or they cannot be read (the intake then refuses it with the
-    reason). The stream is left at its start."""
-    try:
-        dataset.seek(0)
-        if transfer_syntax.is_deflated:  # PS3.5 A.5: inflate only the first elements
-            head = zlib.decompressobj(-zlib.MAX_WBITS).decompress(
-                dataset.read(_DEFLATED_HEAD), _DEFLATED_HEAD
-            )
-        ds = read_dataset(
-            BytesIO(head) if transfer_syntax.is_deflated else dataset,
-            transfer_syntax.is_implicit_VR,
-            transfer_syntax.is_little_endian,
-            stop_when=lambda tag, vr, length: tag > _SOP_CLASS_UID,
-        )
-        value = ds.get("SOPClassUID")
-    except Exception:
-        return None
-    finally:
-        dataset.seek(0)
-    return str(value).strip() if value else None
 
 
 def _host_matches(registered: str, address: str) -> bool:
@@ -277,6 +259,11 @@ def handle_accepted(event: Event, runtime: Runtime, associations: Associations) 
         )
     except Exception as e:
         log.error("could not record a submission: %s", type(e).__name__)
+    if runtime.admitter is not None:
+        try:
+            peer.admissions = runtime.admitter.open(peer.collection, peer.submission_id)
+        except OSError as e:  # its instances are acknowledged once indexed instead
+            log.error("could not open the association's pending area: %s", e.strerror)
     log.info(
         "association accepted: AE %s from %s, submission %s",
         peer.ae_title,
@@ -290,6 +277,8 @@ def handle_ended(event: Event, runtime: Runtime, associations: Associations) -> 
     peer = associations.pop(event.assoc)
     if peer is None:
         return
+    if peer.admissions is not None:
+        _settle_admissions(runtime, peer)
     log.info(
         "association of AE %s from %s ended (%s): %d stored, %d refused",
         peer.ae_title,
@@ -317,6 +306,35 @@ def handle_ended(event: Event, runtime: Runtime, associations: Associations) -> 
         log.error("could not close submission %d: %s", peer.submission_id, type(e).__name__)
 
 
+def handle_releasing(assoc: object, associations: Associations) -> None:
+    """A-RELEASE-RQ received: hold the release response (up to RELEASE_WAIT) until what the
+    association had acknowledged on admission is committed, so that a sender whose
+    association released normally finds its instances indexed."""
+    peer = associations.get(assoc)
+    if peer is not None and peer.admissions is not None:
+        peer.admissions.wait(RELEASE_WAIT)
+
+
+def _settle_admissions(runtime: Runtime, peer: _Peer) -> None:
+    """Wait (up to ADMITTED_WAIT) for the instances acknowledged on admission, then count
+    them in the report: committed ones under their series, refused ones as refused."""
+    assert peer.admissions is not None and runtime.admitter is not None
+    if not peer.admissions.wait(ADMITTED_WAIT):
+        log.warning(
+            "association of AE %s ended with instances still being processed: they settle "
+            "after the quiet period and are added to submission %s",
+            peer.ae_title,
+            peer.submission_id,
+        )
+    series, refusals = peer.admissions.close()
+    peer.series.update(series)
+    for refusal in refusals:
+        peer.accepted -= 1
+        peer.refused += 1
+        peer.reasons[f"{failure_status(refusal.code):04X} {refusal.reason}"] += 1
+    runtime.admitter.tidy(peer.admissions)
+
+
 def handle_echo(event: Event) -> int:
     """C-ECHO: success (PS3.4 A.4)."""
     return SUCCESS
@@ -327,7 +345,7 @@ def handle_store(event: Event, runtime: Runtime, associations: Associations) -> 
     peer = associations.get(event.assoc)
     try:
         if peer is None:  # only if the association was not accepted through handle_requested
-            outcome: Outcome = Refusal(PROCESSING_FAILURE, "association not registered")
+            outcome: Outcome | Admitted = Refusal(PROCESSING_FAILURE, "association not registered")
         else:
             outcome = _store(event, runtime, peer)
     except Exception as e:  # never let one instance take the association down
@@ -343,20 +361,26 @@ def handle_store(event: Event, runtime: Runtime, associations: Associations) -> 
             )
         else:
             peer.accepted += 1
-            peer.series[outcome.series_uid] += 1
+            if not isinstance(outcome, Admitted):  # those count once committed
+                peer.series[outcome.series_uid] += 1
             log.debug("C-STORE from %s stored %s", peer.ae_title, outcome.sop_uid)
     return status
 
 
-def _store(event: Event, runtime: Runtime, peer: _Peer) -> Outcome:
+def _store(event: Event, runtime: Runtime, peer: _Peer) -> Outcome | Admitted:
     payload = part10(event.request, event.context.transfer_syntax)
     if payload is None:
         payload = event.encoded_dataset(include_meta=True)
-    # PS3.4 B.2.3: a dataset of another SOP Class than the presentation context's does not match.
-    sop_class = _dataset_sop_class(event.request.DataSet, event.context.transfer_syntax)
-    if sop_class is not None and sop_class != str(event.context.abstract_syntax):
-        return Refusal(DOES_NOT_MATCH, "SOP Class does not match the presentation context")
-    return runtime.intake.ingest_one(payload, peer.ctx)
+    # PS3.4 B.2.3: a dataset of another SOP Class than the presentation context's does not
+    # match: the intake worker checks it as it parses.
+    sop_class = str(event.context.abstract_syntax)
+    ctx = replace(peer.ctx, sop_class=sop_class)
+    # A derived object's held UIDs are looked up as it is de-identified: acknowledged once
+    # indexed, as every instance is with dimse_ack "indexed".
+    admitter = runtime.admitter
+    if peer.admissions is not None and admitter is not None and sop_class not in derived.KINDS:
+        return admitter.admit(payload, ctx, peer.admissions, runtime.settings.coercion_warnings)
+    return runtime.intake.ingest_one(payload, ctx)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -761,6 +785,7 @@ class DimseListener:
         server = self.ae.make_server(
             self.address, evt_handlers=self.handlers(), server_class=LowLatencyAssociationServer
         )
+        server.before_release = partial(handle_releasing, associations=self.associations)
         threading.Thread(target=server.serve_forever, name="dimse-acceptor", daemon=True).start()
         self.ae._servers.append(server)  # so AE.shutdown() stops it too
         self.server = server

@@ -33,6 +33,7 @@ import socket
 import struct
 import threading
 import time
+from collections.abc import Callable
 from copy import deepcopy
 from datetime import datetime
 from io import BytesIO
@@ -329,6 +330,9 @@ class Acceptor(Association):
             if msg:
                 self._serve_request(msg, context_id)  # type: ignore[arg-type]
             if self.is_established and self.acse.is_release_requested():
+                before_release = getattr(self._server, "before_release", None)
+                if before_release is not None:
+                    before_release(self)
                 self.acse.send_release(is_response=True)
                 self.is_released = True
                 self.is_established = False
@@ -386,11 +390,13 @@ class AcceptorRequestHandler(RequestHandler):
 
 class LowLatencyAssociationServer(ThreadedAssociationServer):
     """pynetdicom's threaded server with Acceptor associations, small messages sent at once
-    (TCP_NODELAY) and no debug logging handlers."""
+    (TCP_NODELAY) and no debug logging handlers. before_release, when set, is called with an
+    association whose peer asked to release it, before the release response is sent."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("request_handler", AcceptorRequestHandler)
         super().__init__(*args, **kwargs)
+        self.before_release: Callable[[Association], None] | None = None
 
     def _bind_defaults(self) -> None:
         """pynetdicom's default handlers without its logging ones (see _bind_interventions)."""

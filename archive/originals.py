@@ -9,6 +9,10 @@ the pseudonyms stay. The associated data binds a file to its collection, its de-
 SOP Instance UID and its name, so a file altered, cut short, or moved to stand for another
 instance fails authentication instead of decrypting to something else.
 
+A C-STORE acknowledged on admission (curation/admission.py) has its original sealed first as
+a pending original in the intake area, flushed before the status is sent and named for what
+it will be (pending_name()); once its instance is indexed, adopt() renames it into place.
+
 Intake writes the file from the worker process that holds the bytes, never in clear, and its
 row (table `originals`, migrations/017) in the transaction that indexes the de-identified
 instance. The write is not fsynced before the instance is acknowledged: the original only
@@ -23,11 +27,13 @@ of any series worker, or `carina fsck --repair`, finishes."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import logging
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -108,15 +114,40 @@ class Sealer:
     def keep(self, sop_uid: str, original: bytes | bytearray | str) -> str | None:
         """Encrypt the original (its bytes, or the path of a file holding them) into a new file
         for the de-identified instance sop_uid; the file's name (None: too large to keep)."""
+        name = secrets.token_hex(16)
+        path = self.path(name)
+        if not self._seal(path, name, sop_uid, original):
+            return None
+        return name
+
+    def keep_pending(
+        self, directory: Path, sop_uid: str, original: bytes | bytearray | str
+    ) -> Path | None:
+        """Encrypt the original into directory (in the intake area) as for keep(), durably
+        (file and directory fsynced): a pending original, which adopt() later moves to where
+        keep() would have put it. Its file name is pending_name(); None: too large to keep."""
+        name = secrets.token_hex(16)
+        path = directory / pending_name(name, sop_uid)
+        if not self._seal(path, name, sop_uid, original, durable=True):
+            return None
+        sync_dirs([directory])
+        return path
+
+    def _seal(
+        self,
+        path: Path,
+        name: str,
+        sop_uid: str,
+        original: bytes | bytearray | str,
+        durable: bool = False,
+    ) -> bool:
         size = os.path.getsize(original) if isinstance(original, str) else len(original)
         if size > MAX_SIZE:
             log.warning("original of instance %s not kept: %d bytes", sop_uid, size)
-            return None
+            return False
         data = Path(original).read_bytes() if isinstance(original, str) else original
-        name = secrets.token_hex(16)
         nonce = os.urandom(_NONCE)
         sealed = AESGCM(self.key).encrypt(nonce, bytes(data), self._aad(sop_uid, name))
-        path = self.path(name)
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileNotFoundError:  # the first file of its directory (once per directory)
@@ -125,13 +156,25 @@ class Sealer:
         with os.fdopen(fd, "wb") as f:
             f.write(MAGIC + _key_check(self.key) + nonce)
             f.write(sealed)
-        return name
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+        return True
 
     def read(self, name: str, sop_uid: str) -> bytes:
         """The original kept under name for sop_uid, decrypted and authenticated;
         OriginalUnreadable saying why when it cannot be."""
+        return self.read_file(self.path(name), name, sop_uid)
+
+    def read_pending(self, path: Path) -> bytes:
+        """A pending original (keep_pending()), decrypted and authenticated."""
+        name, sop_uid = parse_pending_name(path.name)
+        return self.read_file(path, name, sop_uid)
+
+    def read_file(self, path: Path, name: str, sop_uid: str) -> bytes:
+        """The original sealed in the file at path under name for sop_uid."""
         try:
-            blob = self.path(name).read_bytes()
+            blob = path.read_bytes()
         except FileNotFoundError:
             raise OriginalUnreadable(f"the original of instance {sop_uid} is missing") from None
         if len(blob) < _HEADER + _TAG or not blob.startswith(MAGIC):
@@ -149,6 +192,37 @@ class Sealer:
                 f"the original of instance {sop_uid} fails authentication: altered, damaged, "
                 "or not this instance's"
             ) from None
+
+    def adopt(self, pending: Path) -> str:
+        """Move a pending original to where keep() puts originals; its name there."""
+        name, _ = parse_pending_name(pending.name)
+        target = self.path(name)
+        try:
+            os.replace(pending, target)
+        except FileNotFoundError:
+            if not pending.exists():
+                raise
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            os.replace(pending, target)
+        except OSError as e:  # the originals area is on another file system
+            if e.errno != errno.EXDEV:
+                raise
+            target.parent.mkdir(mode=0o700, exist_ok=True)
+            shutil.copyfile(pending, target)
+            pending.unlink()
+        return name
+
+
+def pending_name(name: str, sop_uid: str) -> str:
+    """The file name of a pending original: its name in the originals area and the
+    de-identified SOP Instance UID its seal is bound to (nothing identified)."""
+    return f"{name}-{sop_uid}"
+
+
+def parse_pending_name(file_name: str) -> tuple[str, str]:
+    """(name, de-identified SOP Instance UID) of a pending original's file name."""
+    name, _, sop_uid = file_name.partition("-")
+    return name, sop_uid
 
 
 @dataclass(frozen=True)
@@ -273,7 +347,7 @@ def purge_due(pool: ConnectionPool, area: Area) -> int:
             file = path(area.root, name)
             file.unlink(missing_ok=True)
             dirs.add(file.parent)
-        _sync_dirs(dirs)  # the deletions survive a crash before the rows go
+        sync_dirs(dirs)  # the deletions survive a crash before the rows go
         with pool.connection() as conn:
             conn.execute("DELETE FROM originals WHERE name = ANY(%s)", (names,))
         purged += len(names)
@@ -282,7 +356,8 @@ def purge_due(pool: ConnectionPool, area: Area) -> int:
     return purged
 
 
-def _sync_dirs(dirs: Iterable[Path]) -> None:
+def sync_dirs(dirs: Iterable[Path]) -> None:
+    """fsync each directory that exists (its entries survive a crash)."""
     for d in dirs:
         try:
             fd = os.open(d, os.O_RDONLY)

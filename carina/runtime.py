@@ -10,6 +10,7 @@ from psycopg_pool import ConnectionPool
 
 from carina.archive import collections, db
 from carina.archive.storage import FilesystemStore, ObjectStore
+from carina.curation.admission import Admitter
 from carina.curation.intake import Intake
 from carina.settings import Settings
 
@@ -51,6 +52,8 @@ class Runtime:
     store: ObjectStore
     intake: Intake
     embedded: PostgresServer | None = None
+    # C-STORE acknowledged on admission (settings.dimse_ack "intake"); None: on indexing.
+    admitter: Admitter | None = None
 
     @classmethod
     def start(cls, settings: Settings) -> Runtime:
@@ -83,11 +86,27 @@ class Runtime:
             request_settle_seconds=settings.request_settle_seconds,
             originals_area=settings.originals_area,
         )
-        return cls(settings=settings, pool=pool, store=store, intake=intake, embedded=embedded)
+        # Whatever earlier processes acknowledged and did not commit is committed now, before
+        # anything listens (with either setting: it was acknowledged).
+        admitter = Admitter(intake)
+        admitter.recover()
+        if settings.dimse_ack != "intake":
+            admitter.close()
+            admitter = None
+        return cls(
+            settings=settings,
+            pool=pool,
+            store=store,
+            intake=intake,
+            embedded=embedded,
+            admitter=admitter,
+        )
 
     def close(self) -> None:
         """Stop workers, close connections, and stop the embedded PostgreSQL if this process
         was its last user (not left to atexit: uvicorn ends on a re-raised SIGTERM)."""
+        if self.admitter is not None:
+            self.admitter.close()
         self.intake.close()
         self.pool.close()
         if self.embedded is not None:

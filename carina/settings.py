@@ -96,6 +96,13 @@ class Settings(BaseSettings):
         "10.5.3): C-STORE 0xB000/0xB006, STOW-RS WarningReason with 202; false: plain success "
         "(0x0000, 200) for senders that take a warning for a failure",
     )
+    dimse_ack: Literal["intake", "indexed"] = Field(
+        default="intake",
+        description="When a C-STORE gets its status: `intake`, once the instance is parsed, "
+        "checked and its original durable (encrypted) in the intake area, de-identification, "
+        "storing and indexing following in the background (an association's release waits "
+        "for them); `indexed`, only once it is de-identified, stored and indexed",
+    )
     originals_dir: Path | None = Field(
         default=None,
         description="Where the identified originals are kept, encrypted, until their series is "

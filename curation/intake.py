@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
@@ -32,6 +32,7 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
+from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.hooks import hooks
 from pydicom.hooks import raw_element_value as _default_value_hook
 from pydicom.hooks import raw_element_vr as _default_vr_hook
@@ -45,11 +46,12 @@ from carina.archive.errors import OutOfResources
 from carina.archive.storage import ObjectStore
 
 from . import part10, rules
-from .deid import Deidentifier, load_profile
+from .deid import UID as UID_OP
+from .deid import Deidentifier, Profile, load_profile
 from .errors import CurationError, InstanceRefused
 from .pseudonyms import Pseudonymizer, collection_key, mapped_pseudonymizer
 from .rule_settings import RuleSettingError, config_from
-from .workers import LoopWorkerPool, WorkerDied, WorkerPool
+from .workers import LoopWorkerPool, WorkerDied, WorkerPool, tell
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ BULK_THRESHOLD = 1024
 IMPLEMENTATION_CLASS_UID = "2.25.238593742924346191678535099119690636885"
 IMPLEMENTATION_VERSION = f"CARINA_{__version__}"[:16]
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
+_SOP_INSTANCE_UID = 0x00080018
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,14 @@ class IntakeContext:
     phi: rules.ResidualPhiSettings | None = None
     # Keeps the identified original, encrypted (archive/originals.py); None: not kept.
     originals: originals.Sealer | None = None
+    # Admit early (curation/admission.py): seal the original durably into this directory of
+    # the intake area and tell() the caller an Admission before de-identifying; None: do not.
+    pending_dir: str | None = None
+    # The SOP Class the instance must have (a C-STORE's presentation context's); None: any.
+    sop_class: str | None = None
+    # The Admission carries de-identification's warning (the status does): told once
+    # de-identified, unless the profile remaps SOP Instance UIDs (then always COERCED).
+    admit_with_warning: bool = False
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,22 @@ class Refusal:
 
 
 Outcome = InstanceRecord | Refusal
+
+
+@dataclass(frozen=True)
+class Admission:
+    """An instance parsed, checked and whose original is durable in the intake area (a pending
+    original): told by the worker before it goes on (curation/admission.py). Nothing in it is
+    identified: the UIDs are the de-identified ones."""
+
+    collection: str
+    sop_class_uid: str
+    sop_uid: str
+    series_uid: str
+    pending: str  # path of the pending original
+    warning: int = 0  # what de-identification did, when told after it (admit_with_warning)
+    # Keyed digests that recognise the instance's subject among erasures (never stored).
+    forgotten_marks: tuple[bytes, ...] = ()
 
 
 @dataclass
@@ -490,10 +517,85 @@ def process_part(payload: Payload, ctx: IntakeContext) -> Outcome:
 
 
 def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
+    pending = _PendingOriginal.start(payload, ctx)
+    try:
+        outcome = _process_part(payload, ctx, pending)
+    except BaseException:
+        if pending is not None:
+            pending.discard()
+        raise
+    if pending is not None and not pending.admitted:
+        pending.discard()
+    return outcome
+
+
+class _PendingOriginal:
+    """An original being sealed durably into the intake area (Sealer.keep_pending) by a
+    thread of the worker while the worker parses and checks it: the file and directory
+    flushes wait on the disk, not on the CPU. Sealed under the de-identified UID of the SOP
+    Instance UID its file meta names (the C-STORE request's)."""
+
+    def __init__(self, payload: bytes | bytearray | str, ctx: IntakeContext, sop_uid: str):
+        assert ctx.originals is not None and ctx.pending_dir is not None
+        self.sop_uid = sop_uid
+        self.admitted = False
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(
+            target=self._seal, args=(ctx.originals, Path(ctx.pending_dir), payload)
+        )
+        self._thread.start()
+
+    @classmethod
+    def start(cls, payload: bytes | bytearray | str, ctx: IntakeContext) -> _PendingOriginal | None:
+        """Start sealing when ctx admits early and the file meta names the instance."""
+        if ctx.pending_dir is None or ctx.originals is None or isinstance(payload, str):
+            return None
+        try:
+            fp = BytesIO(payload)
+            read_preamble(fp, True)
+            meta = _read_file_meta_info(fp)
+            original = str(meta.MediaStorageSOPInstanceUID)
+        except Exception:  # noqa: BLE001 - parsing says what is wrong with it
+            return None
+        pseudo = _pseudonymizer(ctx.key, ctx.collection, ctx.mapping_version)
+        return cls(payload, ctx, pseudo.uid(original))
+
+    def _seal(self, sealer: originals.Sealer, directory: Path, payload: bytes) -> None:
+        try:
+            self._path = sealer.keep_pending(directory, self.sop_uid, payload)
+        except BaseException as e:  # raised by path()
+            self._error = e
+
+    def path(self) -> Path | None:
+        """The durable pending original once written (None: too large to keep)."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._path
+
+    def discard(self) -> None:
+        """Remove it: the instance was not admitted early."""
+        self._thread.join()
+        if self._path is not None:
+            self._path.unlink(missing_ok=True)
+
+
+def _process_part(
+    payload: bytes | bytearray | str, ctx: IntakeContext, pending: _PendingOriginal | None
+) -> Outcome:
     ds, snapshot = _read(payload)
     missing = [k for k in _REQUIRED_UIDS if not _str(ds, k)]
     sop_class = _str(ds, "SOPClassUID") or ""
     original_sop = _str(ds, "SOPInstanceUID") or ""
+    if ctx.sop_class is not None and sop_class and sop_class != ctx.sop_class:
+        # PS3.4 B.2.3: a data set of another SOP Class than its presentation context's.
+        return Refusal(
+            DOES_NOT_MATCH,
+            "SOP Class does not match the presentation context",
+            sop_class,
+            original_sop,
+        )
     if missing:
         return Refusal(
             DOES_NOT_MATCH, "missing required " + ", ".join(missing), sop_class, original_sop
@@ -514,13 +616,21 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
                 original_sop,
             )
 
+    profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
+    admission = None
+    told = False
+    if pending is not None and sop_class not in derived.KINDS:
+        admission = _admission(ds, ctx, pseudo, pending)
+        if admission is not None and (not ctx.admit_with_warning or _remaps_sop_uid(profile)):
+            # The warning is known already: a remapped SOP Instance UID is a changed value.
+            tell(replace(admission, warning=COERCED) if ctx.admit_with_warning else admission)
+            told = True
     held: set[str] = set()
     if sop_class in derived.KINDS and _DATABASE:
         # A derived object made from what Carina published (a SEG of a published CT) names
         # UIDs Carina wrote: kept as they are, so its references land on the published series.
         held = index.held_uids(_DATABASE[0], ctx.collection, _uids_in(ds))
         pseudo = pseudo.keeping(held)
-    profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
     identifiers = rules.patient_identifiers(ds)  # in memory only, for _residual_phi
     original_id = _str(ds, "PatientID")
     read = frozenset(ds._dict)
@@ -535,6 +645,8 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     if original_id:
         marks += (pseudo.forgotten_original(pseudo.subject_digest(original_id)),)
     warning = _coercion(ds, read, snapshot)
+    if admission is not None and not told:
+        tell(replace(admission, warning=warning))
 
     _prepare_file_meta(ds)
     chunks = part10.encode(ds, _unchanged(ds, snapshot))
@@ -552,12 +664,48 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
         findings = _residual_phi(full, identifiers, ctx.phi)
         record = _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
         record = replace(record, forgotten_marks=marks)
-        if ctx.originals is not None:  # from here, where the identified bytes already are
+        if admission is not None and pending is not None and pending.sop_uid == record.sop_uid:
+            # Its pending original becomes the kept one (the seal names this SOP Instance UID).
+            name, _ = originals.parse_pending_name(Path(admission.pending).name)
+            record = replace(record, original=name)
+        elif ctx.originals is not None:  # from here, where the identified bytes already are
             record = replace(record, original=ctx.originals.keep(record.sop_uid, payload))
         return record
     except Exception:
         staging.unlink(missing_ok=True)
         raise
+
+
+def _remaps_sop_uid(profile: Profile) -> bool:
+    """Whether de-identification gives every instance (but a derived object's held UIDs,
+    never admitted early) a new SOP Instance UID: then it always coerces (_coercion)."""
+    rule = profile.rule_for(_SOP_INSTANCE_UID)
+    return rule is not None and rule.op == UID_OP
+
+
+def _admission(
+    ds: Dataset, ctx: IntakeContext, pseudo: Pseudonymizer, pending: _PendingOriginal
+) -> Admission | None:
+    """The Admission of a parsed and checked instance, once its pending original is durable
+    (None: too large to keep, so not admitted early). Its forgotten marks are those
+    de-identification gives (PatientID is always its pseudonym)."""
+    path = pending.path()
+    if path is None:
+        return None
+    pending.admitted = True
+    original_id = _str(ds, "PatientID")
+    subject = original_id or "no-patient-id:" + str(ds.StudyInstanceUID)
+    marks = (pseudo.forgotten_research_id(pseudo.patient_id(subject)),)
+    if original_id:
+        marks += (pseudo.forgotten_original(pseudo.subject_digest(original_id)),)
+    return Admission(
+        collection=ctx.collection,
+        sop_class_uid=str(ds.SOPClassUID),
+        sop_uid=pseudo.uid(str(ds.SOPInstanceUID)),
+        series_uid=pseudo.uid(str(ds.SeriesInstanceUID)),
+        pending=str(path),
+        forgotten_marks=marks,
+    )
 
 
 def _uids_in(ds: Dataset) -> list[str]:
@@ -922,9 +1070,14 @@ class Intake:
                 outcome = worker.call(process_part, self._into_slot(payload, slot), ctx)
             except WorkerDied:
                 outcome = Refusal(PROCESSING_FAILURE, WORKER_ENDED)
+        return self.commit_one(outcome)
+
+    def commit_one(self, outcome: Outcome) -> Outcome:
+        """Store and index one processed instance (a refusal stays one); what became of it.
+        More may follow from its sender: its series settles after a quiet period, or at the
+        end of its association."""
         result = BatchResult([outcome])
         if result.stored:
-            # More may follow on the association: settle after a quiet period or at its end.
             self._commit(result, self.settle_seconds)
         return result.outcomes[0]
 
@@ -979,25 +1132,10 @@ class Intake:
             originals.path(self.originals.root, record.original).unlink(missing_ok=True)
 
     def _refuse_forgotten(self, result: BatchResult) -> None:
-        """Refuse the instances of result whose subject an erasure in force forgot. A
-        collection seen without erasures in force less than ERASURES_TTL seconds ago is not
-        asked again (no round trip): an erasure made meanwhile is caught by the index
-        transaction (_admit), which refuses the instance and deletes its object."""
-        now = time.monotonic()
-        records = [
-            r
-            for r in result.stored
-            if now - self._erasure_free.get(r.collection, -ERASURES_TTL) >= ERASURES_TTL
-        ]
-        if not records:
-            return
+        """Refuse the instances of result whose subject an erasure in force forgot (see
+        forgotten())."""
         try:
-            with self.db_pool.connection() as conn, conn.cursor() as cur:  # type: ignore[attr-defined]
-                for collection in {r.collection for r in records}:
-                    if not erasure.any_in_force(cur, collection):
-                        self._erasure_free[collection] = now
-                records = [r for r in records if self._erasure_free.get(r.collection) != now]
-                forgotten = _forgotten_marks(cur, records)
+            forgotten = self.forgotten(result.stored)
         except Exception:  # noqa: BLE001 - the index transaction checks again, or fails
             return
         for i, outcome in enumerate(result.outcomes):
@@ -1007,6 +1145,26 @@ class Intake:
                 self._discard(outcome)
                 result.outcomes[i] = _refused(outcome, NOT_AUTHORIZED, FORGOTTEN)
 
+    def forgotten(self, items: Sequence[InstanceRecord | Admission]) -> set[bytes]:
+        """The forgotten marks of items that an erasure in force of their collection holds. A
+        collection seen without erasures in force less than ERASURES_TTL seconds ago is not
+        asked again (no round trip): an erasure made meanwhile is caught by the index
+        transaction (_admit_records), which refuses the instance and deletes its object."""
+        now = time.monotonic()
+        items = [
+            r
+            for r in items
+            if now - self._erasure_free.get(r.collection, -ERASURES_TTL) >= ERASURES_TTL
+        ]
+        if not items:
+            return set()
+        with self.db_pool.connection() as conn, conn.cursor() as cur:  # type: ignore[attr-defined]
+            for collection in {r.collection for r in items}:
+                if not erasure.any_in_force(cur, collection):
+                    self._erasure_free[collection] = now
+            items = [r for r in items if self._erasure_free.get(r.collection) != now]
+            return _forgotten_marks(cur, items)
+
     def _index(
         self, result: BatchResult, stored: list[InstanceRecord], settle_after: float
     ) -> list[InstanceRecord]:
@@ -1015,7 +1173,7 @@ class Intake:
         their objects deleted. Returns what was indexed."""
         while stored:
             try:
-                guard = partial(_admit, stored)
+                guard = partial(_admit_records, stored)
                 index.write_batch(self.db_pool, stored, settle_after, guard=guard)  # type: ignore[arg-type]
                 return stored
             except _ForgottenMeanwhile as e:
@@ -1064,7 +1222,7 @@ class _ForgottenMeanwhile(Exception):
         self.marks = marks
 
 
-def _admit(records: list[InstanceRecord], cur: Any) -> None:
+def _admit_records(records: list[InstanceRecord], cur: Any) -> None:
     """In the transaction that indexes records: hold off erasures of their collections, then
     check again that none of their subjects is forgotten (_ForgottenMeanwhile if one is)."""
     for collection in sorted({r.collection for r in records}):
@@ -1074,7 +1232,7 @@ def _admit(records: list[InstanceRecord], cur: Any) -> None:
         raise _ForgottenMeanwhile(forgotten)
 
 
-def _forgotten_marks(cur: Any, records: list[InstanceRecord]) -> set[bytes]:
+def _forgotten_marks(cur: Any, records: Sequence[InstanceRecord | Admission]) -> set[bytes]:
     """The forgotten marks of records that an erasure in force of their collection holds."""
     found: set[bytes] = set()
     for collection in sorted({r.collection for r in records}):

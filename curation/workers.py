@@ -34,8 +34,27 @@ class WorkerDied(Exception):
     """The worker process ended before it answered."""
 
 
+@dataclass(frozen=True)
+class Interim:
+    """A message a task sent with tell() before its result (a C-STORE's admission)."""
+
+    value: Any
+
+
+# Worker side: the pipe of this worker process, for tell().
+_CONN: list[Connection] = []
+
+
+def tell(value: Any) -> None:
+    """From a task running in a worker: send value to the caller now, as an Interim; the
+    task's result follows as usual."""
+    _CONN[0].send(Interim(value))
+
+
 def _serve(conn: Connection, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
-    """The worker's loop: (function, args) in, its result (or exception) out, until None."""
+    """The worker's loop: (function, args) in, its result (or exception) out, until None; a
+    task may send Interim messages before its result (tell())."""
+    _CONN[:] = [conn]
     initializer(*initargs)
     while True:
         try:
@@ -80,20 +99,33 @@ class Worker:
 
     def call(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args) in the worker; WorkerDied (and a new worker) if it ended during the task.
-        A worker found dead before the task is replaced first."""
+        A worker found dead before the task is replaced first. If the task sends an Interim
+        message (tell()), that is returned, and receive() gives what follows."""
         if not self._process.is_alive():
             log.error("intake worker %s had ended; starting another", self._process.pid)
             self._restart()
         try:
             self._conn.send((fn, args))
+        except OSError as e:
+            self._ended()
+            raise WorkerDied from e
+        return self.receive()
+
+    def receive(self) -> Any:
+        """The next message of the task being run: an Interim, or its result (raised if it is
+        an exception); WorkerDied (and a new worker) if it ended first."""
+        try:
             result = self._conn.recv()
         except (EOFError, OSError) as e:
-            log.error("intake worker %s ended during a task; starting another", self._process.pid)
-            self._restart()
+            self._ended()
             raise WorkerDied from e
         if isinstance(result, Exception):
             raise result
         return result
+
+    def _ended(self) -> None:
+        log.error("intake worker %s ended during a task; starting another", self._process.pid)
+        self._restart()
 
     def _restart(self) -> None:
         self._conn.close()
@@ -131,11 +163,19 @@ class WorkerPool:
     @contextmanager
     def worker(self) -> Iterator[tuple[int, Worker]]:
         """A free worker and its slot (waiting for one), given back afterwards."""
-        taken = self._free.get()
+        taken = self.take()
         try:
             yield taken
         finally:
-            self._free.put(taken)
+            self.give_back(taken)
+
+    def take(self) -> tuple[int, Worker]:
+        """A free worker and its slot, waiting for one; the caller gives it back."""
+        return self._free.get()
+
+    def give_back(self, taken: tuple[int, Worker]) -> None:
+        """A worker (and slot) taken is free again: its task is over."""
+        self._free.put(taken)
 
     def close(self) -> None:
         """Stop every worker."""

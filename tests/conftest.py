@@ -276,6 +276,30 @@ def wait_for_series(database_url: str | None, timeout: float = 60.0) -> dict[str
             time.sleep(0.1)
 
 
+def wait_count(
+    database_url: str | None, sql: str, params: tuple, expected: int, timeout: float = 60.0
+) -> None:
+    """Poll until sql (a SELECT count(*)) answers expected; fails after timeout seconds. For
+    what the server does after it answered: a C-STORE acknowledged on admission is indexed in
+    the background (curation/admission.py)."""
+    assert database_url, "the server runs on its own embedded database"
+    deadline = time.monotonic() + timeout
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        while True:
+            count = conn.execute(sql, params).fetchone()[0]  # type: ignore[index]
+            if count == expected:
+                return
+            if time.monotonic() > deadline:
+                pytest.fail(f"{count} rows, not {expected}, after {timeout} s: {sql}")
+            time.sleep(0.05)
+
+
+def intake_leftovers(data_dir: Path) -> list[Path]:
+    """Files in the intake area other than the C-STORE admission area's lock file: what an
+    answered request must not leave behind."""
+    return [p for p in (data_dir / "intake").rglob("*") if p.is_file() and p.name != ".owner"]
+
+
 @pytest.fixture(scope="module")
 def server_factory(
     tmp_path_factory: pytest.TempPathFactory, database_url: str

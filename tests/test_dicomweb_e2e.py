@@ -15,7 +15,7 @@ import pytest
 from dicomweb_client.api import DICOMwebClient
 from pydicom import dcmread
 
-from tests.conftest import Server, wait_for_series
+from tests.conftest import Server, intake_leftovers, wait_for_series
 from tests.factory import Phi, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -117,10 +117,8 @@ def test_nothing_identified_is_written_to_store_database_or_log(
     for p in files:
         if p.name != "secret.key":
             _assert_no_phi(p.read_bytes(), phi, str(p))
-    # Nothing left behind in the intake and staging areas once the request is answered (the
-    # C-STORE admission area keeps only its directory and lock file: curation/admission.py).
-    left = [p for p in (server.data_dir / "intake").rglob("*") if p.is_file()]
-    assert [p.name for p in left] in ([], [".owner"])
+    # Nothing left behind in the intake and staging areas once the request is answered.
+    assert not intake_leftovers(server.data_dir)
     assert not any((server.data_dir / "staging").iterdir())
     with psycopg.connect(database_url) as conn:
         for table in ("patients", "studies", "series", "instances"):

@@ -37,7 +37,7 @@ from pynetdicom.status import code_to_category
 from carina.api.dimse_transport import MAXIMUM_PDU_SIZE
 from carina.archive import db, peers
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
-from tests.conftest import Server, free_port, run_cli, wait_for_series
+from tests.conftest import Server, free_port, run_cli, wait_count, wait_for_series
 from tests.factory import Phi, ct_instance, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -399,25 +399,16 @@ def test_instances_acknowledged_before_an_abort_are_all_kept(listener: Listener)
     # Acknowledged means durable in the intake area: indexed right after, abort or not (an
     # abort has no release response to hold until then, so the test waits for it).
     sops = [pseudonymizer().uid(ds.SOPInstanceUID) for ds in sent]
-    wait_indexed(listener.database_url, sops)
+    wait_count(
+        listener.database_url,
+        "SELECT count(*) FROM instances WHERE sop_uid = ANY(%s)",
+        (sops,),
+        len(sops),
+    )
     # And published once the series is evaluated (the abort ends the quiet period).
     listener.server.settled()
     instances, _ = qido(listener, f"/studies/{pseudonymizer().uid(phi.study_uid)}/instances")
     assert len(instances) == 3
-
-
-def wait_indexed(database_url: str, sops: list[str], timeout: float = 60.0) -> None:
-    """Wait until the index holds every one of these SOP Instance UIDs."""
-    deadline = time.monotonic() + timeout
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        while True:
-            row = conn.execute(
-                "SELECT count(*) FROM instances WHERE sop_uid = ANY(%s)", (sops,)
-            ).fetchone()
-            if row == (len(sops),):
-                return
-            assert time.monotonic() < deadline, f"{row} of {len(sops)} indexed"
-            time.sleep(0.05)
 
 
 def test_eight_concurrent_associations_store_eighty_intact_instances(listener: Listener) -> None:

@@ -15,7 +15,7 @@ from pydicom import Dataset
 from pydicom.uid import CTImageStorage, generate_uid
 from pynetdicom import AE
 
-from tests.conftest import Server, free_port, run_cli, wait_for_series
+from tests.conftest import Server, free_port, run_cli, wait_count, wait_for_series
 from tests.factory import Phi, ct_instance, ct_series
 
 pytestmark = pytest.mark.slow
@@ -328,7 +328,15 @@ def test_end_of_a_c_store_association_settles_its_series_at_once(
     assoc = ae.associate("127.0.0.1", port, ae_title="CARINA")
     assert assoc.is_established
     statuses = [assoc.send_c_store(ds).Status for ds in clean_series(3)]
-    assert statuses == [0xB000] * 3  # stored, coerced by de-identification
+    assert statuses == [0xB000] * 3  # admitted, coerced by de-identification
+    # Indexed in the background (acknowledged on admission), the association still open.
+    wait_count(
+        listener.database_url,
+        "SELECT count(*) FROM instances i JOIN studies st ON st.study_uid = i.study_uid"
+        " WHERE st.collection = %s",
+        ("PUSHED",),
+        3,
+    )
     with psycopg.connect(listener.database_url) as conn:  # type: ignore[arg-type]
         pending = conn.execute(
             "SELECT j.due_at > now() + interval '10 minutes' FROM series_jobs j"

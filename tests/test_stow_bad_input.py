@@ -7,7 +7,7 @@ import pytest
 import requests
 from pydicom.uid import generate_uid
 
-from tests.conftest import Server, wait_for_series
+from tests.conftest import Server, intake_leftovers, wait_for_series
 from tests.factory import Phi, ct_instance, ct_series, to_bytes
 
 pytestmark = pytest.mark.slow
@@ -161,7 +161,7 @@ def test_study_level_stow_refuses_instance_of_another_study(server: Server) -> N
 def test_refused_parts_leave_nothing_behind(server: Server) -> None:
     r = stow(server, body(b"garbage", good(1)[0][:3000]))
     assert r.status_code == 409
-    assert not any((server.data_dir / "intake").iterdir())
+    assert not intake_leftovers(server.data_dir)
     assert not any((server.data_dir / "staging").iterdir())
 
 

@@ -6,9 +6,10 @@ same data over loopback.
 
 Figures: series retrieve (MB/s, instances/s), frame retrieve (frames/s: every instance's
 frame 1 as application/octet-stream) and rendered retrieve (images/s: every instance as
-image/jpeg), best and median of R repeats, servers interleaved; and for each, the server
-process's CPU time per instance (user + system, its child processes included), which a loaded
-machine disturbs far less than the rates. See bench/README.md."""
+image/jpeg), best and median of R repeats, servers interleaved; and for each, the server's
+CPU time per instance (user + system of all its processes, Carina's embedded PostgreSQL
+included: servers.Server.cpu_seconds), which a loaded machine disturbs far less than the
+rates. See bench/README.md."""
 
 from __future__ import annotations
 
@@ -26,7 +27,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 
-import psutil
 import requests
 from ingest import (
     REQUEST_TIMEOUT,
@@ -75,20 +75,6 @@ KINDS = (
     Kind("WADO-RS frame 1 of each instance", "frames/s", "/frames/1", FRAME_ACCEPT, _frame_ok),
     Kind("WADO-RS rendered JPEG of each instance", "images/s", "/rendered", "image/jpeg", _jpeg_ok),
 )
-
-
-def cpu_seconds(server: Server) -> float:
-    """User + system CPU seconds the server's process and its children have used so far."""
-    assert server.proc is not None
-    proc = psutil.Process(server.proc.pid)
-    total = 0.0
-    for p in [proc, *proc.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-        except psutil.NoSuchProcess:
-            continue
-        total += t.user + t.system
-    return total
 
 
 def cpu_figure(
@@ -168,9 +154,9 @@ def run_per_instance(
                     continue
                 n = len(urls[server.name])
                 try:
-                    cpu = cpu_seconds(server)
+                    cpu = server.cpu_seconds()
                     seconds = timed_gets(server, urls[server.name], kind, clients, frame_bytes)
-                    used[server.name] += cpu_seconds(server) - cpu
+                    used[server.name] += server.cpu_seconds() - cpu
                 except (BenchError, requests.RequestException) as e:
                     report.fail(server, kind.name, e)
                     failed.add(server.name)
@@ -242,9 +228,9 @@ def main(argv: list[str] | None = None) -> int:
             for s in servers:
                 if s.name in targets:
                     wait_published(s, sessions[s.name], targets[s.name])
-            before = {s.name: cpu_seconds(s) for s in servers}
+            before = {s.name: s.cpu_seconds() for s in servers}
             run_wado(report, servers, sessions, targets, args.repeats)
-            used = {s.name: cpu_seconds(s) - before[s.name] for s in servers}
+            used = {s.name: s.cpu_seconds() - before[s.name] for s in servers}
             retrieved = {name: t[2] * args.repeats for name, t in targets.items()}
             cpu_figure(report, "WADO-RS series retrieve", servers, used, retrieved)
             urls = {

@@ -398,6 +398,14 @@ def _shift_dt(value: str, days: int) -> str:
     return shifted + value[8:] if shifted else ""
 
 
+def subject_key(ds: Dataset) -> str:
+    """What an identified dataset's pseudonyms are keyed on: its PatientID; without one, its
+    study (each study its own subject rather than pooling strangers)."""
+    return str(ds.get("PatientID", "") or "") or "no-patient-id:" + str(
+        ds.get("StudyInstanceUID", "")
+    )
+
+
 class Deidentifier:
     """Applies one compiled Profile to datasets, with one patient's pseudonyms."""
 
@@ -407,11 +415,7 @@ class Deidentifier:
 
     def apply(self, ds: Dataset) -> None:
         """De-identify ds in place (file meta included) and record what was done."""
-        original_pid = str(ds.get("PatientID", "") or "")
-        if not original_pid:
-            # No ID to key on: each study is its own subject rather than pooling strangers.
-            original_pid = "no-patient-id:" + str(ds.get("StudyInstanceUID", ""))
-        ctx = _Context(self.pseudo, original_pid)
+        ctx = _Context(self.pseudo, subject_key(ds))
         self._walk(ds, ctx)
         self._record(ds)
         meta = getattr(ds, "file_meta", None)

@@ -47,7 +47,7 @@ from carina.archive.storage import ObjectStore
 
 from . import part10, rules
 from .deid import UID as UID_OP
-from .deid import Deidentifier, Profile, load_profile
+from .deid import Deidentifier, Profile, load_profile, subject_key
 from .errors import CurationError, InstanceRefused
 from .pseudonyms import Pseudonymizer, collection_key, mapped_pseudonymizer
 from .rule_settings import RuleSettingError, config_from
@@ -694,8 +694,7 @@ def _admission(
         return None
     pending.admitted = True
     original_id = _str(ds, "PatientID")
-    subject = original_id or "no-patient-id:" + str(ds.StudyInstanceUID)
-    marks = (pseudo.forgotten_research_id(pseudo.patient_id(subject)),)
+    marks = (pseudo.forgotten_research_id(pseudo.patient_id(subject_key(ds))),)
     if original_id:
         marks += (pseudo.forgotten_original(pseudo.subject_digest(original_id)),)
     return Admission(

@@ -374,7 +374,10 @@ def _store(event: Event, runtime: Runtime, peer: _Peer) -> Outcome | Admitted:
     # PS3.4 B.2.3: a dataset of another SOP Class than the presentation context's does not
     # match: the intake worker checks it as it parses.
     sop_class = str(event.context.abstract_syntax)
-    ctx = replace(peer.ctx, sop_class=sop_class)
+    sop_instance = event.request.AffectedSOPInstanceUID
+    ctx = replace(
+        peer.ctx, sop_class=sop_class, sop_instance=str(sop_instance) if sop_instance else None
+    )
     # A derived object's held UIDs are looked up as it is de-identified: acknowledged once
     # indexed, as every instance is with dimse_ack "indexed".
     admitter = runtime.admitter

@@ -96,6 +96,23 @@ def _key_check(key: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
+class PendingFile:
+    """A pending original written (Sealer.write_pending) but not yet durable."""
+
+    path: Path
+    fd: int
+
+    def flush(self) -> Path:
+        """fsync the file, then its directory (its entry survives a crash); its path."""
+        try:
+            os.fsync(self.fd)
+        finally:
+            os.close(self.fd)
+        sync_dirs([self.path.parent])
+        return self.path
+
+
+@dataclass(frozen=True)
 class Sealer:
     """The originals of one collection: what an intake worker needs to keep and read them
     (small and picklable)."""
@@ -115,36 +132,33 @@ class Sealer:
         """Encrypt the original (its bytes, or the path of a file holding them) into a new file
         for the de-identified instance sop_uid; the file's name (None: too large to keep)."""
         name = secrets.token_hex(16)
-        path = self.path(name)
-        if not self._seal(path, name, sop_uid, original):
+        fd = self._seal(self.path(name), name, sop_uid, original)
+        if fd is None:
             return None
+        os.close(fd)
         return name
 
-    def keep_pending(
-        self, directory: Path, sop_uid: str, original: bytes | bytearray | str
-    ) -> Path | None:
-        """Encrypt the original into directory (in the intake area) as for keep(), durably
-        (file and directory fsynced): a pending original, which adopt() later moves to where
-        keep() would have put it. Its file name is pending_name(); None: too large to keep."""
+    def write_pending(
+        self, directory: Path, sop_uid: str, original: bytes | bytearray
+    ) -> PendingFile | None:
+        """Encrypt the original into directory (in the intake area) as keep() does, named
+        pending_name(): a pending original, which adopt() later moves to where keep() would
+        have put it. Written, not yet durable: PendingFile.flush() makes it so (the caller may
+        parse the instance meanwhile). None: too large to keep."""
         name = secrets.token_hex(16)
         path = directory / pending_name(name, sop_uid)
-        if not self._seal(path, name, sop_uid, original, durable=True):
-            return None
-        sync_dirs([directory])
-        return path
+        fd = self._seal(path, name, sop_uid, original)
+        return None if fd is None else PendingFile(path, fd)
 
     def _seal(
-        self,
-        path: Path,
-        name: str,
-        sop_uid: str,
-        original: bytes | bytearray | str,
-        durable: bool = False,
-    ) -> bool:
+        self, path: Path, name: str, sop_uid: str, original: bytes | bytearray | str
+    ) -> int | None:
+        """Write the sealed original to a new file at path; its descriptor, still open (None:
+        too large to keep, nothing written)."""
         size = os.path.getsize(original) if isinstance(original, str) else len(original)
         if size > MAX_SIZE:
             log.warning("original of instance %s not kept: %d bytes", sop_uid, size)
-            return False
+            return None
         data = Path(original).read_bytes() if isinstance(original, str) else original
         nonce = os.urandom(_NONCE)
         sealed = AESGCM(self.key).encrypt(nonce, bytes(data), self._aad(sop_uid, name))
@@ -153,13 +167,16 @@ class Sealer:
         except FileNotFoundError:  # the first file of its directory (once per directory)
             path.parent.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + _key_check(self.key) + nonce)
-            f.write(sealed)
-            if durable:
-                f.flush()
-                os.fsync(f.fileno())
-        return True
+        try:
+            with memoryview(sealed) as rest:
+                os.write(fd, MAGIC + _key_check(self.key) + nonce)
+                while rest:
+                    rest = rest[os.write(fd, rest) :]
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
+        return fd
 
     def read(self, name: str, sop_uid: str) -> bytes:
         """The original kept under name for sop_uid, decrypted and authenticated;
@@ -167,7 +184,7 @@ class Sealer:
         return self.read_file(self.path(name), name, sop_uid)
 
     def read_pending(self, path: Path) -> bytes:
-        """A pending original (keep_pending()), decrypted and authenticated."""
+        """A pending original (write_pending()), decrypted and authenticated."""
         name, sop_uid = parse_pending_name(path.name)
         return self.read_file(path, name, sop_uid)
 

@@ -7,6 +7,7 @@ de-identification run in a process pool so every core is used."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -32,7 +33,6 @@ from pydicom.datadict import tag_for_keyword
 from pydicom.dataelem import DataElement, RawDataElement, convert_raw_data_element
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
-from pydicom.filereader import _read_file_meta_info, read_preamble
 from pydicom.hooks import hooks
 from pydicom.hooks import raw_element_value as _default_value_hook
 from pydicom.hooks import raw_element_vr as _default_vr_hook
@@ -108,6 +108,9 @@ class IntakeContext:
     pending_dir: str | None = None
     # The SOP Class the instance must have (a C-STORE's presentation context's); None: any.
     sop_class: str | None = None
+    # The SOP Instance UID its C-STORE request names (Affected SOP Instance UID): the pending
+    # original's name is its pseudonym. Without it, no early admission.
+    sop_instance: str | None = None
     # The Admission carries de-identification's warning (the status does): told once
     # de-identified, unless the profile remaps SOP Instance UIDs (then always COERCED).
     admit_with_warning: bool = False
@@ -530,55 +533,52 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
 
 
 class _PendingOriginal:
-    """An original being sealed durably into the intake area (Sealer.keep_pending) by a
-    thread of the worker while the worker parses and checks it: the file and directory
-    flushes wait on the disk, not on the CPU. Sealed under the de-identified UID of the SOP
-    Instance UID its file meta names (the C-STORE request's)."""
+    """An original sealed into the intake area (Sealer.write_pending) before its instance is
+    parsed, and flushed (file and directory fsyncs) by the worker's flushing thread while it
+    is: the flushes wait on the disk, not on the CPU, and hold no lock the parse needs. Sealed
+    under the de-identified UID of the SOP Instance UID its C-STORE request names."""
 
-    def __init__(self, payload: bytes | bytearray | str, ctx: IntakeContext, sop_uid: str):
-        assert ctx.originals is not None and ctx.pending_dir is not None
-        self.sop_uid = sop_uid
+    def __init__(self, written: originals.PendingFile, sop_uid: str) -> None:
+        self.sop_uid = sop_uid  # de-identified
         self.admitted = False
-        self._path: Path | None = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(
-            target=self._seal, args=(ctx.originals, Path(ctx.pending_dir), payload)
-        )
-        self._thread.start()
+        self._written = written
+        self._flushed = _flusher().submit(written.flush)
 
     @classmethod
     def start(cls, payload: bytes | bytearray | str, ctx: IntakeContext) -> _PendingOriginal | None:
-        """Start sealing when ctx admits early and the file meta names the instance."""
-        if ctx.pending_dir is None or ctx.originals is None or isinstance(payload, str):
-            return None
-        try:
-            fp = BytesIO(payload)
-            read_preamble(fp, True)
-            meta = _read_file_meta_info(fp)
-            original = str(meta.MediaStorageSOPInstanceUID)
-        except Exception:  # noqa: BLE001 - parsing says what is wrong with it
+        """Seal the original when ctx admits early (None: it does not, or the original is too
+        large to keep)."""
+        if (
+            ctx.pending_dir is None
+            or ctx.originals is None
+            or ctx.sop_instance is None
+            or isinstance(payload, str)
+        ):
             return None
         pseudo = _pseudonymizer(ctx.key, ctx.collection, ctx.mapping_version)
-        return cls(payload, ctx, pseudo.uid(original))
+        sop_uid = pseudo.uid(ctx.sop_instance)
+        written = ctx.originals.write_pending(Path(ctx.pending_dir), sop_uid, payload)
+        return None if written is None else cls(written, sop_uid)
 
-    def _seal(self, sealer: originals.Sealer, directory: Path, payload: bytes) -> None:
-        try:
-            self._path = sealer.keep_pending(directory, self.sop_uid, payload)
-        except BaseException as e:  # raised by path()
-            self._error = e
-
-    def path(self) -> Path | None:
-        """The durable pending original once written (None: too large to keep)."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._path
+    def path(self) -> Path:
+        """The pending original, once durable."""
+        return self._flushed.result()
 
     def discard(self) -> None:
         """Remove it: the instance was not admitted early."""
-        self._thread.join()
-        if self._path is not None:
-            self._path.unlink(missing_ok=True)
+        with contextlib.suppress(Exception):  # removed whether or not it became durable
+            self._flushed.result()
+        self._written.path.unlink(missing_ok=True)
+
+
+# The worker process's thread flushing pending originals (one instance at a time per worker).
+_FLUSHER: list[ThreadPoolExecutor] = []
+
+
+def _flusher() -> ThreadPoolExecutor:
+    if not _FLUSHER:
+        _FLUSHER.append(ThreadPoolExecutor(1, thread_name_prefix="flush-pending"))
+    return _FLUSHER[0]
 
 
 def _process_part(
@@ -621,7 +621,7 @@ def _process_part(
     told = False
     if pending is not None and sop_class not in derived.KINDS:
         admission = _admission(ds, ctx, pseudo, pending)
-        if admission is not None and (not ctx.admit_with_warning or _remaps_sop_uid(profile)):
+        if not ctx.admit_with_warning or _remaps_sop_uid(profile):
             # The warning is known already: a remapped SOP Instance UID is a changed value.
             tell(replace(admission, warning=COERCED) if ctx.admit_with_warning else admission)
             told = True
@@ -685,13 +685,11 @@ def _remaps_sop_uid(profile: Profile) -> bool:
 
 def _admission(
     ds: Dataset, ctx: IntakeContext, pseudo: Pseudonymizer, pending: _PendingOriginal
-) -> Admission | None:
-    """The Admission of a parsed and checked instance, once its pending original is durable
-    (None: too large to keep, so not admitted early). Its forgotten marks are those
-    de-identification gives (PatientID is always its pseudonym)."""
+) -> Admission:
+    """The Admission of a parsed and checked instance, once its pending original is durable.
+    Its forgotten marks are those de-identification gives (PatientID is always its
+    pseudonym)."""
     path = pending.path()
-    if path is None:
-        return None
     pending.admitted = True
     original_id = _str(ds, "PatientID")
     marks = (pseudo.forgotten_research_id(pseudo.patient_id(subject_key(ds))),)

@@ -97,19 +97,25 @@ def _key_check(key: bytes) -> bytes:
 
 @dataclass(frozen=True)
 class PendingFile:
-    """A pending original written (Sealer.write_pending) but not yet durable."""
+    """A pending original written (Sealer.write_pending), durable once both its file and the
+    directory holding its entry are flushed: two single blocking calls, which a caller may
+    run at once on threads of its own; then close()."""
 
     path: Path
     fd: int
+    directory_fd: int
 
-    def flush(self) -> Path:
-        """fsync the file, then its directory (its entry survives a crash); its path."""
+    def flush_file(self) -> None:
+        os.fsync(self.fd)
+
+    def flush_directory(self) -> None:
+        os.fsync(self.directory_fd)
+
+    def close(self) -> None:
         try:
-            os.fsync(self.fd)
-        finally:
             os.close(self.fd)
-        sync_dirs([self.path.parent])
-        return self.path
+        finally:
+            os.close(self.directory_fd)
 
 
 @dataclass(frozen=True)
@@ -143,12 +149,19 @@ class Sealer:
     ) -> PendingFile | None:
         """Encrypt the original into directory (in the intake area) as keep() does, named
         pending_name(): a pending original, which adopt() later moves to where keep() would
-        have put it. Written, not yet durable: PendingFile.flush() makes it so (the caller may
-        parse the instance meanwhile). None: too large to keep."""
+        have put it. Written, not yet durable: the PendingFile's flushes make it so (the
+        caller may parse the instance meanwhile). None: too large to keep."""
         name = secrets.token_hex(16)
         path = directory / pending_name(name, sop_uid)
         fd = self._seal(path, name, sop_uid, original)
-        return None if fd is None else PendingFile(path, fd)
+        if fd is None:
+            return None
+        try:
+            return PendingFile(path, fd, os.open(directory, os.O_RDONLY))
+        except BaseException:
+            os.close(fd)
+            path.unlink(missing_ok=True)
+            raise
 
     def _seal(
         self, path: Path, name: str, sop_uid: str, original: bytes | bytearray | str

@@ -19,7 +19,7 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from io import BytesIO
@@ -534,15 +534,16 @@ def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
 
 class _PendingOriginal:
     """An original sealed into the intake area (Sealer.write_pending) before its instance is
-    parsed, and flushed (file and directory fsyncs) by the worker's flushing thread while it
-    is: the flushes wait on the disk, not on the CPU, and hold no lock the parse needs. Sealed
-    under the de-identified UID of the SOP Instance UID its C-STORE request names."""
+    parsed, and flushed (the file and its directory, at once) by the worker's flushing
+    threads while it is. Sealed under the de-identified UID of the SOP Instance UID its
+    C-STORE request names."""
 
     def __init__(self, written: originals.PendingFile, sop_uid: str) -> None:
         self.sop_uid = sop_uid  # de-identified
         self.admitted = False
         self._written = written
-        self._flushed = _flusher().submit(written.flush)
+        self._flushes = [_beside(written.flush_file), _beside(written.flush_directory)]
+        self._closed = False
 
     @classmethod
     def start(cls, payload: bytes | bytearray | str, ctx: IntakeContext) -> _PendingOriginal | None:
@@ -562,23 +563,43 @@ class _PendingOriginal:
 
     def path(self) -> Path:
         """The pending original, once durable."""
-        return self._flushed.result()
+        try:
+            for flush in self._flushes:
+                flush.result()
+        finally:
+            if not self._closed:
+                self._closed = True
+                self._written.close()
+        return self._written.path
 
     def discard(self) -> None:
         """Remove it: the instance was not admitted early."""
         with contextlib.suppress(Exception):  # removed whether or not it became durable
-            self._flushed.result()
+            self.path()
         self._written.path.unlink(missing_ok=True)
 
 
-# The worker process's thread flushing pending originals (one instance at a time per worker).
-_FLUSHER: list[ThreadPoolExecutor] = []
+# The worker process's threads flushing pending originals (one instance at a time per worker).
+_FLUSHERS: list[ThreadPoolExecutor] = []
 
 
-def _flusher() -> ThreadPoolExecutor:
-    if not _FLUSHER:
-        _FLUSHER.append(ThreadPoolExecutor(1, thread_name_prefix="flush-pending"))
-    return _FLUSHER[0]
+def _beside(call: Callable[[], None]) -> Future[None]:
+    """Run call, one blocking system call, on a flushing thread; return once that thread is
+    in it. The thread needs the GIL to start, and a parse holds it until the parse ends (it
+    is shorter than the interpreter's 5 ms switch interval): without waiting here, the
+    flushes would only begin once the instance is parsed."""
+    if not _FLUSHERS:
+        _FLUSHERS.append(ThreadPoolExecutor(2, thread_name_prefix="flush-pending"))
+    started = threading.Lock()
+    started.acquire()
+
+    def run() -> None:
+        started.release()
+        call()
+
+    future = _FLUSHERS[0].submit(run)
+    started.acquire()
+    return future
 
 
 def _process_part(

@@ -59,9 +59,10 @@ from .intake import (
     IntakeContext,
     Outcome,
     Refusal,
+    Told,
     process_part,
 )
-from .workers import Interim, Worker, WorkerDied
+from .workers import WorkerDied
 
 log = logging.getLogger(__name__)
 
@@ -216,19 +217,11 @@ class Admitter:
         original too large to keep) stored and indexed. With warnings, the admission carries
         de-identification's warning (IntakeContext.admit_with_warning)."""
         ctx = replace(ctx, pending_dir=str(group.directory), admit_with_warning=warnings)
-        workers = self.intake._thread_workers
-        taken = workers.take()
-        slot, worker = taken
         try:
-            first = worker.call(process_part, self.intake._into_slot(payload, slot), ctx)
+            first = self.intake.start_one(payload, ctx)
         except WorkerDied:
-            workers.give_back(taken)
             return Refusal(PROCESSING_FAILURE, WORKER_ENDED)
-        except BaseException:
-            workers.give_back(taken)
-            raise
-        if not isinstance(first, Interim):  # refused, or not admitted early: as ingest_one
-            workers.give_back(taken)
+        if not isinstance(first, Told):  # refused, or not admitted early: as ingest_one
             return self.intake.commit_one(first)
         admission: Admission = first.value
         ticket = _Ticket(0.0, next(self._seq), Path(admission.pending), group)
@@ -238,27 +231,25 @@ class Admitter:
             forgotten = False
         if not forgotten:
             group._add()
-        self._finishers.submit(self._finish, taken, ticket, not forgotten)
+        self._finishers.submit(self._finish, first, ticket, not forgotten)
         if forgotten:
             return Refusal(NOT_AUTHORIZED, FORGOTTEN, admission.sop_class_uid)
         return Admitted(admission.sop_uid, admission.series_uid, admission.warning)
 
-    def _finish(self, taken: tuple[int, Worker], ticket: _Ticket, accepted: bool) -> None:
+    def _finish(self, told: Told, ticket: _Ticket, accepted: bool) -> None:
         """The worker's result for an admitted instance, to the committer (or, for one
         refused at admission, thrown away with its pending original)."""
         try:
-            outcome: Outcome = taken[1].receive()
+            outcome: Outcome = told.outcome()
         except WorkerDied:
             outcome = Refusal(PROCESSING_FAILURE, WORKER_ENDED)
         except Exception as e:  # noqa: BLE001 - processed again from its pending original
             outcome = Refusal(PROCESSING_FAILURE, f"processing failure: {type(e).__name__}")
-        finally:
-            self.intake._thread_workers.give_back(taken)
         if accepted:
             self._commits.put((ticket, outcome))
             return
         if isinstance(outcome, InstanceRecord):
-            self.intake._discard(outcome)
+            self.intake.discard(outcome)
         ticket.pending.unlink(missing_ok=True)
 
     # -----------------------------------------------------------------------------------------
@@ -294,7 +285,7 @@ class Admitter:
         retry it later, or refuse it."""
         result = BatchResult([outcome for _, outcome in batch])
         if result.stored:
-            self.intake._commit(result, self.intake.settle_seconds)
+            self.intake.store_batch(result, self.intake.settle_seconds)
         for (ticket, before), after in zip(batch, result.outcomes, strict=True):
             if isinstance(after, InstanceRecord):
                 self._done(ticket, after)
@@ -403,8 +394,7 @@ class Admitter:
                 return None
             data = sealer.read_pending(ticket.pending)
             ctx = replace(self.intake.context(ticket.group.collection), originals=None)
-            with self.intake._thread_workers.worker() as (_, worker):
-                outcome = worker.call(process_part, data, ctx)
+            [outcome] = self.intake.run_in_workers(process_part, [(data, ctx)])
         except OriginalUnreadable as e:
             return Refusal(PROCESSING_FAILURE, str(e)[:64])
         except WorkerDied:

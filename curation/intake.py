@@ -51,7 +51,7 @@ from .deid import Deidentifier, Profile, load_profile, subject_key
 from .errors import CurationError, InstanceRefused
 from .pseudonyms import Pseudonymizer, collection_key, mapped_pseudonymizer
 from .rule_settings import RuleSettingError, config_from
-from .workers import LoopWorkerPool, WorkerDied, WorkerPool, tell
+from .workers import Interim, LoopWorkerPool, Worker, WorkerDied, WorkerPool, tell
 
 log = logging.getLogger(__name__)
 
@@ -904,6 +904,26 @@ class PartSink:
         self._pieces = []
 
 
+class Told:
+    """What a thread worker told first of an instance it goes on processing (an Admission),
+    and the worker, until outcome() has the rest."""
+
+    def __init__(self, value: Any, pool: WorkerPool, taken: tuple[int, Worker]) -> None:
+        self.value = value
+        self._pool = pool
+        self._taken: tuple[int, Worker] | None = taken
+
+    def outcome(self) -> Outcome:
+        """The instance's outcome, once the worker has it; the worker is free again after
+        (WorkerDied if it ended first). Once only."""
+        assert self._taken is not None, "outcome() already taken"
+        taken, self._taken = self._taken, None
+        try:
+            return taken[1].receive()
+        finally:
+            self._pool.give_back(taken)
+
+
 class Intake:
     """The intake pipeline of one process: a worker pool, the object store and the index."""
 
@@ -1090,6 +1110,21 @@ class Intake:
                 outcome = Refusal(PROCESSING_FAILURE, WORKER_ENDED)
         return self.commit_one(outcome)
 
+    def start_one(self, payload: bytes, ctx: IntakeContext) -> Outcome | Told:
+        """Process one instance in a thread worker as ingest_one does, up to what the worker
+        tells first (tell()): a Told, whose outcome() follows; or, if it told nothing, the
+        outcome, not yet stored (commit_one). WorkerDied if the worker ended."""
+        taken = self._thread_workers.take()
+        try:
+            first = taken[1].call(process_part, self._into_slot(payload, taken[0]), ctx)
+        except BaseException:
+            self._thread_workers.give_back(taken)
+            raise
+        if not isinstance(first, Interim):
+            self._thread_workers.give_back(taken)
+            return first
+        return Told(first.value, self._thread_workers, taken)
+
     def commit_one(self, outcome: Outcome) -> Outcome:
         """Store and index one processed instance (a refusal stays one); what became of it.
         More may follow from its sender: its series settles after a quiet period, or at the
@@ -1100,7 +1135,8 @@ class Intake:
         return result.outcomes[0]
 
     def store_batch(self, result: BatchResult, settle_after: float) -> None:
-        """Store and index the staged instances of result as intake does (a reprocessing's)."""
+        """Store and index the staged instances of result as intake does (a reprocessing's,
+        or a batch of instances admitted early)."""
         self._commit(result, settle_after)
 
     def _commit(self, result: BatchResult, settle_after: float) -> None:
@@ -1116,7 +1152,7 @@ class Intake:
             if error is None:
                 stored.append(record)
                 continue
-            self._discard(record)
+            self.discard(record)
             code = OUT_OF_RESOURCES if isinstance(error, OutOfResources) else PROCESSING_FAILURE
             result.outcomes[i] = _refused(record, code, str(error))
         if not stored:
@@ -1128,7 +1164,7 @@ class Intake:
             failed = {id(r) for r in stored}
             for i, outcome in enumerate(result.outcomes):
                 if id(outcome) in failed:
-                    self._discard(outcome)  # type: ignore[arg-type]
+                    self.discard(outcome)  # type: ignore[arg-type]
                     result.outcomes[i] = _refused(
                         outcome,  # type: ignore[arg-type]
                         PROCESSING_FAILURE,
@@ -1142,7 +1178,7 @@ class Intake:
         log.info("stored %d instances", len(stored))
         self._refresh_statistics(len(stored))
 
-    def _discard(self, record: InstanceRecord) -> None:
+    def discard(self, record: InstanceRecord) -> None:
         """Remove what intake wrote for an instance it refuses after all: its staged file and
         its kept original (a forgotten subject's above all)."""
         Path(record.staging_path).unlink(missing_ok=True)
@@ -1160,7 +1196,7 @@ class Intake:
             if isinstance(outcome, InstanceRecord) and not forgotten.isdisjoint(
                 outcome.forgotten_marks
             ):
-                self._discard(outcome)
+                self.discard(outcome)
                 result.outcomes[i] = _refused(outcome, NOT_AUTHORIZED, FORGOTTEN)
 
     def forgotten(self, items: Sequence[InstanceRecord | Admission]) -> set[bytes]:
@@ -1201,7 +1237,7 @@ class Intake:
                 for i, outcome in enumerate(result.outcomes):
                     if id(outcome) in refused:
                         self.store.delete(outcome.object_key)  # type: ignore[union-attr]
-                        self._discard(outcome)  # type: ignore[arg-type]
+                        self.discard(outcome)  # type: ignore[arg-type]
                         result.outcomes[i] = _refused(outcome, NOT_AUTHORIZED, FORGOTTEN)  # type: ignore[arg-type]
                 stored = [r for r in stored if id(r) not in refused]
         return stored

@@ -259,7 +259,7 @@ _SINGLE_JSON: dict[str, tuple[type, Callable[[Any], object]]] = {
 }
 
 
-def _dicom_json(ds: Dataset) -> dict:
+def dicom_json(ds: Dataset) -> dict:
     """The PS3.18 Annex F DICOM JSON of a de-identified ds with bulk data left out, exactly as
     pydicom's Dataset.to_json_dict (suppress_invalid_tags) gives it. The common case, one text
     or binary-number value, is written here directly (pydicom spends ~7 us on each element);
@@ -681,9 +681,11 @@ def _process_part(
     with open(staging, "wb") as f:
         f.writelines(chunks)
     try:
-        full = _dicom_json(ds)
+        full = dicom_json(ds)
         findings = _residual_phi(full, identifiers, ctx.phi)
-        record = _record(ds, ctx, staging, size, digest.hexdigest(), warning, full, findings)
+        record = instance_record(
+            ds, ctx, staging, size, digest.hexdigest(), warning, full, findings
+        )
         record = replace(record, forgotten_marks=marks)
         if admission is not None and pending is not None and pending.sop_uid == record.sop_uid:
             # Its pending original becomes the kept one (the seal names this SOP Instance UID).
@@ -758,7 +760,7 @@ def _prepare_file_meta(ds: Dataset) -> None:
     ds.preamble = bytes(128)
 
 
-def _record(
+def instance_record(
     ds: Dataset,
     ctx: IntakeContext,
     staging: Path,

@@ -144,11 +144,9 @@ def staged(
     sha256 = hashlib.sha256(data).hexdigest()
     staging.write_bytes(data)
     try:
-        full = ds.to_json_dict(
-            intake.BULK_THRESHOLD, intake._bulk_uri_handler(ds), suppress_invalid_tags=True
-        )
+        full = intake.dicom_json(ds)
         ctx = intake.IntakeContext(collection, b"", "", (), str(staging.parent))
-        return intake._record(ds, ctx, staging, len(data), sha256, warning, full, findings)
+        return intake.instance_record(ds, ctx, staging, len(data), sha256, warning, full, findings)
     except Exception:
         staging.unlink(missing_ok=True)
         raise

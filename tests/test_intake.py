@@ -23,8 +23,8 @@ from carina.curation.intake import (
     Refusal,
     _bulk_uri_handler,
     _coercion,
-    _dicom_json,
     _read,
+    dicom_json,
     process_part,
 )
 from carina.curation.pseudonyms import Pseudonymizer
@@ -166,7 +166,7 @@ def test_index_json_is_what_pydicom_writes(deidentified: bool) -> None:
                 Deidentifier(profile, Pseudonymizer(b"k" * 32)).apply(ds)
         except Exception:  # files intake refuses, or deid cannot apply to: not indexed
             continue
-        assert json.dumps(_dicom_json(ds), sort_keys=True) == json.dumps(
+        assert json.dumps(dicom_json(ds), sort_keys=True) == json.dumps(
             _pydicom_json(ds), sort_keys=True
         )
         compared += 1

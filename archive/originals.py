@@ -181,10 +181,9 @@ class Sealer:
             path.parent.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with memoryview(sealed) as rest:
-                os.write(fd, MAGIC + _key_check(self.key) + nonce)
-                while rest:
-                    rest = rest[os.write(fd, rest) :]
+            with open(fd, "wb", closefd=False) as f:
+                f.write(MAGIC + _key_check(self.key) + nonce)
+                f.write(sealed)
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)

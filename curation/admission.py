@@ -6,9 +6,10 @@ A sender sends the next instance only after the status of the last one, so every
 the status counts in full: parsing, de-identification, the store's and the index's flushes in
 series took ~7.7 ms per instance. As the Clinical Trial Processor (the tool TCIA receives and
 anonymizes submissions with) does, Carina answers once the received object is safely queued:
-the intake worker parses and checks it, seals its original (archive/originals, the
-collection's originals key) into the association's directory of the intake area, fsyncs file
-and directory, and tells the caller (curation/workers tell()) before it goes on. The C-STORE
+the intake worker seals its original (archive/originals, the collection's originals key) into
+the association's directory of the intake area, parses and checks it while file and directory
+are flushed (fsync), and once both are done tells the caller (curation/workers tell()) before
+it goes on. The C-STORE
 handler answers then; a finisher thread takes the worker's result and a committer thread
 stores and indexes what has arrived in one batch through the intake's own commit. The pending
 original then becomes the kept one (renamed into the originals area, its seal already naming

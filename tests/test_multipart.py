@@ -3,13 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
 
 import pytest
 
-from carina.api.multipart import GROUP_BYTES, MultipartError, PartReader, write_parts
+from carina.api.multipart import (
+    GROUP_BYTES,
+    MultipartError,
+    PartReader,
+    new_boundary,
+    write_parts,
+)
 
 
 class Sink:
@@ -96,3 +103,12 @@ def test_written_parts_parse_back_in_order_small_and_large() -> None:
 
 def test_no_parts_is_just_the_closing_delimiter() -> None:
     assert collect([]) == b"--BND--\r\n"
+
+
+def test_new_boundaries_are_random_and_as_long_as_rfc_2046_allows() -> None:
+    # A client scans the whole body for the delimiter; the longer it is, the further each
+    # mismatch lets the scan skip (api/multipart.py).
+    boundaries = {new_boundary() for _ in range(100)}
+    assert len(boundaries) == 100
+    # RFC 2046 5.1.1: 1 to 70 characters of bchars, not ending in a space.
+    assert all(re.fullmatch(r"[0-9A-Za-z'()+_,\-./:=?]{70}", b) for b in boundaries)

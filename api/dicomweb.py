@@ -348,10 +348,8 @@ def _retrieve(
 ) -> Response:
     rt = runtime(request)
     scope = auth.read_scope(request)
-    # Audited as it is looked up (one statement): also a read answered 304 or 406.
-    objects, version = index.instance_objects_version(
-        rt.pool, study, series, sop, scope, auth.access_of(request)
-    )
+    objects = index.instance_objects(rt.pool, study, series, sop, scope)
+    auth.record_access(request, [study])
     acceptable = _dicom_accept(request)
     if not acceptable:
         return http_error(406, f'instances are served as multipart/related; type="{DICOM}"')
@@ -363,6 +361,7 @@ def _retrieve(
         if not choices:
             return http_error(406, _unavailable(stored, acceptable))
         plans.append((key, stored, size, choices))
+    version = index.version(rt.pool, study, series, sop, scope)
     cache = validators(version, DICOM, *acceptable)
     unchanged = not_modified(request, cache)
     if unchanged is not None:

@@ -128,12 +128,12 @@ def _rendered(
     if sop is None:
         # Study or series: every instance's first frame as parts, or the first instance
         # alone (as Orthanc answers, and as dicomweb-client reads a single image).
-        objects, version = index.instance_objects_version(
-            rt.pool, study, series, sop, scope, auth.access_of(request)
-        )
+        objects = index.instance_objects(rt.pool, study, series, sop, scope)
+        version = index.version(rt.pool, study, series, sop, scope)
         targets: list[_Target] = [(key, 1, None) for key, _, _ in objects]
         if not choice.multipart:
             targets = targets[:1]
+        auth.record_access(request, [study])
     else:
         assert series is not None  # the instance routes name their series
         # Audited as it is looked up (one statement): also a read answered 304 or 406.

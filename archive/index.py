@@ -286,50 +286,14 @@ def instance_objects(
     with db.one_statement(pool) as conn:
         rows = conn.execute(
             "SELECT i.object_key, i.transfer_syntax_uid, i.size FROM instances i"
-            f" JOIN series se ON se.series_uid = i.series_uid WHERE {where} ORDER BY {_ORDER}",
+            " JOIN series se ON se.series_uid = i.series_uid"
+            f" WHERE {where} ORDER BY se.series_number NULLS LAST, i.series_uid,"
+            " i.instance_number NULLS LAST, i.sop_uid",
             params,
         ).fetchall()
     if not rows:
         raise NotFound("no published instance matches")
     return [(r[0], r[1], r[2]) for r in rows]
-
-
-# The order instances are retrieved in: by series number, then instance number.
-_ORDER = "se.series_number NULLS LAST, i.series_uid, i.instance_number NULLS LAST, i.sop_uid"
-
-
-def instance_objects_version(
-    pool: ConnectionPool,
-    study: str,
-    series: str | None = None,
-    sop: str | None = None,
-    scope: Scope = EVERYTHING,
-    access: audit.Access | None = None,
-) -> tuple[list[tuple[str, str, int]], Version]:
-    """instance_objects and their version in one statement (one round trip, where they cost
-    two); with access, the same statement audits the read of the study (one commit, not a
-    third round trip). NotFound, and nothing audited, if no published instance is in scope."""
-    where, params = _scope(study, series, sop, scope)
-    query = (
-        "WITH hit AS (SELECT i.object_key, i.transfer_syntax_uid, i.size, i.study_uid,"
-        " i.sop_uid, i.sha256, greatest(i.updated_at, se.updated_at) AS modified,"
-        f" row_number() OVER (ORDER BY {_ORDER}) AS n"
-        f" FROM instances i JOIN series se ON se.series_uid = i.series_uid WHERE {where}),"
-        # What version() computes, over the same rows.
-        " v AS (SELECT md5(string_agg(sop_uid || ':' || sha256, ',' ORDER BY sop_uid)) AS digest,"
-        " max(modified) AS modified FROM hit)"
-    )
-    if access is not None:
-        logged, logged_params = audit.insert(access, "s.study_uid IN (SELECT study_uid FROM hit)")
-        query += f", logged AS ({logged})"
-        params = [*params, *logged_params]
-    query += " SELECT h.object_key, h.transfer_syntax_uid, h.size, v.digest, v.modified"
-    query += " FROM hit h CROSS JOIN v ORDER BY h.n"
-    with db.one_statement(pool) as conn:
-        rows = conn.execute(query, params).fetchall()
-    if not rows:
-        raise NotFound("no published instance matches")
-    return [(r[0], r[1], r[2]) for r in rows], Version(rows[0][3], rows[0][4])
 
 
 # The image pixel module attributes that place native frames (PS3.3 C.7.6.3), as kept in

@@ -5,14 +5,10 @@ from __future__ import annotations
 from email.parser import BytesParser
 from email.policy import HTTP
 
-import psycopg
 import pytest
 import requests
-from psycopg_pool import ConnectionPool
 from pydicom.uid import generate_uid
 
-from carina.archive import audit, index
-from carina.archive.errors import NotFound
 from tests.conftest import Server, wait_for_series
 from tests.factory import Phi, ct_series
 
@@ -54,29 +50,6 @@ def test_series_retrieve_streams_every_instance_as_a_part(series: tuple, server:
         assert p.get_content_type() == "application/dicom"
         assert p.get_param("transfer-syntax") == "1.2.840.10008.1.2.1"
         assert int(p["content-length"]) == len(p.get_payload(decode=True))
-
-
-def test_objects_version_and_audit_of_a_retrieve_are_one_statement(
-    series: tuple, server: Server
-) -> None:
-    """What a retrieve needs, in one round trip: the objects in instance order, the Version
-    index.version computes, and the read's audit row; nothing audited when nothing is found."""
-    st, se, _, _ = series
-    access = audit.Access("one-statement", None, None, "GET", "/test/one-statement")
-
-    def audited() -> int:
-        with psycopg.connect(server.database_url) as conn:
-            query = "SELECT count(*) FROM access_audit WHERE identity = 'one-statement'"
-            return conn.execute(query).fetchone()[0]  # type: ignore[index]
-
-    with ConnectionPool(server.database_url, min_size=1, max_size=1) as pool:
-        objects, version = index.instance_objects_version(pool, st, se, access=access)
-        assert objects == index.instance_objects(pool, st, se)
-        assert version == index.version(pool, st, se)
-        assert audited() == 1
-        with pytest.raises(NotFound):
-            index.instance_objects_version(pool, st, generate_uid(), access=access)
-    assert audited() == 1
 
 
 def test_instance_retrieve_gives_one_part(series: tuple, server: Server) -> None:

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import re
-from collections.abc import AsyncIterator, Callable, Hashable, Iterator
+from collections.abc import AsyncIterator, Hashable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import partial
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -28,6 +29,7 @@ from .multipart import (
     Fill,
     Loaded,
     MultipartError,
+    PartLoader,
     PartReader,
     body_length,
     closing,
@@ -367,10 +369,10 @@ def _retrieve(
     boundary = new_boundary()
     store = rt.store
 
-    def loader(key: str, stored: str, size: int, choices: list[str]) -> PartLoader:
+    def loader(key: str, stored: str, size: int, choices: list[str]) -> PartLoader | Fill:
         if choices[0] == stored:  # as stored: no decoding
             if size <= WHOLE_OBJECT_MAX:
-                return lambda: Fill(lambda view: store.read_into(key, view))
+                return Fill(partial(store.read_into, key), partial(store.read_cached_into, key))
             return lambda: store.iter_chunks(key)
 
         def transcoded() -> Loaded:
@@ -396,9 +398,6 @@ def _retrieve(
         media_type=f'multipart/related; type="{DICOM}"; boundary={boundary}',
         headers=cache,
     )
-
-
-PartLoader = Callable[[], "bytes | Fill | Iterator[bytes] | Loaded"]
 
 
 # (object key, stored transfer syntax, size, transfer syntaxes to try in order)

@@ -167,9 +167,17 @@ class PartReader:
             self.abort()
 
 
+# RFC 2046 5.1.1: at most 70 characters. The longest allowed: a client finds the parts by
+# searching the body for the delimiter, and a search skips ahead by up to the delimiter's length
+# at each mismatch (as CPython's bytes.find and count do): a 72-byte delimiter instead of a
+# 34-byte one halves the client's cost of scanning the pixel data for it (23 vs 53 ms of CPU per
+# 105 MB of CT series with bytes.count).
+BOUNDARY_CHARS = 70
+
+
 def new_boundary() -> str:
-    """A boundary that cannot occur in the payload by chance."""
-    return secrets.token_hex(16)
+    """A boundary that cannot occur in the payload by chance (random hex, RFC 2046's longest)."""
+    return secrets.token_hex(BOUNDARY_CHARS // 2)
 
 
 @dataclass(frozen=True)
@@ -185,15 +193,19 @@ class Loaded:
 @dataclass(frozen=True)
 class Fill:
     """A part of known length whose body is read straight into the buffer that is sent, after
-    its head (no copy of the body to frame it): fill(view) writes exactly len(view) bytes."""
+    its head (no copy of the body to frame it): fill(view) writes exactly len(view) bytes.
+    cached(view), when given, does the same from memory only (the page cache), fit for the
+    event loop, and returns False instead of waiting for a disk."""
 
     fill: Callable[[memoryview], None]
+    cached: Callable[[memoryview], bool] | None = None
 
 
-# One part of a response: content type, length if known, and a loader that returns the whole
-# body (small objects), a Fill, an iterator of chunks (large ones) or a Loaded. Loaders run in
-# worker threads.
-PartSource = tuple[str, int | None, Callable[[], "bytes | Fill | Iterator[bytes] | Loaded"]]
+# One part of a response: content type, length if known, and a Fill, or a loader that returns
+# the whole body (small objects), a Fill, an iterator of chunks (large ones) or a Loaded.
+# Loaders run in worker threads.
+PartLoader = Callable[[], "bytes | Fill | Iterator[bytes] | Loaded"]
+PartSource = tuple[str, int | None, PartLoader | Fill]
 
 
 def part_head(
@@ -215,15 +227,22 @@ def closing(boundary: str) -> bytes:
 
 async def write_parts(boundary: str, parts: Sequence[PartSource]) -> AsyncIterator[bytes]:
     """The body of a multipart/related response, streamed. Consecutive small parts are read
-    together in one worker-thread call (up to GROUP_BYTES), and the next group is read while
-    the current one is being sent; large parts are streamed in chunks."""
+    together (up to GROUP_BYTES) in one worker-thread call, and the next group is read while
+    the current one is being sent; large parts are streamed in chunks. Groups of Fills whose
+    bytes are all in memory (Fill.cached) are read on the event loop instead, up to
+    CACHED_GROUP_BYTES at a time, each just before it is sent: no thread hop, and the bytes are
+    still in the processor's cache when the kernel copies them to the socket (and the client
+    from it). From the first group that is not all in memory on, the rest is read in threads."""
     groups = _groups(parts)
-    pending = _load(boundary, groups[0], True) if groups else None
+    pending: asyncio.Future[list[_Ready]] | None = None
     try:
-        for i in range(len(groups)):
-            assert pending is not None
-            ready = await pending
-            pending = _load(boundary, groups[i + 1], False) if i + 1 < len(groups) else None
+        for i, group in enumerate(groups):
+            ready = _load_cached(boundary, group, i == 0) if pending is None else None
+            if ready is None:
+                if pending is None:  # not all in memory: from here on, read in threads
+                    pending = _load(boundary, group, i == 0)
+                ready = await pending
+                pending = _load(boundary, groups[i + 1], False) if i + 1 < len(groups) else None
             for item in ready:
                 if not isinstance(item, tuple):
                     yield item  # type: ignore[misc]  # StreamingResponse sends memoryviews too
@@ -252,18 +271,29 @@ def body_length(boundary: str, parts: Sequence[PartSource]) -> int:
 
 
 GROUP_BYTES = 8 << 20
+# Parts read on the event loop, from memory, go in groups this small (each part alone, from
+# half a megabyte on): read and sent while in the processor's cache, and a short hold of the
+# loop. Interleaved retrieves of a 200-instance CT series, client CPU per series (median):
+# 54 ms in groups of 1 MiB, 62 ms in groups of 8 MiB read in threads.
+CACHED_GROUP_BYTES = 1 << 20
 
 
 # The first group is this small, so that the first bytes go out while the next group is read.
 FIRST_GROUP_BYTES = 1 << 20
 
 
+def _cached(part: PartSource) -> bool:
+    """Whether a part's body can be read from memory on the event loop."""
+    return isinstance(part[2], Fill) and part[2].cached is not None
+
+
 def _groups(parts: Sequence[PartSource]) -> list[list[PartSource]]:
+    limit = CACHED_GROUP_BYTES if all(_cached(p) for p in parts) else GROUP_BYTES
     groups: list[list[PartSource]] = []
-    size = GROUP_BYTES
+    size = limit
     for part in parts:
-        length = part[1] or GROUP_BYTES
-        if size + length > (FIRST_GROUP_BYTES if len(groups) <= 1 else GROUP_BYTES):
+        length = part[1] or limit
+        if size + length > (FIRST_GROUP_BYTES if len(groups) <= 1 else limit):
             groups.append([])
             size = 0
         groups[-1].append(part)
@@ -280,16 +310,39 @@ _Ready = bytes | memoryview | tuple[bytes, bytes | Iterator[bytes]]
 JOIN_MAX = 64 << 10
 
 
+def _head(boundary: str, ctype: str, length: int | None, first: bool) -> bytes:
+    """A part's head, after the CRLF that ends the part before it (none before the first)."""
+    head = part_head(boundary, ctype, length)
+    return head if first else b"\r\n" + head
+
+
+class _NotInMemory(Exception):
+    """A Fill's bytes are not all in memory."""
+
+
+def _load_cached(boundary: str, group: list[PartSource], first: bool) -> list[_Ready] | None:
+    """A group of Fills read on the event loop from memory, or None when it is not all there
+    (or not all Fills that can say so)."""
+    run: list[tuple[bytes, bytes | Fill, int]] = []
+    for n, (ctype, length, body) in enumerate(group):
+        if not isinstance(body, Fill) or body.cached is None or length is None:
+            return None
+        run.append((_head(boundary, ctype, length, first and n == 0), body, length))
+    try:
+        return [_joined(run, cached=True)]
+    except _NotInMemory:
+        return None
+
+
 def _load(boundary: str, group: list[PartSource], first: bool) -> asyncio.Future[list[_Ready]]:
     def load() -> list[_Ready]:
         ready: list[_Ready] = []
         run: list[tuple[bytes, bytes | Fill, int]] = []  # (head, body, length) to join
-        for n, (ctype, length, loader) in enumerate(group):
-            body = loader()
+        for n, (ctype, length, source) in enumerate(group):
+            body = source if isinstance(source, Fill) else source()
             if isinstance(body, Loaded):
                 ctype, length, body = body.ctype, body.length, body.body
-            head = part_head(boundary, ctype, length)
-            head = head if first and n == 0 else b"\r\n" + head
+            head = _head(boundary, ctype, length, first and n == 0)
             if isinstance(body, Fill):
                 assert length is not None
                 run.append((head, body, length))
@@ -303,9 +356,10 @@ def _load(boundary: str, group: list[PartSource], first: bool) -> asyncio.Future
     return asyncio.ensure_future(run_in_threadpool(load))
 
 
-def _joined(run: list[tuple[bytes, bytes | Fill, int]]) -> memoryview:
+def _joined(run: list[tuple[bytes, bytes | Fill, int]], cached: bool = False) -> memoryview:
     """Consecutive parts in one buffer, each body read (a Fill) or copied into place: one
-    ASGI message and one write for the lot, not one or two per part."""
+    ASGI message and one write for the lot, not one or two per part. With cached, the Fills
+    are read from memory only (_NotInMemory when one is not all there)."""
     # Left uninitialised (a bytearray would be zeroed first: a pass over megabytes that are
     # overwritten at once).
     view = memoryview(np.empty(sum(len(head) + length for head, _, length in run), np.uint8))
@@ -313,9 +367,11 @@ def _joined(run: list[tuple[bytes, bytes | Fill, int]]) -> memoryview:
     for head, body, length in run:
         view[at : at + len(head)] = head
         at += len(head)
-        if isinstance(body, Fill):
-            body.fill(view[at : at + length])
-        else:
+        if not isinstance(body, Fill):
             view[at : at + length] = body
+        elif not cached:
+            body.fill(view[at : at + length])
+        elif body.cached is None or not body.cached(view[at : at + length]):
+            raise _NotInMemory
         at += length
     return view

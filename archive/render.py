@@ -148,6 +148,20 @@ def _check_frames(ds: Dataset, numbers: list[int]) -> None:
 
 def render(file: BinaryIO, frame: int, rendering: Rendering) -> bytes:
     """The 1-based frame of the stored instance in file, rendered as asked."""
+    image = render_image(file, frame, rendering.window, rendering.viewport)
+    out = BytesIO()
+    if rendering.media_type == JPEG:
+        image.save(out, "JPEG", quality=rendering.quality)
+    else:
+        image.save(out, _FORMATS[rendering.media_type])
+    return out.getvalue()
+
+
+def render_image(
+    file: BinaryIO, frame: int, window: Window | None = None, viewport: Viewport | None = None
+) -> Image.Image:
+    """The 1-based frame of the stored instance in file as 8-bit grey or RGB pixels (render's
+    image before it is encoded)."""
     # The header is parsed once, by the decoder, which copies the pixel module (group 0028:
     # rescale, windows, LUTs, palettes) into ds.
     ds = Dataset()
@@ -162,17 +176,11 @@ def render(file: BinaryIO, frame: int, rendering: Rendering) -> bytes:
             raise NotRetrievable("the instance has no pixel data to render") from e
         raise NotRetrievable(f"the image cannot be decoded here ({type(e).__name__})") from e
     try:
-        image = _to_image(arr, ds, rendering.window)
+        image = _to_image(arr, ds, window)
     except (ValueError, KeyError, AttributeError, IndexError, TypeError) as e:
         # A pixel module pydicom's LUT functions refuse (malformed palette or VOI LUT).
         raise NotRetrievable(f"the image cannot be rendered ({type(e).__name__})") from e
-    image = _apply_viewport(image, rendering.viewport)
-    out = BytesIO()
-    if rendering.media_type == JPEG:
-        image.save(out, "JPEG", quality=rendering.quality)
-    else:
-        image.save(out, _FORMATS[rendering.media_type])
-    return out.getvalue()
+    return _apply_viewport(image, viewport)
 
 
 def _header(file: BinaryIO) -> Dataset:

@@ -23,7 +23,7 @@ from pydicom.tag import Tag
 from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .errors import ArchiveError, NotFound, StorageError
-from .storage import CHUNK, FilesystemStore, ObjectStore, check_key
+from .storage import CHUNK, RWF_NOWAIT, FilesystemStore, ObjectStore, check_key
 
 # Native encodings whose element values are little-endian bytes as PS3.18 8.7.3.3.1 wants for
 # application/octet-stream; big endian and deflated objects would need transcoding.
@@ -63,10 +63,6 @@ class NotRetrievable(ArchiveError):
     frames not on byte boundaries)."""
 
 
-# preadv2's flag to read only what the page cache holds (Linux 4.14; None elsewhere).
-_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
-
-
 class WouldBlock(ArchiveError):
     """A StoredObject opened with nowait was asked for bytes that are not all in memory (the
     page cache) yet, or cannot be read without blocking at all; read them in a worker thread."""
@@ -87,11 +83,11 @@ class StoredObject:
         # nowait: for an event loop, which must not wait for a disk. Reads by offset then
         # take only what is in the page cache (RWF_NOWAIT, Linux 4.14) and raise WouldBlock
         # for anything else.
-        if nowait and (_RWF_NOWAIT is None or not isinstance(store, FilesystemStore)):
+        if nowait and (RWF_NOWAIT is None or not isinstance(store, FilesystemStore)):
             raise WouldBlock("this object store is read in a worker thread")
         self._file = _open(store, key)
         self._fd = self._file.fileno() if isinstance(store, FilesystemStore) else None
-        self._flags = _RWF_NOWAIT if nowait and _RWF_NOWAIT else 0
+        self._flags = RWF_NOWAIT if nowait and RWF_NOWAIT else 0
 
     def __enter__(self) -> StoredObject:
         return self

@@ -23,6 +23,8 @@ from .errors import ArchiveError, NotFound, OutOfResources, StorageError
 log = logging.getLogger(__name__)
 
 CHUNK = 1 << 20
+# preadv2's flag to read only what the page cache holds (Linux 4.14; None elsewhere).
+RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
 # Keys are made by Carina from UIDs; anything else is refused before touching a path.
 _SAFE_KEY = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
@@ -52,6 +54,10 @@ class ObjectStore(Protocol):
 
     def read_into(self, key: str, buffer: memoryview) -> None:
         """Fill buffer with the whole object; StorageError if it is not exactly that long."""
+
+    def read_cached_into(self, key: str, buffer: memoryview) -> bool:
+        """read_into from memory only, for an event loop that must not wait for a disk or the
+        network: False (buffer partly filled) when some of the object is not in memory."""
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""
@@ -137,6 +143,14 @@ class FilesystemStore:
 
     def read_into(self, key: str, buffer: memoryview) -> None:
         """Fill buffer with the whole file (read straight into it: no copy, no pathlib)."""
+        self._read_into(key, buffer, 0)
+
+    def read_cached_into(self, key: str, buffer: memoryview) -> bool:
+        """read_into from the page cache only (preadv2's RWF_NOWAIT, Linux 4.14): False when
+        some of the file would have to be read from the disk."""
+        return RWF_NOWAIT is not None and self._read_into(key, buffer, RWF_NOWAIT)
+
+    def _read_into(self, key: str, buffer: memoryview, flags: int) -> bool:
         with _os_errors():
             fd = os.open(f"{self.root}/{check_key(key)}", os.O_RDONLY)
             try:
@@ -144,10 +158,18 @@ class FilesystemStore:
                     raise StorageError("stored object is not as long as its index entry says")
                 done = 0
                 while done < len(buffer):
-                    n = os.preadv(fd, [buffer[done:]], done)
+                    try:
+                        n = os.preadv(fd, [buffer[done:]], done, flags)
+                    except BlockingIOError:  # RWF_NOWAIT: not all in the page cache
+                        return False
+                    except OSError as e:
+                        if flags and e.errno == errno.EOPNOTSUPP:  # a filesystem without it
+                            return False
+                        raise
                     if not n:
                         raise StorageError("stored object is shorter than its index entry says")
                     done += n
+                return True
             finally:
                 os.close(fd)
 
@@ -377,6 +399,10 @@ class S3Store:
             done += len(chunk)
         if done != len(buffer):
             raise StorageError("stored object is shorter than its index entry says")
+
+    def read_cached_into(self, key: str, buffer: memoryview) -> bool:
+        """Nothing of a bucket is in local memory: always False."""
+        return False
 
     def delete(self, key: str) -> None:
         """Remove the object; S3 answers a missing key with success too."""

@@ -285,9 +285,8 @@ def _render(store: ObjectStore, key: str, sop_uid: str, frame: int, size: int) -
     """One frame rendered by archive/render.py and scaled towards size pixels on its longer
     side (enlarged MAX_ENLARGE times at most)."""
     with retrieve.StoredObject(store, key) as obj:
-        png = render.render(obj.file, frame, render.Rendering(render.PNG))
-    with Image.open(io.BytesIO(png)) as decoded:
-        image = decoded.convert("L")
+        # The pixels themselves: no PNG encoded to be decoded again (both lossless).
+        image = render.render_image(obj.file, frame).convert("L")
     longer = max(image.size)
     factor = min(MAX_ENLARGE, max(size, 16) / longer)
     target = (max(1, round(image.width * factor)), max(1, round(image.height * factor)))
@@ -323,8 +322,10 @@ def _read_stack(
     canvas = Image.new("L", (width, top - GAP), 0)
     for f, y in zip(stack, tops, strict=True):
         canvas.paste(f.image, (0, y))
+    # Binary PGM (P5), which tesseract reads from stdin as it reads PNG (Leptonica), and the same
+    # pixels: no zlib pass over them in this process, which serves requests meanwhile.
     out = io.BytesIO()
-    canvas.save(out, "PNG", compress_level=1)
+    canvas.save(out, "PPM")
     words = [
         w
         for w in run_tesseract(command, out.getvalue())

@@ -3,13 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import re
+import threading
 from collections.abc import Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
 
 import pytest
 
-from carina.api.multipart import GROUP_BYTES, MultipartError, PartReader, write_parts
+from carina.api.multipart import (
+    GROUP_BYTES,
+    Fill,
+    MultipartError,
+    PartReader,
+    new_boundary,
+    write_parts,
+)
 
 
 class Sink:
@@ -96,3 +105,48 @@ def test_written_parts_parse_back_in_order_small_and_large() -> None:
 
 def test_no_parts_is_just_the_closing_delimiter() -> None:
     assert collect([]) == b"--BND--\r\n"
+
+
+def test_new_boundaries_are_random_and_as_long_as_rfc_2046_allows() -> None:
+    # A client scans the whole body for the delimiter; the longer it is, the further each
+    # mismatch lets the scan skip (api/multipart.py).
+    boundaries = {new_boundary() for _ in range(100)}
+    assert len(boundaries) == 100
+    # RFC 2046 5.1.1: 1 to 70 characters of bchars, not ending in a space.
+    assert all(re.fullmatch(r"[0-9A-Za-z'()+_,\-./:=?]{70}", b) for b in boundaries)
+
+
+def test_fills_in_memory_are_read_on_the_event_loop_until_one_is_not() -> None:
+    """Parts whose bytes are in memory are read on the event loop (no thread hop); from the
+    first that is not, every part is read in worker threads; the body is the same either way."""
+    loop_thread = threading.get_ident()  # asyncio.run runs the loop in this thread
+    reads: list[tuple[int, str, bool]] = []  # (part, how, on the event loop)
+    bodies = [bytes([65 + i]) * (600 << 10) for i in range(5)]  # one part per group
+
+    def source(i: int) -> Fill:
+        def fill(view: memoryview) -> None:
+            reads.append((i, "fill", threading.get_ident() == loop_thread))
+            view[:] = bodies[i]
+
+        def cached(view: memoryview) -> bool:
+            reads.append((i, "cached", threading.get_ident() == loop_thread))
+            if i == 2:  # not in memory
+                return False
+            view[:] = bodies[i]
+            return True
+
+        return Fill(fill, cached)
+
+    body = collect([("application/dicom", len(b), source(i)) for i, b in enumerate(bodies)])
+    msg = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: multipart/related; boundary=BND\r\n\r\n" + body
+    )
+    assert [p.get_payload(decode=True) for p in msg.iter_parts()] == bodies
+    assert reads == [
+        (0, "cached", True),
+        (1, "cached", True),
+        (2, "cached", True),
+        (2, "fill", False),
+        (3, "fill", False),
+        (4, "fill", False),
+    ]

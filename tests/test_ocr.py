@@ -18,6 +18,7 @@ from pydicom import Dataset
 from pydicom.uid import UltrasoundImageStorage
 
 from carina.archive.storage import FilesystemStore
+from carina.curation import ocr
 from carina.curation.ocr import (
     NICENESS,
     OcrEnvironment,
@@ -142,6 +143,29 @@ def test_detector_finds_text_lines_in_ct_without_keeping_the_text(tmp_path: Path
     assert bottom.y > 200 and bottom.y + bottom.height <= 256
     assert sum(r.words for r in first) == 4
     assert not any(word in repr(detection) for word in WORDS)
+
+
+def test_frames_reach_tesseract_as_pgm_and_read_as_from_png(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stacked frames go to tesseract as binary PGM (no zlib pass over them in the
+    serving process), from which it reads exactly what it reads from the same pixels in PNG."""
+    sent: list[bytes] = []
+
+    def keep(command: str, image: bytes) -> list[ocr.Word]:
+        sent.append(image)
+        return run_tesseract(command, image)
+
+    monkeypatch.setattr(ocr, "run_tesseract", keep)
+    env, keys, facts = stored_facts(tmp_path, ct_with_text(Phi()))
+    detection = read_series(env, keys, facts, BurnedInSettings())
+    assert detection.ran and len(detection.instances_with_text) == 3
+    [pgm] = sent
+    assert pgm.startswith(b"P5")
+    with Image.open(io.BytesIO(pgm)) as stack:
+        png = _png(stack)
+    words = run_tesseract("tesseract", pgm)
+    assert len(words) >= 8 and words == run_tesseract("tesseract", png)
 
 
 def test_detector_finds_no_text_in_clean_ct(tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from carina.archive.storage import CHUNK, FilesystemStore, ObjectStore, S3Store
 from tests.conftest import Server, free_port, wait_for_series
 from tests.factory import Phi, ct_series
 from tests.s3server import S3Server, start_weed
+from tests.test_wado_frames import evict, in_memory_filesystem
 
 # More than one multipart part for the minio client (5 MiB parts) and many read chunks;
 # not a multiple of either, so the last part and the last chunk are short.
@@ -118,6 +119,30 @@ def test_read_into_fills_a_buffer_of_the_stored_length_and_refuses_another(
             store.read_into(f"{prefix}/1.2.3/4.5.6.dcm", memoryview(bytearray(wrong)))
     with pytest.raises(NotFound):
         store.read_into(f"{prefix}/never/stored.dcm", memoryview(bytearray(BIG)))
+
+
+def test_read_cached_into_reads_only_what_is_in_memory(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    """For the event loop: a file in the page cache is read; a bucket, or a file that would
+    have to come from the disk, is not (False), and read_into still reads it."""
+    data = random_bytes(BIG)
+    key = f"{prefix}/1.2.3/4.5.6.dcm"
+    store.put_file(key, stage(data))
+    buffer = bytearray(BIG)
+    if not isinstance(store, FilesystemStore):
+        assert not store.read_cached_into(key, memoryview(buffer))
+        return
+    assert store.read_cached_into(key, memoryview(buffer))  # just written: in the page cache
+    assert buffer == data
+    with pytest.raises(StorageError):
+        store.read_cached_into(key, memoryview(bytearray(BIG + 1)))
+    if in_memory_filesystem(store.root):
+        pytest.skip("this filesystem keeps every page in memory (tmpfs)")
+    evict(store.root / key)
+    assert not store.read_cached_into(key, memoryview(bytearray(BIG)))
+    store.read_into(key, memoryview(buffer))
+    assert buffer == data
 
 
 def test_put_file_then_iter_chunks_streams_same_bytes_in_bounded_chunks(

@@ -42,9 +42,14 @@ class ObjectStore(Protocol):
     def put_file(self, key: str, path: Path) -> None:
         """Move the finished file at path into the store under key (replacing any old one)."""
 
-    def put_files(self, items: Sequence[tuple[str, Path]]) -> list[ArchiveError | None]:
+    def put_files(
+        self, items: Sequence[tuple[str, Path]], flush_each: bool = False
+    ) -> list[ArchiveError | None]:
         """Move many staged files in; when it returns, every item whose entry is None is
-        durable. One error per failed item, in order (a failure never stops the others)."""
+        durable. One error per failed item, in order (a failure never stops the others).
+        flush_each: a batch nobody waits for, made durable file by file however large (a
+        filesystem's store would otherwise flush the whole filesystem at once, which holds up
+        every other flush meanwhile: those a C-STORE status waits for among them)."""
 
     def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
         """Stream the object's bytes."""
@@ -85,10 +90,12 @@ class FilesystemStore:
         if error is not None:
             raise error
 
-    def put_files(self, items: Sequence[tuple[str, Path]]) -> list[ArchiveError | None]:
-        """Rename each staged file into place, then make them all durable: a few files with an
-        fsync each and one of every directory whose entries changed, more with one filesystem
-        sync (group commit)."""
+    def put_files(
+        self, items: Sequence[tuple[str, Path]], flush_each: bool = False
+    ) -> list[ArchiveError | None]:
+        """Rename each staged file into place, then make them all durable: a few files (any
+        number with flush_each) with an fsync each and one of every directory whose entries
+        changed, more with one filesystem sync (group commit)."""
         errors: list[ArchiveError | None] = []
         changed: set[Path] = set()
         for key, path in items:
@@ -111,7 +118,7 @@ class FilesystemStore:
         if done:
             try:
                 with _os_errors():
-                    if len(done) <= _FSYNC_EACH_UP_TO:
+                    if flush_each or len(done) <= _FSYNC_EACH_UP_TO:
                         for key in done:
                             _fsync_path(self._path(key))
                         for directory in sorted(changed, reverse=True):
@@ -358,7 +365,9 @@ class S3Store:
             # The object is safely stored; a leftover staging file is not worth failing for.
             log.warning("stored %s but could not remove staging file: %s", key, e.strerror)
 
-    def put_files(self, items: Sequence[tuple[str, Path]]) -> list[ArchiveError | None]:
+    def put_files(
+        self, items: Sequence[tuple[str, Path]], flush_each: bool = False
+    ) -> list[ArchiveError | None]:
         """Upload each staged file; an upload that returned is durable on the S3 side."""
         errors: list[ArchiveError | None] = []
         for key, path in items:

@@ -286,7 +286,7 @@ class Admitter:
         retry it later, or refuse it."""
         result = BatchResult([outcome for _, outcome in batch])
         if result.stored:
-            self.intake.store_batch(result, self.intake.settle_seconds)
+            self.intake.store_batch(result, self.intake.settle_seconds, flush_each=True)
         for (ticket, before), after in zip(batch, result.outcomes, strict=True):
             if isinstance(after, InstanceRecord):
                 self._done(ticket, after)

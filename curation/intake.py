@@ -1136,19 +1136,24 @@ class Intake:
             self._commit(result, self.settle_seconds)
         return result.outcomes[0]
 
-    def store_batch(self, result: BatchResult, settle_after: float) -> None:
+    def store_batch(
+        self, result: BatchResult, settle_after: float, flush_each: bool = False
+    ) -> None:
         """Store and index the staged instances of result as intake does (a reprocessing's,
-        or a batch of instances admitted early)."""
-        self._commit(result, settle_after)
+        or a batch of instances admitted early: nobody waits for it, so flush_each, see
+        ObjectStore.put_files)."""
+        self._commit(result, settle_after, flush_each)
 
-    def _commit(self, result: BatchResult, settle_after: float) -> None:
+    def _commit(self, result: BatchResult, settle_after: float, flush_each: bool = False) -> None:
         """Move staged files into the store (durable as a batch), then index them in one
         transaction, their series incoming and due for evaluation settle_after seconds from
         now; only what is both stored and indexed is acknowledged."""
         self._refuse_forgotten(result)
         positions = [i for i, o in enumerate(result.outcomes) if isinstance(o, InstanceRecord)]
         records: list[InstanceRecord] = [result.outcomes[i] for i in positions]  # type: ignore[misc]
-        errors = self.store.put_files([(r.object_key, Path(r.staging_path)) for r in records])
+        errors = self.store.put_files(
+            [(r.object_key, Path(r.staging_path)) for r in records], flush_each
+        )
         stored: list[InstanceRecord] = []
         for i, record, error in zip(positions, records, errors, strict=True):
             if error is None:

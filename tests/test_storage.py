@@ -398,3 +398,32 @@ def test_filesystem_put_syncs_every_directory_that_got_a_new_entry(
     staged.write_bytes(b"second")
     store.put_file("1.2.3/4.5.6/8.dcm", staged)  # same series: only its directory changed
     assert sorted(synced) == sorted([root / "1.2.3/4.5.6/8.dcm", root / "1.2.3/4.5.6"])
+
+
+@pytest.mark.parametrize("flush_each", [False, True])
+def test_filesystem_batch_flushes_the_whole_filesystem_unless_flush_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flush_each: bool
+) -> None:
+    # A large batch is made durable with one syncfs; a batch nobody waits for (flush_each: an
+    # early-admitted C-STORE batch) file by file, so as not to hold up other flushes. The real
+    # flushes run; the test only notes which.
+    synced: list[Path] = []
+    whole: list[Path] = []
+    real_fsync, real_sync = storage._fsync_path, storage._sync_filesystem
+    monkeypatch.setattr(storage, "_fsync_path", lambda p: (synced.append(p), real_fsync(p)))
+    monkeypatch.setattr(storage, "_sync_filesystem", lambda p: (whole.append(p), real_sync(p)))
+    store = FilesystemStore(tmp_path / "objects")
+    items = []
+    for n in range(storage._FSYNC_EACH_UP_TO + 3):
+        staged = tmp_path / f"staged-{n}"
+        staged.write_bytes(f"instance {n}".encode())
+        items.append((f"1.2.3/4.5.6/{n}.dcm", staged))
+    assert store.put_files(items, flush_each=flush_each) == [None] * len(items)
+    if flush_each:
+        assert whole == []
+        assert {store._path(key) for key, _ in items} <= set(synced)
+    else:
+        assert whole == [tmp_path / "objects"] and synced == []
+    assert [store.read(key) for key, _ in items] == [
+        f"instance {n}".encode() for n in range(len(items))
+    ]

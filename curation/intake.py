@@ -585,9 +585,10 @@ _FLUSHERS: list[ThreadPoolExecutor] = []
 
 def _beside(call: Callable[[], None]) -> Future[None]:
     """Run call, one blocking system call, on a flushing thread; return once that thread is
-    in it. The thread needs the GIL to start, and a parse holds it until the parse ends (it
-    is shorter than the interpreter's 5 ms switch interval): without waiting here, the
-    flushes would only begin once the instance is parsed."""
+    in it (or after BESIDE_WAIT at most: the wait only hurries the call, whose result the
+    caller awaits anyway). The thread needs the GIL to start, and a parse holds it until the
+    parse ends (it is shorter than the interpreter's 5 ms switch interval): without waiting
+    here, the flushes would only begin once the instance is parsed."""
     if not _FLUSHERS:
         _FLUSHERS.append(ThreadPoolExecutor(2, thread_name_prefix="flush-pending"))
     started = threading.Lock()
@@ -598,8 +599,11 @@ def _beside(call: Callable[[], None]) -> Future[None]:
         call()
 
     future = _FLUSHERS[0].submit(run)
-    started.acquire()
+    started.acquire(timeout=BESIDE_WAIT)
     return future
+
+
+BESIDE_WAIT = 0.05
 
 
 def _process_part(

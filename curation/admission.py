@@ -9,9 +9,9 @@ anonymizes submissions with) does, Carina answers once the received object is sa
 the intake worker seals its original (archive/originals, the collection's originals key) into
 the association's directory of the intake area, parses and checks it while file and directory
 are flushed (fsync), and once both are done tells the caller (curation/workers tell()) before
-it goes on. The C-STORE
-handler answers then; a finisher thread takes the worker's result and a committer thread
-stores and indexes what has arrived in one batch through the intake's own commit. The pending
+it goes on. The C-STORE handler answers then; a finisher thread takes the worker's result and
+a committer thread stores and indexes what has arrived in one batch through the intake's own
+commit. The pending
 original then becomes the kept one (renamed into the originals area, its seal already naming
 the de-identified SOP Instance UID).
 

@@ -579,8 +579,10 @@ class _PendingOriginal:
         self._written.path.unlink(missing_ok=True)
 
 
-# The worker process's threads flushing pending originals (one instance at a time per worker).
+# The worker process's threads flushing pending originals (one instance at a time per worker),
+# and the longest a worker waits for one to be in its flush (see _beside).
 _FLUSHERS: list[ThreadPoolExecutor] = []
+BESIDE_WAIT = 0.05
 
 
 def _beside(call: Callable[[], None]) -> Future[None]:
@@ -601,9 +603,6 @@ def _beside(call: Callable[[], None]) -> Future[None]:
     future = _FLUSHERS[0].submit(run)
     started.acquire(timeout=BESIDE_WAIT)
     return future
-
-
-BESIDE_WAIT = 0.05
 
 
 def _process_part(
@@ -1109,17 +1108,17 @@ class Intake:
         """Process, store and index one instance (a C-STORE); return once it is durable or
         refused. Blocking and thread-safe: each caller waits for its own worker and commit.
         The instance reaches the worker through a shared-memory slot, as a STOW part does."""
-        with self._thread_workers.worker() as (slot, worker):
-            try:
-                outcome = worker.call(process_part, self._into_slot(payload, slot), ctx)
-            except WorkerDied:
-                outcome = Refusal(PROCESSING_FAILURE, WORKER_ENDED)
+        try:
+            outcome = self.start_one(payload, ctx)
+        except WorkerDied:
+            outcome = Refusal(PROCESSING_FAILURE, WORKER_ENDED)
+        assert not isinstance(outcome, Told), "admitted early: Admitter.admit commits it"
         return self.commit_one(outcome)
 
     def start_one(self, payload: bytes, ctx: IntakeContext) -> Outcome | Told:
-        """Process one instance in a thread worker as ingest_one does, up to what the worker
-        tells first (tell()): a Told, whose outcome() follows; or, if it told nothing, the
-        outcome, not yet stored (commit_one). WorkerDied if the worker ended."""
+        """Process one instance in a thread worker (through its shared-memory slot) up to what
+        the worker tells first (tell()): a Told, whose outcome() follows; or, if it told
+        nothing, the outcome, not yet stored (commit_one). WorkerDied if the worker ended."""
         taken = self._thread_workers.take()
         try:
             first = taken[1].call(process_part, self._into_slot(payload, taken[0]), ctx)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import threading
 from collections import Counter
 from collections.abc import Iterator
@@ -65,7 +66,12 @@ from pynetdicom.sop_class import (  # type: ignore[attr-defined]
 )
 from pynetdicom.transport import ThreadedAssociationServer
 
-from carina.api.dimse_transport import MAXIMUM_PDU_SIZE, LowLatencyAssociationServer, part10
+from carina.api.dimse_transport import (
+    MAXIMUM_PDU_SIZE,
+    SWITCH_INTERVAL,
+    LowLatencyAssociationServer,
+    part10,
+)
 from carina.archive import derived, index, peers, qido
 from carina.archive.errors import InvalidQuery
 from carina.curation.admission import Admissions, Admitted
@@ -783,7 +789,9 @@ class DimseListener:
         ]
 
     def start(self) -> None:
-        """Listen in background threads; raise OSError if the port cannot be bound."""
+        """Listen in background threads; raise OSError if the port cannot be bound. The
+        process's GIL switch interval becomes at most SWITCH_INTERVAL."""
+        sys.setswitchinterval(min(sys.getswitchinterval(), SWITCH_INTERVAL))
         # What AE.start_server(block=False) does, with our server class (it takes none).
         server = self.ae.make_server(
             self.address, evt_handlers=self.handlers(), server_class=LowLatencyAssociationServer

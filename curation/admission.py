@@ -41,9 +41,11 @@ import threading
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import cast
 
 from carina.archive import originals, submissions
 from carina.archive.originals import OriginalUnreadable
@@ -82,6 +84,8 @@ RETRY_MAX = 60.0
 # instance is refused: the same bytes would fail the same way.
 WORKER_ATTEMPTS = 3
 _CONTEXT = "context.json"
+# Put on the committer's queue to wake it when a sender starts waiting (Admitter._hurry).
+_HURRY = object()
 _LOCK = ".owner"
 
 
@@ -104,12 +108,15 @@ class Admissions:
         collection: str,
         submission_id: int | None,
         recovered: bool = False,
+        hurry: Callable[[int], None] | None = None,
     ) -> None:
         self.directory = directory
         self.collection = collection
         self.submission_id = submission_id
         # Taken over from a process that ended: its submission's report was never written.
         self.recovered = recovered
+        # Told +1 while someone waits for this sender's instances, -1 after (Admitter._hurry).
+        self._hurry = hurry
         self._cond = threading.Condition()
         self._outstanding = 0
         self._closed = False
@@ -136,9 +143,19 @@ class Admissions:
             return True
 
     def wait(self, timeout: float) -> bool:
-        """Until every admitted instance is committed or refused (False: timeout passed)."""
+        """Until every admitted instance is committed or refused (False: timeout passed);
+        the committer does not wait for more instances to batch with them meanwhile."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._outstanding <= 0, timeout)
+            if self._outstanding <= 0:
+                return True
+        if self._hurry is not None:
+            self._hurry(1)
+        try:
+            with self._cond:
+                return self._cond.wait_for(lambda: self._outstanding <= 0, timeout)
+        finally:
+            if self._hurry is not None:
+                self._hurry(-1)
 
     def close(self) -> tuple[Counter[str], list[Refusal]]:
         """The sender is done and its report is written now: what was committed (series) and
@@ -183,7 +200,11 @@ class Admitter:
         assert self._lock is not None
         self._seq = itertools.count()
         self._finishers = ThreadPoolExecutor(intake.workers, thread_name_prefix="admit-finish")
-        self._commits: queue.Queue[tuple[_Ticket, Outcome] | None] = queue.Queue()
+        self._commits: queue.Queue[tuple[_Ticket, Outcome] | object | None] = queue.Queue()
+        # Senders waiting for their instances' commit (Admissions.wait): while there are any,
+        # the committer commits what has arrived without waiting out COMMIT_WINDOW.
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         self._retries: list[_Ticket] = []
         self._retry_cond = threading.Condition()
         self._stopping = False
@@ -208,7 +229,7 @@ class Admitter:
             f.flush()
             os.fsync(f.fileno())
         originals.sync_dirs([directory, self.directory])
-        return Admissions(directory, collection, submission_id)
+        return Admissions(directory, collection, submission_id, hurry=self._hurry)
 
     def admit(
         self, payload: bytes, ctx: IntakeContext, group: Admissions, warnings: bool
@@ -256,24 +277,40 @@ class Admitter:
     # -----------------------------------------------------------------------------------------
     # Committing, in batches
 
+    def _hurry(self, change: int) -> None:
+        """A sender starts (+1) or stops (-1) waiting for its instances' commit. A sender's
+        release waits for it (api/dimse): one that sends an instance an association, as
+        modalities do, would otherwise wait out the window for each."""
+        with self._waiting_lock:
+            self._waiting += change
+        if change > 0:
+            self._commits.put(_HURRY)  # wakes the committer if it waits for more
+
     def _commit_loop(self) -> None:
         """Commit what the finishers and retries hand over, as many at a time as arrive within
-        COMMIT_WINDOW (up to COMMIT_BATCH), until close()."""
+        COMMIT_WINDOW (up to COMMIT_BATCH; only what has arrived while a sender waits for
+        its commit), until close()."""
         while True:
             item = self._commits.get()
             if item is None:
                 return
-            batch = [item]
+            if item is _HURRY:
+                continue
+            batch = [cast(tuple[_Ticket, Outcome], item)]
             until = time.monotonic() + COMMIT_WINDOW
             while len(batch) < COMMIT_BATCH:
                 try:
-                    more = self._commits.get(timeout=max(0.0, until - time.monotonic()))
+                    if self._waiting > 0:
+                        more = self._commits.get_nowait()
+                    else:
+                        more = self._commits.get(timeout=max(0.0, until - time.monotonic()))
                 except queue.Empty:
                     break
                 if more is None:
                     self._commits.put(None)  # stop after this batch
                     break
-                batch.append(more)
+                if more is not _HURRY:
+                    batch.append(cast(tuple[_Ticket, Outcome], more))
             try:
                 self._commit(batch)
             except Exception:  # never let the committer die: retried from the originals

@@ -301,3 +301,25 @@ def test_store_response_leaves_from_the_handlers_thread_without_a_hand_over() ->
         scp.stop()
     assert [s.Status for s in statuses] == [0, 0]
     assert sent == handled and len(sent) == 2
+
+
+def test_release_request_is_answered_without_waiting_for_the_idle_timer(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The reactor waits for DIMSE messages; a release request is none, and is answered at
+    # once only because the DUL wakes the reactor: with an idle timer longer than the
+    # requestor's wait for the release response, an unwoken reactor would miss it.
+    monkeypatch.setattr("carina.api.dimse_transport.IDLE_WAIT", 60.0)
+    s = Scp(LowLatencyAssociationServer)
+    try:
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(Verification)
+        scu.acse_timeout = 10
+        assoc = scu.associate("127.0.0.1", s.port, ae_title="SCP")
+        assert assoc.is_established
+        assert assoc.send_c_echo().Status == 0
+        assoc.release()
+        assert assoc.is_released
+        assert not assoc.is_aborted
+    finally:
+        s.stop()

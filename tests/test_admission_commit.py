@@ -1,0 +1,71 @@
+"""Early admission's committer (curation/admission.py) in this process: instances acknowledged
+on admission are committed in batches, but a sender waiting for its own (an association's
+release) does not wait out the batching window."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import replace
+
+import psycopg
+import pytest
+from pydicom.uid import CTImageStorage
+
+from carina.curation import admission
+from carina.curation.admission import Admitted
+from carina.curation.pseudonyms import Pseudonymizer, collection_key
+from carina.runtime import Runtime
+from carina.settings import Settings
+from tests.factory import Phi, ct_series, to_bytes
+
+SECRET = "admission-commit"
+
+
+@pytest.fixture(scope="module")
+def runtime(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Runtime]:
+    """Carina's runtime in this process (early admission on, its default)."""
+    settings = Settings(
+        data_dir=tmp_path_factory.mktemp("carina"),
+        database_url=database_url,
+        secret_key=SECRET,
+        workers=1,
+    )
+    started = Runtime.start(settings)
+    assert started.admitter is not None
+    yield started
+    started.close()
+
+
+def _indexed(database_url: str, sops: list[str]) -> int:
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM instances WHERE sop_uid = ANY(%s)", (sops,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_a_waiting_sender_is_committed_without_waiting_out_the_batching_window(
+    runtime: Runtime, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A window far longer than the wait below: only a committer that stops batching for a
+    # waiting sender commits within it.
+    monkeypatch.setattr(admission, "COMMIT_WINDOW", 120.0)
+    admitter = runtime.admitter
+    assert admitter is not None
+    group = admitter.open("default", None)
+    sent = ct_series(Phi(), 3, rows=16, columns=16)
+    base = runtime.intake.context()
+    for ds in sent:
+        ctx = replace(base, sop_class=CTImageStorage, sop_instance=str(ds.SOPInstanceUID))
+        assert isinstance(admitter.admit(to_bytes(ds), ctx, group, warnings=True), Admitted)
+    pseudo = Pseudonymizer(collection_key(SECRET.encode(), "default"))
+    sops = [pseudo.uid(ds.SOPInstanceUID) for ds in sent]
+
+    started = time.monotonic()
+    assert group.wait(30.0)
+    assert time.monotonic() - started < 30.0
+    assert _indexed(database_url, sops) == 3
+    group.close()
+    admitter.tidy(group)

@@ -96,29 +96,6 @@ def _key_check(key: bytes) -> bytes:
 
 
 @dataclass(frozen=True)
-class PendingFile:
-    """A pending original written (Sealer.write_pending), durable once both its file and the
-    directory holding its entry are flushed: two single blocking calls, which a caller may
-    run at once on threads of its own; then close()."""
-
-    path: Path
-    fd: int
-    directory_fd: int
-
-    def flush_file(self) -> None:
-        os.fsync(self.fd)
-
-    def flush_directory(self) -> None:
-        os.fsync(self.directory_fd)
-
-    def close(self) -> None:
-        try:
-            os.close(self.fd)
-        finally:
-            os.close(self.directory_fd)
-
-
-@dataclass(frozen=True)
 class Sealer:
     """The originals of one collection: what an intake worker needs to keep and read them
     (small and picklable)."""
@@ -144,24 +121,30 @@ class Sealer:
         os.close(fd)
         return name
 
-    def write_pending(
-        self, directory: Path, sop_uid: str, original: bytes | bytearray
-    ) -> PendingFile | None:
-        """Encrypt the original into directory (in the intake area) as keep() does, named
-        pending_name(): a pending original, which adopt() later moves to where keep() would
-        have put it. Written, not yet durable: the PendingFile's flushes make it so (the
-        caller may parse the instance meanwhile). None: too large to keep."""
-        name = secrets.token_hex(16)
-        path = directory / pending_name(name, sop_uid)
+    def pending_path(self, directory: Path, sop_uid: str) -> Path:
+        """A new path in directory (of the intake area) for the pending original of the
+        de-identified instance sop_uid: named pending_name(), its name in the originals area
+        drawn as keep() draws it."""
+        return directory / pending_name(secrets.token_hex(16), sop_uid)
+
+    def write_pending(self, path: Path, original: bytes | bytearray) -> bool:
+        """Encrypt the original into path (pending_path()) as keep() does: a pending original,
+        which adopt() later moves to where keep() would have put it. Durable when this
+        returns (the file and its directory flushed); False: too large to keep, nothing
+        written."""
+        name, sop_uid = parse_pending_name(path.name)
         fd = self._seal(path, name, sop_uid, original)
         if fd is None:
-            return None
+            return False
         try:
-            return PendingFile(path, fd, os.open(directory, os.O_RDONLY))
+            os.fsync(fd)
         except BaseException:
-            os.close(fd)
             path.unlink(missing_ok=True)
             raise
+        finally:
+            os.close(fd)
+        sync_dirs([path.parent])
+        return True
 
     def _seal(
         self, path: Path, name: str, sop_uid: str, original: bytes | bytearray | str

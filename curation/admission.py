@@ -6,14 +6,14 @@ A sender sends the next instance only after the status of the last one, so every
 the status counts in full: parsing, de-identification, the store's and the index's flushes in
 series took ~7.7 ms per instance. As the Clinical Trial Processor (the tool TCIA receives and
 anonymizes submissions with) does, Carina answers once the received object is safely queued:
-the intake worker seals its original (archive/originals, the collection's originals key) into
-the association's directory of the intake area, parses and checks it while file and directory
-are flushed (fsync), and once both are done tells the caller (curation/workers tell()) before
-it goes on. The C-STORE handler answers then; a finisher thread takes the worker's result and
-a committer thread stores and indexes what has arrived in one batch through the intake's own
-commit. The pending
-original then becomes the kept one (renamed into the originals area, its seal already naming
-the de-identified SOP Instance UID).
+a keeper thread of the listening process seals its original (archive/originals, the
+collection's originals key) into the association's directory of the intake area and flushes
+file and directory (fsync), while an intake worker parses and checks it and tells the caller
+(curation/workers tell()) before it goes on. Once both are done the C-STORE handler answers; a
+finisher thread takes the worker's result and a committer thread stores and indexes what has
+arrived in one batch through the intake's own commit. The pending original then becomes the
+kept one (renamed into the originals area, its seal already naming the de-identified SOP
+Instance UID). A refused instance's pending original is removed before the status goes out.
 
 Nothing acknowledged is lost: an instance whose processing fails afterwards (worker ended,
 store full, index down) keeps its pending original and is processed again from it, with
@@ -44,6 +44,7 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from functools import lru_cache
 from pathlib import Path
 from typing import cast
 
@@ -65,6 +66,7 @@ from .intake import (
     Told,
     process_part,
 )
+from .pseudonyms import Pseudonymizer
 from .workers import WorkerDied
 
 log = logging.getLogger(__name__)
@@ -77,6 +79,8 @@ log = logging.getLogger(__name__)
 # many instances holds it for long.
 COMMIT_BATCH = 64
 COMMIT_WINDOW = 0.1
+# Threads sealing and flushing pending originals: as many senders at once (more wait a turn).
+KEEPERS = 16
 # Back-off of an instance whose processing failed after its acknowledgement: first wait, cap.
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
@@ -200,6 +204,8 @@ class Admitter:
         assert self._lock is not None
         self._seq = itertools.count()
         self._finishers = ThreadPoolExecutor(intake.workers, thread_name_prefix="admit-finish")
+        # Seal and flush pending originals, one for each sender at a time.
+        self._keepers = ThreadPoolExecutor(KEEPERS, thread_name_prefix="admit-keep")
         self._commits: queue.Queue[tuple[_Ticket, Outcome] | object | None] = queue.Queue()
         # Senders waiting for their instances' commit (Admissions.wait): while there are any,
         # the committer commits what has arrived without waiting out COMMIT_WINDOW.
@@ -237,14 +243,34 @@ class Admitter:
         """Process one instance of group's sender; return once it is admitted (its original
         durable), refused, or (when it cannot be admitted early: a derived object, an
         original too large to keep) stored and indexed. With warnings, the admission carries
-        de-identification's warning (IntakeContext.admit_with_warning)."""
-        ctx = replace(ctx, pending_dir=str(group.directory), admit_with_warning=warnings)
+        de-identification's warning (IntakeContext.admit_with_warning). The original is sealed
+        into the sender's directory and flushed here, on a keeper thread, while the worker
+        parses and checks it."""
+        sealer = ctx.originals
+        if sealer is None or ctx.sop_instance is None or len(payload) > originals.MAX_SIZE:
+            return self.intake.ingest_one(payload, ctx)
+        # The name holds the de-identified SOP Instance UID the worker will give (a
+        # collection's pseudonym mapping maps subjects, never UIDs).
+        pending = sealer.pending_path(group.directory, _uids(ctx.key).uid(ctx.sop_instance))
+        kept = self._keepers.submit(sealer.write_pending, pending, payload)
+        ctx = replace(ctx, pending=str(pending), admit_with_warning=warnings)
         try:
-            first = self.intake.start_one(payload, ctx)
+            first: Outcome | Told = self.intake.start_one(payload, ctx)
         except WorkerDied:
-            return Refusal(PROCESSING_FAILURE, WORKER_ENDED)
+            first = Refusal(PROCESSING_FAILURE, WORKER_ENDED)
+        failed = None
+        try:
+            kept.result()
+        except Exception as e:  # noqa: BLE001 - refused: not acknowledged, nothing kept
+            log.error("original not kept in the intake area: %s", type(e).__name__)
+            failed = Refusal(PROCESSING_FAILURE, f"processing failure: {type(e).__name__}")
         if not isinstance(first, Told):  # refused, or not admitted early: as ingest_one
+            pending.unlink(missing_ok=True)
             return self.intake.commit_one(first)
+        ticket = _Ticket(0.0, next(self._seq), pending, group)
+        if failed is not None:
+            self._finishers.submit(self._finish, first, ticket, False)
+            return failed
         admission: Admission = first.value
         ticket = _Ticket(0.0, next(self._seq), Path(admission.pending), group)
         try:
@@ -498,6 +524,7 @@ class Admitter:
     def close(self) -> None:
         """Stop: let the instances being processed commit; what is pending stays for the next
         start."""
+        self._keepers.shutdown(wait=True)
         self._finishers.shutdown(wait=True)
         self._commits.put(None)
         self._committer.join()
@@ -508,6 +535,12 @@ class Admitter:
         if not any(p.is_dir() for p in _entries(self.directory)):
             shutil.rmtree(self.directory, ignore_errors=True)
         os.close(self._lock)
+
+
+@lru_cache(maxsize=64)
+def _uids(key: bytes) -> Pseudonymizer:
+    """A collection's UID pseudonyms (its key's), cached with their instances' UIDs."""
+    return Pseudonymizer(key)
 
 
 def _reason_key(refusal: Refusal) -> str:

@@ -7,7 +7,6 @@ de-identification run in a process pool so every core is used."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import logging
@@ -19,7 +18,7 @@ import time
 import uuid
 import warnings
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import lru_cache, partial
 from io import BytesIO
@@ -103,13 +102,14 @@ class IntakeContext:
     phi: rules.ResidualPhiSettings | None = None
     # Keeps the identified original, encrypted (archive/originals.py); None: not kept.
     originals: originals.Sealer | None = None
-    # Admit early (curation/admission.py): seal the original durably into this directory of
-    # the intake area and tell() the caller an Admission before de-identifying; None: do not.
-    pending_dir: str | None = None
+    # Admit early (curation/admission.py): tell() the caller an Admission before
+    # de-identifying, naming this pending original (archive/originals.Sealer.write_pending),
+    # which the caller writes meanwhile and which becomes the kept original; None: do not.
+    pending: str | None = None
     # The SOP Class the instance must have (a C-STORE's presentation context's); None: any.
     sop_class: str | None = None
     # The SOP Instance UID its C-STORE request names (Affected SOP Instance UID): the pending
-    # original's name is its pseudonym. Without it, no early admission.
+    # original's name holds its pseudonym. Without it, no early admission.
     sop_instance: str | None = None
     # The Admission carries de-identification's warning (the status does): told once
     # de-identified, unless the profile remaps SOP Instance UIDs (then always COERCED).
@@ -507,7 +507,7 @@ def process_part(payload: Payload, ctx: IntakeContext) -> Outcome:
     try:
         if isinstance(payload, SlotRef):
             payload = bytes(_SLOTS[payload.index].buf[: payload.length])
-        return _process(payload, ctx)
+        return _process_part(payload, ctx)
     except InstanceRefused as r:
         return Refusal(r.code, r.reason)
     except Exception as e:  # never let one bad instance take the request down
@@ -519,95 +519,7 @@ def process_part(payload: Payload, ctx: IntakeContext) -> Outcome:
             Path(payload).unlink(missing_ok=True)
 
 
-def _process(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
-    pending = _PendingOriginal.start(payload, ctx)
-    try:
-        outcome = _process_part(payload, ctx, pending)
-    except BaseException:
-        if pending is not None:
-            pending.discard()
-        raise
-    if pending is not None and not pending.admitted:
-        pending.discard()
-    return outcome
-
-
-class _PendingOriginal:
-    """An original sealed into the intake area (Sealer.write_pending) before its instance is
-    parsed, and flushed (the file and its directory, at once) by the worker's flushing
-    threads while it is. Sealed under the de-identified UID of the SOP Instance UID its
-    C-STORE request names."""
-
-    def __init__(self, written: originals.PendingFile, sop_uid: str) -> None:
-        self.sop_uid = sop_uid  # de-identified
-        self.admitted = False
-        self._written = written
-        self._flushes = [_beside(written.flush_file), _beside(written.flush_directory)]
-        self._closed = False
-
-    @classmethod
-    def start(cls, payload: bytes | bytearray | str, ctx: IntakeContext) -> _PendingOriginal | None:
-        """Seal the original when ctx admits early (None: it does not, or the original is too
-        large to keep)."""
-        if (
-            ctx.pending_dir is None
-            or ctx.originals is None
-            or ctx.sop_instance is None
-            or isinstance(payload, str)
-        ):
-            return None
-        pseudo = _pseudonymizer(ctx.key, ctx.collection, ctx.mapping_version)
-        sop_uid = pseudo.uid(ctx.sop_instance)
-        written = ctx.originals.write_pending(Path(ctx.pending_dir), sop_uid, payload)
-        return None if written is None else cls(written, sop_uid)
-
-    def path(self) -> Path:
-        """The pending original, once durable."""
-        try:
-            for flush in self._flushes:
-                flush.result()
-        finally:
-            if not self._closed:
-                self._closed = True
-                self._written.close()
-        return self._written.path
-
-    def discard(self) -> None:
-        """Remove it: the instance was not admitted early."""
-        with contextlib.suppress(Exception):  # removed whether or not it became durable
-            self.path()
-        self._written.path.unlink(missing_ok=True)
-
-
-# The worker process's threads flushing pending originals (one instance at a time per worker),
-# and the longest a worker waits for one to be in its flush (see _beside).
-_FLUSHERS: list[ThreadPoolExecutor] = []
-BESIDE_WAIT = 0.05
-
-
-def _beside(call: Callable[[], None]) -> Future[None]:
-    """Run call, one blocking system call, on a flushing thread; return once that thread is
-    in it (or after BESIDE_WAIT at most: the wait only hurries the call, whose result the
-    caller awaits anyway). The thread needs the GIL to start, and a parse holds it until the
-    parse ends (it is shorter than the interpreter's 5 ms switch interval): without waiting
-    here, the flushes would only begin once the instance is parsed."""
-    if not _FLUSHERS:
-        _FLUSHERS.append(ThreadPoolExecutor(2, thread_name_prefix="flush-pending"))
-    started = threading.Lock()
-    started.acquire()
-
-    def run() -> None:
-        started.release()
-        call()
-
-    future = _FLUSHERS[0].submit(run)
-    started.acquire(timeout=BESIDE_WAIT)
-    return future
-
-
-def _process_part(
-    payload: bytes | bytearray | str, ctx: IntakeContext, pending: _PendingOriginal | None
-) -> Outcome:
+def _process_part(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outcome:
     ds, snapshot = _read(payload)
     missing = [k for k in _REQUIRED_UIDS if not _str(ds, k)]
     sop_class = _str(ds, "SOPClassUID") or ""
@@ -643,8 +555,8 @@ def _process_part(
     profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
     admission = None
     told = False
-    if pending is not None and sop_class not in derived.KINDS:
-        admission = _admission(ds, ctx, pseudo, pending)
+    if ctx.pending is not None and sop_class not in derived.KINDS:
+        admission = _admission(ds, ctx, pseudo, ctx.pending)
         if not ctx.admit_with_warning or _remaps_sop_uid(profile):
             # The warning is known already: a remapped SOP Instance UID is a changed value.
             tell(replace(admission, warning=COERCED) if ctx.admit_with_warning else admission)
@@ -690,9 +602,11 @@ def _process_part(
             ds, ctx, staging, size, digest.hexdigest(), warning, full, findings
         )
         record = replace(record, forgotten_marks=marks)
-        if admission is not None and pending is not None and pending.sop_uid == record.sop_uid:
+        name, sealed_for = ("", "")
+        if admission is not None:
+            name, sealed_for = originals.parse_pending_name(Path(admission.pending).name)
+        if sealed_for and sealed_for == record.sop_uid:
             # Its pending original becomes the kept one (the seal names this SOP Instance UID).
-            name, _ = originals.parse_pending_name(Path(admission.pending).name)
             record = replace(record, original=name)
         elif ctx.originals is not None:  # from here, where the identified bytes already are
             record = replace(record, original=ctx.originals.keep(record.sop_uid, payload))
@@ -709,14 +623,10 @@ def _remaps_sop_uid(profile: Profile) -> bool:
     return rule is not None and rule.op == UID_OP
 
 
-def _admission(
-    ds: Dataset, ctx: IntakeContext, pseudo: Pseudonymizer, pending: _PendingOriginal
-) -> Admission:
-    """The Admission of a parsed and checked instance, once its pending original is durable.
-    Its forgotten marks are those de-identification gives (PatientID is always its
-    pseudonym)."""
-    path = pending.path()
-    pending.admitted = True
+def _admission(ds: Dataset, ctx: IntakeContext, pseudo: Pseudonymizer, pending: str) -> Admission:
+    """The Admission of a parsed and checked instance whose pending original is at pending
+    (its caller makes it durable). Its forgotten marks are those de-identification gives
+    (PatientID is always its pseudonym)."""
     original_id = _str(ds, "PatientID")
     marks = (pseudo.forgotten_research_id(pseudo.patient_id(subject_key(ds))),)
     if original_id:
@@ -726,7 +636,7 @@ def _admission(
         sop_class_uid=str(ds.SOPClassUID),
         sop_uid=pseudo.uid(str(ds.SOPInstanceUID)),
         series_uid=pseudo.uid(str(ds.SeriesInstanceUID)),
-        pending=str(path),
+        pending=pending,
         forgotten_marks=marks,
     )
 

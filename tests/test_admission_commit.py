@@ -4,6 +4,7 @@ release) does not wait out the batching window."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -14,6 +15,7 @@ from pydicom.uid import CTImageStorage
 
 from carina.curation import admission
 from carina.curation.admission import Admitted
+from carina.curation.intake import PROCESSING_FAILURE, Refusal
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
 from carina.runtime import Runtime
 from carina.settings import Settings
@@ -68,4 +70,37 @@ def test_a_waiting_sender_is_committed_without_waiting_out_the_batching_window(
     assert time.monotonic() - started < 30.0
     assert _indexed(database_url, sops) == 3
     group.close()
+    admitter.tidy(group)
+
+
+def test_an_original_that_cannot_be_kept_refuses_its_instance_and_nothing_of_it_is_indexed(
+    runtime: Runtime, database_url: str
+) -> None:
+    admitter = runtime.admitter
+    assert admitter is not None
+    broken = admitter.open("default", None)
+    # The sender's directory of the intake area became a file: no pending original can be
+    # written there, while the worker parses and checks the instance as usual.
+    shutil.rmtree(broken.directory)
+    broken.directory.write_bytes(b"")
+    lost, kept = ct_series(Phi(), 2, rows=16, columns=16)
+    base = runtime.intake.context()
+    ctx = replace(base, sop_class=CTImageStorage, sop_instance=str(lost.SOPInstanceUID))
+    refused = admitter.admit(to_bytes(lost), ctx, broken, warnings=True)
+    assert isinstance(refused, Refusal)
+    assert refused.code == PROCESSING_FAILURE
+    assert broken.wait(0)  # nothing of it outstanding
+
+    # One worker and one finisher: the next sender's instance is finished after it.
+    group = admitter.open("default", None)
+    ctx = replace(base, sop_class=CTImageStorage, sop_instance=str(kept.SOPInstanceUID))
+    assert isinstance(admitter.admit(to_bytes(kept), ctx, group, warnings=True), Admitted)
+    assert group.wait(30.0)
+    pseudo = Pseudonymizer(collection_key(SECRET.encode(), "default"))
+    assert _indexed(database_url, [pseudo.uid(kept.SOPInstanceUID)]) == 1
+    assert _indexed(database_url, [pseudo.uid(lost.SOPInstanceUID)]) == 0
+    assert list(runtime.intake.staging_dir.iterdir()) == []
+    broken.directory.unlink()
+    for g in (broken, group):
+        g.close()
     admitter.tidy(group)

@@ -260,7 +260,8 @@ class Admitter:
             first = Refusal(PROCESSING_FAILURE, WORKER_ENDED)
         failed = None
         try:
-            kept.result()
+            if not kept.result():  # too large to keep: not written (checked above)
+                raise ValueError("original not written")
         except Exception as e:  # noqa: BLE001 - refused: not acknowledged, nothing kept
             log.error("original not kept in the intake area: %s", type(e).__name__)
             failed = Refusal(PROCESSING_FAILURE, f"processing failure: {type(e).__name__}")
@@ -272,7 +273,6 @@ class Admitter:
             self._finishers.submit(self._finish, first, ticket, False)
             return failed
         admission: Admission = first.value
-        ticket = _Ticket(0.0, next(self._seq), Path(admission.pending), group)
         try:
             forgotten = bool(self.intake.forgotten([admission]))
         except Exception:  # noqa: BLE001 - the index transaction checks again

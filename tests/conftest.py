@@ -276,6 +276,16 @@ def wait_for_series(database_url: str | None, timeout: float = 60.0) -> dict[str
             time.sleep(0.1)
 
 
+def indexed(database_url: str, sops: list[str]) -> int:
+    """How many of these SOP Instance UIDs the index holds."""
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM instances WHERE sop_uid = ANY(%s)", (sops,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 def wait_count(
     database_url: str | None, sql: str, params: tuple, expected: int, timeout: float = 60.0
 ) -> None:

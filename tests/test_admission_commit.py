@@ -9,7 +9,6 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
-import psycopg
 import pytest
 from pydicom.uid import CTImageStorage
 
@@ -19,6 +18,7 @@ from carina.curation.intake import PROCESSING_FAILURE, Refusal
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
 from carina.runtime import Runtime
 from carina.settings import Settings
+from tests.conftest import indexed
 from tests.factory import Phi, ct_series, to_bytes
 
 SECRET = "admission-commit"
@@ -37,15 +37,6 @@ def runtime(database_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iter
     assert started.admitter is not None
     yield started
     started.close()
-
-
-def _indexed(database_url: str, sops: list[str]) -> int:
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM instances WHERE sop_uid = ANY(%s)", (sops,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def test_a_waiting_sender_is_committed_without_waiting_out_the_batching_window(
@@ -68,12 +59,12 @@ def test_a_waiting_sender_is_committed_without_waiting_out_the_batching_window(
     started = time.monotonic()
     assert group.wait(30.0)
     assert time.monotonic() - started < 30.0
-    assert _indexed(database_url, sops) == 3
+    assert indexed(database_url, sops) == 3
     group.close()
     admitter.tidy(group)
 
 
-def test_an_original_that_cannot_be_kept_refuses_its_instance_and_nothing_of_it_is_indexed(
+def test_an_original_that_cannot_be_kept_refuses_its_instance_and_nothing_of_it_isindexed(
     runtime: Runtime, database_url: str
 ) -> None:
     admitter = runtime.admitter
@@ -97,8 +88,8 @@ def test_an_original_that_cannot_be_kept_refuses_its_instance_and_nothing_of_it_
     assert isinstance(admitter.admit(to_bytes(kept), ctx, group, warnings=True), Admitted)
     assert group.wait(30.0)
     pseudo = Pseudonymizer(collection_key(SECRET.encode(), "default"))
-    assert _indexed(database_url, [pseudo.uid(kept.SOPInstanceUID)]) == 1
-    assert _indexed(database_url, [pseudo.uid(lost.SOPInstanceUID)]) == 0
+    assert indexed(database_url, [pseudo.uid(kept.SOPInstanceUID)]) == 1
+    assert indexed(database_url, [pseudo.uid(lost.SOPInstanceUID)]) == 0
     assert list(runtime.intake.staging_dir.iterdir()) == []
     broken.directory.unlink()
     for g in (broken, group):

@@ -17,7 +17,7 @@ from pynetdicom import AE
 from pynetdicom.association import Association
 
 from carina.curation.pseudonyms import Pseudonymizer, collection_key
-from tests.conftest import Server, free_port, run_cli, start_server, wait_for_series
+from tests.conftest import Server, free_port, indexed, run_cli, start_server, wait_for_series
 from tests.factory import Phi, ct_series
 
 pytestmark = pytest.mark.slow
@@ -89,16 +89,6 @@ def index_locked(database_url: str) -> Iterator[None]:
         conn.execute("LOCK TABLE instances IN EXCLUSIVE MODE")
         yield
         conn.rollback()
-
-
-def indexed(database_url: str, sops: list[str]) -> int:
-    """How many of these SOP Instance UIDs the index holds."""
-    with psycopg.connect(database_url) as conn:
-        row = conn.execute(
-            "SELECT count(*) FROM instances WHERE sop_uid = ANY(%s)", (sops,)
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
 
 
 def test_c_store_is_acknowledged_before_it_is_indexed_and_indexed_at_release(

@@ -10,7 +10,7 @@ from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from email.message import Message
 from functools import lru_cache
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import numpy as np
 from python_multipart.exceptions import MultipartParseError
@@ -324,10 +324,11 @@ def _load_cached(boundary: str, group: list[PartSource], first: bool) -> list[_R
     """A group of Fills read on the event loop from memory, or None when it is not all there
     (or not all Fills that can say so)."""
     run: list[tuple[bytes, bytes | Fill, int]] = []
-    for n, (ctype, length, body) in enumerate(group):
-        if not isinstance(body, Fill) or body.cached is None or length is None:
+    for n, part in enumerate(group):
+        ctype, length, body = part
+        if not _cached(part) or length is None:
             return None
-        run.append((_head(boundary, ctype, length, first and n == 0), body, length))
+        run.append((_head(boundary, ctype, length, first and n == 0), cast(Fill, body), length))
     try:
         return [_joined(run, cached=True)]
     except _NotInMemory:

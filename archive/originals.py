@@ -13,12 +13,12 @@ A C-STORE acknowledged on admission (curation/admission.py) has its original sea
 a pending original in the intake area, flushed before the status is sent and named for what
 it will be (pending_name()); once its instance is indexed, adopt() renames it into place.
 
-Intake writes the file from the worker process that holds the bytes, never in clear, and its
-row (table `originals`, migrations/017) in the transaction that indexes the de-identified
-instance. The write is not fsynced before the instance is acknowledged: the original only
-serves a reprocessing, and one lost in a crash makes that reprocessing refuse with a reason
-(a cut-short file fails authentication), while the acknowledged de-identified instance is
-durable as before.
+Intake writes the file from the process that holds the bytes (an intake worker; the listener
+for a pending original), never in clear, and its row (table `originals`, migrations/017) in the
+transaction that indexes the de-identified instance. keep()'s write is not fsynced before the
+instance is acknowledged (a pending original's is, above): the original only serves a
+reprocessing, and one lost in a crash makes that reprocessing refuse with a reason (a cut-short
+file fails authentication), while the acknowledged de-identified instance is durable as before.
 
 Purge: the decision that ends an original's use marks its row in the decision's own
 transaction (release(), drop()); purge_due() then deletes the files, makes the deletions

@@ -165,9 +165,9 @@ Outcome = InstanceRecord | Refusal
 
 @dataclass(frozen=True)
 class Admission:
-    """An instance parsed, checked and whose original is durable in the intake area (a pending
-    original): told by the worker before it goes on (curation/admission.py). Nothing in it is
-    identified: the UIDs are the de-identified ones."""
+    """An instance parsed and checked, told by the worker before it goes on; its original is
+    the pending original at pending, which the caller (curation/admission.py) makes durable
+    meanwhile. Nothing in it is identified: the UIDs are the de-identified ones."""
 
     collection: str
     sop_class_uid: str
@@ -602,10 +602,10 @@ def _process_part(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outco
             ds, ctx, staging, size, digest.hexdigest(), warning, full, findings
         )
         record = replace(record, forgotten_marks=marks)
-        name, sealed_for = ("", "")
-        if admission is not None:
-            name, sealed_for = originals.parse_pending_name(Path(admission.pending).name)
-        if sealed_for and sealed_for == record.sop_uid:
+        name, sealed_for = (
+            originals.parse_pending_name(Path(admission.pending).name) if admission else ("", "")
+        )
+        if sealed_for == record.sop_uid:
             # Its pending original becomes the kept one (the seal names this SOP Instance UID).
             record = replace(record, original=name)
         elif ctx.originals is not None:  # from here, where the identified bytes already are

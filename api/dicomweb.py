@@ -372,7 +372,11 @@ def _retrieve(
     def loader(key: str, stored: str, size: int, choices: list[str]) -> PartLoader | Fill:
         if choices[0] == stored:  # as stored: no decoding
             if size <= WHOLE_OBJECT_MAX:
-                return Fill(partial(store.read_into, key), partial(store.read_cached_into, key))
+                return Fill(
+                    partial(store.read_into, key),
+                    partial(store.read_cached_into, key),
+                    partial(store.map_cached, key, size),
+                )
             return lambda: store.iter_chunks(key)
 
         def transcoded() -> Loaded:

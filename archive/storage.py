@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
+import mmap
 import os
 import re
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import BinaryIO, Protocol
 
 import certifi
+import numpy as np
 import urllib3
 from minio import Minio
 from minio.error import MinioException, S3Error, ServerError
@@ -63,6 +65,11 @@ class ObjectStore(Protocol):
     def read_cached_into(self, key: str, buffer: memoryview) -> bool:
         """read_into from memory only, for an event loop that must not wait for a disk or the
         network: False (buffer partly filled) when some of the object is not in memory."""
+
+    def map_cached(self, key: str, length: int) -> memoryview | None:
+        """The whole object (length bytes, StorageError if it is not) as a read-only view of
+        memory it already occupies, for an event loop to send without copying it first; None
+        when some of it is not in memory."""
 
     def delete(self, key: str) -> None:
         """Remove the object; a missing object is not an error."""
@@ -157,6 +164,29 @@ class FilesystemStore:
         some of the file would have to be read from the disk."""
         return RWF_NOWAIT is not None and self._read_into(key, buffer, RWF_NOWAIT)
 
+    def map_cached(self, key: str, length: int) -> memoryview | None:
+        """The file mapped into memory (mmap) when all its pages are in the page cache
+        (mincore(2)); None when some are not (reading them would wait for the disk), on a
+        system without mincore, or for an empty file. The mapping is unmapped once the view
+        and every view made of it are gone. Stored files are replaced by rename and removed
+        by unlink, never rewritten in place, so a mapping stays whole while it is sent."""
+        if _MINCORE is None or length <= 0:
+            return None
+        with _os_errors():
+            fd = os.open(f"{self.root}/{check_key(key)}", os.O_RDONLY)
+            try:
+                if os.fstat(fd).st_size != length:
+                    raise StorageError("stored object is not as long as its index entry says")
+                mapping = mmap.mmap(fd, length, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+        view = memoryview(mapping)
+        if _resident(view):
+            return view
+        view.release()
+        mapping.close()
+        return None
+
     def _read_into(self, key: str, buffer: memoryview, flags: int) -> bool:
         with _os_errors():
             fd = os.open(f"{self.root}/{check_key(key)}", os.O_RDONLY)
@@ -239,6 +269,26 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 # A few files (a C-STORE is a batch of one) are cheaper to fsync one by one than to flush the
 # whole filesystem; a STOW batch is cheaper with one syncfs.
 _FSYNC_EACH_UP_TO = 4
+
+
+_MINCORE = getattr(_LIBC, "mincore", None)
+if _MINCORE is not None:
+    _MINCORE.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+    _MINCORE.restype = ctypes.c_int
+# mincore(2) sets the lowest bit of a page's byte when the page is resident; the others are
+# reserved.
+_RESIDENT_BIT = bytes(b & 1 for b in range(256))
+
+
+def _resident(view: memoryview) -> bool:
+    """Whether every page of a mapping (view of a whole mmap) is in memory."""
+    assert _MINCORE is not None
+    pages = -(-len(view) // mmap.PAGESIZE)
+    vector = ctypes.create_string_buffer(pages)
+    address = np.frombuffer(view, np.uint8).ctypes.data
+    if _MINCORE(address, len(view), vector) != 0:
+        return False
+    return b"\0" not in vector.raw.translate(_RESIDENT_BIT)
 
 
 def _fsync_path(path: Path) -> None:
@@ -412,6 +462,10 @@ class S3Store:
     def read_cached_into(self, key: str, buffer: memoryview) -> bool:
         """Nothing of a bucket is in local memory: always False."""
         return False
+
+    def map_cached(self, key: str, length: int) -> memoryview | None:
+        """Nothing of a bucket is in local memory: always None."""
+        return None
 
     def delete(self, key: str) -> None:
         """Remove the object; S3 answers a missing key with success too."""

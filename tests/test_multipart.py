@@ -13,6 +13,7 @@ import pytest
 
 from carina.api.multipart import (
     GROUP_BYTES,
+    MAP_MIN,
     Fill,
     MultipartError,
     PartReader,
@@ -149,4 +150,53 @@ def test_fills_in_memory_are_read_on_the_event_loop_until_one_is_not() -> None:
         (2, "fill", False),
         (3, "fill", False),
         (4, "fill", False),
+    ]
+
+
+def test_large_bodies_in_memory_are_sent_from_their_mapping_after_their_heads() -> None:
+    """A body of MAP_MIN bytes or more that can be mapped goes out as the mapping itself (no
+    copy into a buffer); smaller ones are read into their group's buffer; once a body cannot
+    be mapped (not all in memory), it and the rest are read in worker threads."""
+    loop_thread = threading.get_ident()
+    # Groups (1 MiB at most): parts 0 and 1, then 2, then 3.
+    big = 600 << 10
+    assert big >= MAP_MIN
+    bodies = [bytes([65 + i]) * size for i, size in enumerate((big, 1000, big, big))]
+    mappings = {i: memoryview(b) for i, b in enumerate(bodies) if i != 2}  # 2: not in memory
+    reads: list[tuple[int, str, bool]] = []
+
+    def source(i: int) -> Fill:
+        def fill(view: memoryview) -> None:
+            reads.append((i, "fill", threading.get_ident() == loop_thread))
+            view[:] = bodies[i]
+
+        def cached(view: memoryview) -> bool:
+            reads.append((i, "cached", threading.get_ident() == loop_thread))
+            view[:] = bodies[i]
+            return True
+
+        def mapped() -> memoryview | None:
+            reads.append((i, "mapped", threading.get_ident() == loop_thread))
+            return mappings.get(i)
+
+        return Fill(fill, cached, mapped)
+
+    parts = [("application/dicom", len(b), source(i)) for i, b in enumerate(bodies)]
+
+    async def run() -> list[bytes | memoryview]:
+        return [chunk async for chunk in write_parts("BND", parts)]
+
+    chunks = asyncio.run(run())
+    assert any(c is mappings[0] for c in chunks)  # sent as it is, not copied
+    assert not any(c is mappings[3] for c in chunks)  # after part 2: read in a thread
+    msg = BytesParser(policy=HTTP).parsebytes(
+        b"Content-Type: multipart/related; boundary=BND\r\n\r\n" + b"".join(chunks)
+    )
+    assert [p.get_payload(decode=True) for p in msg.iter_parts()] == bodies
+    assert reads == [
+        (0, "mapped", True),
+        (1, "cached", True),
+        (2, "mapped", True),
+        (2, "fill", False),
+        (3, "fill", False),
     ]

@@ -145,6 +145,37 @@ def test_read_cached_into_reads_only_what_is_in_memory(
     assert buffer == data
 
 
+def test_map_cached_maps_only_what_is_in_memory(
+    store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
+) -> None:
+    """For the event loop to send without copying: a file all in the page cache is mapped,
+    its bytes read from the mapping; a bucket, or a file some of whose pages would have to
+    come from the disk, is not (None)."""
+    data = random_bytes(BIG)
+    key = f"{prefix}/1.2.3/4.5.6.dcm"
+    store.put_file(key, stage(data))
+    if not isinstance(store, FilesystemStore):
+        assert store.map_cached(key, BIG) is None
+        return
+    view = store.map_cached(key, BIG)  # just written: in the page cache
+    assert view is not None and view.readonly and view == data
+    with pytest.raises(StorageError):
+        store.map_cached(key, BIG + 1)
+    with pytest.raises(NotFound):
+        store.map_cached(f"{prefix}/never/stored.dcm", BIG)
+    # The mapping outlives the file's name (as a retrieve that overlaps an erasure does).
+    store.delete(key)
+    assert view == data
+    view.release()
+    store.put_file(key, stage(data))
+    if in_memory_filesystem(store.root):
+        pytest.skip("this filesystem keeps every page in memory (tmpfs)")
+    evict(store.root / key)
+    assert store.map_cached(key, BIG) is None
+    store.read_into(key, memoryview(bytearray(BIG)))  # back in memory
+    assert store.map_cached(key, BIG) == data
+
+
 def test_put_file_then_iter_chunks_streams_same_bytes_in_bounded_chunks(
     store: ObjectStore, stage: Callable[[bytes], Path], prefix: str
 ) -> None:

@@ -44,6 +44,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
     import uvicorn
 
     from carina.api.app import create_app
+    from carina.api.http_protocol import Protocol
 
     _reuse_freed_buffers()
     uvicorn.run(
@@ -54,6 +55,7 @@ def _serve(settings: Settings, args: argparse.Namespace) -> int:
         # uvicorn's access log prints paths and query strings, which can carry identifying
         # values; api/access_log.py logs each request by its route instead.
         access_log=False,
+        http=Protocol,  # a response's head leaves with its first body bytes
     )
     return 0
 

@@ -291,7 +291,7 @@ FIRST_GROUP_BYTES = 1 << 20
 # ones are read into their group's buffer: a mapping costs three system calls, and each body
 # sent alone an ASGI message. 200-instance CT series (0.5 MB each) retrieved with
 # bench/ingest.py's client: 2,860 MB/s mapped, 1,840 MB/s read into 1 MiB groups (medians
-# of 9); Orthanc 2,000 in the same runs.
+# of 9 and 7 retrieves); Orthanc 1,900-2,000 in the same runs.
 MAP_MIN = 256 << 10
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
+from typing import cast
 
 import pytest
 
@@ -117,12 +118,19 @@ def test_new_boundaries_are_random_and_as_long_as_rfc_2046_allows() -> None:
     assert all(re.fullmatch(r"[0-9A-Za-z'()+_,\-./:=?]{70}", b) for b in boundaries)
 
 
-def test_fills_in_memory_are_read_on_the_event_loop_until_one_is_not() -> None:
-    """Parts whose bytes are in memory are read on the event loop (no thread hop); from the
-    first that is not, every part is read in worker threads; the body is the same either way."""
+Read = tuple[int, str, bool]  # (part, how, on the event loop)
+
+
+def recording(
+    bodies: list[bytes],
+    reads: list[Read],
+    not_in_memory: int,
+    mappings: dict[int, memoryview] | None = None,
+) -> Callable[[int], Fill]:
+    """Fills of bodies that record each read in reads; part not_in_memory is not in memory
+    (neither read from memory nor mapped); with mappings, each part can be mapped to its view
+    there. Called on the event loop's thread."""
     loop_thread = threading.get_ident()  # asyncio.run runs the loop in this thread
-    reads: list[tuple[int, str, bool]] = []  # (part, how, on the event loop)
-    bodies = [bytes([65 + i]) * (600 << 10) for i in range(5)]  # one part per group
 
     def source(i: int) -> Fill:
         def fill(view: memoryview) -> None:
@@ -131,18 +139,36 @@ def test_fills_in_memory_are_read_on_the_event_loop_until_one_is_not() -> None:
 
         def cached(view: memoryview) -> bool:
             reads.append((i, "cached", threading.get_ident() == loop_thread))
-            if i == 2:  # not in memory
+            if i == not_in_memory:
                 return False
             view[:] = bodies[i]
             return True
 
-        return Fill(fill, cached)
+        def mapped() -> memoryview | None:
+            reads.append((i, "mapped", threading.get_ident() == loop_thread))
+            return None if i == not_in_memory else cast(dict, mappings)[i]
 
-    body = collect([("application/dicom", len(b), source(i)) for i, b in enumerate(bodies)])
+        return Fill(fill, cached, None if mappings is None else mapped)
+
+    return source
+
+
+def parsed(body: bytes) -> list[bytes]:
+    """The bodies of the parts of a multipart/related body with boundary BND."""
     msg = BytesParser(policy=HTTP).parsebytes(
         b"Content-Type: multipart/related; boundary=BND\r\n\r\n" + body
     )
-    assert [p.get_payload(decode=True) for p in msg.iter_parts()] == bodies
+    return [p.get_payload(decode=True) for p in msg.iter_parts()]
+
+
+def test_fills_in_memory_are_read_on_the_event_loop_until_one_is_not() -> None:
+    """Parts whose bytes are in memory are read on the event loop (no thread hop); from the
+    first that is not, every part is read in worker threads; the body is the same either way."""
+    reads: list[Read] = []
+    bodies = [bytes([65 + i]) * (600 << 10) for i in range(5)]  # one part per group
+    source = recording(bodies, reads, not_in_memory=2)
+    body = collect([("application/dicom", len(b), source(i)) for i, b in enumerate(bodies)])
+    assert parsed(body) == bodies
     assert reads == [
         (0, "cached", True),
         (1, "cached", True),
@@ -157,30 +183,13 @@ def test_large_bodies_in_memory_are_sent_from_their_mapping_after_their_heads() 
     """A body of MAP_MIN bytes or more that can be mapped goes out as the mapping itself (no
     copy into a buffer); smaller ones are read into their group's buffer; once a body cannot
     be mapped (not all in memory), it and the rest are read in worker threads."""
-    loop_thread = threading.get_ident()
     # Groups (1 MiB at most): parts 0 and 1, then 2, then 3.
     big = 600 << 10
     assert big >= MAP_MIN
     bodies = [bytes([65 + i]) * size for i, size in enumerate((big, 1000, big, big))]
-    mappings = {i: memoryview(b) for i, b in enumerate(bodies) if i != 2}  # 2: not in memory
-    reads: list[tuple[int, str, bool]] = []
-
-    def source(i: int) -> Fill:
-        def fill(view: memoryview) -> None:
-            reads.append((i, "fill", threading.get_ident() == loop_thread))
-            view[:] = bodies[i]
-
-        def cached(view: memoryview) -> bool:
-            reads.append((i, "cached", threading.get_ident() == loop_thread))
-            view[:] = bodies[i]
-            return True
-
-        def mapped() -> memoryview | None:
-            reads.append((i, "mapped", threading.get_ident() == loop_thread))
-            return mappings.get(i)
-
-        return Fill(fill, cached, mapped)
-
+    mappings = {i: memoryview(b) for i, b in enumerate(bodies)}
+    reads: list[Read] = []
+    source = recording(bodies, reads, not_in_memory=2, mappings=mappings)
     parts = [("application/dicom", len(b), source(i)) for i, b in enumerate(bodies)]
 
     async def run() -> list[bytes | memoryview]:
@@ -189,10 +198,7 @@ def test_large_bodies_in_memory_are_sent_from_their_mapping_after_their_heads() 
     chunks = asyncio.run(run())
     assert any(c is mappings[0] for c in chunks)  # sent as it is, not copied
     assert not any(c is mappings[3] for c in chunks)  # after part 2: read in a thread
-    msg = BytesParser(policy=HTTP).parsebytes(
-        b"Content-Type: multipart/related; boundary=BND\r\n\r\n" + b"".join(chunks)
-    )
-    assert [p.get_payload(decode=True) for p in msg.iter_parts()] == bodies
+    assert parsed(b"".join(chunks)) == bodies
     assert reads == [
         (0, "mapped", True),
         (1, "cached", True),

@@ -163,8 +163,7 @@ class AcceptorDUL(DULServiceProvider):
             self._wake_reactor()  # it ends too once it sees the DUL has
 
     def _wake_reactor(self) -> None:
-        if isinstance(self.assoc, Acceptor):
-            self.assoc.wake()
+        cast(Acceptor, self.assoc).wake()
 
     def _run(self) -> None:
         self._idle_timer.start()

@@ -93,6 +93,5 @@ class Protocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         super().on_headers_complete()
-        cycle = getattr(self, "cycle", None)
-        if type(cycle) is RequestResponseCycle:  # not for an upgrade (no cycle is made)
-            cycle.__class__ = _Cycle
+        if type(self.cycle) is RequestResponseCycle:  # not after an upgrade (none is made)
+            self.cycle.__class__ = _Cycle

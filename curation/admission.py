@@ -44,7 +44,6 @@ from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
-from functools import lru_cache
 from pathlib import Path
 from typing import cast
 
@@ -64,9 +63,9 @@ from .intake import (
     Outcome,
     Refusal,
     Told,
+    _pseudonymizer,
     process_part,
 )
-from .pseudonyms import Pseudonymizer
 from .workers import WorkerDied
 
 log = logging.getLogger(__name__)
@@ -249,9 +248,10 @@ class Admitter:
         sealer = ctx.originals
         if sealer is None or ctx.sop_instance is None or len(payload) > originals.MAX_SIZE:
             return self.intake.ingest_one(payload, ctx)
-        # The name holds the de-identified SOP Instance UID the worker will give (a
-        # collection's pseudonym mapping maps subjects, never UIDs).
-        pending = sealer.pending_path(group.directory, _uids(ctx.key).uid(ctx.sop_instance))
+        # The name holds the de-identified SOP Instance UID the worker will give: the
+        # unmapped pseudonymizer's (a collection's pseudonym mapping maps subjects, never UIDs).
+        uids = _pseudonymizer(ctx.key, ctx.collection, 0)
+        pending = sealer.pending_path(group.directory, uids.uid(ctx.sop_instance))
         kept = self._keepers.submit(sealer.write_pending, pending, payload)
         ctx = replace(ctx, pending=str(pending), admit_with_warning=warnings)
         try:
@@ -535,12 +535,6 @@ class Admitter:
         if not any(p.is_dir() for p in _entries(self.directory)):
             shutil.rmtree(self.directory, ignore_errors=True)
         os.close(self._lock)
-
-
-@lru_cache(maxsize=64)
-def _uids(key: bytes) -> Pseudonymizer:
-    """A collection's UID pseudonyms (its key's), cached with their instances' UIDs."""
-    return Pseudonymizer(key)
 
 
 def _reason_key(refusal: Refusal) -> str:

@@ -22,6 +22,7 @@ from tests.conftest import indexed
 from tests.factory import Phi, ct_series, to_bytes
 
 SECRET = "admission-commit"
+DEIDENTIFIED = Pseudonymizer(collection_key(SECRET.encode(), "default"))
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,7 @@ def test_a_waiting_sender_is_committed_without_waiting_out_the_batching_window(
     for ds in sent:
         ctx = replace(base, sop_class=CTImageStorage, sop_instance=str(ds.SOPInstanceUID))
         assert isinstance(admitter.admit(to_bytes(ds), ctx, group, warnings=True), Admitted)
-    pseudo = Pseudonymizer(collection_key(SECRET.encode(), "default"))
-    sops = [pseudo.uid(ds.SOPInstanceUID) for ds in sent]
+    sops = [DEIDENTIFIED.uid(ds.SOPInstanceUID) for ds in sent]
 
     started = time.monotonic()
     assert group.wait(30.0)
@@ -64,7 +64,7 @@ def test_a_waiting_sender_is_committed_without_waiting_out_the_batching_window(
     admitter.tidy(group)
 
 
-def test_an_original_that_cannot_be_kept_refuses_its_instance_and_nothing_of_it_isindexed(
+def test_an_original_that_cannot_be_kept_refuses_its_instance_and_nothing_of_it_is_indexed(
     runtime: Runtime, database_url: str
 ) -> None:
     admitter = runtime.admitter
@@ -87,9 +87,8 @@ def test_an_original_that_cannot_be_kept_refuses_its_instance_and_nothing_of_it_
     ctx = replace(base, sop_class=CTImageStorage, sop_instance=str(kept.SOPInstanceUID))
     assert isinstance(admitter.admit(to_bytes(kept), ctx, group, warnings=True), Admitted)
     assert group.wait(30.0)
-    pseudo = Pseudonymizer(collection_key(SECRET.encode(), "default"))
-    assert indexed(database_url, [pseudo.uid(kept.SOPInstanceUID)]) == 1
-    assert indexed(database_url, [pseudo.uid(lost.SOPInstanceUID)]) == 0
+    assert indexed(database_url, [DEIDENTIFIED.uid(kept.SOPInstanceUID)]) == 1
+    assert indexed(database_url, [DEIDENTIFIED.uid(lost.SOPInstanceUID)]) == 0
     assert list(runtime.intake.staging_dir.iterdir()) == []
     broken.directory.unlink()
     for g in (broken, group):

@@ -157,16 +157,15 @@ class Sealer:
             return None
         data = Path(original).read_bytes() if isinstance(original, str) else original
         nonce = os.urandom(_NONCE)
-        sealed = AESGCM(self.key).encrypt(nonce, bytes(data), self._aad(sop_uid, name))
+        # AESGCM reads any buffer: a bytearray is encrypted where it is, not copied first.
+        sealed = AESGCM(self.key).encrypt(nonce, data, self._aad(sop_uid, name))
         try:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         except FileNotFoundError:  # the first file of its directory (once per directory)
             path.parent.mkdir(mode=0o700, exist_ok=True)
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            with open(fd, "wb", closefd=False) as f:
-                f.write(MAGIC + _key_check(self.key) + nonce)
-                f.write(sealed)
+            _write_all(fd, [MAGIC + _key_check(self.key) + nonce, memoryview(sealed)])
         except BaseException:
             os.close(fd)
             path.unlink(missing_ok=True)
@@ -366,6 +365,19 @@ def purge_due(pool: ConnectionPool, area: Area) -> int:
     if purged:
         log.info("purged %d originals", purged)
     return purged
+
+
+def _write_all(fd: int, buffers: list[bytes | memoryview]) -> None:
+    """Write buffers to fd in order, in one system call when the kernel takes them whole."""
+    while buffers:
+        written = os.writev(fd, buffers)
+        if not written:
+            raise OSError(errno.EIO, "nothing written")
+        while buffers and written >= len(buffers[0]):
+            written -= len(buffers[0])
+            buffers = buffers[1:]
+        if buffers and written:
+            buffers = [memoryview(buffers[0])[written:], *buffers[1:]]
 
 
 def sync_dirs(dirs: Iterable[Path]) -> None:

@@ -6,10 +6,11 @@ A sender sends the next instance only after the status of the last one, so every
 the status counts in full: parsing, de-identification, the store's and the index's flushes in
 series took ~7.7 ms per instance. As the Clinical Trial Processor (the tool TCIA receives and
 anonymizes submissions with) does, Carina answers once the received object is safely queued:
-a keeper thread of the listening process seals its original (archive/originals, the
-collection's originals key) into the association's directory of the intake area and flushes
-file and directory (fsync), while an intake worker parses and checks it and tells the caller
-(curation/workers tell()) before it goes on. Once both are done the C-STORE handler answers; a
+the C-STORE handler's thread hands the instance to an intake worker, then seals its original
+(archive/originals, the collection's originals key) into the association's directory of the
+intake area and flushes file and directory (fsync) while the worker parses and checks it and
+tells the caller (curation/workers tell()) before it goes on (if every worker is busy, it
+seals first and then waits for one). Once both are done the C-STORE handler answers; a
 finisher thread takes the worker's result and a committer thread stores and indexes what has
 arrived in one batch through the intake's own commit. The pending original then becomes the
 kept one (renamed into the originals area, its seal already naming the de-identified SOP
@@ -78,8 +79,6 @@ log = logging.getLogger(__name__)
 # many instances holds it for long.
 COMMIT_BATCH = 64
 COMMIT_WINDOW = 0.1
-# Threads sealing and flushing pending originals: as many senders at once (more wait a turn).
-KEEPERS = 16
 # Back-off of an instance whose processing failed after its acknowledgement: first wait, cap.
 RETRY_FIRST = 1.0
 RETRY_MAX = 60.0
@@ -203,8 +202,6 @@ class Admitter:
         assert self._lock is not None
         self._seq = itertools.count()
         self._finishers = ThreadPoolExecutor(intake.workers, thread_name_prefix="admit-finish")
-        # Seal and flush pending originals, one for each sender at a time.
-        self._keepers = ThreadPoolExecutor(KEEPERS, thread_name_prefix="admit-keep")
         self._commits: queue.Queue[tuple[_Ticket, Outcome] | object | None] = queue.Queue()
         # Senders waiting for their instances' commit (Admissions.wait): while there are any,
         # the committer commits what has arrived without waiting out COMMIT_WINDOW.
@@ -243,8 +240,8 @@ class Admitter:
         durable), refused, or (when it cannot be admitted early: a derived object, an
         original too large to keep) stored and indexed. With warnings, the admission carries
         de-identification's warning (IntakeContext.admit_with_warning). The original is sealed
-        into the sender's directory and flushed here, on a keeper thread, while the worker
-        parses and checks it."""
+        into the sender's directory and flushed here, on the caller's thread, while the
+        worker parses and checks it (Intake.start_one's meanwhile)."""
         sealer = ctx.originals
         if sealer is None or ctx.sop_instance is None or len(payload) > originals.MAX_SIZE:
             return self.intake.ingest_one(payload, ctx)
@@ -252,19 +249,26 @@ class Admitter:
         # unmapped pseudonymizer's (a collection's pseudonym mapping maps subjects, never UIDs).
         uids = _pseudonymizer(ctx.key, ctx.collection, 0)
         pending = sealer.pending_path(group.directory, uids.uid(ctx.sop_instance))
-        kept = self._keepers.submit(sealer.write_pending, pending, payload)
+        kept: list[BaseException | None] = []
+
+        def keep() -> None:
+            try:
+                if not sealer.write_pending(pending, payload):  # too large (checked above)
+                    raise ValueError("original not written")
+                kept.append(None)
+            except Exception as e:  # noqa: BLE001 - refused below: nothing kept
+                kept.append(e)
+
         ctx = replace(ctx, pending=str(pending), admit_with_warning=warnings)
         try:
-            first: Outcome | Told = self.intake.start_one(payload, ctx)
+            first: Outcome | Told = self.intake.start_one(payload, ctx, meanwhile=keep)
         except WorkerDied:
             first = Refusal(PROCESSING_FAILURE, WORKER_ENDED)
         failed = None
-        try:
-            if not kept.result():  # too large to keep: not written (checked above)
-                raise ValueError("original not written")
-        except Exception as e:  # noqa: BLE001 - refused: not acknowledged, nothing kept
-            log.error("original not kept in the intake area: %s", type(e).__name__)
-            failed = Refusal(PROCESSING_FAILURE, f"processing failure: {type(e).__name__}")
+        error = kept[0] if kept else ValueError("original not written")
+        if error is not None:
+            log.error("original not kept in the intake area: %s", type(error).__name__)
+            failed = Refusal(PROCESSING_FAILURE, f"processing failure: {type(error).__name__}")
         if not isinstance(first, Told):  # refused, or not admitted early: as ingest_one
             pending.unlink(missing_ok=True)
             return self.intake.commit_one(first)
@@ -524,7 +528,6 @@ class Admitter:
     def close(self) -> None:
         """Stop: let the instances being processed commit; what is pending stays for the next
         start."""
-        self._keepers.shutdown(wait=True)
         self._finishers.shutdown(wait=True)
         self._commits.put(None)
         self._committer.join()

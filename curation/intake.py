@@ -1025,13 +1025,25 @@ class Intake:
         assert not isinstance(outcome, Told), "admitted early: Admitter.admit commits it"
         return self.commit_one(outcome)
 
-    def start_one(self, payload: bytes, ctx: IntakeContext) -> Outcome | Told:
+    def start_one(
+        self, payload: bytes, ctx: IntakeContext, meanwhile: Callable[[], None] | None = None
+    ) -> Outcome | Told:
         """Process one instance in a thread worker (through its shared-memory slot) up to what
         the worker tells first (tell()): a Told, whose outcome() follows; or, if it told
-        nothing, the outcome, not yet stored (commit_one). WorkerDied if the worker ended."""
-        taken = self._thread_workers.take()
+        nothing, the outcome, not yet stored (commit_one). WorkerDied if the worker ended.
+        meanwhile (which must not raise), if given, is called once: while the worker parses,
+        or before, if every worker is busy (instead of waiting idle for one)."""
+        taken = self._thread_workers.take(wait=meanwhile is None)
+        if taken is None:
+            assert meanwhile is not None
+            meanwhile()
+            meanwhile = None
+            taken = self._thread_workers.take()
+            assert taken is not None
         try:
-            first = taken[1].call(process_part, self._into_slot(payload, taken[0]), ctx)
+            first = taken[1].call(
+                process_part, self._into_slot(payload, taken[0]), ctx, meanwhile=meanwhile
+            )
         except BaseException:
             self._thread_workers.give_back(taken)
             raise

@@ -97,10 +97,15 @@ class Worker:
         child.close()
         self._conn = parent
 
-    def call(self, fn: Callable[..., Any], *args: Any) -> Any:
+    def call(
+        self, fn: Callable[..., Any], *args: Any, meanwhile: Callable[[], None] | None = None
+    ) -> Any:
         """fn(*args) in the worker; WorkerDied (and a new worker) if it ended during the task.
         A worker found dead before the task is replaced first. If the task sends an Interim
-        message (tell()), that is returned, and receive() gives what follows."""
+        message (tell()), that is returned, and receive() gives what follows. meanwhile, if
+        given, is called once the task is sent, before its first message is read: work of
+        the caller's own that goes on while the worker works (it must not raise, or the
+        task's messages would be left unread)."""
         if not self._process.is_alive():
             log.error("intake worker %s had ended; starting another", self._process.pid)
             self._restart()
@@ -109,6 +114,8 @@ class Worker:
         except OSError as e:
             self._ended()
             raise WorkerDied from e
+        if meanwhile is not None:
+            meanwhile()
         return self.receive()
 
     def receive(self) -> Any:
@@ -164,14 +171,19 @@ class WorkerPool:
     def worker(self) -> Iterator[tuple[int, Worker]]:
         """A free worker and its slot (waiting for one), given back afterwards."""
         taken = self.take()
+        assert taken is not None
         try:
             yield taken
         finally:
             self.give_back(taken)
 
-    def take(self) -> tuple[int, Worker]:
-        """A free worker and its slot, waiting for one; the caller gives it back."""
-        return self._free.get()
+    def take(self, wait: bool = True) -> tuple[int, Worker] | None:
+        """A free worker and its slot, waiting for one (None if none is free and not wait);
+        the caller gives it back."""
+        try:
+            return self._free.get(block=wait)
+        except queue.Empty:
+            return None
 
     def give_back(self, taken: tuple[int, Worker]) -> None:
         """A worker (and slot) taken is free again: its task is over."""

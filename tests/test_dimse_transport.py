@@ -19,18 +19,23 @@ from pydicom.dataset import Dataset
 from pydicom.filereader import read_dataset
 from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
 from pynetdicom import AE, evt
-from pynetdicom.dimse_messages import C_STORE_RSP
+from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
+from pynetdicom.dsutils import decode, encode
 from pynetdicom.events import Event
 from pynetdicom.pdu import P_DATA_TF
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
 from pynetdicom.transport import ThreadedAssociationServer
 
+from carina.api import dimse_transport
 from carina.api.dimse_transport import (
     IDLE_WAIT,
     MAXIMUM_PDU_SIZE,
     LowLatencyAssociationServer,
+    p_data_tf,
     part10,
+    store_request,
     store_response_command,
 )
 from tests.factory import Phi, ct_instance, to_bytes
@@ -197,6 +202,195 @@ def test_store_response_is_encoded_as_pynetdicom_encodes_it(
     assert encoded == _pynetdicom_store_response(rsp)
     decoded = read_dataset(BytesIO(encoded), is_implicit_VR=True, is_little_endian=True)
     assert decoded.Status == status and decoded.AffectedSOPInstanceUID == sop_uid
+
+
+def _store_request_command(request: C_STORE) -> bytes:
+    """The command set of a C-STORE-RQ as pynetdicom encodes it."""
+    message = C_STORE_RQ()
+    message.primitive_to_message(request)
+    return encode(message.command_set, True, True)
+
+
+def _pynetdicom_store_request(command: bytes, data_set: BytesIO) -> C_STORE:
+    """The primitive pynetdicom makes of a C-STORE-RQ's command set."""
+    message = C_STORE_RQ()
+    message.command_set = decode(BytesIO(command), True, True)
+    message.data_set = data_set
+    message.context_id = 3
+    primitive = message.message_to_primitive()
+    assert isinstance(primitive, C_STORE)
+    return primitive
+
+
+_REQUEST_FIELDS = (
+    "MessageID",
+    "AffectedSOPClassUID",
+    "AffectedSOPInstanceUID",
+    "Priority",
+    "MoveOriginatorApplicationEntityTitle",
+    "MoveOriginatorMessageID",
+)
+
+
+@pytest.mark.parametrize(
+    ("sop_uid", "priority", "originator"),
+    [
+        ("1.2.826.0.1.3680043.8.498.1", 2, None),  # odd length UID: NUL padded
+        ("1.2.3.44", 0, None),
+        ("2.25.1234", 1, ("MOVER ", 17)),  # a C-MOVE's sub-operation, AE space padded
+        ("1.2.3", 2, ("A", 65535)),
+    ],
+)
+def test_store_request_is_read_as_pynetdicom_reads_it(
+    sop_uid: str, priority: int, originator: tuple[str, int] | None
+) -> None:
+    request = C_STORE()
+    request.MessageID = 0x1234
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = sop_uid
+    request.Priority = priority
+    if originator is not None:
+        request.MoveOriginatorApplicationEntityTitle = originator[0]
+        request.MoveOriginatorMessageID = originator[1]
+    request.DataSet = BytesIO(b"\0" * 8)
+    command = _store_request_command(request)
+    data_set = BytesIO(b"data")
+    ours = store_request(command, data_set)
+    theirs = _pynetdicom_store_request(command, data_set)
+    assert ours is not None and ours.DataSet is data_set
+    for field in _REQUEST_FIELDS:
+        assert getattr(ours, field) == getattr(theirs, field), field
+        assert type(getattr(ours, field)) is type(getattr(theirs, field)), field
+    assert ours.AffectedSOPInstanceUID == sop_uid
+
+
+def test_unusual_store_requests_are_left_to_pynetdicom() -> None:
+    request = C_STORE()
+    request.MessageID = 1
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = "1.2.3"
+    request.Priority = 2
+    request.DataSet = BytesIO(b"\0" * 8)
+    command = _store_request_command(request)
+    assert store_request(command, BytesIO()) is not None
+    header = struct.Struct("<HHI")
+
+    def element(tag: int, value: bytes) -> bytes:
+        return header.pack(0, tag, len(value)) + value
+
+    # An element a C-STORE-RQ does not have, a cut element, a multi-valued or non-ASCII UID,
+    # a number of another length, no data set, another command.
+    assert store_request(command + element(0x0902, b"comment "), BytesIO()) is None
+    assert store_request(command[:-3], BytesIO()) is None
+    assert store_request(command + b"\0\0", BytesIO()) is None
+    for tag, value in [
+        (0x1000, b"1.2.3\\1.2.4"),
+        (0x1000, "1.2.\u00e9".encode("latin-1")),
+        (0x0110, b"\x01\x00\x00\x00"),
+        (0x0800, b"\x01\x01"),
+        (0x0100, b"\x01\x80"),
+    ]:
+        changed = _replace_element(command, tag, value)
+        assert store_request(changed, BytesIO()) is None, (tag, value)
+
+
+def _replace_element(command: bytes, tag: int, value: bytes) -> bytes:
+    """command with element (0000,tag)'s value replaced (the group length left as it was)."""
+    out = b""
+    offset = 0
+    while offset < len(command):
+        group, element, length = struct.unpack_from("<HHI", command, offset)
+        old = command[offset + 8 : offset + 8 + length]
+        out += struct.pack("<HHI", group, element, len(value) if element == tag else length)
+        out += value if element == tag else old
+        offset += 8 + length
+    return out
+
+
+def test_the_listener_reads_store_requests_without_pynetdicom(
+    scp: Scp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    read: list[C_STORE | None] = []
+
+    def recording(command: bytes, data_set: BytesIO) -> C_STORE | None:
+        read.append(store_request(command, data_set))
+        return read[-1]
+
+    monkeypatch.setattr(dimse_transport, "store_request", recording)
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+    ds = ct_instance(Phi(), 1, rows=16, columns=16)
+    assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    assert len(read) == 1 and read[0] is not None
+    assert read[0].AffectedSOPInstanceUID == ds.SOPInstanceUID
+
+
+def _p_data_tf_body(items: list[tuple[int, bytes]]) -> bytes:
+    """A P-DATA-TF PDU's bytes after its header, as pynetdicom encodes them."""
+    primitive = P_DATA()
+    primitive.presentation_data_value_list = [[c, d] for c, d in items]
+    return P_DATA_TF(primitive).encode()[6:]
+
+
+def test_p_data_tf_is_read_as_pynetdicom_reads_it_without_copies() -> None:
+    items = [(1, b"\x03" + b"c" * 99), (3, b"\x00" + b"d" * 1000), (3, b"\x02" + b"e")]
+    body = bytearray(_p_data_tf_body(items))
+    ours = p_data_tf(body).to_primitive().presentation_data_value_list
+    theirs_pdu = P_DATA_TF()
+    theirs_pdu.decode(b"\x04\x00" + struct.pack(">L", len(body)) + body)
+    theirs = theirs_pdu.to_primitive().presentation_data_value_list
+    assert [(c, bytes(d)) for c, d in ours] == [(c, bytes(d)) for c, d in theirs] == items
+    for _, data in ours:  # views of what was read: its bytes are not copied
+        assert isinstance(data, memoryview) and data.obj is body
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"\x00\x00\x00",  # an item's length cut short
+        b"\x00\x00\x00\x00\x01",  # an item of length 0
+        b"\x00\x00\x00\x09\x01\x03ab",  # an item longer than the PDU
+    ],
+)
+def test_malformed_p_data_tf_is_refused_as_pynetdicom_refuses_it(body: bytes) -> None:
+    with pytest.raises(ValueError):
+        p_data_tf(body)
+    with pytest.raises((AssertionError, struct.error)):
+        P_DATA_TF().decode(b"\x04\x00" + struct.pack(">L", len(body)) + body)
+
+
+def test_the_listener_decodes_data_pdus_itself_unless_a_handler_watches_them(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    decoded: list[int] = []
+
+    def recording(body: bytearray) -> P_DATA_TF:
+        decoded.append(len(body))
+        return p_data_tf(body)
+
+    monkeypatch.setattr(dimse_transport, "p_data_tf", recording)
+    seen: list[object] = []
+    for watch in (False, True):
+        scp = Scp(LowLatencyAssociationServer)
+        try:
+            if watch:
+                scp.server.bind(evt.EVT_PDU_RECV, lambda e: seen.append(e.pdu))
+            scu = AE(ae_title="SCU")
+            scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+            ds = ct_instance(Phi(), 1, rows=64, columns=64)
+            assert assoc.send_c_store(ds).Status == 0
+            assoc.release()
+        finally:
+            scp.stop()
+        assert dcmread(BytesIO(scp.received[0])).SOPInstanceUID == ds.SOPInstanceUID
+        if not watch:
+            assert decoded and not seen  # the request's command and data set PDUs
+            decoded.clear()
+    assert not decoded  # with a handler bound, pynetdicom decodes and the handler sees each
+    assert any(isinstance(pdu, P_DATA_TF) for pdu in seen)
 
 
 def test_store_response_with_other_elements_is_left_to_pynetdicom() -> None:

@@ -17,6 +17,7 @@ from carina.curation.intake import (
     WORKER_ENDED,
     BatchResult,
     InstanceRecord,
+    IntakeContext,
     Refusal,
 )
 from carina.runtime import Runtime
@@ -94,3 +95,28 @@ def test_worker_killed_mid_request_refuses_only_its_part(runtime: Runtime) -> No
 
     [outcome] = asyncio.run(run(next_request())).outcomes
     assert isinstance(outcome, InstanceRecord)
+
+
+def test_meanwhile_runs_before_waiting_for_a_busy_worker(runtime: Runtime, tmp_path: Path) -> None:
+    """A C-STORE's own work (sealing its original) is done while every worker is busy, not
+    after one is free; the instance is then processed as usual."""
+    intake = runtime.intake
+    ctx = IntakeContext("default", b"k" * 32, "basic", (), str(tmp_path))
+    payload = to_bytes(ct_series(Phi(), 1)[0])
+    taken = intake._thread_workers.take()  # the only worker (workers=1)
+    assert taken is not None
+    ran = threading.Event()
+    outcomes: list[object] = []
+    caller = threading.Thread(
+        target=lambda: outcomes.append(intake.start_one(payload, ctx, meanwhile=ran.set))
+    )
+    caller.start()
+    try:
+        assert ran.wait(10), "meanwhile waited for the busy worker"
+        assert not outcomes  # still waiting for the worker
+    finally:
+        intake._thread_workers.give_back(taken)
+    caller.join(30)
+    (outcome,) = outcomes
+    assert isinstance(outcome, InstanceRecord)
+    intake.discard(outcome)

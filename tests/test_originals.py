@@ -329,6 +329,24 @@ def test_sealed_original_needs_its_key_and_its_own_name(tmp_path: Path) -> None:
         sealer.read(name, "2.25.1")
 
 
+def test_sealed_original_is_whole_when_the_kernel_takes_its_writes_in_pieces(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+
+    def short_writev(fd: int, buffers: list[bytes | memoryview]) -> int:
+        calls.append(len(buffers))
+        return os.write(fd, bytes(buffers[0])[:1000])  # at most 1,000 bytes a call
+
+    monkeypatch.setattr(originals.os, "writev", short_writev)
+    original = bytearray(b"DICM" + secrets.token_bytes(5000))  # as the listener reads it
+    sealer = Area(tmp_path, b"k" * 32).sealer("LDCT")
+    pending = sealer.pending_path(tmp_path / "sender", "2.25.7")
+    assert sealer.write_pending(pending, original)
+    assert len(calls) > 5
+    assert sealer.read_pending(pending) == original
+
+
 def test_interrupted_purge_is_finished_by_the_next_worker_pass(server: Server) -> None:
     """A purge stopped after its decision committed (rows due, files still there)."""
     _, series, _ = server.store(held_series(planted(8)))

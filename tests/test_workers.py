@@ -51,6 +51,26 @@ def test_a_killed_worker_is_replaced(pool: WorkerPool) -> None:
         assert worker.call(os.getpid) not in (first, second)
 
 
+def test_meanwhile_runs_while_the_worker_works(pool: WorkerPool) -> None:
+    ran: list[float] = []
+    with pool.worker() as (_, worker):
+        start = time.monotonic()
+        worker.call(time.sleep, 0.5, meanwhile=lambda: ran.append(time.monotonic()))
+        took = time.monotonic() - start
+    assert took >= 0.5 and len(ran) == 1
+    assert ran[0] - start < 0.25  # once the task was sent, not after its answer
+
+
+def test_take_without_waiting_when_every_worker_is_taken(pool: WorkerPool) -> None:
+    first, second = pool.take(), pool.take()
+    assert first is not None and second is not None
+    assert pool.take(wait=False) is None
+    pool.give_back(first)
+    assert pool.take(wait=False) == first
+    pool.give_back(first)
+    pool.give_back(second)
+
+
 @pytest.fixture
 def loop_pool() -> Iterator[LoopWorkerPool]:
     """One worker holding two tasks at a time (slots 3 and 4), fed from an event loop."""

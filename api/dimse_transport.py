@@ -1,22 +1,24 @@
 """The DICOM listener's transport: pynetdicom's threaded server, with the per-message latency of
 its acceptor taken out.
 
-pynetdicom 3.0 runs two threads per association that poll: the DUL reader sleeps 1 ms whenever
-the socket has nothing to read, and the association's reactor sleeps 1 ms before each look for
-a complete DIMSE message. A C-STORE waits for both on the way in and for the DUL again on the way
-out (~1.5 ms of a ~5 ms round trip), and every idle association wakes 2,000 times a second,
-taking the GIL from the threads that work. Here the DUL waits on its socket and on a wake-up
-pipe written when a PDU is handed to it, and the reactor waits on its message queue, woken
-too when the DUL receives anything else (a release request); each wakes at least every
-IDLE_WAIT to check its timers, as the polling did. pynetdicom reads the socket
-4 KiB at a time (128 reads for a 0.5 MB CT); here a PDU is read in as few reads as the kernel
-allows. A C-STORE response leaves from the handler's thread when the association is
-established and nothing is queued before it, instead of being handed to the DUL's thread
-(one thread wake-up less per instance). Requestor associations (C-MOVE to a peer) are
-pynetdicom's own.
+pynetdicom 3.0 runs two threads per association that poll: the DUL reader sleeps 1 ms whenever the
+socket has nothing to read, and the association's reactor sleeps 1 ms before each look for a
+complete DIMSE message. A C-STORE waits for both on the way in and for the DUL again on the way out
+(~1.5 ms of a ~5 ms round trip), and every idle association wakes 2,000 times a second, taking the
+GIL from the threads that work. Here the DUL waits on its socket and on a wake-up pipe written when
+a PDU is handed to it, and the reactor waits on its message queue, woken too when the DUL receives
+anything else (a release request); each wakes at least every IDLE_WAIT to check its timers, as the
+polling did. pynetdicom reads the socket 4 KiB at a time (128 reads for a 0.5 MB CT); here a PDU is
+read in as few reads as the kernel allows, without a second look at the socket (select) or a poll
+before each read, and a P-DATA-TF of an established association goes straight to the DIMSE
+provider, as the state machine's DT-2 action would take it, without its two queues. A C-STORE
+response leaves from the handler's thread when the association is established and nothing is queued
+before it, instead of being handed to the DUL's thread (one thread wake-up less per instance).
+Requestor associations (C-MOVE to a peer) are pynetdicom's own.
 
 The two loops are pynetdicom 3.0's (`DULServiceProvider.run_reactor`,
-`Association._run_reactor`) with only their sleep replaced; pyproject pins pynetdicom 3.0.x.
+`Association._run_reactor`) with only their sleep replaced, and so is the DUL's
+`_read_pdu_data`; pyproject pins pynetdicom 3.0.x.
 
 The C-STORE response, sent once per instance while the sender waits, is encoded here, and so is
 the File Meta Information put in front of a received dataset: pynetdicom builds a pydicom
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import queue
 import select
 import socket
@@ -95,7 +98,12 @@ class AcceptorSocket(AssociationSocket):
             if got == len(buffer):
                 buffer.extend(bytes(min(nr_bytes - got, RECV_SIZE)))
             with memoryview(buffer) as view:
-                n = self.socket.recv_into(view[got:])
+                # What has arrived is read in one system call; a socket with a timeout polls
+                # before each read (two), which is left for when nothing has arrived yet.
+                try:
+                    n = os.readv(self.socket.fileno(), [view[got:]])
+                except BlockingIOError:
+                    n = self.socket.recv_into(view[got:])
             if _TCP_QUICKACK is not None:
                 self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
             if not n:  # connection closed: what arrived so far, as pynetdicom returns it
@@ -145,6 +153,8 @@ class AcceptorDUL(DULServiceProvider):
         self._wake_w.setblocking(False)
         # Whole PDUs only: the reactor and send_now never interleave their bytes.
         self._send_lock = threading.Lock()
+        # The socket was readable when _wait last returned: no second look (select) first.
+        self._readable = False
 
     def send_pdu(self, primitive: Any) -> None:
         """Queue a primitive to send, and wake the reactor to send it."""
@@ -178,15 +188,27 @@ class AcceptorDUL(DULServiceProvider):
     def _wait(self) -> None:
         """Until the peer sent something, a primitive was queued, or IDLE_WAIT passed."""
         sock = self.socket.socket if self.socket is not None else None
+        ready: list[Any] = [self._wake_r]
         try:
             if sock is None:
                 raise ValueError("no connection")
-            select.select([sock, self._wake_r], [], [], IDLE_WAIT)
+            ready = select.select([sock, self._wake_r], [], [], IDLE_WAIT)[0]
         except (OSError, ValueError):  # closed: the reactor's next look finds out
             time.sleep(self._run_loop_delay)
-        with contextlib.suppress(OSError):  # drained
-            while self._wake_r.recv(4096):
-                pass
+        self._readable = sock is not None and sock in ready
+        if self._wake_r in ready:
+            with contextlib.suppress(OSError):  # drained
+                while self._wake_r.recv(4096):
+                    pass
+
+    def _is_transport_event(self) -> bool:
+        """pynetdicom's look for a PDU to read, without looking again (select) when _wait
+        has just seen the socket readable."""
+        readable, self._readable = self._readable, False
+        if readable and self.state_machine.current_state != "Sta13":
+            self._read_pdu_data()
+            return True
+        return bool(super()._is_transport_event())
 
     def run_reactor(self) -> None:
         """pynetdicom 3.0's DUL loop (dul.py), waiting in _wait where it slept."""
@@ -233,8 +255,9 @@ class AcceptorDUL(DULServiceProvider):
             )
             self.event_queue.put("Evt17")
             return
+        watched = self._watched()
         try:
-            if pdu_type == _P_DATA_TF and not self._watched():
+            if pdu_type == _P_DATA_TF and not watched:
                 pdu, event = p_data_tf(body), "Evt10"
             else:  # pynetdicom decodes it, and the handlers bound see its bytes
                 pdu, event = self._decode_pdu(header + body)
@@ -242,13 +265,31 @@ class AcceptorDUL(DULServiceProvider):
             log.error("Unable to decode the received PDU data")
             self.event_queue.put("Evt19")
             return
+        if event == "Evt10" and not watched and self._indicate_now():
+            # PS3.8 Table 9-10, DT-2: a P-DATA-TF in Sta6 is indicated to the DIMSE provider
+            # and the state stays Sta6; what the state machine would do, without its queues.
+            try:
+                self.assoc.dimse.receive_primitive(pdu.to_primitive())
+            except Exception as e:  # noqa: BLE001 - as the state machine: the DUL stops
+                log.error("DIMSE failed on a P-DATA-TF, stopping: %s", type(e).__name__)
+                self.kill_dul()
+            return
         self.event_queue.put(event)
         self._recv_pdu.put(pdu)
 
+    def _indicate_now(self) -> bool:
+        """Whether a P-DATA-TF just read can go to the DIMSE provider at once: established
+        (Sta6), nothing queued before it."""
+        return self.state_machine.current_state == "Sta6" and self.event_queue.empty()
+
     def _watched(self) -> bool:
-        """Whether handlers are bound to the events pynetdicom's PDU decoding triggers."""
+        """Whether handlers are bound to the events pynetdicom's PDU decoding and state
+        machine trigger."""
+        assoc = self.assoc
         return bool(
-            self.assoc.get_handlers(evt.EVT_DATA_RECV) or self.assoc.get_handlers(evt.EVT_PDU_RECV)
+            assoc.get_handlers(evt.EVT_DATA_RECV)
+            or assoc.get_handlers(evt.EVT_PDU_RECV)
+            or assoc.get_handlers(evt.EVT_FSM_TRANSITION)
         )
 
     def _run(self) -> None:
@@ -633,7 +674,11 @@ __all__ = [
     "IDLE_WAIT",
     "MAXIMUM_PDU_SIZE",
     "SWITCH_INTERVAL",
+    "AcceptorDUL",
+    "AcceptorSocket",
     "LowLatencyAssociationServer",
+    "p_data_tf",
     "part10",
+    "store_request",
     "store_response_command",
 ]

@@ -3,6 +3,7 @@ driven by real pynetdicom and dcmtk peers over loopback."""
 
 from __future__ import annotations
 
+import os
 import resource
 import socket
 import struct
@@ -23,6 +24,7 @@ from pynetdicom.dimse_messages import C_STORE_RQ, C_STORE_RSP
 from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dsutils import decode, encode
 from pynetdicom.events import Event
+from pynetdicom.fsm import StateMachine
 from pynetdicom.pdu import P_DATA_TF
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.sop_class import Verification  # type: ignore[attr-defined]
@@ -32,6 +34,8 @@ from carina.api import dimse_transport
 from carina.api.dimse_transport import (
     IDLE_WAIT,
     MAXIMUM_PDU_SIZE,
+    AcceptorDUL,
+    AcceptorSocket,
     LowLatencyAssociationServer,
     p_data_tf,
     part10,
@@ -391,6 +395,75 @@ def test_the_listener_decodes_data_pdus_itself_unless_a_handler_watches_them(
             decoded.clear()
     assert not decoded  # with a handler bound, pynetdicom decodes and the handler sees each
     assert any(isinstance(pdu, P_DATA_TF) for pdu in seen)
+
+
+def test_data_pdus_skip_the_state_machine_unless_a_handler_watches_its_transitions(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """In Sta6 a P-DATA-TF goes straight to the DIMSE provider (DT-2 without the state
+    machine's queues); a handler bound to EVT_FSM_TRANSITION still sees every DT-2."""
+    actions: list[str] = []
+    do_action = StateMachine.do_action
+
+    def recording(self: StateMachine, event: str) -> None:
+        if isinstance(self.dul, AcceptorDUL):
+            actions.append(event)
+        do_action(self, event)
+
+    monkeypatch.setattr(StateMachine, "do_action", recording)
+    transitions: list[str] = []
+    for watch in (False, True):
+        scp = Scp(LowLatencyAssociationServer)
+        try:
+            if watch:
+                scp.server.bind(evt.EVT_FSM_TRANSITION, lambda e: transitions.append(e.action))
+            scu = AE(ae_title="SCU")
+            scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+            assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+            for n in (1, 2):
+                assert assoc.send_c_store(ct_instance(Phi(), n, rows=64, columns=64)).Status == 0
+            assoc.release()
+        finally:
+            scp.stop()
+        assert len(scp.received) == 2
+        if not watch:
+            assert "Evt10" not in actions and "Evt6" in actions  # the association went through
+            actions.clear()
+    assert actions.count("Evt10") >= 4  # each request's command and data set PDUs
+    assert transitions.count("DT-2") == actions.count("Evt10")
+
+
+def test_a_pdu_that_has_arrived_is_read_without_polling_first(
+    scp: Scp, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The DUL looks at its socket once per PDU (its wait), not again before reading, and
+    reads what has arrived with one system call (a socket with a timeout polls first)."""
+    looks: list[int] = []
+    reads: list[int] = []
+    ready = AcceptorSocket.ready
+    readv = os.readv
+
+    def counting_ready(self: AcceptorSocket) -> bool:
+        looks.append(1)
+        return bool(ready.fget(self))  # type: ignore[attr-defined]
+
+    def counting_readv(fd: int, buffers: list[memoryview]) -> int:
+        reads.append(fd)
+        return readv(fd, buffers)
+
+    monkeypatch.setattr(AcceptorSocket, "ready", property(counting_ready))
+    monkeypatch.setattr(dimse_transport.os, "readv", counting_readv)
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+    looks.clear()
+    reads.clear()
+    for n in range(1, 6):
+        assert assoc.send_c_store(ct_instance(Phi(), n, rows=64, columns=64)).Status == 0
+    assoc.release()
+    assert len(scp.received) == 5
+    assert len(reads) >= 20  # header and body of each request's command and data PDUs
+    assert len(looks) <= 5, looks  # pynetdicom looks before each of them (20 or more)
 
 
 def test_store_response_with_other_elements_is_left_to_pynetdicom() -> None:

@@ -17,8 +17,9 @@ before it, instead of being handed to the DUL's thread (one thread wake-up less 
 Requestor associations (C-MOVE to a peer) are pynetdicom's own.
 
 The two loops are pynetdicom 3.0's (`DULServiceProvider.run_reactor`,
-`Association._run_reactor`) with only their sleep replaced, and so is the DUL's
-`_read_pdu_data`; pyproject pins pynetdicom 3.0.x.
+`Association._run_reactor`) with only their sleep replaced; the DUL's `_read_pdu_data` and the
+DIMSE provider's `receive_primitive` are pynetdicom 3.0's with the fast paths above. pyproject
+pins pynetdicom 3.0.x.
 
 The C-STORE response, sent once per instance while the sender waits, is encoded here, and so is
 the File Meta Information put in front of a received dataset: pynetdicom builds a pydicom

@@ -466,6 +466,26 @@ def test_a_pdu_that_has_arrived_is_read_without_polling_first(
     assert len(looks) <= 5, looks  # pynetdicom looks before each of them (20 or more)
 
 
+def test_a_malformed_data_pdu_aborts_its_association_only(scp: Scp) -> None:
+    scu = AE(ae_title="SCU")
+    scu.add_requested_context(Verification)
+    scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+    assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+    assert assoc.is_established
+    other = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+    # A P-DATA-TF whose one item has length 0 (PS3.8 9.3.5.1: at least the context ID).
+    assert assoc.dul.socket is not None
+    assoc.dul.socket.send(b"\x04\x00" + struct.pack(">L", 5) + bytes(4) + b"\x01")
+    deadline = time.monotonic() + 10
+    while not assoc.is_aborted and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert assoc.is_aborted  # the listener answered with an A-ABORT (AA-8)
+    assert other.send_c_echo().Status == 0  # the other association goes on
+    assert other.send_c_store(ct_instance(Phi(), 1, rows=16, columns=16)).Status == 0
+    other.release()
+    assert len(scp.received) == 1
+
+
 def test_store_response_with_other_elements_is_left_to_pynetdicom() -> None:
     rsp = C_STORE()
     rsp.MessageIDBeingRespondedTo = 1

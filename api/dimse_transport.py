@@ -38,6 +38,7 @@ import os
 import queue
 import select
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -100,8 +101,11 @@ class AcceptorSocket(AssociationSocket):
                 buffer.extend(bytes(min(nr_bytes - got, RECV_SIZE)))
             with memoryview(buffer) as view:
                 # What has arrived is read in one system call; a socket with a timeout polls
-                # before each read (two), which is left for when nothing has arrived yet.
+                # before each read (two), which is left for when nothing has arrived yet (and
+                # for TLS, whose bytes on the wire are not the PDU's).
                 try:
+                    if isinstance(self.socket, ssl.SSLSocket):
+                        raise BlockingIOError
                     n = os.readv(self.socket.fileno(), [view[got:]])
                 except BlockingIOError:
                     n = self.socket.recv_into(view[got:])
@@ -202,11 +206,20 @@ class AcceptorDUL(DULServiceProvider):
                 while self._wake_r.recv(4096):
                     pass
 
+    def _process_recv_primitive(self) -> bool:
+        """pynetdicom's look for a primitive to send; sending one may close the connection,
+        so what _wait saw of the socket is forgotten."""
+        if super()._process_recv_primitive():
+            self._readable = False
+            return True
+        return False
+
     def _is_transport_event(self) -> bool:
         """pynetdicom's look for a PDU to read, without looking again (select) when _wait
-        has just seen the socket readable."""
+        has just seen the socket readable (and nothing was done since)."""
         readable, self._readable = self._readable, False
-        if readable and self.state_machine.current_state != "Sta13":
+        connected = self.socket is not None and self.socket.socket is not None
+        if readable and connected and self.state_machine.current_state != "Sta13":
             self._read_pdu_data()
             return True
         return bool(super()._is_transport_event())

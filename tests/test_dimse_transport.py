@@ -10,7 +10,7 @@ import struct
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from io import BytesIO
 from pathlib import Path
 
@@ -208,6 +208,17 @@ def test_store_response_is_encoded_as_pynetdicom_encodes_it(
     assert decoded.Status == status and decoded.AffectedSOPInstanceUID == sop_uid
 
 
+def _store_request(sop_uid: str, priority: int) -> C_STORE:
+    """A C-STORE request primitive for a CT instance."""
+    request = C_STORE()
+    request.MessageID = 0x1234
+    request.AffectedSOPClassUID = CTImageStorage
+    request.AffectedSOPInstanceUID = sop_uid
+    request.Priority = priority
+    request.DataSet = BytesIO(b"\0" * 8)
+    return request
+
+
 def _store_request_command(request: C_STORE) -> bytes:
     """The command set of a C-STORE-RQ as pynetdicom encodes it."""
     message = C_STORE_RQ()
@@ -248,15 +259,10 @@ _REQUEST_FIELDS = (
 def test_store_request_is_read_as_pynetdicom_reads_it(
     sop_uid: str, priority: int, originator: tuple[str, int] | None
 ) -> None:
-    request = C_STORE()
-    request.MessageID = 0x1234
-    request.AffectedSOPClassUID = CTImageStorage
-    request.AffectedSOPInstanceUID = sop_uid
-    request.Priority = priority
+    request = _store_request(sop_uid, priority)
     if originator is not None:
         request.MoveOriginatorApplicationEntityTitle = originator[0]
         request.MoveOriginatorMessageID = originator[1]
-    request.DataSet = BytesIO(b"\0" * 8)
     command = _store_request_command(request)
     data_set = BytesIO(b"data")
     ours = store_request(command, data_set)
@@ -269,13 +275,7 @@ def test_store_request_is_read_as_pynetdicom_reads_it(
 
 
 def test_unusual_store_requests_are_left_to_pynetdicom() -> None:
-    request = C_STORE()
-    request.MessageID = 1
-    request.AffectedSOPClassUID = CTImageStorage
-    request.AffectedSOPInstanceUID = "1.2.3"
-    request.Priority = 2
-    request.DataSet = BytesIO(b"\0" * 8)
-    command = _store_request_command(request)
+    command = _store_request_command(_store_request("1.2.3", 2))
     assert store_request(command, BytesIO()) is not None
     header = struct.Struct("<HHI")
 
@@ -365,6 +365,26 @@ def test_malformed_p_data_tf_is_refused_as_pynetdicom_refuses_it(body: bytes) ->
         P_DATA_TF().decode(b"\x04\x00" + struct.pack(">L", len(body)) + body)
 
 
+def _push(count: int, watch: tuple[evt.EventType, Callable[[Event], None]] | None) -> list[bytes]:
+    """What a new SCP on Carina's transport receives of count small CT instances sent over
+    one association, with watch's handler bound to its event, if given."""
+    scp = Scp(LowLatencyAssociationServer)
+    try:
+        if watch is not None:
+            scp.server.bind(*watch)
+        scu = AE(ae_title="SCU")
+        scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
+        assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
+        for n in range(1, count + 1):
+            assert assoc.send_c_store(ct_instance(Phi(), n, rows=64, columns=64)).Status == 0
+        assoc.release()
+    finally:
+        scp.stop()
+    assert len(scp.received) == count
+    assert all(dcmread(BytesIO(r)).SOPClassUID == CTImageStorage for r in scp.received)
+    return scp.received
+
+
 def test_the_listener_decodes_data_pdus_itself_unless_a_handler_watches_them(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -375,24 +395,11 @@ def test_the_listener_decodes_data_pdus_itself_unless_a_handler_watches_them(
         return p_data_tf(body)
 
     monkeypatch.setattr(dimse_transport, "p_data_tf", recording)
+    _push(1, None)
+    assert decoded  # the request's command and data set PDUs
+    decoded.clear()
     seen: list[object] = []
-    for watch in (False, True):
-        scp = Scp(LowLatencyAssociationServer)
-        try:
-            if watch:
-                scp.server.bind(evt.EVT_PDU_RECV, lambda e: seen.append(e.pdu))
-            scu = AE(ae_title="SCU")
-            scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-            assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
-            ds = ct_instance(Phi(), 1, rows=64, columns=64)
-            assert assoc.send_c_store(ds).Status == 0
-            assoc.release()
-        finally:
-            scp.stop()
-        assert dcmread(BytesIO(scp.received[0])).SOPInstanceUID == ds.SOPInstanceUID
-        if not watch:
-            assert decoded and not seen  # the request's command and data set PDUs
-            decoded.clear()
+    _push(1, (evt.EVT_PDU_RECV, lambda e: seen.append(e.pdu)))
     assert not decoded  # with a handler bound, pynetdicom decodes and the handler sees each
     assert any(isinstance(pdu, P_DATA_TF) for pdu in seen)
 
@@ -411,24 +418,11 @@ def test_data_pdus_skip_the_state_machine_unless_a_handler_watches_its_transitio
         do_action(self, event)
 
     monkeypatch.setattr(StateMachine, "do_action", recording)
+    _push(2, None)
+    assert "Evt10" not in actions and "Evt6" in actions  # the association went through
+    actions.clear()
     transitions: list[str] = []
-    for watch in (False, True):
-        scp = Scp(LowLatencyAssociationServer)
-        try:
-            if watch:
-                scp.server.bind(evt.EVT_FSM_TRANSITION, lambda e: transitions.append(e.action))
-            scu = AE(ae_title="SCU")
-            scu.add_requested_context(CTImageStorage, ExplicitVRLittleEndian)
-            assoc = scu.associate("127.0.0.1", scp.port, ae_title="SCP", max_pdu=MAXIMUM_PDU_SIZE)
-            for n in (1, 2):
-                assert assoc.send_c_store(ct_instance(Phi(), n, rows=64, columns=64)).Status == 0
-            assoc.release()
-        finally:
-            scp.stop()
-        assert len(scp.received) == 2
-        if not watch:
-            assert "Evt10" not in actions and "Evt6" in actions  # the association went through
-            actions.clear()
+    _push(2, (evt.EVT_FSM_TRANSITION, lambda e: transitions.append(e.action)))
     assert actions.count("Evt10") >= 4  # each request's command and data set PDUs
     assert transitions.count("DT-2") == actions.count("Evt10")
 

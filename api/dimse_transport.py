@@ -95,19 +95,17 @@ class AcceptorSocket(AssociationSocket):
         # Read straight into the buffer (no bytes object per read to copy again), which is
         # never more than RECV_SIZE ahead of what arrived.
         buffer = bytearray(min(nr_bytes, RECV_SIZE))
+        # What has arrived is read in one system call (readv); a socket with a timeout polls
+        # before each read (two), which is left for when nothing has arrived yet, and for TLS,
+        # whose bytes on the wire are not the PDU's.
+        raw = None if isinstance(self.socket, ssl.SSLSocket) else self.socket.fileno()
         got = 0
         while got < nr_bytes:
             if got == len(buffer):
                 buffer.extend(bytes(min(nr_bytes - got, RECV_SIZE)))
             with memoryview(buffer) as view:
-                # What has arrived is read in one system call; a socket with a timeout polls
-                # before each read (two), which is left for when nothing has arrived yet (and
-                # for TLS, whose bytes on the wire are not the PDU's).
-                try:
-                    if isinstance(self.socket, ssl.SSLSocket):
-                        raise BlockingIOError
-                    n = os.readv(self.socket.fileno(), [view[got:]])
-                except BlockingIOError:
+                n = _read_arrived(raw, view[got:])
+                if n is None:
                     n = self.socket.recv_into(view[got:])
             if _TCP_QUICKACK is not None:
                 self.socket.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
@@ -116,6 +114,16 @@ class AcceptorSocket(AssociationSocket):
             got += n
         del buffer[got:]
         return buffer
+
+
+def _read_arrived(fd: int | None, view: memoryview) -> int | None:
+    """Bytes read into view from what has arrived on socket fd (None: nothing has, or no fd)."""
+    if fd is None:
+        return None
+    try:
+        return os.readv(fd, [view])
+    except BlockingIOError:
+        return None
 
 
 # PS3.8 9.3.1: a PDU's header (type, reserved, length), its types, and P-DATA-TF's (9.3.5).

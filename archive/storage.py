@@ -44,6 +44,11 @@ class ObjectStore(Protocol):
     def put_file(self, key: str, path: Path) -> None:
         """Move the finished file at path into the store under key (replacing any old one)."""
 
+    # Whether a staged file becomes the stored object where it lies (renamed into place and
+    # flushed there), so that writing it to disk early (start_writeback) spares its flush
+    # the writing; False where it is copied elsewhere and removed (uploaded).
+    stores_staged_in_place: bool
+
     def put_files(
         self, items: Sequence[tuple[str, Path]], flush_each: bool = False
     ) -> list[ArchiveError | None]:
@@ -83,6 +88,8 @@ class ObjectStore(Protocol):
 
 class FilesystemStore:
     """Objects as files under a root directory; staging files must be on the same filesystem."""
+
+    stores_staged_in_place = True
 
     def __init__(self, root: Path) -> None:
         self.root = root
@@ -271,6 +278,25 @@ _LIBC = ctypes.CDLL(None, use_errno=True)
 _FSYNC_EACH_UP_TO = 4
 
 
+_SYNC_FILE_RANGE = getattr(_LIBC, "sync_file_range", None)
+if _SYNC_FILE_RANGE is not None:
+    _SYNC_FILE_RANGE.argtypes = (ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint)
+    _SYNC_FILE_RANGE.restype = ctypes.c_int
+# sync_file_range(2)'s SYNC_FILE_RANGE_WRITE: start writing out the dirty pages of the range
+# (offset 0, length 0: the whole file), waiting for none of them.
+_SYNC_FILE_RANGE_WRITE = 2
+
+
+def start_writeback(fd: int) -> bool:
+    """Start writing the file's dirty pages to disk without waiting for them (Linux
+    sync_file_range(2); elsewhere nothing): an fsync later finds them written or on their
+    way, where it would otherwise write them all itself while its caller waits. Makes
+    nothing durable, and its errors show at that fsync. Whether writing was started."""
+    if _SYNC_FILE_RANGE is None:
+        return False
+    return bool(_SYNC_FILE_RANGE(fd, 0, 0, _SYNC_FILE_RANGE_WRITE) == 0)
+
+
 _MINCORE = getattr(_LIBC, "mincore", None)
 if _MINCORE is not None:
     _MINCORE.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
@@ -347,6 +373,8 @@ def _s3_errors(operation: str, key: str | None = None) -> Iterator[None]:
 
 class S3Store:
     """Objects in one bucket of an S3 API (AWS S3, MinIO, SeaweedFS) through the minio client."""
+
+    stores_staged_in_place = False
 
     def __init__(
         self,

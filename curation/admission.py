@@ -12,9 +12,13 @@ intake area and flushes file and directory (fsync) while the worker parses and c
 tells the caller (curation/workers tell()) before it goes on (if every worker is busy, it
 seals first and then waits for one). Once both are done the C-STORE handler answers; a
 finisher thread takes the worker's result and a committer thread stores and indexes what has
-arrived in one batch through the intake's own commit. The pending original then becomes the
-kept one (renamed into the originals area, its seal already naming the de-identified SOP
-Instance UID). A refused instance's pending original is removed before the status goes out.
+arrived in one batch through the intake's own commit. The worker starts writing its staged
+file to disk as soon as it is written (a filesystem store's): the batch's flush then finds
+it written, where writing the whole batch then held up the senders' own flushes and their
+releases (bench/dimse.py, 4 associations, 3 interleaved runs: 229 -> 238 instances/s). The
+pending original then becomes the kept one (renamed into the originals area, its seal
+already naming the de-identified SOP Instance UID). A refused instance's pending original
+is removed before the status goes out.
 
 Nothing acknowledged is lost: an instance whose processing fails afterwards (worker ended,
 store full, index down) keeps its pending original and is processed again from it, with
@@ -259,7 +263,12 @@ class Admitter:
             except Exception as e:  # noqa: BLE001 - refused below: nothing kept
                 kept.append(e)
 
-        ctx = replace(ctx, pending=str(pending), admit_with_warning=warnings)
+        ctx = replace(
+            ctx,
+            pending=str(pending),
+            admit_with_warning=warnings,
+            write_back=self.intake.store.stores_staged_in_place,
+        )
         try:
             first: Outcome | Told = self.intake.start_one(payload, ctx, meanwhile=keep)
         except WorkerDied:

@@ -42,7 +42,7 @@ from pydicom.valuerep import IS, DSfloat
 from carina import __version__
 from carina.archive import collections, derived, erasure, index, jobs, originals
 from carina.archive.errors import OutOfResources
-from carina.archive.storage import ObjectStore
+from carina.archive.storage import ObjectStore, start_writeback
 
 from . import part10, rules
 from .deid import UID as UID_OP
@@ -114,6 +114,11 @@ class IntakeContext:
     # The Admission carries de-identification's warning (the status does): told once
     # de-identified, unless the profile remaps SOP Instance UIDs (then always COERCED).
     admit_with_warning: bool = False
+    # Start writing the staged file to disk as soon as it is written (start_writeback): the
+    # committer of early admissions flushes its batch file by file before indexing it, and
+    # a batch written out then, file after file, held up the senders' flushes of their
+    # pending originals and their releases (curation/admission.py).
+    write_back: bool = False
 
 
 @dataclass(frozen=True)
@@ -595,6 +600,9 @@ def _process_part(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outco
     # Not fsynced here: the store makes a whole batch durable at once before it is indexed.
     with open(staging, "wb") as f:
         f.writelines(chunks)
+        if ctx.write_back:
+            f.flush()
+            start_writeback(f.fileno())
     try:
         full = dicom_json(ds)
         findings = _residual_phi(full, identifiers, ctx.phi)

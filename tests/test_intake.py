@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,7 @@ from carina.curation.intake import (
 )
 from carina.curation.pseudonyms import Pseudonymizer
 from tests.factory import Phi, ct_instance, to_bytes
+from tests.pagecache import dirty_pages, require_page_flags
 
 
 @pytest.fixture
@@ -49,6 +51,19 @@ def test_file_cut_at_any_point_is_never_stored(ctx: IntakeContext) -> None:
             assert outcome.reason
     assert stored == []
     assert isinstance(process_part(data, ctx), InstanceRecord)
+
+
+def test_staged_file_is_sent_to_disk_at_once_only_when_the_context_asks(
+    ctx: IntakeContext, tmp_path: Path
+) -> None:
+    require_page_flags(tmp_path)
+    data = to_bytes(ct_instance(Phi(), 1, rows=512, columns=512))
+    left = process_part(data, ctx)
+    started = process_part(data, replace(ctx, write_back=True))
+    assert isinstance(left, InstanceRecord) and isinstance(started, InstanceRecord)
+    dirty, pages = dirty_pages(Path(left.staging_path))
+    assert pages > 100 and dirty == pages  # the store's flush will write it all
+    assert dirty_pages(Path(started.staging_path))[0] == 0  # on its way already
 
 
 def test_trailing_garbage_after_dataset_is_refused(ctx: IntakeContext) -> None:

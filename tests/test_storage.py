@@ -4,6 +4,7 @@ real SeaweedFS S3 server on loopback; and Carina serves STOW/WADO-RS with its ob
 from __future__ import annotations
 
 import copy
+import os
 import secrets
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +18,7 @@ from carina.archive.errors import NotFound, StorageError
 from carina.archive.storage import CHUNK, FilesystemStore, ObjectStore, S3Store
 from tests.conftest import Server, free_port, wait_for_series
 from tests.factory import Phi, ct_series
+from tests.pagecache import dirty_pages, require_page_flags
 from tests.s3server import S3Server, start_weed
 from tests.test_wado_frames import evict, in_memory_filesystem
 
@@ -458,3 +460,28 @@ def test_filesystem_batch_flushes_the_whole_filesystem_unless_flush_each(
     assert [store.read(key) for key, _ in items] == [
         f"instance {n}".encode() for n in range(len(items))
     ]
+
+
+def test_start_writeback_sends_a_written_file_to_disk_without_waiting(tmp_path: Path) -> None:
+    require_page_flags(tmp_path)
+    left, started = tmp_path / "left.dcm", tmp_path / "started.dcm"
+    for path in (left, started):
+        path.write_bytes(random_bytes(4 * 1024 * 1024))
+    dirty, pages = dirty_pages(left)
+    assert dirty == pages  # written, and waiting for writeback or an fsync
+    fd = os.open(started, os.O_WRONLY)
+    try:
+        assert storage.start_writeback(fd)
+    finally:
+        os.close(fd)
+    # Every page is on its way to the disk (under writeback) or there: none waits any more.
+    assert dirty_pages(started)[0] == 0
+    assert dirty_pages(left)[0] == pages
+
+
+def test_only_a_store_that_keeps_staged_files_wants_them_written_early(
+    store: ObjectStore,
+) -> None:
+    # A staged file becomes the filesystem store's object (its flush finds it written);
+    # an S3 store uploads it and removes it: writing it to disk there is wasted.
+    assert store.stores_staged_in_place is isinstance(store, FilesystemStore)

@@ -1,0 +1,46 @@
+"""What the kernel holds of a file in its page cache, page by page (Linux, root: the page
+frame numbers of /proc/self/pagemap and the flags of /proc/kpageflags, proc(5))."""
+
+from __future__ import annotations
+
+import mmap
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.test_wado_frames import in_memory_filesystem
+
+# linux/kernel-page-flags.h: the page was changed and not yet written out.
+KPF_DIRTY = 4
+_PFN_MASK = (1 << 55) - 1
+_PRESENT = 1 << 63
+
+
+def require_page_flags(directory: Path) -> None:
+    """Skip unless the pages of files in directory can be told dirty: root reads page frame
+    numbers, and tmpfs pages are never written out."""
+    if os.geteuid() != 0:
+        pytest.skip("page flags (/proc/kpageflags) need root")
+    if in_memory_filesystem(directory):
+        pytest.skip("this filesystem keeps every page in memory (tmpfs)")
+
+
+def dirty_pages(path: Path) -> tuple[int, int]:
+    """(pages of the file still waiting to be written out, pages of the file)."""
+    size = path.stat().st_size
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f, mmap.mmap(f.fileno(), size, prot=mmap.PROT_READ) as mapped:
+        first = np.frombuffer(mapped, np.uint8).ctypes.data // mmap.PAGESIZE
+        for page in range(pages):
+            mapped[page * mmap.PAGESIZE]  # mapped in: now it shows in pagemap
+        dirty = 0
+        with open("/proc/self/pagemap", "rb") as pagemap, open("/proc/kpageflags", "rb") as kpf:
+            for page in range(pages):
+                pagemap.seek((first + page) * 8)
+                entry = int.from_bytes(pagemap.read(8), "little")
+                assert entry & _PRESENT and entry & _PFN_MASK, "page frame not readable"
+                kpf.seek((entry & _PFN_MASK) * 8)
+                dirty += int.from_bytes(kpf.read(8), "little") >> KPF_DIRTY & 1
+    return dirty, pages

@@ -4,6 +4,7 @@ release) does not wait out the batching window."""
 
 from __future__ import annotations
 
+import mmap
 import shutil
 import time
 from collections.abc import Iterator
@@ -19,7 +20,8 @@ from carina.curation.pseudonyms import Pseudonymizer, collection_key
 from carina.runtime import Runtime
 from carina.settings import Settings
 from tests.conftest import indexed
-from tests.factory import Phi, ct_series, to_bytes
+from tests.factory import Phi, ct_instance, ct_series, to_bytes
+from tests.pagecache import dirty_pages, require_page_flags
 
 SECRET = "admission-commit"
 DEIDENTIFIED = Pseudonymizer(collection_key(SECRET.encode(), "default"))
@@ -60,6 +62,38 @@ def test_a_waiting_sender_is_committed_without_waiting_out_the_batching_window(
     assert group.wait(30.0)
     assert time.monotonic() - started < 30.0
     assert indexed(database_url, sops) == 3
+    group.close()
+    admitter.tidy(group)
+
+
+def test_an_admitted_instance_is_on_its_way_to_disk_before_its_batch_is_committed(
+    runtime: Runtime, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The committer flushes a batch file by file: the worker has already started writing
+    # its staged file (a filesystem store's), so that flush finds it written.
+    require_page_flags(runtime.intake.staging_dir)
+    monkeypatch.setattr(admission, "COMMIT_WINDOW", 120.0)  # the batch waits meanwhile
+    admitter = runtime.admitter
+    assert admitter is not None
+    group = admitter.open("default", None)
+    before = set(runtime.intake.staging_dir.glob("*.dcm"))
+    ds = ct_instance(Phi(), 1, rows=512, columns=512)
+    ctx = replace(
+        runtime.intake.context(), sop_class=CTImageStorage, sop_instance=str(ds.SOPInstanceUID)
+    )
+    assert isinstance(admitter.admit(to_bytes(ds), ctx, group, warnings=True), Admitted)
+    deadline = time.monotonic() + 10.0
+    while time.monotonic() < deadline:
+        staged = sorted(set(runtime.intake.staging_dir.glob("*.dcm")) - before)
+        if staged:
+            dirty, pages = dirty_pages(staged[0])
+            if pages * mmap.PAGESIZE > 512 * 512 * 2 and dirty == 0:  # whole, and written out
+                break
+        time.sleep(0.01)
+    else:
+        pytest.fail("the staged file still waits to be written out, by the batch's flush")
+    assert group.wait(30.0)
+    assert indexed(database_url, [DEIDENTIFIED.uid(ds.SOPInstanceUID)]) == 1
     group.close()
     admitter.tidy(group)
 

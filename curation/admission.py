@@ -68,7 +68,7 @@ from .intake import (
     Outcome,
     Refusal,
     Told,
-    _pseudonymizer,
+    deidentified_sop_uid,
     process_part,
 )
 from .workers import WorkerDied
@@ -249,10 +249,8 @@ class Admitter:
         sealer = ctx.originals
         if sealer is None or ctx.sop_instance is None or len(payload) > originals.MAX_SIZE:
             return self.intake.ingest_one(payload, ctx)
-        # The name holds the de-identified SOP Instance UID the worker will give: the
-        # unmapped pseudonymizer's (a collection's pseudonym mapping maps subjects, never UIDs).
-        uids = _pseudonymizer(ctx.key, ctx.collection, 0)
-        pending = sealer.pending_path(group.directory, uids.uid(ctx.sop_instance))
+        # The name holds the de-identified SOP Instance UID the worker will give.
+        pending = sealer.pending_path(group.directory, deidentified_sop_uid(ctx))
         kept: list[BaseException | None] = []
 
         def keep() -> None:

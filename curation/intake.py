@@ -84,6 +84,7 @@ IMPLEMENTATION_CLASS_UID = "2.25.238593742924346191678535099119690636885"
 IMPLEMENTATION_VERSION = f"CARINA_{__version__}"[:16]
 _REQUIRED_UIDS = ("SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID")
 _SOP_INSTANCE_UID = 0x00080018
+_SERIES_INSTANCE_UID = 0x0020000E
 
 
 @dataclass(frozen=True)
@@ -561,7 +562,7 @@ def _process_part(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outco
     admission = None
     told = False
     if ctx.pending is not None and sop_class not in derived.KINDS:
-        admission = _admission(ds, ctx, pseudo, ctx.pending)
+        admission = _admission(ds, ctx, pseudo, profile, ctx.pending)
         if not ctx.admit_with_warning or _remaps_sop_uid(profile):
             # The warning is known already: a remapped SOP Instance UID is a changed value.
             tell(replace(admission, warning=COERCED) if ctx.admit_with_warning else admission)
@@ -631,7 +632,27 @@ def _remaps_sop_uid(profile: Profile) -> bool:
     return rule is not None and rule.op == UID_OP
 
 
-def _admission(ds: Dataset, ctx: IntakeContext, pseudo: Pseudonymizer, pending: str) -> Admission:
+def _given_uid(profile: Profile, pseudo: Pseudonymizer, tag: int, uid: str) -> str:
+    """The UID de-identification gives an instance's UID at tag: its pseudonym where the
+    profile remaps it, itself where the profile keeps it (the Retain UIDs Option)."""
+    rule = profile.rule_for(tag)
+    return pseudo.uid(uid) if rule is not None and rule.op == UID_OP else uid
+
+
+def deidentified_sop_uid(ctx: IntakeContext) -> str:
+    """The SOP Instance UID de-identification will give the instance a C-STORE names
+    (ctx.sop_instance), which its pending original is named and sealed for. Should a recipe
+    give another, the worker keeps the original again under the UID it gave (process_part)."""
+    assert ctx.sop_instance is not None
+    profile = load_profile(ctx.profile, ctx.options, ctx.recipe_lines)
+    # A collection's pseudonym mapping maps subjects, never UIDs: the unmapped pseudonymizer's.
+    uids = _pseudonymizer(ctx.key, ctx.collection, 0)
+    return _given_uid(profile, uids, _SOP_INSTANCE_UID, ctx.sop_instance)
+
+
+def _admission(
+    ds: Dataset, ctx: IntakeContext, pseudo: Pseudonymizer, profile: Profile, pending: str
+) -> Admission:
     """The Admission of a parsed and checked instance whose pending original is at pending
     (its caller makes it durable). Its forgotten marks are those de-identification gives
     (PatientID is always its pseudonym)."""
@@ -642,8 +663,8 @@ def _admission(ds: Dataset, ctx: IntakeContext, pseudo: Pseudonymizer, pending: 
     return Admission(
         collection=ctx.collection,
         sop_class_uid=str(ds.SOPClassUID),
-        sop_uid=pseudo.uid(str(ds.SOPInstanceUID)),
-        series_uid=pseudo.uid(str(ds.SeriesInstanceUID)),
+        sop_uid=_given_uid(profile, pseudo, _SOP_INSTANCE_UID, str(ds.SOPInstanceUID)),
+        series_uid=_given_uid(profile, pseudo, _SERIES_INSTANCE_UID, str(ds.SeriesInstanceUID)),
         pending=pending,
         forgotten_marks=marks,
     )

@@ -10,9 +10,11 @@ import time
 from collections.abc import Iterator
 from dataclasses import replace
 
+import psycopg
 import pytest
 from pydicom.uid import CTImageStorage
 
+from carina.archive import collections, originals
 from carina.curation import admission
 from carina.curation.admission import Admitted
 from carina.curation.intake import PROCESSING_FAILURE, Refusal
@@ -94,6 +96,36 @@ def test_an_admitted_instance_is_on_its_way_to_disk_before_its_batch_is_committe
         pytest.fail("the staged file still waits to be written out, by the batch's flush")
     assert group.wait(30.0)
     assert indexed(database_url, [DEIDENTIFIED.uid(ds.SOPInstanceUID)]) == 1
+    group.close()
+    admitter.tidy(group)
+
+
+def test_with_uids_retained_the_pending_original_becomes_the_kept_one(
+    runtime: Runtime, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # PS3.15 Retain UIDs Option: the de-identified instance keeps its SOP Instance UID, which
+    # the pending original is named and sealed for, so that it is adopted as it is, not
+    # deleted while the worker seals and writes a second copy.
+    collections.create(runtime.pool, "KEEPUIDS", deid_options=("retain_uids",))
+    monkeypatch.setattr(admission, "COMMIT_WINDOW", 120.0)  # pending until the wait below
+    admitter = runtime.admitter
+    assert admitter is not None
+    group = admitter.open("KEEPUIDS", None)
+    ds = ct_instance(Phi(), 1, rows=16, columns=16)
+    sop = str(ds.SOPInstanceUID)
+    ctx = replace(runtime.intake.context("KEEPUIDS"), sop_class=CTImageStorage, sop_instance=sop)
+    admitted = admitter.admit(to_bytes(ds), ctx, group, warnings=True)
+    assert isinstance(admitted, Admitted) and admitted.sop_uid == sop
+    assert admitted.series_uid == str(ds.SeriesInstanceUID)
+    [pending] = [p for p in group.directory.iterdir() if p.name.endswith(sop)]
+    name, sealed_for = originals.parse_pending_name(pending.name)
+    assert sealed_for == sop
+    assert group.wait(30.0)
+    with psycopg.connect(database_url) as conn:
+        rows = conn.execute("SELECT name FROM originals WHERE sop_uid = %s", (sop,)).fetchall()
+    assert rows == [(name,)]  # the pending original, adopted: no second copy
+    assert runtime.intake.originals is not None
+    assert originals.path(runtime.intake.originals.root, name).is_file()
     group.close()
     admitter.tidy(group)
 

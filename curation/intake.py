@@ -625,18 +625,23 @@ def _process_part(payload: bytes | bytearray | str, ctx: IntakeContext) -> Outco
         raise
 
 
-def _remaps_sop_uid(profile: Profile) -> bool:
+def _remaps(profile: Profile, tag: int) -> bool:
     """Whether de-identification gives every instance (but a derived object's held UIDs,
-    never admitted early) a new SOP Instance UID: then it always coerces (_coercion)."""
-    rule = profile.rule_for(_SOP_INSTANCE_UID)
+    never admitted early) a new UID at tag, its pseudonym."""
+    rule = profile.rule_for(tag)
     return rule is not None and rule.op == UID_OP
+
+
+def _remaps_sop_uid(profile: Profile) -> bool:
+    """Whether every instance gets a new SOP Instance UID: then it always coerces
+    (_coercion)."""
+    return _remaps(profile, _SOP_INSTANCE_UID)
 
 
 def _given_uid(profile: Profile, pseudo: Pseudonymizer, tag: int, uid: str) -> str:
     """The UID de-identification gives an instance's UID at tag: its pseudonym where the
     profile remaps it, itself where the profile keeps it (the Retain UIDs Option)."""
-    rule = profile.rule_for(tag)
-    return pseudo.uid(uid) if rule is not None and rule.op == UID_OP else uid
+    return pseudo.uid(uid) if _remaps(profile, tag) else uid
 
 
 def deidentified_sop_uid(ctx: IntakeContext) -> str:

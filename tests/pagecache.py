@@ -1,21 +1,37 @@
-"""What the kernel holds of a file in its page cache, page by page (Linux, root: the page
-frame numbers of /proc/self/pagemap and the flags of /proc/kpageflags, proc(5))."""
+"""What the kernel holds of a file in its page cache: dropping it (evict), and page by page
+whether it still waits to be written out (Linux, root: the page frame numbers of
+/proc/self/pagemap and the flags of /proc/kpageflags, proc(5))."""
 
 from __future__ import annotations
 
 import mmap
 import os
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from tests.test_wado_frames import in_memory_filesystem
-
 # linux/kernel-page-flags.h: the page was changed and not yet written out.
 KPF_DIRTY = 4
 _PFN_MASK = (1 << 55) - 1
 _PRESENT = 1 << 63
+
+
+def evict(path: Path) -> None:
+    """Drop a file's pages from the page cache (written back first, so that they can go)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def in_memory_filesystem(path: Path) -> bool:
+    """Whether path is on tmpfs, which keeps every page in memory (nothing waits for a disk)."""
+    found = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
+    return found.stdout.strip() in ("tmpfs", "ramfs")
 
 
 def require_page_flags(directory: Path) -> None:

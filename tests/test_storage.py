@@ -18,9 +18,8 @@ from carina.archive.errors import NotFound, StorageError
 from carina.archive.storage import CHUNK, FilesystemStore, ObjectStore, S3Store
 from tests.conftest import Server, free_port, wait_for_series
 from tests.factory import Phi, ct_series
-from tests.pagecache import dirty_pages, require_page_flags
+from tests.pagecache import dirty_pages, evict, in_memory_filesystem, require_page_flags
 from tests.s3server import S3Server, start_weed
-from tests.test_wado_frames import evict, in_memory_filesystem
 
 # More than one multipart part for the minio client (5 MiB parts) and many read chunks;
 # not a multiple of either, so the last part and the last chunk are short.

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import os
-import subprocess
 from collections.abc import Callable, Iterator
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -24,6 +22,7 @@ from carina.api.dicomweb import _absolute_bulk_uris
 from carina.archive import retrieve, storage
 from tests.conftest import Server, run_cli
 from tests.factory import Phi, ct_instance, to_bytes
+from tests.pagecache import evict, in_memory_filesystem
 
 pytestmark = pytest.mark.slow
 OCTET_MULTIPART = 'multipart/related; type="application/octet-stream"'
@@ -231,22 +230,6 @@ def test_frames_are_located_in_an_object_store_without_ranged_reads() -> None:
         assert [b"".join(obj.read(r)) for r in ranges] == [frame_bytes(ds, 2), frame_bytes(ds, 3)]
         pixels = retrieve.bulk_data_range(obj, "1.2.840.10008.1.2.1", 0x7FE00010)
         assert b"".join(obj.read(pixels)) == ds.PixelData
-
-
-def evict(path: Path) -> None:
-    """Drop a file's pages from the page cache (written back first, so that they can go)."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def in_memory_filesystem(path: Path) -> bool:
-    """Whether path is on tmpfs, which keeps every page in memory (nothing waits for a disk)."""
-    found = subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True)
-    return found.stdout.strip() in ("tmpfs", "ramfs")
 
 
 def test_nowait_reads_take_cached_bytes_and_refuse_to_wait_for_the_disk(tmp_path: Path) -> None:
